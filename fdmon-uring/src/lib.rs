@@ -1,0 +1,456 @@
+//! A thin io_uring fd monitor: one ring, level-triggered readiness, and caller-built SQEs.
+//!
+//! This crate knows nothing of bottom halves, tasks or timers. Like `fdmon-epoll`, its currency
+//! is a raw fd, a caller-chosen `u64` token and poll(2) event bits, and its surface is
+//! [`Uring::update`]`(fd, token, old, new)`, [`Uring::wait`] and [`Uring::need_wait`]. On top of
+//! that, [`Uring::push`] submits a caller-built SQE whose completion comes back by token.
+//!
+//! How readiness works (see `registry.rs` for the state machine):
+//!
+//! - a registration is one one-shot `POLL_ADD`, re-armed after every completion, so the
+//!   contract is level-triggered like epoll's (multishot poll would be edge-triggered);
+//! - [`Uring::update`] only stages the change; it reaches the submission queue at the next
+//!   [`Uring::wait`], in the same system call as the wait itself;
+//! - removal sends a `POLL_REMOVE`; the registration's slot lives until its `POLL_ADD` returns,
+//!   and a generation in each `user_data` makes a late completion for a reused slot harmless.
+//!
+//! How waiting works:
+//!
+//! - `wait(Some(Duration::ZERO))` submits what is queued without waiting, and when nothing is
+//!   queued it makes no system call at all: it only reads the completion ring;
+//! - a timed wait passes its timeout with `IORING_ENTER_EXT_ARG` (no TIMEOUT SQE whose timespec
+//!   could dangle), and `EINTR` is retried with the time that remains;
+//! - a short submission (the kernel stopped at a failing SQE) is retried, a full submission
+//!   queue is submitted to make room, and completions the kernel kept aside when the completion
+//!   queue overflowed are flushed back (`IORING_FEAT_NODROP` is required).
+//!
+//! Close an fd only after removing its registration: an armed `POLL_ADD` holds the file, and a
+//! re-arm after the close would poll whatever file the number names by then (epoll's `dup`
+//! caveat, in io_uring form). A `POLL_ADD` that fails (`EBADF`) parks its registration until the
+//! caller changes it, instead of re-arming in a loop.
+//!
+//! ```
+//! use fdmon_uring::{Event, Uring, POLLIN};
+//! use std::os::fd::AsRawFd;
+//! use std::time::Duration;
+//!
+//! let mut ring = Uring::new(64)?;
+//! let (a, b) = std::os::unix::net::UnixStream::pair()?;
+//! ring.update(a.as_raw_fd(), 7, 0, POLLIN)?;
+//! std::io::Write::write_all(&mut &b, b"x")?;
+//! let mut seen = Vec::new();
+//! ring.wait(Some(Duration::from_secs(1)), |ev| seen.push(ev))?;
+//! assert_eq!(seen, vec![Event::Ready { token: 7, events: POLLIN }]);
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+mod registry;
+mod user_data;
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::time::{Duration, Instant};
+
+pub use io_uring;
+use io_uring::{IoUring, opcode, squeue, types};
+
+use registry::{Op, Registry};
+pub use user_data::MAX_USER_TOKEN;
+use user_data::Tag;
+
+/// Readable.
+pub const POLLIN: u32 = libc::POLLIN as u32;
+/// Urgent data.
+pub const POLLPRI: u32 = libc::POLLPRI as u32;
+/// Writable.
+pub const POLLOUT: u32 = libc::POLLOUT as u32;
+/// Error condition; always reported.
+pub const POLLERR: u32 = libc::POLLERR as u32;
+/// Hang-up; always reported.
+pub const POLLHUP: u32 = libc::POLLHUP as u32;
+/// Peer closed its writing half.
+pub const POLLRDHUP: u32 = libc::POLLRDHUP as u32;
+/// The interest bits a caller may ask for (`POLLERR`/`POLLHUP` are accepted and implied).
+pub const INTEREST_MASK: u32 = POLLIN | POLLPRI | POLLOUT | POLLRDHUP | POLLERR | POLLHUP;
+
+/// What [`Uring::wait`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A registration is ready.
+    Ready {
+        /// The registration's token.
+        token: u64,
+        /// The poll(2) bits that are ready.
+        events: u32,
+    },
+    /// An SQE given to [`Uring::push`] completed.
+    Complete {
+        /// The token given to [`Uring::push`].
+        token: u64,
+        /// The CQE's result: non-negative on success, `-errno` on failure.
+        result: i32,
+        /// The CQE's flags (`IORING_CQE_F_*`).
+        flags: u32,
+    },
+}
+
+/// An io_uring instance used as an fd monitor.
+pub struct Uring {
+    ring: IoUring,
+    registry: Registry,
+    /// SQEs that did not fit in the submission queue because the kernel would not take more
+    /// yet; they go first at the next wait.
+    backlog: Vec<squeue::Entry>,
+}
+
+impl std::fmt::Debug for Uring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uring")
+            .field("fd", &self.ring.as_raw_fd())
+            .field("sq_entries", &self.ring.params().sq_entries())
+            .field("registrations", &self.registry.len())
+            .field("backlog", &self.backlog.len())
+            .finish()
+    }
+}
+
+fn errno(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+impl Uring {
+    /// Creates a ring with `entries` submission slots (rounded up to a power of two by the
+    /// kernel; the completion queue gets twice as many).
+    ///
+    /// # Errors
+    /// The error of `io_uring_setup`: `ENOSYS` (no io_uring), `EPERM` (forbidden by seccomp or
+    /// `kernel.io_uring_disabled`), `ENOMEM` (locked-memory limit), `EMFILE`; `Unsupported` when
+    /// the kernel lacks `IORING_FEAT_EXT_ARG` or `IORING_FEAT_NODROP` (before 5.11).
+    pub fn new(entries: u32) -> io::Result<Self> {
+        let entries = entries.clamp(1, 32768);
+        let ring = IoUring::builder()
+            .setup_clamp()
+            .setup_submit_all()
+            .build(entries)
+            .or_else(|e| match errno(&e) {
+                // IORING_SETUP_SUBMIT_ALL needs 5.18; without it a failing SQE stops the batch,
+                // which `wait` handles as a short submission.
+                libc::EINVAL => IoUring::builder().setup_clamp().build(entries),
+                _ => Err(e),
+            })?;
+        let p = ring.params();
+        if !p.is_feature_ext_arg() || !p.is_feature_nodrop() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "fdmon-uring needs IORING_FEAT_EXT_ARG and IORING_FEAT_NODROP (Linux 5.11 or later)",
+            ));
+        }
+        Ok(Uring {
+            ring,
+            registry: Registry::default(),
+            backlog: Vec::new(),
+        })
+    }
+
+    /// Moves the registration of `fd` from interest `old` to `new` (poll(2) bits): `old == 0`
+    /// adds, `new == 0` removes, anything else modifies the interest and token. The change is
+    /// staged and reaches the kernel at the next [`wait`](Self::wait).
+    ///
+    /// # Errors
+    /// The same as epoll's: `EINVAL` for unknown bits, `EBADF` for an invalid fd, `EPERM` for a
+    /// regular file or directory, `EEXIST` when adding a registered fd, `ENOENT` when modifying
+    /// or removing an unregistered one.
+    pub fn update(&mut self, fd: RawFd, token: u64, old: u32, new: u32) -> io::Result<()> {
+        if (old | new) & !INTEREST_MASK != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "fdmon-uring: unknown event bits {:#x}",
+                    (old | new) & !INTEREST_MASK
+                ),
+            ));
+        }
+        match (old != 0, new != 0) {
+            (false, false) => Ok(()),
+            (false, true) => self.registry.add(fd, token, new),
+            (true, true) => self.registry.modify(fd, token, new),
+            (true, false) => self.registry.remove(fd),
+        }
+    }
+
+    /// Queues a caller-built SQE; its completion is reported as [`Event::Complete`] with
+    /// `token`. The SQE's own `user_data` is overwritten. When the submission queue is full it
+    /// is submitted to make room; SQEs the kernel cannot take yet wait in a backlog that the
+    /// next [`wait`](Self::wait) submits first.
+    ///
+    /// # Safety
+    /// Every buffer, fd and pointer the SQE refers to must stay valid until its completion has
+    /// been reported by `wait` (or the ring is dropped: dropping a `Uring` waits for nothing, so
+    /// memory used by operations in flight must outlive it).
+    ///
+    /// # Errors
+    /// `InvalidInput` if `token` is above [`MAX_USER_TOKEN`]; the error of `io_uring_enter` if
+    /// making room fails for a reason other than the kernel being busy.
+    pub unsafe fn push(&mut self, entry: squeue::Entry, token: u64) -> io::Result<()> {
+        if token > MAX_USER_TOKEN {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "fdmon-uring: user tokens must be at most MAX_USER_TOKEN (bit 63 is reserved)",
+            ));
+        }
+        self.push_raw(entry.user_data(token))
+    }
+
+    /// Queues `entry` as is: in the submission queue, or in the backlog while older entries
+    /// wait there or the kernel will not take more.
+    fn push_raw(&mut self, entry: squeue::Entry) -> io::Result<()> {
+        if self.backlog.is_empty() {
+            // SAFETY: internal SQEs refer to no memory; for caller SQEs `push` passed the duty on.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return Ok(());
+            }
+            match self.ring.submit() {
+                Ok(_) => {
+                    // SAFETY: as above.
+                    if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                        return Ok(());
+                    }
+                }
+                Err(e) if matches!(errno(&e), libc::EBUSY | libc::EAGAIN | libc::EINTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.backlog.push(entry);
+        Ok(())
+    }
+
+    /// Whether a call to [`wait`](Self::wait) has work to do even with a zero timeout: staged
+    /// registration changes, queued SQEs, or completions already in the ring.
+    pub fn need_wait(&mut self) -> bool {
+        self.registry.has_staged()
+            || !self.backlog.is_empty()
+            || !self.ring.submission().is_empty()
+            || !self.ring.completion().is_empty()
+    }
+
+    /// Number of live readiness registrations.
+    pub fn registrations(&self) -> usize {
+        self.registry.len()
+    }
+
+    /// Number of registration slots in use: the live registrations plus the removed ones whose
+    /// `POLL_ADD` has not come back yet.
+    pub fn slots(&self) -> usize {
+        self.registry.slots()
+    }
+
+    /// The underlying ring, for registering buffers or files, or probing opcodes.
+    pub fn ring(&self) -> &IoUring {
+        &self.ring
+    }
+
+    /// Flushes staged changes, submits, waits up to `timeout` (`None`: no bound) for at least
+    /// one completion, and reports every completion in the ring through `on_event`. Returns
+    /// the number of events reported.
+    ///
+    /// # Errors
+    /// An error of `io_uring_enter` other than `EINTR`, `ETIME`, and a busy kernel that the
+    /// reaping of completions cures.
+    pub fn wait(
+        &mut self,
+        timeout: Option<Duration>,
+        mut on_event: impl FnMut(Event),
+    ) -> io::Result<usize> {
+        let mut reported = self.stage(&mut on_event)?;
+        let zero = timeout.is_some_and(|t| t.is_zero()) || reported > 0;
+        if zero || !self.ring.completion().is_empty() {
+            // Only a look at the completion ring, unless there is something to submit or an
+            // overflow to flush.
+            if !self.ring.submission().is_empty() || self.ring.submission().cq_overflow() {
+                self.enter_nowait(&mut on_event, &mut reported)?;
+            }
+        } else {
+            self.enter_wait(timeout, &mut on_event, &mut reported)?;
+        }
+        reported += self.reap(&mut on_event);
+        Ok(reported)
+    }
+
+    /// Moves the backlog and the staged registration changes into the submission queue.
+    /// Returns the number of events reported while making room.
+    fn stage(&mut self, on_event: &mut impl FnMut(Event)) -> io::Result<usize> {
+        let mut reported = 0;
+        while !self.backlog.is_empty() {
+            let taken = {
+                let mut sq = self.ring.submission();
+                let room = sq.capacity() - sq.len();
+                let n = room.min(self.backlog.len());
+                // SAFETY: backlog SQEs carry the same guarantees as when they were pushed.
+                unsafe { sq.push_multiple(&self.backlog[..n]) }.expect("room was checked");
+                n
+            };
+            self.backlog.drain(..taken);
+            if !self.backlog.is_empty() {
+                self.enter_nowait(on_event, &mut reported)?;
+            }
+        }
+        let Uring {
+            ring,
+            registry,
+            backlog,
+        } = self;
+        registry.flush(|op| {
+            let entry = match op {
+                Op::Arm {
+                    fd,
+                    events,
+                    user_data,
+                } => opcode::PollAdd::new(types::Fd(fd), events)
+                    .build()
+                    .user_data(user_data),
+                Op::Disarm { target } => opcode::PollRemove::new(target)
+                    .build()
+                    .user_data(user_data::remove_of(target)),
+            };
+            // SAFETY: POLL_ADD and POLL_REMOVE refer to no caller memory.
+            if unsafe { ring.submission().push(&entry) }.is_err() {
+                match ring.submit() {
+                    Ok(_) => {
+                        // SAFETY: as above.
+                        if unsafe { ring.submission().push(&entry) }.is_ok() {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) if matches!(errno(&e), libc::EBUSY | libc::EAGAIN | libc::EINTR) => {}
+                    Err(e) => return Err(e),
+                }
+                backlog.push(entry);
+            }
+            Ok(())
+        })?;
+        Ok(reported)
+    }
+
+    /// Submits without waiting; on a busy kernel, reaps completions so that it can go on.
+    fn enter_nowait(
+        &mut self,
+        on_event: &mut impl FnMut(Event),
+        reported: &mut usize,
+    ) -> io::Result<()> {
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if errno(&e) == libc::EINTR => continue,
+                Err(e) if matches!(errno(&e), libc::EBUSY | libc::EAGAIN) => {
+                    let n = self.reap(on_event);
+                    *reported += n;
+                    if n == 0 {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Submits and waits for one completion, up to `timeout`.
+    fn enter_wait(
+        &mut self,
+        timeout: Option<Duration>,
+        on_event: &mut impl FnMut(Event),
+        reported: &mut usize,
+    ) -> io::Result<()> {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        loop {
+            let res = match (timeout, deadline) {
+                (None, _) | (Some(_), None) => self.ring.submit_and_wait(1),
+                (Some(_), Some(dl)) => {
+                    let left = dl.saturating_duration_since(Instant::now());
+                    let ts = types::Timespec::new()
+                        .sec(left.as_secs())
+                        .nsec(left.subsec_nanos());
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    self.ring.submitter().submit_with_args(1, &args)
+                }
+            };
+            match res {
+                Ok(_) if self.ring.submission().is_empty() => return Ok(()),
+                // A short submission: the kernel stopped at a failing SQE (whose error is in
+                // the completion ring) and did not wait. Submit the rest; the wait ends at once
+                // if completions are there.
+                Ok(_) => continue,
+                Err(e) => match errno(&e) {
+                    libc::ETIME => return Ok(()),
+                    libc::EINTR => {
+                        if !self.ring.completion().is_empty()
+                            || deadline.is_some_and(|dl| Instant::now() >= dl)
+                        {
+                            return Ok(());
+                        }
+                    }
+                    libc::EBUSY | libc::EAGAIN => {
+                        let n = self.reap(on_event);
+                        *reported += n;
+                        if n == 0 {
+                            return Err(e);
+                        }
+                        return Ok(());
+                    }
+                    _ => return Err(e),
+                },
+            }
+        }
+    }
+
+    /// Reports every completion in the ring. Returns how many events were reported.
+    fn reap(&mut self, on_event: &mut impl FnMut(Event)) -> usize {
+        let mut reported = 0;
+        loop {
+            let Uring { ring, registry, .. } = self;
+            for cqe in ring.completion() {
+                match user_data::decode(cqe.user_data()) {
+                    Tag::User(token) => {
+                        reported += 1;
+                        on_event(Event::Complete {
+                            token,
+                            result: cqe.result(),
+                            flags: cqe.flags(),
+                        });
+                    }
+                    Tag::Poll { slot, generation } => {
+                        if let Some((token, events)) =
+                            registry.complete(slot, generation, cqe.result())
+                        {
+                            reported += 1;
+                            on_event(Event::Ready { token, events });
+                        }
+                    }
+                    Tag::Remove => {}
+                }
+            }
+            // Completions the kernel kept aside while the ring was full come back with an
+            // enter carrying GETEVENTS, which `submit` adds when the overflow flag is up.
+            if !self.ring.submission().cq_overflow() {
+                return reported;
+            }
+            if let Err(e) = self.ring.submit() {
+                if !matches!(errno(&e), libc::EINTR | libc::EBUSY | libc::EAGAIN) {
+                    return reported;
+                }
+            }
+        }
+    }
+}
+
+impl AsFd for Uring {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the ring fd stays open as long as `self.ring`, which outlives the borrow.
+        unsafe { BorrowedFd::borrow_raw(self.ring.as_raw_fd()) }
+    }
+}
+
+impl AsRawFd for Uring {
+    fn as_raw_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+}

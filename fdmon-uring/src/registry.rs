@@ -1,0 +1,318 @@
+//! The readiness registrations and their state machine.
+//!
+//! io_uring has no persistent interest set: readiness is a one-shot `POLL_ADD` that completes
+//! once. A registration is therefore *armed* (one POLL_ADD in flight) or not, and every change is
+//! staged: callers mark the slot dirty, and [`Registry::flush`] turns the difference between what
+//! is wanted and what is armed into SQEs right before the ring is entered.
+//!
+//! - Level-triggering: after each POLL_ADD completion the slot is dirty again, so the next flush
+//!   re-arms it; a still-ready fd completes again at once, exactly like epoll reporting it again.
+//! - Removal: the slot leaves the fd table at once (so the fd can be registered anew), but its
+//!   memory lives until the armed POLL_ADD completes, with its event or with `-ECANCELED` from
+//!   the POLL_REMOVE that the flush sends.
+//! - Interest changes while armed: POLL_REMOVE, then re-arm with the new interest when the
+//!   cancelled POLL_ADD comes back.
+//! - Generations: each registration gets a fresh generation, carried in the `user_data`, so a
+//!   completion that arrives for a slot that has since been reused is recognised and dropped.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::RawFd;
+
+use slab::Slab;
+
+use crate::user_data;
+use crate::{POLLERR, POLLHUP};
+
+/// One SQE the registry wants submitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    /// `POLL_ADD(fd, events)` tagged with `user_data`.
+    Arm {
+        fd: RawFd,
+        events: u32,
+        user_data: u64,
+    },
+    /// `POLL_REMOVE` of the POLL_ADD tagged `target`.
+    Disarm { target: u64 },
+}
+
+#[derive(Debug)]
+struct Reg {
+    fd: RawFd,
+    token: u64,
+    /// The interest the caller wants; ignored once `detached`.
+    want: u32,
+    generation: u32,
+    /// The interest of the POLL_ADD in flight, if one is.
+    armed: Option<u32>,
+    /// A POLL_REMOVE for the armed POLL_ADD has been queued.
+    disarm_sent: bool,
+    /// The caller removed the registration; the slot waits for its POLL_ADD to come back.
+    detached: bool,
+    /// The POLL_ADD failed (for example `EBADF`: the fd was closed while registered). It is not
+    /// re-armed until the caller changes the registration.
+    parked: bool,
+    /// Already listed in `Registry::dirty`.
+    dirty: bool,
+}
+
+impl Reg {
+    fn user_data(&self, slot: usize) -> u64 {
+        user_data::poll(slot as u32, self.generation)
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    regs: Slab<Reg>,
+    by_fd: HashMap<RawFd, usize>,
+    dirty: Vec<usize>,
+    generation: u32,
+}
+
+fn os_err(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+/// Fails like `epoll_ctl(EPOLL_CTL_ADD)` would: `EBADF` for a closed fd, `EPERM` for a regular
+/// file or directory (always "ready", so watching one is a bug), so both backends agree.
+fn check_pollable(fd: RawFd) -> io::Result<()> {
+    // SAFETY: an all-zero `stat` is a valid value of the plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid, writable stat buffer for the duration of the call.
+    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG | libc::S_IFDIR => Err(os_err(libc::EPERM)),
+        _ => Ok(()),
+    }
+}
+
+impl Registry {
+    /// Registers `fd` with `token` and interest `want`.
+    pub(crate) fn add(&mut self, fd: RawFd, token: u64, want: u32) -> io::Result<()> {
+        if self.by_fd.contains_key(&fd) {
+            return Err(os_err(libc::EEXIST));
+        }
+        check_pollable(fd)?;
+        if self.regs.len() >= u32::MAX as usize {
+            return Err(os_err(libc::ENOSPC));
+        }
+        self.generation = user_data::next_generation(self.generation);
+        let slot = self.regs.insert(Reg {
+            fd,
+            token,
+            want,
+            generation: self.generation,
+            armed: None,
+            disarm_sent: false,
+            detached: false,
+            parked: false,
+            dirty: false,
+        });
+        self.by_fd.insert(fd, slot);
+        self.mark(slot);
+        Ok(())
+    }
+
+    /// Changes the token and interest of the registration of `fd`.
+    pub(crate) fn modify(&mut self, fd: RawFd, token: u64, want: u32) -> io::Result<()> {
+        let slot = *self.by_fd.get(&fd).ok_or_else(|| os_err(libc::ENOENT))?;
+        let reg = &mut self.regs[slot];
+        reg.token = token;
+        reg.want = want;
+        reg.parked = false;
+        self.mark(slot);
+        Ok(())
+    }
+
+    /// Removes the registration of `fd`; its slot lives until its POLL_ADD (if any) is back.
+    pub(crate) fn remove(&mut self, fd: RawFd) -> io::Result<()> {
+        let slot = self.by_fd.remove(&fd).ok_or_else(|| os_err(libc::ENOENT))?;
+        self.regs[slot].detached = true;
+        self.mark(slot);
+        Ok(())
+    }
+
+    fn mark(&mut self, slot: usize) {
+        let reg = &mut self.regs[slot];
+        if !reg.dirty {
+            reg.dirty = true;
+            self.dirty.push(slot);
+        }
+    }
+
+    /// Whether changes are staged that the next flush turns into SQEs.
+    pub(crate) fn has_staged(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Number of slots, the ones waiting for their POLL_ADD to come back included.
+    pub(crate) fn slots(&self) -> usize {
+        self.regs.len()
+    }
+
+    /// Number of live registrations (as the caller sees them).
+    pub(crate) fn len(&self) -> usize {
+        self.by_fd.len()
+    }
+
+    /// Turns every staged change into SQEs through `emit`. A slot whose SQE could not be
+    /// emitted stays staged, and the error is returned.
+    pub(crate) fn flush(&mut self, mut emit: impl FnMut(Op) -> io::Result<()>) -> io::Result<()> {
+        while let Some(slot) = self.dirty.pop() {
+            let reg = &mut self.regs[slot];
+            reg.dirty = false;
+            let want = if reg.detached || reg.parked {
+                0
+            } else {
+                reg.want
+            };
+            match reg.armed {
+                None if want != 0 => {
+                    let user_data = reg.user_data(slot);
+                    if let Err(e) = emit(Op::Arm {
+                        fd: reg.fd,
+                        events: want,
+                        user_data,
+                    }) {
+                        self.mark(slot);
+                        return Err(e);
+                    }
+                    self.regs[slot].armed = Some(want);
+                }
+                None => {
+                    if reg.detached {
+                        self.regs.remove(slot);
+                    }
+                }
+                Some(armed) if armed != want && !reg.disarm_sent => {
+                    let target = reg.user_data(slot);
+                    if let Err(e) = emit(Op::Disarm { target }) {
+                        self.mark(slot);
+                        return Err(e);
+                    }
+                    self.regs[slot].disarm_sent = true;
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// A POLL_ADD of `slot`/`generation` completed with `res`. Returns the `(token, events)` to
+    /// report, if the registration is still wanted and the events concern it.
+    pub(crate) fn complete(&mut self, slot: u32, generation: u32, res: i32) -> Option<(u64, u32)> {
+        let slot = slot as usize;
+        let reg = self.regs.get_mut(slot)?;
+        if reg.generation != generation || reg.armed.is_none() {
+            return None; // a late completion for a slot that has been reused
+        }
+        reg.armed = None;
+        reg.disarm_sent = false;
+        let report = if res >= 0 {
+            let events = res as u32 & (reg.want | POLLERR | POLLHUP);
+            (!reg.detached && events != 0).then_some((reg.token, events))
+        } else {
+            if res != -libc::ECANCELED {
+                reg.parked = true;
+            }
+            None
+        };
+        self.mark(slot);
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::POLLIN;
+    use std::os::fd::AsRawFd;
+
+    fn ops(r: &mut Registry) -> Vec<Op> {
+        let mut v = Vec::new();
+        r.flush(|op| {
+            v.push(op);
+            Ok(())
+        })
+        .unwrap();
+        v
+    }
+
+    #[test]
+    fn arm_complete_rearm_remove() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = a.as_raw_fd();
+        let mut r = Registry::default();
+        r.add(fd, 9, POLLIN).unwrap();
+        let [Op::Arm { user_data, .. }] = ops(&mut r)[..] else {
+            panic!()
+        };
+        let user_data::Tag::Poll { slot, generation } = user_data::decode(user_data) else {
+            panic!()
+        };
+        assert!(ops(&mut r).is_empty(), "armed once");
+        assert_eq!(
+            r.complete(slot, generation, POLLIN as i32),
+            Some((9, POLLIN))
+        );
+        assert!(matches!(ops(&mut r)[..], [Op::Arm { .. }]), "re-armed");
+        r.remove(fd).unwrap();
+        assert_eq!(ops(&mut r), vec![Op::Disarm { target: user_data }]);
+        assert_eq!(r.slots(), 1, "kept until the POLL_ADD is back");
+        assert_eq!(r.complete(slot, generation, -libc::ECANCELED), None);
+        assert!(ops(&mut r).is_empty());
+        assert_eq!(r.slots(), 0);
+        assert_eq!(
+            r.complete(slot, generation, POLLIN as i32),
+            None,
+            "late and stale"
+        );
+    }
+
+    #[test]
+    fn errors_match_epoll() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut r = Registry::default();
+        r.add(a.as_raw_fd(), 1, POLLIN).unwrap();
+        assert_eq!(
+            r.add(a.as_raw_fd(), 1, POLLIN).unwrap_err().raw_os_error(),
+            Some(libc::EEXIST)
+        );
+        assert_eq!(
+            r.modify(-5, 1, POLLIN).unwrap_err().raw_os_error(),
+            Some(libc::ENOENT)
+        );
+        assert_eq!(r.remove(-5).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(
+            r.add(-5, 1, POLLIN).unwrap_err().raw_os_error(),
+            Some(libc::EBADF)
+        );
+        let f = std::fs::File::open("/proc/self/status").unwrap();
+        assert_eq!(
+            r.add(f.as_raw_fd(), 1, POLLIN).unwrap_err().raw_os_error(),
+            Some(libc::EPERM)
+        );
+    }
+
+    #[test]
+    fn a_failed_poll_is_parked_until_modified() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut r = Registry::default();
+        r.add(a.as_raw_fd(), 1, POLLIN).unwrap();
+        let [Op::Arm { user_data, .. }] = ops(&mut r)[..] else {
+            panic!()
+        };
+        let user_data::Tag::Poll { slot, generation } = user_data::decode(user_data) else {
+            panic!()
+        };
+        assert_eq!(r.complete(slot, generation, -libc::EBADF), None);
+        assert!(ops(&mut r).is_empty(), "not re-armed in a loop");
+        r.modify(a.as_raw_fd(), 1, POLLIN).unwrap();
+        assert_eq!(ops(&mut r).len(), 1);
+        assert_eq!(r.len(), 1);
+    }
+}
