@@ -1,0 +1,292 @@
+//! The backend contract, and the one place that knows which fd monitors exist.
+//!
+//! A backend (an fd monitor crate) offers three things, in plain data only:
+//!
+//! - `update(fd, token, old, new)`: move a registration of `fd` from poll(2) interest `old` to
+//!   `new`; `old == 0` adds, `new == 0` removes. Errors are epoll's, on both backends: `EBADF`,
+//!   `EEXIST`, `ENOENT`, `EPERM` (regular files), `EINVAL` (unknown bits).
+//! - `wait(timeout, sink)`: wait up to `timeout` (`None`: no bound, zero: only look) and hand
+//!   every ready registration (`token`, poll bits) to the sink. Readiness is level-triggered: a
+//!   registration that stays ready is reported by every wait. `EINTR` is retried inside.
+//! - io_uring only: caller-built SQEs whose completions come back through the same sink.
+//!
+//! The reactor reaches the chosen backend through the private [`Monitor`] enum, a plain
+//! `match` per call: no `dyn`, no allocation, and no `#[cfg]` anywhere else in the crate.
+//!
+//! Choice: with both features (the default), [`Backend::Auto`] tries io_uring and falls back to
+//! epoll, with a `tracing` warning, when io_uring setup fails with `ENOSYS` (no io_uring),
+//! `EPERM`/`EACCES` (seccomp, `kernel.io_uring_disabled`), `ENOMEM` (locked-memory limit) or
+//! `Unsupported` (a kernel older than 5.11). The environment variable `REACTOR_BACKEND`
+//! (`uring`, `epoll` or `auto`) overrides `Auto`. A forced backend that cannot start is an
+//! error that names the cause, never a silent fallback.
+
+use std::fmt;
+use std::io;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+/// Which fd monitor a reactor uses.
+///
+/// ```
+/// use reactor::{Backend, Builder};
+/// let r = Builder::new().backend(Backend::Auto).build()?;
+/// assert_ne!(r.backend(), Backend::Auto); // a running reactor names what it got
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Backend {
+    /// io_uring if it can start, epoll otherwise (or as `REACTOR_BACKEND` says).
+    #[default]
+    Auto,
+    /// io_uring (feature `uring`), or an error.
+    Uring,
+    /// epoll (feature `epoll`), or an error.
+    Epoll,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Auto => "auto",
+            Backend::Uring => "uring",
+            Backend::Epoll => "epoll",
+        })
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = io::Error;
+    fn from_str(s: &str) -> io::Result<Backend> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(Backend::Auto),
+            "uring" | "io_uring" | "io-uring" => Ok(Backend::Uring),
+            "epoll" => Ok(Backend::Epoll),
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("unknown reactor backend {other:?}: expected uring, epoll or auto"),
+            )),
+        }
+    }
+}
+
+/// The environment variable that overrides [`Backend::Auto`].
+pub const BACKEND_ENV: &str = "REACTOR_BACKEND";
+
+/// What a backend reports from a wait.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Ev {
+    Ready {
+        token: u64,
+        events: u32,
+    },
+    #[allow(dead_code)] // produced once user SQEs exist
+    Complete {
+        token: u64,
+        result: i32,
+        flags: u32,
+    },
+}
+
+pub(crate) enum Monitor {
+    #[cfg(feature = "uring")]
+    Uring(fdmon_uring::Uring),
+    #[cfg(feature = "epoll")]
+    Epoll(fdmon_epoll::Epoll),
+}
+
+#[cfg(not(any(feature = "uring", feature = "epoll")))]
+compile_error!("reactor needs at least one backend feature: `uring` or `epoll`");
+
+/// An error that keeps the OS error and adds what it means here.
+#[derive(Debug)]
+struct Explained {
+    what: String,
+    source: io::Error,
+}
+
+impl fmt::Display for Explained {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.what, self.source)
+    }
+}
+
+impl std::error::Error for Explained {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+fn explain(what: impl Into<String>, source: io::Error) -> io::Error {
+    io::Error::new(
+        source.kind(),
+        Explained {
+            what: what.into(),
+            source,
+        },
+    )
+}
+
+#[cfg(feature = "uring")]
+fn uring_hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOSYS) => "this kernel has no io_uring (ENOSYS)",
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            "io_uring is forbidden here (EPERM: a seccomp filter, as container runtimes install, \
+             or sysctl kernel.io_uring_disabled)"
+        }
+        Some(libc::ENOMEM) => "not enough locked memory for the rings (ENOMEM: RLIMIT_MEMLOCK)",
+        Some(libc::EMFILE) | Some(libc::ENFILE) => "out of file descriptors",
+        _ if e.kind() == io::ErrorKind::Unsupported => "the kernel is too old (needs 5.11)",
+        _ => "io_uring setup failed",
+    }
+}
+
+/// Whether `Auto` may fall back to epoll after this io_uring error.
+#[cfg(all(feature = "uring", feature = "epoll"))]
+fn can_fall_back(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOSYS) | Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::ENOMEM)
+    ) || e.kind() == io::ErrorKind::Unsupported
+}
+
+/// `choice`, with `Auto` resolved through [`BACKEND_ENV`].
+fn resolve(choice: Backend) -> io::Result<Backend> {
+    if choice != Backend::Auto {
+        return Ok(choice);
+    }
+    match std::env::var(BACKEND_ENV) {
+        Ok(v) => v
+            .parse()
+            .map_err(|e| explain(format!("environment variable {BACKEND_ENV}"), e)),
+        Err(std::env::VarError::NotPresent) => Ok(Backend::Auto),
+        Err(e) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("environment variable {BACKEND_ENV}: {e}"),
+        )),
+    }
+}
+
+#[cfg(not(all(feature = "uring", feature = "epoll")))]
+fn not_built(which: Backend) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!("the {which} backend was not built: enable the reactor crate's `{which}` feature"),
+    )
+}
+
+impl Monitor {
+    /// Opens the backend `choice` asks for (see the module docs for `Auto`).
+    pub(crate) fn open(choice: Backend, uring_entries: u32) -> io::Result<Monitor> {
+        let choice = resolve(choice)?;
+        tracing::debug!(%choice, "reactor: choosing a backend");
+        match choice {
+            Backend::Uring => Self::open_uring(uring_entries),
+            Backend::Epoll => Self::open_epoll(),
+            Backend::Auto => Self::open_auto(uring_entries),
+        }
+    }
+
+    #[cfg(all(feature = "uring", feature = "epoll"))]
+    fn open_auto(uring_entries: u32) -> io::Result<Monitor> {
+        match fdmon_uring::Uring::new(uring_entries) {
+            Ok(u) => {
+                tracing::debug!("reactor: backend io_uring");
+                Ok(Monitor::Uring(u))
+            }
+            Err(e) if can_fall_back(&e) => {
+                tracing::warn!(
+                    error = %e,
+                    "reactor: io_uring unavailable ({}); falling back to epoll",
+                    uring_hint(&e)
+                );
+                Self::open_epoll()
+            }
+            Err(e) => Err(explain(format!("io_uring: {}", uring_hint(&e)), e)),
+        }
+    }
+
+    #[cfg(not(all(feature = "uring", feature = "epoll")))]
+    fn open_auto(uring_entries: u32) -> io::Result<Monitor> {
+        #[cfg(feature = "uring")]
+        return Self::open_uring(uring_entries);
+        #[cfg(not(feature = "uring"))]
+        {
+            let _ = uring_entries;
+            Self::open_epoll()
+        }
+    }
+
+    fn open_uring(entries: u32) -> io::Result<Monitor> {
+        #[cfg(feature = "uring")]
+        {
+            let u = fdmon_uring::Uring::new(entries)
+                .map_err(|e| explain(format!("io_uring: {}", uring_hint(&e)), e))?;
+            tracing::debug!("reactor: backend io_uring");
+            Ok(Monitor::Uring(u))
+        }
+        #[cfg(not(feature = "uring"))]
+        {
+            let _ = entries;
+            Err(not_built(Backend::Uring))
+        }
+    }
+
+    fn open_epoll() -> io::Result<Monitor> {
+        #[cfg(feature = "epoll")]
+        {
+            let e = fdmon_epoll::Epoll::new().map_err(|e| explain("epoll_create1", e))?;
+            tracing::debug!("reactor: backend epoll");
+            Ok(Monitor::Epoll(e))
+        }
+        #[cfg(not(feature = "epoll"))]
+        Err(not_built(Backend::Epoll))
+    }
+
+    pub(crate) fn kind(&self) -> Backend {
+        match self {
+            #[cfg(feature = "uring")]
+            Monitor::Uring(_) => Backend::Uring,
+            #[cfg(feature = "epoll")]
+            Monitor::Epoll(_) => Backend::Epoll,
+        }
+    }
+
+    pub(crate) fn update(&mut self, fd: RawFd, token: u64, old: u32, new: u32) -> io::Result<()> {
+        match self {
+            #[cfg(feature = "uring")]
+            Monitor::Uring(u) => u.update(fd, token, old, new),
+            #[cfg(feature = "epoll")]
+            Monitor::Epoll(e) => e.update(fd, token, old, new),
+        }
+    }
+
+    pub(crate) fn wait(
+        &mut self,
+        timeout: Option<Duration>,
+        mut sink: impl FnMut(Ev),
+    ) -> io::Result<usize> {
+        match self {
+            #[cfg(feature = "uring")]
+            Monitor::Uring(u) => u.wait(timeout, |ev| match ev {
+                fdmon_uring::Event::Ready { token, events } => sink(Ev::Ready { token, events }),
+                fdmon_uring::Event::Complete {
+                    token,
+                    result,
+                    flags,
+                } => sink(Ev::Complete {
+                    token,
+                    result,
+                    flags,
+                }),
+            }),
+            #[cfg(feature = "epoll")]
+            Monitor::Epoll(e) => e.wait(timeout, |ev| {
+                sink(Ev::Ready {
+                    token: ev.token,
+                    events: ev.events,
+                })
+            }),
+        }
+    }
+}

@@ -1,0 +1,619 @@
+//! Bottom halves: the lock-free BH list, BH flags, the home thread's run queue, and [`Bh`].
+//!
+//! A BH is a callback that runs on the reactor's home thread after being scheduled from any
+//! thread. The rules (those of QEMU's AioContext, which storage code relies on):
+//!
+//! - scheduling a scheduled BH is a no-op, and a BH runs at most once per schedule;
+//! - a BH scheduled while BHs run (by itself or another) runs in the next iteration;
+//! - one-shot BHs free themselves after running; a deleted BH never runs again;
+//! - idle BHs do not count as progress and bound the wait to about 10 ms;
+//! - a nested `poll` first drains what the outer `poll` already took, then its own;
+//! - a [`Bh`] may be dropped on any thread, but its callback (which need not be `Send`) is only
+//!   run and dropped on the home thread: dropping marks it deleted and the home thread frees it;
+//! - no borrow is held while a callback runs: the callback is taken out, run, and put back.
+//!
+//! Memory: a node on the shared list or the run queue is kept alive by the home thread's
+//! registry (persistent BHs, until the home thread dequeues it with DELETED set) or is owned by
+//! the list itself (one-shots, pushed with `Arc::into_raw`). The `next` link of a node is only
+//! written by whoever set its PENDING bit (SP1) and only read by the home thread before it clears
+//! PENDING again (SP7).
+//!
+//! The synchronisation points SP1, SP2, SP6 (take) and SP7 are explained in `notify.rs`.
+
+use std::cell::{Cell, RefCell, UnsafeCell};
+use std::ptr;
+
+use slab::Slab;
+
+use crate::reactor::{Reactor, Shared};
+use crate::sync::{Arc, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+
+/// On the shared list or the home run queue. Set by the scheduler (SP1), cleared at dequeue.
+pub(crate) const PENDING: u32 = 1;
+/// Should run when dequeued.
+pub(crate) const SCHEDULED: u32 = 2;
+/// Scheduled as idle: not progress, bounds the wait to [`IDLE_TIMEOUT`].
+pub(crate) const IDLE: u32 = 4;
+/// The handle was dropped: free at dequeue, never run.
+pub(crate) const DELETED: u32 = 8;
+/// Fixed at creation: freed after its one run.
+pub(crate) const ONESHOT: u32 = 16;
+/// Fixed at creation: a timer; a "schedule" means "my deadline changed".
+pub(crate) const TIMER: u32 = 32;
+
+/// The wait bound while only idle BHs are scheduled.
+pub(crate) const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// What a node runs.
+pub(crate) enum Callback {
+    /// Taken out while it runs (or already consumed or dropped).
+    Empty,
+    Many(Box<dyn FnMut(&Reactor)>),
+    Once(Box<dyn FnOnce(&Reactor)>),
+}
+
+/// Node state that only the home thread touches.
+pub(crate) struct Home {
+    pub(crate) callback: Callback,
+    /// Slot in the registry (persistent nodes).
+    key: usize,
+    /// The callback is taken out and running further up the stack.
+    running: bool,
+    /// It became due again while running (in a nested poll): run it once more afterwards.
+    rerun: bool,
+    /// It was deleted while running: free it when the run ends.
+    free_pending: bool,
+    /// Timers: sequence number of the latest heap entry; older entries are stale.
+    pub(crate) armed_seq: u64,
+}
+
+/// A BH, timer or one-shot: flags and link shared with producers, plus home-only state.
+pub(crate) struct BhNode {
+    pub(crate) flags: AtomicU32,
+    next: AtomicPtr<BhNode>,
+    /// Timers: the requested deadline in reactor nanoseconds, [`DISARMED`] when not armed.
+    pub(crate) deadline: AtomicU64,
+    pub(crate) shared: Arc<Shared>,
+    home: UnsafeCell<Home>,
+}
+
+/// `deadline` of a timer that is not armed.
+pub(crate) const DISARMED: u64 = u64::MAX;
+
+// SAFETY: producers on other threads touch only the atomics (`flags`, `next`, `deadline`) and
+// `shared` (itself Send + Sync). `home`, which may hold a callback that is not `Send`, is only
+// accessed by the home thread: through `Reactor` methods (a `Reactor` is `!Send`, so they run on
+// the thread that created it) and while the node is reachable from that reactor alone.
+unsafe impl Send for BhNode {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for BhNode {}
+
+impl BhNode {
+    pub(crate) fn new(shared: &Arc<Shared>, fixed: u32, callback: Callback) -> Arc<BhNode> {
+        Arc::new(BhNode {
+            flags: AtomicU32::new(fixed),
+            next: AtomicPtr::new(ptr::null_mut()),
+            deadline: AtomicU64::new(DISARMED),
+            shared: shared.clone(),
+            home: UnsafeCell::new(Home {
+                callback,
+                key: usize::MAX,
+                running: false,
+                rerun: false,
+                free_pending: false,
+                armed_seq: 0,
+            }),
+        })
+    }
+
+    /// The home-only state.
+    ///
+    /// # Safety
+    /// Only on the node's home thread, and the returned reference must be dead before any user
+    /// code runs or any other `home_mut` reference to this node is made.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn home_mut(&self) -> &mut Home {
+        // SAFETY: the caller guarantees home-thread, non-overlapping access.
+        unsafe { &mut *self.home.get() }
+    }
+
+    /// Schedules the node with `new` flags (SP1, SP2) and notifies the home thread. Returns
+    /// `false` if the reactor is gone (nothing was queued).
+    ///
+    /// The list refers to the node by its address. For a persistent node that reference is
+    /// borrowed from the registry; for a one-shot, the caller has leaked one `Arc` reference
+    /// (`Arc::into_raw`) that the list then owns, and takes it back if this returns `false`.
+    pub(crate) fn enqueue(&self, new: u32) -> bool {
+        // SP1: set PENDING with the new bits. Acquire pairs with the release of SP7 (the home
+        // thread read `next` before clearing PENDING, so writing `next` below cannot clobber
+        // its unlink); release pairs with the acquire of SP7 (a BH that is already queued runs
+        // after this point and sees what the scheduler wrote before it).
+        let old = self.flags.fetch_or(PENDING | new, Ordering::AcqRel);
+        if old & PENDING == 0 && self.shared.bhs.push(self).is_err() {
+            return false;
+        }
+        self.shared.notifier.notify();
+        true
+    }
+}
+
+/// The sentinel head of a closed list: the reactor is gone and takes no more BHs.
+fn closed() -> *mut BhNode {
+    ptr::dangling_mut()
+}
+
+/// The lock-free list of scheduled BHs: producers push at the head, the home thread takes the
+/// whole list at once.
+#[derive(Debug)]
+pub(crate) struct BhList {
+    head: AtomicPtr<BhNode>,
+}
+
+/// The reactor has been dropped.
+#[derive(Debug)]
+pub(crate) struct ListClosed;
+
+impl BhList {
+    pub(crate) fn new() -> Self {
+        BhList {
+            head: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+
+    /// SP2: pushes `node`, whose PENDING bit the caller has just set.
+    fn push(&self, node: *const BhNode) -> Result<(), ListClosed> {
+        let node = node.cast_mut();
+        // Relaxed: only a starting guess for the CAS below.
+        let mut head = self.head.load(Ordering::Relaxed);
+        loop {
+            if head == closed() {
+                return Err(ListClosed);
+            }
+            // SAFETY: the caller owns the PENDING bit of `node`, so no one else reads or writes
+            // its link until the home thread takes it; the node is alive (the caller holds it).
+            // Relaxed: published by the release CAS below.
+            unsafe { (*node).next.store(head, Ordering::Relaxed) };
+            // SP2: release publishes the link and everything the scheduler wrote before; pairs
+            // with the acquire swap of `take` (SP6). Failure: Relaxed, only a new guess.
+            match self
+                .head
+                .compare_exchange_weak(head, node, Ordering::Release, Ordering::Relaxed)
+            {
+                Ok(_) => return Ok(()),
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    /// SP6, second half: takes every scheduled BH, newest first.
+    fn take(&self) -> *mut BhNode {
+        // SP6: acquire pairs with the release CAS of SP2 in `push`.
+        self.head.swap(ptr::null_mut(), Ordering::Acquire)
+    }
+
+    /// Closes the list; later pushes fail. Returns what was on it.
+    fn close(&self) -> *mut BhNode {
+        // Acquire: as in `take`, pairs with SP2.
+        self.head.swap(closed(), Ordering::Acquire)
+    }
+
+    /// Whether [`close`](Self::close) has run.
+    pub(crate) fn is_closed(&self) -> bool {
+        // Relaxed: the answer is a snapshot either way; a push re-checks in its CAS loop.
+        self.head.load(Ordering::Relaxed) == closed()
+    }
+
+    /// Whether a non-idle scheduled BH is on the list (an unordered peek for the timeout; a
+    /// miss is caught by the SP5 check of `notified`).
+    fn peek(&self) -> Peek {
+        // Acquire: the nodes reached below must be fully published (pairs with SP2).
+        let p = self.head.load(Ordering::Acquire);
+        if p == closed() {
+            return Peek::Nothing;
+        }
+        walk(p)
+    }
+}
+
+/// What the timeout computation needs to know of pending BHs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Peek {
+    Nothing,
+    Idle,
+    Due,
+}
+
+/// Walks a chain of nodes from `p`, classifying them.
+fn walk(mut p: *mut BhNode) -> Peek {
+    let mut seen = Peek::Nothing;
+    while !p.is_null() {
+        // SAFETY: nodes on the list or the run queue are alive (see the module docs), and their
+        // links are stable while they are PENDING.
+        let node = unsafe { &*p };
+        // Relaxed: a hint for the timeout only.
+        let f = node.flags.load(Ordering::Relaxed);
+        if f & (SCHEDULED | DELETED) == SCHEDULED && f & TIMER == 0 {
+            if f & IDLE == 0 {
+                return Peek::Due;
+            }
+            seen = Peek::Idle;
+        } else if f & TIMER != 0 && f & SCHEDULED != 0 {
+            return Peek::Due; // a timer changed: re-sync before sleeping
+        }
+        // Relaxed: the link was published by SP2 and is stable while PENDING.
+        p = node.next.load(Ordering::Relaxed);
+    }
+    seen
+}
+
+/// The home thread's BH state: the registry of persistent nodes and the run queue.
+pub(crate) struct BhHome {
+    /// Persistent BHs and timers, so their callbacks can be dropped on this thread when the
+    /// reactor goes, and so that they stay alive while on the list.
+    registry: RefCell<Slab<Arc<BhNode>>>,
+    /// FIFO of taken nodes not yet dequeued (linked through `next`, PENDING still set). A
+    /// nested poll continues it, which gives the "outer slice first" rule.
+    head: Cell<*mut BhNode>,
+    tail: Cell<*mut BhNode>,
+}
+
+impl BhHome {
+    pub(crate) fn new() -> Self {
+        BhHome {
+            registry: RefCell::new(Slab::new()),
+            head: Cell::new(ptr::null_mut()),
+            tail: Cell::new(ptr::null_mut()),
+        }
+    }
+
+    /// Registers a persistent node.
+    pub(crate) fn register(&self, node: &Arc<BhNode>) {
+        let key = self.registry.borrow_mut().insert(node.clone());
+        // SAFETY: home thread (called from a `Reactor` method), no other reference alive.
+        unsafe { node.home_mut() }.key = key;
+    }
+
+    /// Number of live persistent BHs and timers.
+    pub(crate) fn registered(&self) -> usize {
+        self.registry.borrow().len()
+    }
+
+    /// What is pending, for the timeout: the run queue, then the shared list.
+    pub(crate) fn peek(&self, list: &BhList) -> Peek {
+        let queued = walk(self.head.get());
+        if queued == Peek::Due {
+            return Peek::Due;
+        }
+        match list.peek() {
+            Peek::Nothing => queued,
+            p => p.max_with(queued),
+        }
+    }
+
+    /// Takes the shared list (SP6, second half) and appends it, oldest first, to the run queue.
+    fn take(&self, list: &BhList) {
+        let mut p = list.take();
+        if p.is_null() {
+            return;
+        }
+        let newest = p;
+        let mut reversed: *mut BhNode = ptr::null_mut();
+        while !p.is_null() {
+            // SAFETY: taken nodes are alive and, PENDING being set, only this thread touches
+            // their links now. Relaxed: the acquire of `take` ordered the pushes before this.
+            let next = unsafe { (*p).next.load(Ordering::Relaxed) };
+            // SAFETY: as above.
+            unsafe { (*p).next.store(reversed, Ordering::Relaxed) };
+            reversed = p;
+            p = next;
+        }
+        match self.tail.get() {
+            t if t.is_null() => self.head.set(reversed),
+            // SAFETY: the tail is a queued node, alive and linked only by this thread.
+            // Relaxed: home-thread-only link.
+            t => unsafe { (*t).next.store(reversed, Ordering::Relaxed) },
+        }
+        self.tail.set(newest);
+    }
+
+    /// Unlinks the oldest queued node; PENDING is still set.
+    fn pop(&self) -> Option<*mut BhNode> {
+        let p = self.head.get();
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: a queued node is alive; only this thread reads its link while PENDING.
+        // Relaxed: home-thread-only link.
+        let next = unsafe { (*p).next.load(Ordering::Relaxed) };
+        self.head.set(next);
+        if next.is_null() {
+            self.tail.set(ptr::null_mut());
+        }
+        Some(p)
+    }
+
+    /// Runs every scheduled BH (the outer poll's remaining ones first). Returns `true` if a
+    /// non-idle BH ran.
+    pub(crate) fn poll(&self, r: &Reactor) -> bool {
+        self.take(&r.shared().bhs);
+        let mut progress = false;
+        while let Some(p) = self.pop() {
+            progress |= self.dequeue(r, p);
+        }
+        progress
+    }
+
+    /// SP7 and what follows: clears PENDING and acts on the flags the node had.
+    fn dequeue(&self, r: &Reactor, p: *mut BhNode) -> bool {
+        // SAFETY: see the module docs; `p` stays alive until this function frees it.
+        let node = unsafe { &*p };
+        // SP7: release pairs with SP1's acquire (the link was read in `pop` before PENDING is
+        // cleared, so a producer re-pushing after this cannot race with it); acquire pairs with
+        // SP1's release (the callback sees what a scheduler wrote before scheduling).
+        let old = node
+            .flags
+            .fetch_and(!(PENDING | SCHEDULED | IDLE), Ordering::AcqRel);
+        let oneshot = old & ONESHOT != 0;
+        if old & TIMER != 0 {
+            if old & DELETED != 0 {
+                self.release(node);
+            } else if oneshot {
+                // SAFETY: a one-shot timer's list reference came from `Arc::into_raw`; the
+                // timer heap owns it from here.
+                r.timers().insert_oneshot(unsafe { Arc::from_raw(p) });
+            } else if old & SCHEDULED != 0 {
+                // SAFETY: the registry holds a reference, so the count is at least 1.
+                let arc = unsafe {
+                    Arc::increment_strong_count(p);
+                    Arc::from_raw(p)
+                };
+                r.timers().sync(arc);
+            }
+            return false;
+        }
+        if oneshot {
+            // SAFETY: a one-shot's list reference came from `Arc::into_raw`; it is ours now.
+            let node = unsafe { Arc::from_raw(p) };
+            if old & SCHEDULED != 0 {
+                r.count_bh();
+                run_once(r, &node);
+                return true;
+            }
+            return false;
+        }
+        let mut progress = false;
+        if old & (SCHEDULED | DELETED) == SCHEDULED {
+            progress = old & IDLE == 0;
+            r.count_bh();
+            self.call(r, node);
+        }
+        if old & DELETED != 0 {
+            self.release(node);
+        }
+        progress
+    }
+
+    /// Runs a persistent node's callback: takes it out, runs it, puts it back (also when it
+    /// panics), unless the node was deleted meanwhile. If the callback is already running
+    /// further up the stack, the run is postponed until it returns.
+    pub(crate) fn call(&self, r: &Reactor, node: &BhNode) {
+        let cb = {
+            // SAFETY: home thread; the reference dies at the end of this block.
+            let h = unsafe { node.home_mut() };
+            if h.running {
+                h.rerun = true;
+                return;
+            }
+            match std::mem::replace(&mut h.callback, Callback::Empty) {
+                Callback::Many(cb) => {
+                    h.running = true;
+                    cb
+                }
+                other => {
+                    h.callback = other;
+                    return;
+                }
+            }
+        };
+        struct Finish<'a> {
+            home: &'a BhHome,
+            r: &'a Reactor,
+            node: &'a BhNode,
+            cb: Option<Box<dyn FnMut(&Reactor)>>,
+        }
+        impl Drop for Finish<'_> {
+            fn drop(&mut self) {
+                self.home.finish(self.r, self.node, self.cb.take());
+            }
+        }
+        let mut fin = Finish {
+            home: self,
+            r,
+            node,
+            cb: Some(cb),
+        };
+        if let Some(cb) = fin.cb.as_mut() {
+            cb(r);
+        }
+    }
+
+    /// The end of a run started by [`call`](Self::call).
+    fn finish(&self, r: &Reactor, node: &BhNode, cb: Option<Box<dyn FnMut(&Reactor)>>) {
+        let (free, rerun) = {
+            // SAFETY: home thread; the reference dies at the end of this block.
+            let h = unsafe { node.home_mut() };
+            h.running = false;
+            if h.free_pending {
+                (true, false)
+            } else {
+                (false, std::mem::take(&mut h.rerun))
+            }
+        };
+        if free {
+            drop(cb); // user code may run here: no borrow is held
+            self.unregister(node);
+            return;
+        }
+        if let Some(cb) = cb {
+            // SAFETY: home thread; nothing else holds a reference to the home state now.
+            unsafe { node.home_mut() }.callback = Callback::Many(cb);
+        }
+        if rerun {
+            if node.flags.load(Ordering::Relaxed) & TIMER != 0 {
+                r.timers().rearm_now(node);
+            } else {
+                node.enqueue(SCHEDULED);
+            }
+        }
+    }
+
+    /// Frees a deleted persistent node: drops its callback here, on the home thread, and
+    /// lets go of the registry's reference. Postponed if the callback is running.
+    fn release(&self, node: &BhNode) {
+        let cb = {
+            // SAFETY: home thread; the reference dies at the end of this block.
+            let h = unsafe { node.home_mut() };
+            if h.running {
+                h.free_pending = true;
+                return;
+            }
+            std::mem::replace(&mut h.callback, Callback::Empty)
+        };
+        drop(cb); // user code may run here: no borrow is held
+        self.unregister(node);
+    }
+
+    fn unregister(&self, node: &BhNode) {
+        // SAFETY: home thread; the reference dies in this statement.
+        let key = unsafe { node.home_mut() }.key;
+        let arc = self.registry.borrow_mut().try_remove(key);
+        drop(arc); // may free the node; its callback is already gone
+    }
+
+    /// Tears down at reactor drop: closes the list and drops every callback on this thread.
+    pub(crate) fn shutdown(&self, list: &BhList) {
+        let mut orphans = Vec::new();
+        let mut p = list.close();
+        while !p.is_null() {
+            orphans.push(p);
+            // SAFETY: see `take`. Relaxed: ordered by the acquire of `close`.
+            p = unsafe { (*p).next.load(Ordering::Relaxed) };
+        }
+        while let Some(p) = self.pop() {
+            orphans.push(p);
+        }
+        for p in orphans {
+            // SAFETY: a node that was on the list or queue is alive. Relaxed: home-only read
+            // of a flag fixed at creation.
+            if unsafe { (*p).flags.load(Ordering::Relaxed) } & ONESHOT != 0 {
+                // SAFETY: a one-shot's list reference came from `Arc::into_raw`.
+                drop(unsafe { Arc::from_raw(p) });
+            }
+        }
+        let nodes: Vec<Arc<BhNode>> = self.registry.borrow_mut().drain().collect();
+        for node in &nodes {
+            // SAFETY: home thread; the reference dies in this statement.
+            let cb = std::mem::replace(&mut unsafe { node.home_mut() }.callback, Callback::Empty);
+            drop(cb);
+        }
+    }
+}
+
+impl Peek {
+    fn max_with(self, other: Peek) -> Peek {
+        match (self, other) {
+            (Peek::Due, _) | (_, Peek::Due) => Peek::Due,
+            (Peek::Idle, _) | (_, Peek::Idle) => Peek::Idle,
+            _ => Peek::Nothing,
+        }
+    }
+}
+
+/// Runs a one-shot node's callback (it owns the node).
+pub(crate) fn run_once(r: &Reactor, node: &Arc<BhNode>) {
+    // SAFETY: home thread; the reference dies in this statement.
+    let cb = std::mem::replace(&mut unsafe { node.home_mut() }.callback, Callback::Empty);
+    if let Callback::Once(f) = cb {
+        f(r);
+    }
+}
+
+/// A bottom half: a callback that runs on its reactor's thread when scheduled.
+///
+/// `Bh` is `Send + Sync`: schedule, cancel or drop it from any thread. The callback itself is
+/// only ever run and dropped on the reactor's thread, so it need not be `Send`.
+///
+/// - [`schedule`](Self::schedule) makes it run once in the next iteration of the reactor (and
+///   wakes the reactor if it sleeps); scheduling it again before it runs changes nothing.
+/// - [`schedule_idle`](Self::schedule_idle) does the same without counting as progress and
+///   without waking the reactor sooner than about 10 ms.
+/// - [`cancel`](Self::cancel) undoes a schedule that has not run yet.
+/// - Dropping the `Bh` deletes it: it will not run again, and its callback is dropped on the
+///   reactor's thread. After the reactor is dropped, all of these do nothing.
+///
+/// A BH never runs re-entrantly: if it becomes due again while its callback is running (and
+/// the callback polls the reactor), that run happens after the callback returns.
+///
+/// ```
+/// use reactor::Reactor;
+/// use std::{cell::Cell, rc::Rc};
+///
+/// let r = Reactor::new()?;
+/// let runs = Rc::new(Cell::new(0));
+/// let runs2 = runs.clone();
+/// let bh = r.bh(move |_| runs2.set(runs2.get() + 1));
+/// bh.schedule();
+/// bh.schedule(); // already scheduled: no-op
+/// assert!(r.poll(false));
+/// assert_eq!(runs.get(), 1);
+/// assert!(!r.poll(false)); // ran once
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub struct Bh {
+    node: Arc<BhNode>,
+}
+
+impl Bh {
+    pub(crate) fn new(node: Arc<BhNode>) -> Bh {
+        Bh { node }
+    }
+
+    /// Schedules the BH to run once in the reactor's next iteration.
+    pub fn schedule(&self) {
+        self.node.enqueue(SCHEDULED);
+    }
+
+    /// Schedules the BH as idle work: it runs when the reactor next iterates, which happens
+    /// within about 10 ms, and its run does not count as progress.
+    pub fn schedule_idle(&self) {
+        self.node.enqueue(SCHEDULED | IDLE);
+    }
+
+    /// Cancels a pending schedule. A run already under way is not interrupted.
+    pub fn cancel(&self) {
+        // Relaxed: the dequeue's RMW (SP7) sees the bit either before or after this RMW, and
+        // either outcome is a correct answer to a race between cancel and run.
+        self.node.flags.fetch_and(!SCHEDULED, Ordering::Relaxed);
+    }
+
+    /// Whether the BH is scheduled and has not run yet.
+    pub fn is_scheduled(&self) -> bool {
+        // Relaxed: a snapshot.
+        self.node.flags.load(Ordering::Relaxed) & SCHEDULED != 0
+    }
+}
+
+impl Drop for Bh {
+    fn drop(&mut self) {
+        // The home thread frees the node (and drops the callback) when it dequeues it.
+        self.node.enqueue(DELETED);
+    }
+}
+
+impl std::fmt::Debug for Bh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bh")
+            .field("scheduled", &self.is_scheduled())
+            .finish()
+    }
+}

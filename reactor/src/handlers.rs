@@ -1,0 +1,374 @@
+//! The fd-handler registry: callbacks per fd, level-triggered dispatch, deferred deletion.
+//!
+//! Each registration is a slab slot with a generation; the backend token is
+//! `generation << 32 | slot`, so an event for a slot that has been freed and reused is
+//! recognised and dropped. Ready events are queued per slot (a slot is queued at most once,
+//! with its event bits merged), so a nested `poll` first delivers what the outer one had
+//! collected and never delivers the same readiness twice. Callbacks are taken out of the slot
+//! while they run; a slot removed during dispatch is freed only when the outermost dispatch is
+//! done, so callers further up the stack never find their slot reused.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::fmt;
+use std::io;
+use std::os::fd::RawFd;
+
+use slab::Slab;
+
+use crate::interest::{self, Interest};
+use crate::reactor::Reactor;
+
+/// Identifies one fd registration of one reactor.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FdId {
+    slot: u32,
+    generation: u32,
+}
+
+impl fmt::Debug for FdId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FdId({}#{})", self.slot, self.generation)
+    }
+}
+
+impl FdId {
+    pub(crate) fn token(self) -> u64 {
+        (u64::from(self.generation) << 32) | u64::from(self.slot)
+    }
+
+    pub(crate) fn from_token(token: u64) -> FdId {
+        FdId {
+            slot: token as u32,
+            generation: (token >> 32) as u32,
+        }
+    }
+}
+
+type IoCallback = Box<dyn FnMut(&Reactor, FdId)>;
+type PollCallback = Box<dyn FnMut(&Reactor, FdId) -> bool>;
+
+/// The callbacks of one fd registration, for [`Reactor::add_fd`].
+///
+/// The read callback runs while the fd is readable or has an error or hang-up; the write
+/// callback while it is writable or has an error. Both are level-triggered: they run again in
+/// every iteration as long as the condition holds, so a callback should consume what it was
+/// woken for (or change the interest with [`Reactor::set_fd_interest`]).
+///
+/// ```
+/// use reactor::FdHandler;
+/// let h = FdHandler::new()
+///     .on_read(|_reactor, _id| println!("readable"))
+///     .on_write(|_reactor, _id| println!("writable"));
+/// # drop(h);
+/// ```
+#[derive(Default)]
+pub struct FdHandler {
+    read: Option<IoCallback>,
+    write: Option<IoCallback>,
+    poll: Option<PollCallback>,
+}
+
+impl FdHandler {
+    /// No callbacks yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the read callback (run on readable, error or hang-up).
+    pub fn on_read(mut self, f: impl FnMut(&Reactor, FdId) + 'static) -> Self {
+        self.read = Some(Box::new(f));
+        self
+    }
+
+    /// Sets the write callback (run on writable or error).
+    pub fn on_write(mut self, f: impl FnMut(&Reactor, FdId) + 'static) -> Self {
+        self.write = Some(Box::new(f));
+        self
+    }
+
+    /// Sets the busy-poll callback: a cheap check, without system calls, of whether the fd's
+    /// work is ready. It is kept for adaptive polling and not called by `poll` otherwise.
+    pub fn on_poll(mut self, f: impl FnMut(&Reactor, FdId) -> bool + 'static) -> Self {
+        self.poll = Some(Box::new(f));
+        self
+    }
+
+    /// The interest the present callbacks imply.
+    pub(crate) fn natural_interest(&self) -> Interest {
+        let mut i = Interest::NONE;
+        if self.read.is_some() {
+            i = i | Interest::READABLE;
+        }
+        if self.write.is_some() {
+            i = i | Interest::WRITABLE;
+        }
+        i
+    }
+}
+
+impl fmt::Debug for FdHandler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FdHandler")
+            .field("read", &self.read.is_some())
+            .field("write", &self.write.is_some())
+            .field("poll", &self.poll.is_some())
+            .finish()
+    }
+}
+
+struct Slot {
+    fd: RawFd,
+    generation: u32,
+    interest: Interest,
+    handler: FdHandler,
+    has_read: bool,
+    has_write: bool,
+    /// Event bits collected but not yet dispatched.
+    revents: u32,
+    queued: bool,
+    removed: bool,
+}
+
+/// Which callback of a slot to run.
+#[derive(Clone, Copy)]
+enum Which {
+    Read,
+    Write,
+}
+
+pub(crate) struct Handlers {
+    slots: RefCell<Slab<Slot>>,
+    generation: Cell<u32>,
+    ready: RefCell<VecDeque<u32>>,
+    /// Slots removed during dispatch, freed when the outermost dispatch ends.
+    graveyard: RefCell<Vec<u32>>,
+}
+
+fn unknown(id: FdId) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{id:?} is not an fd registration of this reactor (removed already?)"),
+    )
+}
+
+impl Handlers {
+    pub(crate) fn new() -> Self {
+        Handlers {
+            slots: RefCell::new(Slab::new()),
+            generation: Cell::new(0),
+            ready: RefCell::new(VecDeque::new()),
+            graveyard: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Reserves a slot; the caller then registers the fd with the backend under the
+    /// returned id, and calls [`forget`](Self::forget) if that fails.
+    pub(crate) fn insert(&self, fd: RawFd, handler: FdHandler, interest: Interest) -> FdId {
+        let generation = (self.generation.get() + 1) & 0x7fff_ffff;
+        self.generation.set(generation);
+        let (has_read, has_write) = (handler.read.is_some(), handler.write.is_some());
+        let slot = self.slots.borrow_mut().insert(Slot {
+            fd,
+            generation,
+            interest,
+            handler,
+            has_read,
+            has_write,
+            revents: 0,
+            queued: false,
+            removed: false,
+        });
+        FdId {
+            slot: u32::try_from(slot).expect("more than 2^32 fd registrations"),
+            generation,
+        }
+    }
+
+    /// Drops a slot whose backend registration failed.
+    pub(crate) fn forget(&self, id: FdId) {
+        let slot = self.slots.borrow_mut().remove(id.slot as usize);
+        drop(slot);
+    }
+
+    /// `(fd, interest)` of a live registration, and whether `new` is allowed for it.
+    pub(crate) fn lookup(&self, id: FdId, new: Option<Interest>) -> io::Result<(RawFd, Interest)> {
+        let slots = self.slots.borrow();
+        let s = slots
+            .get(id.slot as usize)
+            .filter(|s| s.generation == id.generation && !s.removed)
+            .ok_or_else(|| unknown(id))?;
+        if let Some(new) = new {
+            if (new.is_readable() && !s.has_read) || (new.is_writable() && !s.has_write) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{id:?}: interest {new:?} needs a callback it was not given"),
+                ));
+            }
+        }
+        Ok((s.fd, s.interest))
+    }
+
+    pub(crate) fn set_interest(&self, id: FdId, interest: Interest) {
+        if let Some(s) = self.slots.borrow_mut().get_mut(id.slot as usize) {
+            s.interest = interest;
+        }
+    }
+
+    /// Marks a registration removed; frees it now, or when the outermost dispatch ends.
+    pub(crate) fn remove(&self, id: FdId, dispatching: bool) {
+        {
+            let mut slots = self.slots.borrow_mut();
+            let Some(s) = slots.get_mut(id.slot as usize) else {
+                return;
+            };
+            s.removed = true;
+            s.interest = Interest::NONE;
+        }
+        if dispatching {
+            self.graveyard.borrow_mut().push(id.slot);
+        } else {
+            let slot = self.slots.borrow_mut().remove(id.slot as usize);
+            drop(slot); // the callbacks' destructors run with no borrow held
+        }
+    }
+
+    /// Frees the slots removed during dispatch (the outermost dispatch has ended).
+    pub(crate) fn bury(&self) {
+        loop {
+            let Some(key) = self.graveyard.borrow_mut().pop() else {
+                return;
+            };
+            let slot = self.slots.borrow_mut().try_remove(key as usize);
+            drop(slot);
+        }
+    }
+
+    /// Records an event reported by the backend.
+    pub(crate) fn ready(&self, token: u64, events: u32) {
+        let id = FdId::from_token(token);
+        let mut slots = self.slots.borrow_mut();
+        let Some(s) = slots.get_mut(id.slot as usize) else {
+            return;
+        };
+        if s.generation != id.generation || s.removed {
+            return; // a late event for a registration that is gone
+        }
+        s.revents |= events;
+        if !s.queued {
+            s.queued = true;
+            self.ready.borrow_mut().push_back(id.slot);
+        }
+    }
+
+    /// Whether events wait for dispatch.
+    pub(crate) fn has_ready(&self) -> bool {
+        !self.ready.borrow().is_empty()
+    }
+
+    /// Runs the callbacks of every queued event. Returns `true` if any callback ran.
+    pub(crate) fn dispatch(&self, r: &Reactor) -> bool {
+        let mut progress = false;
+        loop {
+            let Some(key) = self.ready.borrow_mut().pop_front() else {
+                break;
+            };
+            let (id, revents, interest) = {
+                let mut slots = self.slots.borrow_mut();
+                let Some(s) = slots.get_mut(key as usize) else {
+                    continue;
+                };
+                s.queued = false;
+                if s.removed {
+                    continue;
+                }
+                let id = FdId {
+                    slot: key,
+                    generation: s.generation,
+                };
+                (id, std::mem::take(&mut s.revents), s.interest)
+            };
+            if interest.is_readable() && revents & interest::READ_EVENTS != 0 {
+                progress |= self.run(r, id, Which::Read);
+            }
+            if interest.is_writable() && revents & interest::WRITE_EVENTS != 0 {
+                // The read callback may have removed the registration or changed its interest.
+                let still = self.lookup(id, None).is_ok_and(|(_, i)| i.is_writable());
+                if still {
+                    progress |= self.run(r, id, Which::Write);
+                }
+            }
+        }
+        progress
+    }
+
+    /// Runs one callback of `id`: take it out, run it, put it back unless the registration was
+    /// removed meanwhile. A callback already running further up the stack is skipped; being
+    /// level-triggered, its fd is reported again later.
+    fn run(&self, r: &Reactor, id: FdId, which: Which) -> bool {
+        let cb = {
+            let mut slots = self.slots.borrow_mut();
+            let Some(s) = slots.get_mut(id.slot as usize) else {
+                return false;
+            };
+            match which {
+                Which::Read => s.handler.read.take(),
+                Which::Write => s.handler.write.take(),
+            }
+        };
+        let Some(cb) = cb else { return false };
+        struct PutBack<'a> {
+            handlers: &'a Handlers,
+            id: FdId,
+            which: Which,
+            cb: Option<IoCallback>,
+        }
+        impl Drop for PutBack<'_> {
+            fn drop(&mut self) {
+                let cb = self.cb.take();
+                let rest = {
+                    let mut slots = self.handlers.slots.borrow_mut();
+                    match slots.get_mut(self.id.slot as usize) {
+                        Some(s) if s.generation == self.id.generation && !s.removed => {
+                            match self.which {
+                                Which::Read => s.handler.read = cb,
+                                Which::Write => s.handler.write = cb,
+                            }
+                            None
+                        }
+                        _ => cb,
+                    }
+                };
+                drop(rest); // removed meanwhile: drop the callback with no borrow held
+            }
+        }
+        let mut guard = PutBack {
+            handlers: self,
+            id,
+            which,
+            cb: Some(cb),
+        };
+        r.count_fd_dispatch();
+        if let Some(cb) = guard.cb.as_mut() {
+            cb(r, id);
+        }
+        true
+    }
+
+    /// Drops every registration and its callbacks (reactor drop; the backend goes with it).
+    pub(crate) fn clear(&self) {
+        let slots: Vec<Slot> = self.slots.borrow_mut().drain().collect();
+        self.ready.borrow_mut().clear();
+        self.graveyard.borrow_mut().clear();
+        drop(slots); // user destructors run with no borrow held
+    }
+
+    /// Number of live registrations.
+    pub(crate) fn len(&self) -> usize {
+        self.slots
+            .borrow()
+            .iter()
+            .filter(|(_, s)| !s.removed)
+            .count()
+    }
+}

@@ -1,0 +1,73 @@
+//! # reactor
+//!
+//! An embeddable event loop for storage daemons, modelled on QEMU's `AioContext`: bottom halves
+//! (BHs) that any thread can schedule, level-triggered fd handlers, nanosecond timers and nested
+//! polls, over io_uring or epoll. A daemon owns one [`Reactor`] per thread; other threads reach
+//! it through a [`Handle`] (or a [`Bh`]/[`Timer`], which are `Send + Sync` too).
+//!
+//! The wakeup protocol is QEMU's `notify_me`/`notified`: while the reactor is busy, scheduling
+//! work from another thread makes no system call at all; only a reactor that may be asleep gets
+//! its eventfd written. The protocol and its synchronisation points are documented in the
+//! source (`notify.rs`).
+//!
+//! ```
+//! use reactor::{FdHandler, Reactor};
+//! use std::io::{Read, Write};
+//! use std::os::fd::AsRawFd;
+//! use std::os::unix::net::UnixStream;
+//! use std::{cell::RefCell, rc::Rc};
+//!
+//! let r = Reactor::new()?; // io_uring, or epoll where io_uring is refused
+//! let (a, mut b) = UnixStream::pair()?;
+//! a.set_nonblocking(true)?;
+//! let got = Rc::new(RefCell::new(Vec::new()));
+//! let sink = got.clone();
+//! let a_fd = a.as_raw_fd();
+//! r.add_fd(a_fd, FdHandler::new().on_read(move |r, id| {
+//!     let mut buf = [0u8; 64];
+//!     match (&a).read(&mut buf) {
+//!         Ok(0) => r.remove_fd(id).unwrap(), // peer closed
+//!         Ok(n) => sink.borrow_mut().extend_from_slice(&buf[..n]),
+//!         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock),
+//!     }
+//! }))?;
+//! let h = r.handle(); // Send + Sync: for other threads
+//! std::thread::spawn(move || {
+//!     b.write_all(b"hello").unwrap();
+//!     drop(b);
+//!     h.oneshot(|r| r.stop()).unwrap();
+//! });
+//! r.run();
+//! r.run_until(|| r.fd_count() == 0);
+//! assert_eq!(&got.borrow()[..], b"hello");
+//! # Ok::<(), std::io::Error>(())
+//! ```
+//!
+//! ## Backends
+//!
+//! Features `uring` and `epoll` (both on by default) build the two fd monitors. With both,
+//! [`Backend::Auto`] uses io_uring and falls back to epoll (with a `tracing` warning) when
+//! io_uring is refused; the environment variable `REACTOR_BACKEND=uring|epoll` overrides
+//! `Auto`, and [`Builder::backend`] forces one. [`Reactor::backend`] says which one runs.
+
+mod backend;
+mod bh;
+mod event_notifier;
+mod handle;
+mod handlers;
+mod interest;
+mod notify;
+mod reactor;
+mod stats;
+mod sync;
+mod timer;
+
+pub use backend::{BACKEND_ENV, Backend};
+pub use bh::Bh;
+pub use event_notifier::EventNotifier;
+pub use handle::{Closed, Handle};
+pub use handlers::{FdHandler, FdId};
+pub use interest::Interest;
+pub use reactor::{Builder, DEFAULT_URING_ENTRIES, Reactor};
+pub use stats::Stats;
+pub use timer::Timer;

@@ -1,0 +1,507 @@
+//! [`Reactor`], [`Builder`] and the loop iteration.
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::marker::PhantomData;
+use std::os::fd::RawFd;
+use std::ptr;
+use std::time::Duration;
+
+use crate::backend::{Backend, Ev, Monitor};
+use crate::bh::{self, Bh, BhHome, BhList, BhNode, Callback, Peek};
+use crate::handle::{self, Handle};
+use crate::handlers::{FdHandler, FdId, Handlers};
+use crate::interest::Interest;
+use crate::notify::Notifier;
+use crate::stats::{LocalStats, Stats};
+use crate::sync::{Arc, AtomicBool, Ordering};
+use crate::timer::{Clock, Timer, Timers};
+
+/// The token of the reactor's own eventfd in the fd monitor (fd-handler tokens have bit 63
+/// clear).
+const NOTIFIER_TOKEN: u64 = u64::MAX;
+
+/// Default submission-queue size of the io_uring backend.
+pub const DEFAULT_URING_ENTRIES: u32 = 256;
+
+/// What a reactor shares with other threads (through [`Handle`], [`Bh`] and [`Timer`]).
+pub(crate) struct Shared {
+    pub(crate) notifier: Notifier,
+    pub(crate) bhs: BhList,
+    pub(crate) clock: Clock,
+    /// Set by [`Handle::stop`]/[`Reactor::stop`]; makes [`Reactor::run`] return.
+    pub(crate) stop: AtomicBool,
+}
+
+thread_local! {
+    /// The reactor whose `poll` is running on this thread (innermost), or null.
+    static CURRENT: Cell<*const Reactor> = const { Cell::new(ptr::null()) };
+}
+
+/// Builds a [`Reactor`] with non-default settings.
+///
+/// ```
+/// use reactor::{Backend, Builder};
+/// let r = Builder::new().backend(Backend::Epoll).build()?;
+/// assert_eq!(r.backend(), Backend::Epoll);
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Builder {
+    backend: Backend,
+    uring_entries: u32,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            backend: Backend::Auto,
+            uring_entries: DEFAULT_URING_ENTRIES,
+        }
+    }
+}
+
+impl Builder {
+    /// Default settings: [`Backend::Auto`], [`DEFAULT_URING_ENTRIES`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Chooses the backend. `Auto` (the default) may be overridden by the environment
+    /// variable [`BACKEND_ENV`](crate::BACKEND_ENV); a forced backend is never replaced.
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// Submission-queue size of the io_uring backend (1..=32768; the kernel rounds it up to a
+    /// power of two). Ignored by epoll.
+    pub fn uring_entries(mut self, entries: u32) -> Self {
+        self.uring_entries = entries;
+        self
+    }
+
+    /// Creates the reactor on the calling thread, which becomes its home thread.
+    ///
+    /// # Errors
+    /// `InvalidInput` for a bad `REACTOR_BACKEND`; `Unsupported` for a backend that was not
+    /// built; the setup error of a forced backend, with its cause named (for example io_uring
+    /// forbidden by seccomp); `EMFILE` and the like when out of resources.
+    pub fn build(self) -> io::Result<Reactor> {
+        let shared = Arc::new(Shared {
+            notifier: Notifier::new()?,
+            bhs: BhList::new(),
+            clock: Clock::new(),
+            stop: AtomicBool::new(false),
+        });
+        let mut monitor = Monitor::open(self.backend, self.uring_entries)?;
+        monitor.update(shared.notifier.fd(), NOTIFIER_TOKEN, 0, libc::POLLIN as u32)?;
+        Ok(Reactor {
+            shared,
+            monitor: RefCell::new(monitor),
+            bhs: BhHome::new(),
+            timers: Timers::new(),
+            handlers: Handlers::new(),
+            depth: Cell::new(0),
+            stats: LocalStats::default(),
+            _not_send: PhantomData,
+        })
+    }
+}
+
+/// An event loop: bottom halves, fd handlers and timers, on io_uring or epoll.
+///
+/// A `Reactor` lives on the thread that created it (its home thread; it is neither `Send` nor
+/// `Sync`). Other threads reach it through a [`Handle`], [`Bh`] or [`Timer`]. Each call to
+/// [`poll`](Self::poll) is one iteration: compute a timeout, wait on the fd monitor, then run
+/// BHs, fd handlers and expired timers. Every method may be called from inside a callback,
+/// `poll` included (a nested poll).
+///
+/// ```
+/// use reactor::Reactor;
+/// use std::time::Duration;
+///
+/// let r = Reactor::new()?;
+/// let h = r.handle();
+/// std::thread::spawn(move || {
+///     h.oneshot(|r: &Reactor| r.stop()).unwrap();
+/// });
+/// r.run(); // returns once the other thread's one-shot has run
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub struct Reactor {
+    pub(crate) shared: Arc<Shared>,
+    monitor: RefCell<Monitor>,
+    bhs: BhHome,
+    timers: Timers,
+    handlers: Handlers,
+    /// Nesting depth of `poll` on this reactor.
+    depth: Cell<u32>,
+    stats: LocalStats,
+    _not_send: PhantomData<*const ()>,
+}
+
+/// Marks this reactor current on the thread and counts the nesting depth, for one `poll`.
+struct Enter<'a> {
+    r: &'a Reactor,
+    prev: *const Reactor,
+}
+
+impl<'a> Enter<'a> {
+    fn new(r: &'a Reactor) -> Self {
+        let prev = CURRENT.with(|c| c.replace(r));
+        r.depth.set(r.depth.get() + 1);
+        Enter { r, prev }
+    }
+}
+
+impl Drop for Enter<'_> {
+    fn drop(&mut self) {
+        let depth = self.r.depth.get() - 1;
+        self.r.depth.set(depth);
+        if depth == 0 {
+            self.r.handlers.bury();
+        }
+        CURRENT.with(|c| c.set(self.prev));
+    }
+}
+
+impl Reactor {
+    /// Creates a reactor with the default settings (see [`Builder`]).
+    ///
+    /// # Errors
+    /// As [`Builder::build`].
+    pub fn new() -> io::Result<Reactor> {
+        Builder::new().build()
+    }
+
+    /// A [`Builder`].
+    pub fn builder() -> Builder {
+        Builder::new()
+    }
+
+    /// The backend this reactor runs on: [`Backend::Uring`] or [`Backend::Epoll`].
+    pub fn backend(&self) -> Backend {
+        self.monitor.borrow().kind()
+    }
+
+    /// A `Send + Sync` handle for other threads.
+    pub fn handle(&self) -> Handle {
+        Handle::new(self.shared.clone())
+    }
+
+    /// Calls `f` with the reactor whose [`poll`](Self::poll) is running on this thread (the
+    /// innermost one), or returns `None` outside of any poll.
+    ///
+    /// ```
+    /// use reactor::Reactor;
+    /// let r = Reactor::new()?;
+    /// assert!(Reactor::with_current(|_| ()).is_none());
+    /// r.oneshot(|_| assert!(Reactor::with_current(|cur| cur.backend()).is_some()));
+    /// r.poll(false);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn with_current<R>(f: impl FnOnce(&Reactor) -> R) -> Option<R> {
+        let p = CURRENT.with(Cell::get);
+        // SAFETY: CURRENT is non-null only while `poll(&self)` of that reactor runs further up
+        // this thread's stack (`Enter` restores it on the way out, also when unwinding), so the
+        // reactor is alive and borrowed for at least the duration of `f`.
+        (!p.is_null()).then(|| f(unsafe { &*p }))
+    }
+
+    /// As [`with_current`](Self::with_current), only for the reactor that owns `shared`.
+    pub(crate) fn with_current_for<R>(
+        shared: &Arc<Shared>,
+        f: impl FnOnce(&Reactor) -> R,
+    ) -> Option<R> {
+        Self::with_current(|r| Arc::ptr_eq(&r.shared, shared).then(|| f(r))).flatten()
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub(crate) fn bhs(&self) -> &BhHome {
+        &self.bhs
+    }
+
+    pub(crate) fn timers(&self) -> &Timers {
+        &self.timers
+    }
+
+    /// Creates a BH (see [`Bh`]). The callback runs on this thread each time the BH is
+    /// scheduled and the reactor iterates.
+    pub fn bh(&self, callback: impl FnMut(&Reactor) + 'static) -> Bh {
+        let node = BhNode::new(&self.shared, 0, Callback::Many(Box::new(callback)));
+        self.bhs.register(&node);
+        Bh::new(node)
+    }
+
+    /// Runs `callback` once, in the next iteration, on this thread. It counts as progress.
+    pub fn oneshot(&self, callback: impl FnOnce(&Reactor) + 'static) {
+        let posted = handle::post_oneshot(
+            &self.shared,
+            0,
+            bh::DISARMED,
+            Callback::Once(Box::new(callback)),
+        );
+        debug_assert!(posted.is_ok(), "a live reactor's list is open");
+    }
+
+    /// Creates a timer (see [`Timer`]), not armed.
+    pub fn timer(&self, callback: impl FnMut(&Reactor) + 'static) -> Timer {
+        let node = BhNode::new(&self.shared, bh::TIMER, Callback::Many(Box::new(callback)));
+        self.bhs.register(&node);
+        Timer::new(node)
+    }
+
+    /// Runs `callback` once on this thread when `after` has passed.
+    pub fn oneshot_after(&self, after: Duration, callback: impl FnOnce(&Reactor) + 'static) {
+        let deadline = crate::timer::ns_after(self.shared.clock.now_ns(), after);
+        let posted = handle::post_oneshot(
+            &self.shared,
+            bh::TIMER,
+            deadline,
+            Callback::Once(Box::new(callback)),
+        );
+        debug_assert!(posted.is_ok(), "a live reactor's list is open");
+    }
+
+    /// Registers `fd` with `handler`'s callbacks, watching for what they handle (readable if
+    /// there is a read callback, writable if there is a write callback).
+    ///
+    /// The reactor does not own `fd`: keep it open until [`remove_fd`](Self::remove_fd), and
+    /// remove it before closing it (an io_uring poll would otherwise keep watching whatever
+    /// file the number names by then). An fd can be registered once per reactor.
+    ///
+    /// # Errors
+    /// `InvalidInput` if `handler` has neither a read nor a write callback; `EBADF` for an
+    /// invalid fd; `EEXIST` if `fd` is already registered; `EPERM` for a regular file or
+    /// directory, which are always ready and cannot be watched.
+    pub fn add_fd(&self, fd: RawFd, handler: FdHandler) -> io::Result<FdId> {
+        let interest = handler.natural_interest();
+        if interest.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an FdHandler needs a read or a write callback",
+            ));
+        }
+        let id = self.handlers.insert(fd, handler, interest);
+        let res = self
+            .monitor
+            .borrow_mut()
+            .update(fd, id.token(), 0, interest.poll_bits());
+        if let Err(e) = res {
+            self.handlers.forget(id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Changes what the registration `id` waits for. [`Interest::NONE`] pauses it (it stays
+    /// registered). Allowed from inside any callback.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown or removed `id`; `InvalidInput` for an interest without a
+    /// matching callback; the fd monitor's error otherwise.
+    pub fn set_fd_interest(&self, id: FdId, interest: Interest) -> io::Result<()> {
+        let (fd, old) = self.handlers.lookup(id, Some(interest))?;
+        if old != interest {
+            self.monitor.borrow_mut().update(
+                fd,
+                id.token(),
+                old.poll_bits(),
+                interest.poll_bits(),
+            )?;
+            self.handlers.set_interest(id, interest);
+        }
+        Ok(())
+    }
+
+    /// Removes the registration `id`. Allowed from inside any callback, its own included; no
+    /// callback of `id` runs after this returns, and its callbacks are dropped once the
+    /// outermost `poll` on the stack has finished dispatching.
+    ///
+    /// If the fd was closed before this call, the kernel has already forgotten it; the
+    /// registration is removed all the same.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown or removed `id`; the fd monitor's error otherwise.
+    pub fn remove_fd(&self, id: FdId) -> io::Result<()> {
+        let (fd, old) = self.handlers.lookup(id, None)?;
+        if !old.is_empty() {
+            let res = self
+                .monitor
+                .borrow_mut()
+                .update(fd, id.token(), old.poll_bits(), 0);
+            match res {
+                Ok(()) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBADF) | Some(libc::ENOENT)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.handlers.remove(id, self.depth.get() > 0);
+        Ok(())
+    }
+
+    /// Runs one iteration: waits (if `blocking` and nothing is pending: up to the nearest timer,
+    /// or without bound) and then runs what is ready. Returns `true` if progress was made: a
+    /// BH that is not idle, an fd callback or a timer ran. A wakeup by [`Handle::notify`] alone
+    /// is not progress, so `poll(true)` may return `false`.
+    ///
+    /// `poll` may be called from inside any callback (nested); the nested call first runs what
+    /// the outer call had already collected.
+    ///
+    /// # Panics
+    /// A panic in a callback propagates out of `poll`; the reactor stays usable and the next
+    /// `poll` goes on with the work that remained. `poll` also panics if the fd monitor fails
+    /// in a way that cannot be retried (its fd closed behind the reactor's back).
+    pub fn poll(&self, blocking: bool) -> bool {
+        let _enter = Enter::new(self);
+        self.stats.iterations.set(self.stats.iterations.get() + 1);
+        let notifier = &self.shared.notifier;
+
+        let mut timeout = if blocking {
+            self.timeout()
+        } else {
+            Some(Duration::ZERO)
+        };
+        let announced = timeout != Some(Duration::ZERO);
+        if announced && notifier.prepare_block() {
+            timeout = Some(Duration::ZERO);
+        }
+        if timeout != Some(Duration::ZERO) {
+            self.stats
+                .blocking_waits
+                .set(self.stats.blocking_waits.get() + 1);
+        }
+        tracing::trace!(?timeout, "reactor: wait");
+        let res = self.monitor.borrow_mut().wait(timeout, |ev| match ev {
+            Ev::Ready {
+                token: NOTIFIER_TOKEN,
+                ..
+            } => notifier.drain_eventfd(),
+            Ev::Ready { token, events } => self.handlers.ready(token, events),
+            Ev::Complete { token, result, .. } => {
+                tracing::warn!(
+                    token,
+                    result,
+                    "reactor: completion for an unknown operation"
+                )
+            }
+        });
+        if announced {
+            notifier.finish_block();
+        }
+        if let Err(e) = res {
+            panic!("reactor: the {} fd monitor failed: {e}", self.backend());
+        }
+        notifier.accept();
+
+        let bh_progress = self.bhs.poll(self);
+        let fd_progress = self.handlers.dispatch(self);
+        let timer_progress = match self.timers.next_deadline() {
+            Some(_) => self.timers.run(self, self.shared.clock.now_ns()),
+            None => false,
+        };
+        tracing::trace!(
+            bh_progress,
+            fd_progress,
+            timer_progress,
+            "reactor: dispatched"
+        );
+        bh_progress | fd_progress | timer_progress
+    }
+
+    /// The wait bound of a blocking poll: zero if work is pending, else the nearest timer or
+    /// the idle-BH bound, else none.
+    fn timeout(&self) -> Option<Duration> {
+        if self.handlers.has_ready() {
+            return Some(Duration::ZERO);
+        }
+        let mut t = match self.bhs.peek(&self.shared.bhs) {
+            Peek::Due => return Some(Duration::ZERO),
+            Peek::Idle => Some(bh::IDLE_TIMEOUT),
+            Peek::Nothing => None,
+        };
+        if let Some(deadline) = self.timers.next_deadline() {
+            let left = Duration::from_nanos(deadline.saturating_sub(self.shared.clock.now_ns()));
+            t = Some(t.map_or(left, |t| t.min(left)));
+        }
+        t
+    }
+
+    /// Polls (blocking) until [`stop`](Self::stop) or [`Handle::stop`] is called. The stop
+    /// request is consumed, so `run` can be called again.
+    pub fn run(&self) {
+        // Acquire: pairs with the release store in `stop`/`Handle::stop`.
+        while !self.shared.stop.swap(false, Ordering::Acquire) {
+            self.poll(true);
+        }
+    }
+
+    /// Polls (blocking) until `done()` returns `true`; checks it before every iteration.
+    pub fn run_until(&self, mut done: impl FnMut() -> bool) {
+        while !done() {
+            self.poll(true);
+        }
+    }
+
+    /// Asks [`run`](Self::run) to return after the current iteration.
+    pub fn stop(&self) {
+        // Release: pairs with the acquire swap in `run`.
+        self.shared.stop.store(true, Ordering::Release);
+    }
+
+    /// Counters since the reactor was created.
+    pub fn stats(&self) -> Stats {
+        let (eventfd_writes, notify_skipped) = self.shared.notifier.counts();
+        self.stats.snapshot(eventfd_writes, notify_skipped)
+    }
+
+    /// Number of live fd registrations.
+    pub fn fd_count(&self) -> usize {
+        self.handlers.len()
+    }
+
+    /// Number of live BHs and timers (one-shots not included).
+    pub fn bh_count(&self) -> usize {
+        self.bhs.registered()
+    }
+
+    pub(crate) fn count_bh(&self) {
+        self.stats.bh_runs.set(self.stats.bh_runs.get() + 1);
+    }
+
+    pub(crate) fn count_fd_dispatch(&self) {
+        self.stats
+            .fd_dispatches
+            .set(self.stats.fd_dispatches.get() + 1);
+    }
+
+    pub(crate) fn count_timer(&self) {
+        self.stats
+            .timers_fired
+            .set(self.stats.timers_fired.get() + 1);
+    }
+}
+
+impl Drop for Reactor {
+    fn drop(&mut self) {
+        // Close the BH list first, so that nothing new arrives; then drop every callback here,
+        // on the home thread. The fd monitor goes last (dropping it drops its registrations).
+        self.bhs.shutdown(&self.shared.bhs);
+        self.timers.shutdown();
+        self.handlers.clear();
+    }
+}
+
+impl std::fmt::Debug for Reactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reactor")
+            .field("backend", &self.backend())
+            .field("fds", &self.fd_count())
+            .field("bhs", &self.bh_count())
+            .finish()
+    }
+}

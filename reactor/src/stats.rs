@@ -1,0 +1,54 @@
+//! [`Stats`]: what a reactor counts.
+
+use std::cell::Cell;
+
+/// Counters of a reactor since its creation, from [`Reactor::stats`](crate::Reactor::stats).
+///
+/// ```
+/// let r = reactor::Reactor::new()?;
+/// r.poll(false);
+/// assert_eq!(r.stats().iterations, 1);
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Calls to `poll` (nested ones included).
+    pub iterations: u64,
+    /// Iterations that waited with a non-zero timeout.
+    pub blocking_waits: u64,
+    /// Notifications (from any thread) that wrote the eventfd because the reactor might sleep.
+    pub eventfd_writes: u64,
+    /// Notifications that skipped the eventfd because the reactor was awake: no system call.
+    pub notify_skipped: u64,
+    /// BH and one-shot callbacks run.
+    pub bh_runs: u64,
+    /// fd callbacks run.
+    pub fd_dispatches: u64,
+    /// Timer callbacks run.
+    pub timers_fired: u64,
+}
+
+/// The home thread's counters.
+#[derive(Debug, Default)]
+pub(crate) struct LocalStats {
+    pub(crate) iterations: Cell<u64>,
+    pub(crate) blocking_waits: Cell<u64>,
+    pub(crate) bh_runs: Cell<u64>,
+    pub(crate) fd_dispatches: Cell<u64>,
+    pub(crate) timers_fired: Cell<u64>,
+}
+
+impl LocalStats {
+    pub(crate) fn snapshot(&self, eventfd_writes: u64, notify_skipped: u64) -> Stats {
+        Stats {
+            iterations: self.iterations.get(),
+            blocking_waits: self.blocking_waits.get(),
+            eventfd_writes,
+            notify_skipped,
+            bh_runs: self.bh_runs.get(),
+            fd_dispatches: self.fd_dispatches.get(),
+            timers_fired: self.timers_fired.get(),
+        }
+    }
+}
