@@ -10,10 +10,13 @@
 //! - Removal: the slot leaves the fd table at once (so the fd can be registered anew), but its
 //!   memory lives until the armed POLL_ADD completes, with its event or with `-ECANCELED` from
 //!   the POLL_REMOVE that the flush sends.
-//! - Interest changes while armed: POLL_REMOVE, then re-arm with the new interest when the
-//!   cancelled POLL_ADD comes back.
-//! - Generations: each registration gets a fresh generation, carried in the `user_data`, so a
-//!   completion that arrives for a slot that has since been reused is recognised and dropped.
+//! - Interest changes while armed: the armed POLL_ADD is *superseded*: a POLL_REMOVE for it and
+//!   a new POLL_ADD with the new interest go into the same submission, so the change takes
+//!   effect in the very wait that flushes it (as `EPOLL_CTL_MOD` would). The superseded
+//!   POLL_ADD's completion, event or `-ECANCELED`, is counted and dropped.
+//! - Generations: every POLL_ADD gets a fresh generation, carried in its `user_data`; only the
+//!   latest one of a slot reports events, and a completion that matches no arm of its slot (a
+//!   slot freed and reused) is recognised and dropped.
 
 use std::collections::HashMap;
 use std::io;
@@ -43,11 +46,12 @@ struct Reg {
     token: u64,
     /// The interest the caller wants; ignored once `detached`.
     want: u32,
+    /// Generation of the latest POLL_ADD.
     generation: u32,
-    /// The interest of the POLL_ADD in flight, if one is.
+    /// The interest of the latest POLL_ADD, while it is in flight.
     armed: Option<u32>,
-    /// A POLL_REMOVE for the armed POLL_ADD has been queued.
-    disarm_sent: bool,
+    /// Earlier POLL_ADDs, cancelled by a POLL_REMOVE, whose completions are still to come.
+    superseded: u32,
     /// The caller removed the registration; the slot waits for its POLL_ADD to come back.
     detached: bool,
     /// The POLL_ADD failed (for example `EBADF`: the fd was closed while registered). It is not
@@ -55,12 +59,6 @@ struct Reg {
     parked: bool,
     /// Already listed in `Registry::dirty`.
     dirty: bool,
-}
-
-impl Reg {
-    fn user_data(&self, slot: usize) -> u64 {
-        user_data::poll(slot as u32, self.generation)
-    }
 }
 
 #[derive(Debug, Default)]
@@ -100,14 +98,13 @@ impl Registry {
         if self.regs.len() >= u32::MAX as usize {
             return Err(os_err(libc::ENOSPC));
         }
-        self.generation = user_data::next_generation(self.generation);
         let slot = self.regs.insert(Reg {
             fd,
             token,
             want,
-            generation: self.generation,
+            generation: 0,
             armed: None,
-            disarm_sent: false,
+            superseded: 0,
             detached: false,
             parked: false,
             dirty: false,
@@ -163,63 +160,75 @@ impl Registry {
     /// emitted stays staged, and the error is returned.
     pub(crate) fn flush(&mut self, mut emit: impl FnMut(Op) -> io::Result<()>) -> io::Result<()> {
         while let Some(slot) = self.dirty.pop() {
-            let reg = &mut self.regs[slot];
-            reg.dirty = false;
-            let want = if reg.detached || reg.parked {
-                0
-            } else {
-                reg.want
-            };
-            match reg.armed {
-                None if want != 0 => {
-                    let user_data = reg.user_data(slot);
-                    if let Err(e) = emit(Op::Arm {
-                        fd: reg.fd,
-                        events: want,
-                        user_data,
-                    }) {
-                        self.mark(slot);
-                        return Err(e);
-                    }
-                    self.regs[slot].armed = Some(want);
-                }
-                None => {
-                    if reg.detached {
-                        self.regs.remove(slot);
-                    }
-                }
-                Some(armed) if armed != want && !reg.disarm_sent => {
-                    let target = reg.user_data(slot);
-                    if let Err(e) = emit(Op::Disarm { target }) {
-                        self.mark(slot);
-                        return Err(e);
-                    }
-                    self.regs[slot].disarm_sent = true;
-                }
-                Some(_) => {}
+            self.regs[slot].dirty = false;
+            if let Err(e) = self.reconcile(slot, &mut emit) {
+                self.mark(slot);
+                return Err(e);
             }
         }
         Ok(())
     }
 
+    /// Brings one slot's armed POLL_ADD in line with what is wanted.
+    fn reconcile(
+        &mut self,
+        slot: usize,
+        emit: &mut impl FnMut(Op) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let reg = &mut self.regs[slot];
+        let want = if reg.detached || reg.parked {
+            0
+        } else {
+            reg.want
+        };
+        if let Some(armed) = reg.armed {
+            if armed == want {
+                return Ok(());
+            }
+            emit(Op::Disarm {
+                target: user_data::poll(slot as u32, reg.generation),
+            })?;
+            reg.armed = None;
+            reg.superseded += 1;
+        }
+        if want != 0 {
+            let generation = user_data::next_generation(self.generation);
+            emit(Op::Arm {
+                fd: reg.fd,
+                events: want,
+                user_data: user_data::poll(slot as u32, generation),
+            })?;
+            self.generation = generation;
+            reg.generation = generation;
+            reg.armed = Some(want);
+        } else if reg.detached && reg.superseded == 0 {
+            self.regs.remove(slot);
+        }
+        Ok(())
+    }
+
     /// A POLL_ADD of `slot`/`generation` completed with `res`. Returns the `(token, events)` to
-    /// report, if the registration is still wanted and the events concern it.
+    /// report, if it is the slot's latest POLL_ADD, the registration is still wanted and the
+    /// events concern it.
     pub(crate) fn complete(&mut self, slot: u32, generation: u32, res: i32) -> Option<(u64, u32)> {
         let slot = slot as usize;
         let reg = self.regs.get_mut(slot)?;
-        if reg.generation != generation || reg.armed.is_none() {
-            return None; // a late completion for a slot that has been reused
-        }
-        reg.armed = None;
-        reg.disarm_sent = false;
-        let report = if res >= 0 {
-            let events = res as u32 & (reg.want | POLLERR | POLLHUP);
-            (!reg.detached && events != 0).then_some((reg.token, events))
-        } else {
-            if res != -libc::ECANCELED {
-                reg.parked = true;
+        let report = if reg.armed.is_some() && reg.generation == generation {
+            reg.armed = None;
+            if res >= 0 {
+                let events = res as u32 & (reg.want | POLLERR | POLLHUP);
+                (!reg.detached && events != 0).then_some((reg.token, events))
+            } else {
+                if res != -libc::ECANCELED {
+                    reg.parked = true;
+                }
+                None
             }
+        } else if reg.superseded > 0 {
+            reg.superseded -= 1;
             None
+        } else {
+            return None; // matches no arm of this slot
         };
         self.mark(slot);
         report
@@ -229,7 +238,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::POLLIN;
+    use crate::{POLLIN, POLLOUT};
     use std::os::fd::AsRawFd;
 
     fn ops(r: &mut Registry) -> Vec<Op> {
@@ -242,26 +251,34 @@ mod tests {
         v
     }
 
+    fn tag(op: Op) -> (u32, u32) {
+        let (Op::Arm { user_data, .. } | Op::Disarm { target: user_data }) = op;
+        match user_data::decode(user_data) {
+            user_data::Tag::Poll { slot, generation } => (slot, generation),
+            t => panic!("{t:?}"),
+        }
+    }
+
     #[test]
     fn arm_complete_rearm_remove() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let fd = a.as_raw_fd();
         let mut r = Registry::default();
         r.add(fd, 9, POLLIN).unwrap();
-        let [Op::Arm { user_data, .. }] = ops(&mut r)[..] else {
-            panic!()
-        };
-        let user_data::Tag::Poll { slot, generation } = user_data::decode(user_data) else {
-            panic!()
-        };
+        let [arm] = ops(&mut r)[..] else { panic!() };
+        let (slot, generation) = tag(arm);
         assert!(ops(&mut r).is_empty(), "armed once");
         assert_eq!(
             r.complete(slot, generation, POLLIN as i32),
             Some((9, POLLIN))
         );
-        assert!(matches!(ops(&mut r)[..], [Op::Arm { .. }]), "re-armed");
+        let [rearm] = ops(&mut r)[..] else {
+            panic!("re-armed")
+        };
+        let (_, generation) = tag(rearm);
         r.remove(fd).unwrap();
-        assert_eq!(ops(&mut r), vec![Op::Disarm { target: user_data }]);
+        let [disarm] = ops(&mut r)[..] else { panic!() };
+        assert_eq!(tag(disarm), (slot, generation));
         assert_eq!(r.slots(), 1, "kept until the POLL_ADD is back");
         assert_eq!(r.complete(slot, generation, -libc::ECANCELED), None);
         assert!(ops(&mut r).is_empty());
@@ -271,6 +288,40 @@ mod tests {
             None,
             "late and stale"
         );
+    }
+
+    #[test]
+    fn modify_supersedes_the_armed_poll_in_one_flush() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = a.as_raw_fd();
+        let mut r = Registry::default();
+        r.add(fd, 1, POLLIN).unwrap();
+        let [arm] = ops(&mut r)[..] else { panic!() };
+        let (slot, g1) = tag(arm);
+        r.modify(fd, 2, POLLOUT).unwrap();
+        let [
+            Op::Disarm { .. },
+            Op::Arm {
+                events, user_data, ..
+            },
+        ] = ops(&mut r)[..]
+        else {
+            panic!()
+        };
+        assert_eq!(events, POLLOUT);
+        let (_, g2) = tag(Op::Arm {
+            fd,
+            events,
+            user_data,
+        });
+        assert_ne!(g1, g2);
+        // The superseded POLL_ADD fired before its cancel: dropped, not reported, not re-armed.
+        assert_eq!(r.complete(slot, g1, POLLIN as i32), None);
+        assert!(ops(&mut r).is_empty());
+        assert_eq!(r.complete(slot, g2, POLLOUT as i32), Some((2, POLLOUT)));
+        r.remove(fd).unwrap();
+        assert!(ops(&mut r).is_empty(), "nothing armed: freed at once");
+        assert_eq!(r.slots(), 0);
     }
 
     #[test]

@@ -128,7 +128,27 @@ impl BhNode {
         // thread read `next` before clearing PENDING, so writing `next` below cannot clobber
         // its unlink); release pairs with the acquire of SP7 (a BH that is already queued runs
         // after this point and sees what the scheduler wrote before it).
-        let old = self.flags.fetch_or(PENDING | new, Ordering::AcqRel);
+        let old = if new & IDLE == 0 {
+            self.flags.fetch_or(PENDING | new, Ordering::AcqRel)
+        } else {
+            // An idle schedule does not downgrade a pending ordinary one. Same orderings as the
+            // fetch_or (SP1); failure: Relaxed, the loop retries with the value read.
+            let r = self
+                .flags
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |f| {
+                    Some(if f & (SCHEDULED | IDLE) == SCHEDULED {
+                        f | PENDING
+                    } else {
+                        f | PENDING | new
+                    })
+                });
+            r.unwrap_or_else(|f| f)
+        };
+        if new & (SCHEDULED | IDLE) == SCHEDULED && old & IDLE != 0 {
+            // An ordinary schedule upgrades a pending idle one. Relaxed: the bit only affects
+            // progress accounting and the timeout, and either outcome of a race is correct.
+            self.flags.fetch_and(!IDLE, Ordering::Relaxed);
+        }
         if old & PENDING == 0 && self.shared.bhs.push(self).is_err() {
             return false;
         }
@@ -584,7 +604,8 @@ impl Bh {
     }
 
     /// Schedules the BH as idle work: it runs when the reactor next iterates, which happens
-    /// within about 10 ms, and its run does not count as progress.
+    /// within about 10 ms, and its run does not count as progress. A [`schedule`](Self::schedule)
+    /// before it runs makes it an ordinary schedule again.
     pub fn schedule_idle(&self) {
         self.node.enqueue(SCHEDULED | IDLE);
     }

@@ -1,0 +1,110 @@
+//! Helpers for the conformance suite: every test runs once per backend.
+//!
+//! [`backend_tests!`] turns each `fn name(r: &Reactor) { ... }` into `uring::name` and
+//! `epoll::name` tests (for the backends the crate's features build). Each gets a reactor that
+//! is forced onto its backend; a backend that cannot be created here fails the test loudly.
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+pub use reactor::{Backend, Reactor};
+
+/// A reactor on `backend`, or a panic that says why it could not be created.
+pub fn reactor_on(backend: Backend) -> Reactor {
+    match Reactor::builder().backend(backend).build() {
+        Ok(r) => {
+            assert_eq!(r.backend(), backend, "forced backend must be used");
+            r
+        }
+        Err(e) => panic!("the {backend} backend cannot be created on this machine: {e}"),
+    }
+}
+
+/// Defines each test once per built backend, in modules named after the backend.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($(#[$meta:meta])* fn $name:ident($r:ident : &Reactor) $body:block)*) => {
+        #[cfg(feature = "uring")]
+        mod uring {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                $(#[$meta])*
+                #[test]
+                fn $name() {
+                    let reactor = $crate::reactor_on($crate::Backend::Uring);
+                    let $r: &$crate::Reactor = &reactor;
+                    $body
+                }
+            )*
+        }
+        #[cfg(feature = "epoll")]
+        mod epoll {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                $(#[$meta])*
+                #[test]
+                fn $name() {
+                    let reactor = $crate::reactor_on($crate::Backend::Epoll);
+                    let $r: &$crate::Reactor = &reactor;
+                    $body
+                }
+            )*
+        }
+    };
+}
+
+/// A non-blocking pipe: `(read end, write end)`.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are fresh and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Writes `data` to `fd` (which must accept it without blocking).
+pub fn write_fd(fd: &OwnedFd, data: &[u8]) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: reads `data.len()` bytes from a live slice.
+    let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+    assert_eq!(
+        n,
+        data.len() as isize,
+        "write: {}",
+        io::Error::last_os_error()
+    );
+}
+
+/// Reads what is available from the non-blocking `fd` (0 bytes if nothing).
+pub fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> usize {
+    use std::os::fd::AsRawFd;
+    // SAFETY: writes at most `buf.len()` bytes into a live slice.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "read: {e}");
+        return 0;
+    }
+    n as usize
+}
+
+/// Number of open fds of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Polls without blocking until no progress is made; returns how many iterations made progress.
+pub fn flush(r: &Reactor) -> usize {
+    let mut n = 0;
+    while r.poll(false) {
+        n += 1;
+        assert!(n < 1_000_000, "flush does not terminate");
+    }
+    n
+}
