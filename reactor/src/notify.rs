@@ -10,8 +10,9 @@
 //!  ------------------------------------------   -------------------------------------------
 //!  SP1  flags.fetch_or(PENDING|..)  AcqRel       1. timeout: 0 if BHs pending, else the timer
 //!  SP2  if PENDING was clear: push   Release     SP5  notify_me += 2; fence(SeqCst);
-//!  SP3  fence(SeqCst); notified = true                load notified -> if set, timeout = 0
-//!  SP4  fence(SeqCst); load notify_me            2. wait on the fd monitor
+//!  SP3  fence(SeqCst); if notified: done;            load notified -> if set, timeout = 0
+//!       notified = true                          2. wait on the fd monitor
+//!  SP4  fence(SeqCst); load notify_me
 //!       != 0 -> write the eventfd                3. notify_me -= 2
 //!                                                SP6  notified = false; fence(SeqCst);
 //!                                                     take the BH list (swap, Acquire)
@@ -40,8 +41,16 @@
 //!   but not yet run), the release half of SP1 and the acquire half of SP7 make the scheduler's
 //!   writes visible to the callback.
 //!
+//! - **Already notified**: a producer that finds `notified` set (after its SP3 fence) stops
+//!   there. The producer that set the flag owns the wakeup (its SP4/SP5 pair), and the home
+//!   thread's next accept clears the flag *after* this producer's load in modification order,
+//!   so by the SeqCst-fence rule that accept's SP6 fence comes after this producer's SP3 fence
+//!   and its list take sees this producer's work. Under load this turns most notifications into
+//!   one fence and one load, and only the first notification after each accept may write the
+//!   eventfd.
+//!
 //! While the reactor is busy, `notify_me` is 0 and a producer makes no system call: it pays
-//! two fences and a few atomics. The notifier's own "is there work?" check is a load of
+//! at most two fences and a few atomics. The notifier's own "is there work?" check is a load of
 //! `notified`, with no system call either.
 
 use std::io;
@@ -85,10 +94,20 @@ impl Notifier {
     /// other store) and writes the eventfd only if the home thread may be asleep.
     pub(crate) fn notify(&self) {
         // SP3: full fence between the publication of the work (the BH list push, the flags, a
-        // timer deadline) and the store of `notified`. Pairs with the fence of SP6 in
+        // timer deadline) and the accesses to `notified`. Pairs with the fence of SP6 in
         // `accept`: whichever fence is first, the home thread either sees the work or leaves
         // `notified` set for its next iteration.
         fence(Ordering::SeqCst);
+        // Relaxed: ordered by the SP3 fence. If `notified` is already set, the producer that set
+        // it owns the wakeup (its own SP4 check), and the home thread has not yet accepted it:
+        // that accept clears the flag after this load in modification order, so by the fence
+        // rule its SP6 fence follows this SP3 fence and its list take sees this work. Nothing
+        // more to do: no store, no second fence, no system call.
+        if self.notified.load(Ordering::Relaxed) {
+            // Relaxed counter: statistics only, read by `Reactor::stats`.
+            self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         // Relaxed: the fences on both sides (SP3 before, SP4 after; SP5 and SP6 at home) give
         // this store its order.
         self.notified.store(true, Ordering::Relaxed);
@@ -97,7 +116,7 @@ impl Notifier {
         fence(Ordering::SeqCst);
         // Relaxed: ordered by the SP4 fence just above.
         if self.notify_me.load(Ordering::Relaxed) != 0 {
-            // Relaxed counter: statistics only, read by `Reactor::stats`.
+            // Relaxed counter: statistics only.
             self.counters.eventfd_writes.fetch_add(1, Ordering::Relaxed);
             // A failed write means the counter is saturated, which means it is readable:
             // the wakeup is there either way.

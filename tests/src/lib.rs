@@ -4,6 +4,8 @@
 //! `epoll::name` tests (for the backends the crate's features build). Each gets a reactor that
 //! is forced onto its backend; a backend that cannot be created here fails the test loudly.
 
+pub mod seccomp;
+
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 

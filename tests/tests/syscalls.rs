@@ -1,0 +1,72 @@
+//! A busy reactor takes work from other threads without any system call.
+//!
+//! The home thread runs under a seccomp filter that makes `read`, `write` (the eventfd) and,
+//! on io_uring, `io_uring_enter` fail. If the reactor made one of those calls while busy, the
+//! fd monitor would fail (and `poll` panic), or the eventfd counters would show it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use reactor::Backend;
+use tests::{backend_tests, reactor_on, seccomp};
+
+const N: u64 = 20_000;
+
+backend_tests! {
+    fn a_busy_reactor_takes_cross_thread_work_without_system_calls(r: &Reactor) {
+        let backend = r.backend();
+        std::thread::spawn(move || run(backend)).join().expect("home thread failed");
+    }
+}
+
+fn run(backend: Backend) {
+    let r = reactor_on(backend);
+    let n = Arc::new(AtomicU64::new(0));
+    let n2 = n.clone();
+    // A BH that the home thread reschedules from callbacks: home-side schedules too.
+    let me: std::rc::Rc<std::cell::RefCell<Option<reactor::Bh>>> = Default::default();
+    let me2 = me.clone();
+    let local_runs = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let lr = local_runs.clone();
+    *me.borrow_mut() = Some(r.bh(move |_| {
+        lr.set(lr.get() + 1);
+        me2.borrow().as_ref().unwrap().schedule();
+    }));
+    me.borrow().as_ref().unwrap().schedule();
+    // Let the backend settle: the eventfd's POLL_ADD is submitted.
+    r.poll(false);
+    r.poll(false);
+    let before = r.stats();
+
+    let mut denied = vec![libc::SYS_read, libc::SYS_write];
+    if backend == Backend::Uring {
+        denied.push(libc::SYS_io_uring_enter);
+    }
+    seccomp::deny_on_this_thread(&denied, libc::EDOM).expect("seccomp filter");
+
+    let go = Arc::new(AtomicBool::new(false));
+    let (h, go2) = (r.handle(), go.clone());
+    let producer = std::thread::spawn(move || {
+        while !go2.load(Ordering::Acquire) {
+            std::hint::spin_loop();
+        }
+        for _ in 0..N {
+            let n3 = n2.clone();
+            h.oneshot(move |_| {
+                n3.fetch_add(1, Ordering::Relaxed);
+            })
+            .unwrap();
+        }
+    });
+    go.store(true, Ordering::Release);
+    while n.load(Ordering::Relaxed) < N {
+        r.poll(false);
+    }
+    producer.join().unwrap();
+    let after = r.stats();
+    assert_eq!(after.eventfd_writes, before.eventfd_writes, "{after:?}");
+    assert_eq!(after.blocking_waits, before.blocking_waits);
+    assert!(after.notify_skipped >= before.notify_skipped + N);
+    assert!(local_runs.get() > 2);
+    me.borrow_mut().take();
+}
