@@ -73,6 +73,35 @@ pub const POLLRDHUP: u32 = libc::POLLRDHUP as u32;
 /// The interest bits a caller may ask for (`POLLERR`/`POLLHUP` are accepted and implied).
 pub const INTEREST_MASK: u32 = POLLIN | POLLPRI | POLLOUT | POLLRDHUP | POLLERR | POLLHUP;
 
+/// Ring setups, newest kernels first; [`Uring::new`] takes the first one the kernel accepts.
+///
+/// - `DEFER_TASKRUN` (6.1) with `SINGLE_ISSUER`: completions (poll wakeups above all) are
+///   posted when this thread enters the ring to wait, not by interrupting it with task work
+///   while it runs callbacks; `TASKRUN_FLAG` raises `IORING_SQ_TASKRUN` in the shared ring when
+///   such work is pending, so a zero wait can still tell, from memory alone, whether it must
+///   enter the kernel.
+/// - `COOP_TASKRUN` (5.19) with `TASKRUN_FLAG`: the same, without the single-issuer promise.
+/// - `SUBMIT_ALL` (5.18, in all of the above): a failing SQE does not stop the rest of the
+///   batch; without it, `wait` retries the short submission.
+type Setup = fn(&mut io_uring::Builder);
+const SETUPS: [Setup; 4] = [
+    |b| {
+        b.setup_submit_all()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag();
+    },
+    |b| {
+        b.setup_submit_all()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag();
+    },
+    |b| {
+        b.setup_submit_all();
+    },
+    |_| {},
+];
+
 /// What [`Uring::wait`] reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
@@ -95,12 +124,16 @@ pub enum Event {
 }
 
 /// An io_uring instance used as an fd monitor.
+///
+/// Not `Send`: on kernels that support it the ring is set up with `IORING_SETUP_SINGLE_ISSUER`
+/// and `IORING_SETUP_DEFER_TASKRUN`, which bind it to the thread that created it.
 pub struct Uring {
     ring: IoUring,
     registry: Registry,
     /// SQEs that did not fit in the submission queue because the kernel would not take more
     /// yet; they go first at the next wait.
     backlog: Vec<squeue::Entry>,
+    _single_thread: std::marker::PhantomData<*const ()>,
 }
 
 impl std::fmt::Debug for Uring {
@@ -128,16 +161,23 @@ impl Uring {
     /// the kernel lacks `IORING_FEAT_EXT_ARG` or `IORING_FEAT_NODROP` (before 5.11).
     pub fn new(entries: u32) -> io::Result<Self> {
         let entries = entries.clamp(1, 32768);
-        let ring = IoUring::builder()
-            .setup_clamp()
-            .setup_submit_all()
-            .build(entries)
-            .or_else(|e| match errno(&e) {
-                // IORING_SETUP_SUBMIT_ALL needs 5.18; without it a failing SQE stops the batch,
-                // which `wait` handles as a short submission.
-                libc::EINVAL => IoUring::builder().setup_clamp().build(entries),
-                _ => Err(e),
-            })?;
+        let mut last = None;
+        let mut ring = None;
+        for setup in SETUPS {
+            let mut b = IoUring::builder();
+            b.setup_clamp();
+            setup(&mut b);
+            match b.build(entries) {
+                Ok(r) => {
+                    ring = Some(r);
+                    break;
+                }
+                // A flag this kernel does not know: try the next, older set.
+                Err(e) if errno(&e) == libc::EINVAL => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        let ring = ring.ok_or_else(|| last.expect("at least one setup was tried"))?;
         let p = ring.params();
         if !p.is_feature_ext_arg() || !p.is_feature_nodrop() {
             return Err(io::Error::new(
@@ -149,6 +189,7 @@ impl Uring {
             ring,
             registry: Registry::default(),
             backlog: Vec::new(),
+            _single_thread: std::marker::PhantomData,
         })
     }
 
@@ -264,9 +305,13 @@ impl Uring {
         let mut reported = self.stage(&mut on_event)?;
         let zero = timeout.is_some_and(|t| t.is_zero()) || reported > 0;
         if zero || !self.ring.completion().is_empty() {
-            // Only a look at the completion ring, unless there is something to submit or an
-            // overflow to flush.
-            if !self.ring.submission().is_empty() || self.ring.submission().cq_overflow() {
+            // Only a look at the completion ring, unless there is something to submit, an
+            // overflow to flush, or deferred completion work for this thread to run.
+            let must_enter = {
+                let sq = self.ring.submission();
+                !sq.is_empty() || sq.cq_overflow() || sq.taskrun()
+            };
+            if must_enter {
                 self.enter_nowait(&mut on_event, &mut reported)?;
             }
         } else {

@@ -87,6 +87,8 @@ pub(crate) enum Ev {
     },
 }
 
+// One per reactor: the size difference costs nothing, a box would cost a pointer chase per call.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Monitor {
     #[cfg(feature = "uring")]
     Uring(fdmon_uring::Uring),

@@ -44,11 +44,14 @@ pub(crate) const TIMER: u32 = 32;
 /// The wait bound while only idle BHs are scheduled.
 pub(crate) const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// A callback that runs each time its node is due.
+pub(crate) type ManyCallback = Box<dyn FnMut(&Reactor)>;
+
 /// What a node runs.
 pub(crate) enum Callback {
     /// Taken out while it runs (or already consumed or dropped).
     Empty,
-    Many(Box<dyn FnMut(&Reactor)>),
+    Many(ManyCallback),
     Once(Box<dyn FnOnce(&Reactor)>),
 }
 
@@ -439,7 +442,7 @@ impl BhHome {
             home: &'a BhHome,
             r: &'a Reactor,
             node: &'a BhNode,
-            cb: Option<Box<dyn FnMut(&Reactor)>>,
+            cb: Option<ManyCallback>,
         }
         impl Drop for Finish<'_> {
             fn drop(&mut self) {
@@ -458,7 +461,7 @@ impl BhHome {
     }
 
     /// The end of a run started by [`call`](Self::call).
-    fn finish(&self, r: &Reactor, node: &BhNode, cb: Option<Box<dyn FnMut(&Reactor)>>) {
+    fn finish(&self, r: &Reactor, node: &BhNode, cb: Option<ManyCallback>) {
         let (free, rerun) = {
             // SAFETY: home thread; the reference dies at the end of this block.
             let h = unsafe { node.home_mut() };

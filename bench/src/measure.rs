@@ -1,0 +1,113 @@
+//! Repeated runs and their summary: median with min–max.
+
+use std::time::{Duration, Instant};
+
+/// What a figure counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    /// Nanoseconds per operation (lower is better).
+    NsPerOp,
+    /// Operations per second (higher is better).
+    OpsPerSec,
+}
+
+impl Metric {
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::NsPerOp => "ns_per_op",
+            Metric::OpsPerSec => "ops_per_s",
+        }
+    }
+
+    pub fn unit(self) -> &'static str {
+        match self {
+            Metric::NsPerOp => "ns/op",
+            Metric::OpsPerSec => "ops/s",
+        }
+    }
+}
+
+/// One run of one system: its figure, and system calls per operation where known.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub value: f64,
+    pub syscalls_per_op: Option<f64>,
+}
+
+impl Sample {
+    /// `ops` operations took `took`.
+    pub fn timed(metric: Metric, ops: u64, took: Duration) -> Sample {
+        assert!(ops > 0, "a run must do work");
+        let ns = took.as_nanos() as f64 / ops as f64;
+        let value = match metric {
+            Metric::NsPerOp => ns,
+            Metric::OpsPerSec => 1e9 / ns,
+        };
+        Sample {
+            value,
+            syscalls_per_op: None,
+        }
+    }
+
+    pub fn with_syscalls(mut self, per_op: f64) -> Sample {
+        self.syscalls_per_op = Some(per_op);
+        self
+    }
+}
+
+/// The summary of several runs of one system in one scenario.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub scenario: String,
+    pub system: String,
+    pub metric: Metric,
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub runs: usize,
+    pub syscalls_per_op: Option<f64>,
+}
+
+impl Summary {
+    pub fn of(scenario: &str, system: &str, metric: Metric, samples: &[Sample]) -> Summary {
+        assert!(!samples.is_empty());
+        let mut v: Vec<f64> = samples.iter().map(|s| s.value).collect();
+        v.sort_by(f64::total_cmp);
+        let median = if v.len() % 2 == 1 {
+            v[v.len() / 2]
+        } else {
+            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+        };
+        let mut sc: Vec<f64> = samples.iter().filter_map(|s| s.syscalls_per_op).collect();
+        sc.sort_by(f64::total_cmp);
+        Summary {
+            scenario: scenario.to_string(),
+            system: system.to_string(),
+            metric,
+            median,
+            min: v[0],
+            max: v[v.len() - 1],
+            runs: v.len(),
+            syscalls_per_op: (!sc.is_empty()).then(|| sc[sc.len() / 2]),
+        }
+    }
+}
+
+/// Runs `f` `runs` times and summarises.
+pub fn repeat(
+    scenario: &str,
+    system: &str,
+    metric: Metric,
+    runs: usize,
+    mut f: impl FnMut() -> Sample,
+) -> Summary {
+    let samples: Vec<Sample> = (0..runs).map(|_| f()).collect();
+    Summary::of(scenario, system, metric, &samples)
+}
+
+/// Times `f`, which performs `ops` operations.
+pub fn time(metric: Metric, ops: u64, f: impl FnOnce()) -> Sample {
+    let t0 = Instant::now();
+    f();
+    Sample::timed(metric, ops, t0.elapsed())
+}

@@ -1,0 +1,60 @@
+//! The scenarios: each one measures every system it applies to, in the same process.
+
+pub mod bh;
+pub mod pingpong;
+
+use crate::measure::{Metric, Sample, Summary, repeat};
+
+/// One measured system of one scenario.
+pub type Row = Summary;
+
+/// Settings shared by the scenarios.
+pub struct Ctx {
+    pub runs: usize,
+    pub full: bool,
+}
+
+impl Ctx {
+    /// `full` operations per run in `--full` mode, `quick` otherwise.
+    pub fn scale(&self, full: u64, quick: u64) -> u64 {
+        if self.full { full } else { quick }
+    }
+
+    /// Measures one system: `runs` runs of `f`, with a progress line.
+    pub fn row(
+        &self,
+        scenario: &str,
+        system: &str,
+        metric: Metric,
+        f: impl FnMut() -> Sample,
+    ) -> Row {
+        eprintln!("  {scenario:<12} {system}");
+        repeat(scenario, system, metric, self.runs, f)
+    }
+}
+
+/// A scenario: a name, what it measures, and the function that runs it.
+pub struct Scenario {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub run: fn(&Ctx) -> Vec<Row>,
+}
+
+/// Every scenario, in the order the quick suite runs them.
+pub const ALL: &[Scenario] = &[
+    Scenario {
+        name: "bh-local",
+        about: "a BH rescheduling itself (ns per run)",
+        run: bh::local,
+    },
+    Scenario {
+        name: "bh-cross",
+        about: "one producer thread posting one-shots into a busy reactor (ops/s; eventfd writes per op)",
+        run: bh::cross,
+    },
+    Scenario {
+        name: "pingpong",
+        about: "a BH bounced between two reactors on two threads (round-trip ns)",
+        run: pingpong::run,
+    },
+];

@@ -1,0 +1,206 @@
+//! `pingpong`: a BH bounced between two reactors on two threads (round-trip ns), beside a raw
+//! eventfd+epoll ping-pong and a futex ping-pong measured in the same process.
+//!
+//! Both reactors sleep between bounces, so every half trip is a cross-thread wakeup: the
+//! producer sees `notify_me` set and writes the eventfd. This is the cost the adaptive polling
+//! work attacks.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::thread;
+
+use reactor::{Backend, Bh, Reactor};
+
+use crate::measure::{Metric, Sample, time};
+use crate::scenarios::{Ctx, Row};
+
+pub fn run(ctx: &Ctx) -> Vec<Row> {
+    let n = ctx.scale(20_000, 2_000);
+    let mut rows = Vec::new();
+    for backend in [Backend::Uring, Backend::Epoll] {
+        rows.push(ctx.row(
+            "pingpong",
+            &format!("reactor-{backend}"),
+            Metric::NsPerOp,
+            || reactor_pingpong(backend, n),
+        ));
+    }
+    rows.push(
+        ctx.row("pingpong", "floor-eventfd-epoll", Metric::NsPerOp, || {
+            eventfd_pingpong(n)
+        }),
+    );
+    rows.push(ctx.row("pingpong", "floor-futex", Metric::NsPerOp, || {
+        futex_pingpong(n)
+    }));
+    rows
+}
+
+/// Reactor A schedules B's BH, which schedules A's BH: one round trip.
+fn reactor_pingpong(backend: Backend, n: u64) -> Sample {
+    let (tx, rx) = std::sync::mpsc::channel::<Arc<Bh>>();
+    let (tx_a, rx_a) = std::sync::mpsc::channel::<Arc<Bh>>();
+    let done = Arc::new(AtomicBool::new(false));
+    let done_b = done.clone();
+    let b = thread::spawn(move || {
+        let r = Reactor::builder()
+            .backend(backend)
+            .build()
+            .expect("reactor B");
+        let ping_a: Arc<Bh> = rx_a.recv().unwrap();
+        let pong = Arc::new(r.bh(move |_| ping_a.schedule()));
+        tx.send(pong).unwrap();
+        r.run_until(|| done_b.load(Ordering::Acquire));
+        r.stats()
+    });
+    let r = Reactor::builder()
+        .backend(backend)
+        .build()
+        .expect("reactor A");
+    assert_eq!(r.backend(), backend);
+    let count = Arc::new(AtomicU64::new(0));
+    let pong_slot: Arc<std::sync::OnceLock<Arc<Bh>>> = Arc::new(std::sync::OnceLock::new());
+    let (count2, slot2, done2) = (count.clone(), pong_slot.clone(), done.clone());
+    let ping = Arc::new(r.bh(move |_| {
+        let c = count2.fetch_add(1, Ordering::Relaxed) + 1;
+        if c < n {
+            slot2.get().unwrap().schedule();
+        } else {
+            done2.store(true, Ordering::Release);
+            slot2.get().unwrap().schedule(); // wakes B so it sees `done`
+        }
+    }));
+    tx_a.send(ping.clone()).unwrap();
+    let pong = rx.recv().unwrap();
+    let _ = pong_slot.set(pong.clone());
+    let before = r.stats();
+    let sample = time(Metric::NsPerOp, n, || {
+        pong.schedule();
+        r.run_until(|| count.load(Ordering::Relaxed) >= n);
+    });
+    let stats_b = b.join().unwrap();
+    let a = r.stats();
+    assert_eq!(
+        count.load(Ordering::Relaxed),
+        n,
+        "every round trip completed"
+    );
+    // Eventfd writes per round trip, both directions: each is one write(2) (plus the reader's
+    // wakeup, not counted).
+    let writes = (a.eventfd_writes - before.eventfd_writes) + stats_b.eventfd_writes;
+    sample.with_syscalls(writes as f64 / n as f64)
+}
+
+fn eventfd() -> i32 {
+    // SAFETY: eventfd takes no pointers.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    assert!(fd >= 0);
+    fd
+}
+
+fn epoll_on(fd: i32) -> i32 {
+    // SAFETY: plain system calls on fds this function owns; the event is copied by the kernel.
+    unsafe {
+        let ep = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+        assert!(ep >= 0);
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: 0,
+        };
+        assert_eq!(libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev), 0);
+        ep
+    }
+}
+
+/// Wait on `ep`, then clear `efd`.
+fn epoll_take(ep: i32, efd: i32) {
+    let mut ev = libc::epoll_event { events: 0, u64: 0 };
+    let mut v = 0u64;
+    // SAFETY: one event buffer and one u64, both live for the calls.
+    unsafe {
+        while libc::epoll_wait(ep, &mut ev, 1, -1) != 1 {}
+        assert_eq!(libc::read(efd, (&raw mut v).cast(), 8), 8);
+    }
+}
+
+fn eventfd_write(efd: i32) {
+    let one = 1u64;
+    // SAFETY: writes 8 bytes from a live u64.
+    assert_eq!(unsafe { libc::write(efd, (&raw const one).cast(), 8) }, 8);
+}
+
+/// Two threads, each waiting in epoll on its own eventfd and writing the other's.
+fn eventfd_pingpong(n: u64) -> Sample {
+    let (ea, eb) = (eventfd(), eventfd());
+    let (pa, pb) = (epoll_on(ea), epoll_on(eb));
+    let t = thread::spawn(move || {
+        for _ in 0..n {
+            epoll_take(pb, eb);
+            eventfd_write(ea);
+        }
+    });
+    let s = time(Metric::NsPerOp, n, || {
+        for _ in 0..n {
+            eventfd_write(eb);
+            epoll_take(pa, ea);
+        }
+    });
+    t.join().unwrap();
+    for fd in [ea, eb, pa, pb] {
+        // SAFETY: closing fds this function opened.
+        unsafe { libc::close(fd) };
+    }
+    s.with_syscalls(6.0)
+}
+
+fn futex_wait(word: &AtomicU32, val: u32) {
+    // SAFETY: FUTEX_WAIT on a live, aligned u32.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            val,
+            std::ptr::null::<libc::timespec>(),
+        )
+    };
+}
+
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: FUTEX_WAKE on a live, aligned u32.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            1,
+        )
+    };
+}
+
+/// Two threads handing a token back and forth through a futex word (0: A's turn, 1: B's).
+fn futex_pingpong(n: u64) -> Sample {
+    let word = Arc::new(AtomicU32::new(0));
+    let w2 = word.clone();
+    let t = thread::spawn(move || {
+        for _ in 0..n {
+            // Acquire/Release: the hand-over of the turn between the two threads.
+            while w2.load(Ordering::Acquire) != 1 {
+                futex_wait(&w2, 0);
+            }
+            w2.store(0, Ordering::Release);
+            futex_wake(&w2);
+        }
+    });
+    let s = time(Metric::NsPerOp, n, || {
+        for _ in 0..n {
+            word.store(1, Ordering::Release);
+            futex_wake(&word);
+            while word.load(Ordering::Acquire) != 0 {
+                futex_wait(&word, 1);
+            }
+        }
+    });
+    t.join().unwrap();
+    s
+}

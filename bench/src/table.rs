@@ -1,0 +1,87 @@
+//! The Markdown table: one row per scenario, a column per system, medians with min–max.
+
+use crate::measure::{Metric, Summary};
+
+/// The systems that get their own column, in order.
+pub const MAIN: [&str; 3] = ["reactor-uring", "reactor-epoll", "tokio"];
+
+fn human(metric: Metric, v: f64) -> String {
+    match metric {
+        Metric::NsPerOp if v >= 1e6 => format!("{:.2} ms", v / 1e6),
+        Metric::NsPerOp if v >= 1e3 => format!("{:.1} µs", v / 1e3),
+        Metric::NsPerOp => format!("{v:.0} ns"),
+        Metric::OpsPerSec if v >= 1e6 => format!("{:.2} M/s", v / 1e6),
+        Metric::OpsPerSec if v >= 1e3 => format!("{:.1} k/s", v / 1e3),
+        Metric::OpsPerSec => format!("{v:.0}/s"),
+    }
+}
+
+fn cell(s: &Summary) -> String {
+    let mut c = format!(
+        "{} ({}–{})",
+        human(s.metric, s.median),
+        human(s.metric, s.min),
+        human(s.metric, s.max)
+    );
+    if let Some(sc) = s.syscalls_per_op {
+        c.push_str(&format!(" [{sc:.2} sc/op]"));
+    }
+    c
+}
+
+fn ratio(a: Option<&Summary>, b: Option<&Summary>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b.median > 0.0 => format!("{:.2}", a.median / b.median),
+        _ => "—".into(),
+    }
+}
+
+/// Renders `rows` (grouped by scenario, in first-seen order).
+pub fn render(rows: &[Summary]) -> String {
+    let mut scenarios: Vec<&str> = Vec::new();
+    for r in rows {
+        if !scenarios.contains(&r.scenario.as_str()) {
+            scenarios.push(&r.scenario);
+        }
+    }
+    let mut out = String::new();
+    out.push_str("| scenario | metric | reactor-uring | reactor-epoll | tokio | floors and peers | uring/epoll | uring/tokio |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|\n");
+    for sc in scenarios {
+        let of = |sys: &str| rows.iter().find(|r| r.scenario == sc && r.system == sys);
+        let metric = rows
+            .iter()
+            .find(|r| r.scenario == sc)
+            .expect("scenario has rows")
+            .metric;
+        let main: Vec<String> = MAIN
+            .iter()
+            .map(|s| of(s).map_or("—".into(), cell))
+            .collect();
+        let others: Vec<String> = rows
+            .iter()
+            .filter(|r| r.scenario == sc && !MAIN.contains(&r.system.as_str()))
+            .map(|r| format!("{}: {}", r.system, cell(r)))
+            .collect();
+        out.push_str(&format!(
+            "| {sc} | {} | {} | {} | {} | {} | {} | {} |\n",
+            metric.unit(),
+            main[0],
+            main[1],
+            main[2],
+            if others.is_empty() {
+                "—".into()
+            } else {
+                others.join("<br>")
+            },
+            ratio(of(MAIN[0]), of(MAIN[1])),
+            ratio(of(MAIN[0]), of(MAIN[2])),
+        ));
+    }
+    out.push_str(
+        "\nCells: median (min–max) over the runs; `sc/op`: system calls per operation where \
+         counted. Ratios divide medians: for ns/op below 1 means uring is faster, for ops/s \
+         above 1 does.\n",
+    );
+    out
+}
