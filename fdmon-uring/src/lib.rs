@@ -343,6 +343,7 @@ impl Uring {
             ring,
             registry,
             backlog,
+            ..
         } = self;
         registry.flush(|op| {
             let entry = match op {
