@@ -71,3 +71,8 @@ pub use interest::Interest;
 pub use reactor::{Builder, DEFAULT_URING_ENTRIES, Reactor};
 pub use stats::Stats;
 pub use timer::Timer;
+
+/// The README's embedding example, compiled and run as a doctest so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
