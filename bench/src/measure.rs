@@ -12,13 +12,6 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub fn name(self) -> &'static str {
-        match self {
-            Metric::NsPerOp => "ns_per_op",
-            Metric::OpsPerSec => "ops_per_s",
-        }
-    }
-
     pub fn unit(self) -> &'static str {
         match self {
             Metric::NsPerOp => "ns/op",

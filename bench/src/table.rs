@@ -78,10 +78,11 @@ pub fn render(rows: &[Summary]) -> String {
             ratio(of(MAIN[0]), of(MAIN[2])),
         ));
     }
-    out.push_str(
-        "\nCells: median (min–max) over the runs; `sc/op`: system calls per operation where \
+    let runs = rows.iter().map(|r| r.runs).max().unwrap_or(0);
+    out.push_str(&format!(
+        "\nCells: median (min–max) over {runs} runs; `sc/op`: system calls per operation where \
          counted. Ratios divide medians: for ns/op below 1 means uring is faster, for ops/s \
-         above 1 does.\n",
-    );
+         above 1 does.\n"
+    ));
     out
 }

@@ -42,8 +42,8 @@ thread_local! {
 ///
 /// ```
 /// use reactor::{Backend, Builder};
-/// let r = Builder::new().backend(Backend::Epoll).build()?;
-/// assert_eq!(r.backend(), Backend::Epoll);
+/// let r = Builder::new().backend(Backend::Auto).uring_entries(512).build()?;
+/// assert!(matches!(r.backend(), Backend::Uring | Backend::Epoll));
 /// # Ok::<(), std::io::Error>(())
 /// ```
 #[derive(Debug, Clone)]
