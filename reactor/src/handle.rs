@@ -55,7 +55,9 @@ pub(crate) fn post_oneshot(
 ///
 /// Every call returns `Err(`[`Closed`]`)` once the reactor has been dropped; nothing panics
 /// and nothing runs then. A closure handed over to a dropped reactor is dropped unrun, on the
-/// caller's thread.
+/// caller's thread. Handles (and [`Bh`](crate::Bh)s and [`Timer`](crate::Timer)s) keep the
+/// reactor's eventfd open until the last of them is dropped, so that a late wakeup can never
+/// write to a reused fd number.
 ///
 /// Scheduling into a busy reactor costs no system call: the eventfd is written only when the
 /// reactor may be asleep ([`Stats::notify_skipped`](crate::Stats::notify_skipped) counts the

@@ -393,24 +393,26 @@ impl Reactor {
         if announced {
             notifier.finish_block();
         }
-        if let Err(e) = res {
-            panic!("reactor: the {} fd monitor failed: {e}", self.backend());
-        }
+        let events = match res {
+            Ok(n) => n,
+            Err(e) => panic!("reactor: the {} fd monitor failed: {e}", self.backend()),
+        };
         notifier.accept();
 
-        let bh_progress = self.bhs.poll(self);
-        let fd_progress = self.handlers.dispatch(self);
-        let timer_progress = match self.timers.next_deadline() {
-            Some(_) => self.timers.run(self, self.shared.clock.now_ns()),
-            None => false,
-        };
+        let bh_runs = self.stats.bh_runs.get();
+        let progress = self.bhs.poll(self)
+            | self.handlers.dispatch(self)
+            | match self.timers.next_deadline() {
+                Some(_) => self.timers.run(self, self.shared.clock.now_ns()),
+                None => false,
+            };
         tracing::trace!(
-            bh_progress,
-            fd_progress,
-            timer_progress,
-            "reactor: dispatched"
+            events,
+            bhs_run = self.stats.bh_runs.get() - bh_runs,
+            progress,
+            "reactor: iteration done"
         );
-        bh_progress | fd_progress | timer_progress
+        progress
     }
 
     /// The wait bound of a blocking poll: zero if work is pending, else the nearest timer or
