@@ -245,24 +245,8 @@ impl Uring {
     /// Queues `entry` as is: in the submission queue, or in the backlog while older entries
     /// wait there or the kernel will not take more.
     fn push_raw(&mut self, entry: squeue::Entry) -> io::Result<()> {
-        if self.backlog.is_empty() {
-            // SAFETY: internal SQEs refer to no memory; for caller SQEs `push` passed the duty on.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                return Ok(());
-            }
-            match self.ring.submit() {
-                Ok(_) => {
-                    // SAFETY: as above.
-                    if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                        return Ok(());
-                    }
-                }
-                Err(e) if matches!(errno(&e), libc::EBUSY | libc::EAGAIN | libc::EINTR) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.backlog.push(entry);
-        Ok(())
+        // SAFETY: internal SQEs refer to no memory; for caller SQEs `push` passed the duty on.
+        unsafe { push_or_backlog(&mut self.ring, &mut self.backlog, entry) }
     }
 
     /// Whether a call to [`wait`](Self::wait) has work to do even with a zero timeout: staged
@@ -359,20 +343,7 @@ impl Uring {
                     .user_data(user_data::remove_of(target)),
             };
             // SAFETY: POLL_ADD and POLL_REMOVE refer to no caller memory.
-            if unsafe { ring.submission().push(&entry) }.is_err() {
-                match ring.submit() {
-                    Ok(_) => {
-                        // SAFETY: as above.
-                        if unsafe { ring.submission().push(&entry) }.is_ok() {
-                            return Ok(());
-                        }
-                    }
-                    Err(e) if matches!(errno(&e), libc::EBUSY | libc::EAGAIN | libc::EINTR) => {}
-                    Err(e) => return Err(e),
-                }
-                backlog.push(entry);
-            }
-            Ok(())
+            unsafe { push_or_backlog(ring, backlog, entry) }
         })?;
         Ok(reported)
     }
@@ -486,6 +457,36 @@ impl Uring {
             }
         }
     }
+}
+
+/// Queues `entry` in the submission queue, submitting to make room when it is full, or in the
+/// backlog while older entries wait there or the kernel will not take more yet.
+///
+/// # Safety
+/// Whatever `entry` refers to must stay valid until its completion is reaped.
+unsafe fn push_or_backlog(
+    ring: &mut IoUring,
+    backlog: &mut Vec<squeue::Entry>,
+    entry: squeue::Entry,
+) -> io::Result<()> {
+    if backlog.is_empty() {
+        // SAFETY: the caller vouches for the entry's memory.
+        if unsafe { ring.submission().push(&entry) }.is_ok() {
+            return Ok(());
+        }
+        match ring.submit() {
+            Ok(_) => {
+                // SAFETY: as above.
+                if unsafe { ring.submission().push(&entry) }.is_ok() {
+                    return Ok(());
+                }
+            }
+            Err(e) if matches!(errno(&e), libc::EBUSY | libc::EAGAIN | libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    backlog.push(entry);
+    Ok(())
 }
 
 impl AsFd for Uring {
