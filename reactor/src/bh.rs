@@ -40,6 +40,10 @@ pub(crate) const DELETED: u32 = 8;
 pub(crate) const ONESHOT: u32 = 16;
 /// Fixed at creation: a timer; a "schedule" means "my deadline changed".
 pub(crate) const TIMER: u32 = 32;
+/// Fixed at creation: a task; a schedule is a wake, a run is a poll of its future. Wakers
+/// outlive the task, so the list owns a reference to a queued task node (taken when it is
+/// pushed, given back when it is dequeued).
+pub(crate) const TASK: u32 = 64;
 
 /// The wait bound while only idle BHs are scheduled.
 pub(crate) const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(10);
@@ -47,12 +51,16 @@ pub(crate) const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_m
 /// A callback that runs each time its node is due.
 pub(crate) type ManyCallback = Box<dyn FnMut(&Reactor)>;
 
+/// A task's future, polled each time the task is woken.
+pub(crate) type TaskFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
 /// What a node runs.
 pub(crate) enum Callback {
     /// Taken out while it runs (or already consumed or dropped).
     Empty,
     Many(ManyCallback),
     Once(Box<dyn FnOnce(&Reactor)>),
+    Task(TaskFuture),
 }
 
 /// Node state that only the home thread touches.
@@ -152,8 +160,20 @@ impl BhNode {
             // progress accounting and the timeout, and either outcome of a race is correct.
             self.flags.fetch_and(!IDLE, Ordering::Relaxed);
         }
-        if old & PENDING == 0 && self.shared.bhs.push(self).is_err() {
-            return false;
+        if old & PENDING == 0 {
+            let task = old & TASK != 0;
+            if task {
+                // SAFETY: every node lives in an `Arc`; this reference is the list's own.
+                unsafe { Arc::increment_strong_count(self) };
+            }
+            if self.shared.bhs.push(self).is_err() {
+                if task {
+                    // SAFETY: takes back the reference added just above; the caller's own
+                    // reference keeps the node alive.
+                    unsafe { Arc::decrement_strong_count(self) };
+                }
+                return false;
+            }
         }
         self.shared.notifier.notify();
         true
@@ -357,13 +377,28 @@ impl BhHome {
 
     /// Runs every scheduled BH (the outer poll's remaining ones first). Returns `true` if a
     /// non-idle BH ran.
-    pub(crate) fn poll(&self, r: &Reactor) -> bool {
+    ///
+    /// At most `budget` task polls happen per call; the tasks and BHs behind them stay queued
+    /// (making the next timeout zero), so that a storm of tasks waking each other cannot keep
+    /// fd handlers and timers from their turn.
+    pub(crate) fn poll(&self, r: &Reactor, budget: u32) -> bool {
         self.take(&r.shared().bhs);
         let mut progress = false;
-        while let Some(p) = self.pop() {
+        let tasks_before = r.task_polls();
+        while r.task_polls() - tasks_before < u64::from(budget) {
+            let Some(p) = self.pop() else { break };
             progress |= self.dequeue(r, p);
         }
         progress
+    }
+
+    /// Registers a node created on another thread (a task from `Handle::spawn`), unless it
+    /// already finished (aborted before it got here).
+    pub(crate) fn adopt(&self, node: &Arc<BhNode>) {
+        // SAFETY: home thread; the reference dies in this statement.
+        if !matches!(unsafe { node.home_mut() }.callback, Callback::Empty) {
+            self.register(node);
+        }
     }
 
     /// SP7 and what follows: clears PENDING and acts on the flags the node had.
@@ -391,6 +426,16 @@ impl BhHome {
                     Arc::from_raw(p)
                 };
                 r.timers().sync(arc);
+            }
+            return false;
+        }
+        if old & TASK != 0 {
+            // SAFETY: the list owns one reference to a queued task node (see `enqueue`).
+            let node = unsafe { Arc::from_raw(p) };
+            if old & SCHEDULED != 0 {
+                r.count_task();
+                self.call(r, &node);
+                return true;
             }
             return false;
         }
@@ -428,7 +473,7 @@ impl BhHome {
                 return;
             }
             match std::mem::replace(&mut h.callback, Callback::Empty) {
-                Callback::Many(cb) => {
+                cb @ (Callback::Many(_) | Callback::Task(_)) => {
                     h.running = true;
                     cb
                 }
@@ -442,31 +487,42 @@ impl BhHome {
             home: &'a BhHome,
             r: &'a Reactor,
             node: &'a BhNode,
-            cb: Option<ManyCallback>,
+            cb: Callback,
+            /// A task's future completed.
+            done: bool,
         }
         impl Drop for Finish<'_> {
             fn drop(&mut self) {
-                self.home.finish(self.r, self.node, self.cb.take());
+                let cb = std::mem::replace(&mut self.cb, Callback::Empty);
+                self.home.finish(self.r, self.node, cb, self.done);
             }
         }
         let mut fin = Finish {
             home: self,
             r,
             node,
-            cb: Some(cb),
+            cb,
+            done: false,
         };
-        if let Some(cb) = fin.cb.as_mut() {
-            cb(r);
+        match &mut fin.cb {
+            Callback::Many(f) => f(r),
+            Callback::Task(fut) => {
+                let waker = crate::task::waker_ref(node);
+                let mut cx = std::task::Context::from_waker(&waker);
+                fin.done = fut.as_mut().poll(&mut cx).is_ready();
+            }
+            Callback::Empty | Callback::Once(_) => {}
         }
     }
 
-    /// The end of a run started by [`call`](Self::call).
-    fn finish(&self, r: &Reactor, node: &BhNode, cb: Option<ManyCallback>) {
+    /// The end of a run started by [`call`](Self::call): puts the callback back, or frees the
+    /// node if it was deleted meanwhile or is a task whose future completed.
+    fn finish(&self, r: &Reactor, node: &BhNode, cb: Callback, done: bool) {
         let (free, rerun) = {
             // SAFETY: home thread; the reference dies at the end of this block.
             let h = unsafe { node.home_mut() };
             h.running = false;
-            if h.free_pending {
+            if h.free_pending || done {
                 (true, false)
             } else {
                 (false, std::mem::take(&mut h.rerun))
@@ -477,10 +533,8 @@ impl BhHome {
             self.unregister(node);
             return;
         }
-        if let Some(cb) = cb {
-            // SAFETY: home thread; nothing else holds a reference to the home state now.
-            unsafe { node.home_mut() }.callback = Callback::Many(cb);
-        }
+        // SAFETY: home thread; nothing else holds a reference to the home state now.
+        unsafe { node.home_mut() }.callback = cb;
         if rerun {
             if node.flags.load(Ordering::Relaxed) & TIMER != 0 {
                 r.timers().rearm_now(node);
@@ -506,9 +560,10 @@ impl BhHome {
         self.unregister(node);
     }
 
+    /// Lets go of the registry's reference (once: later calls do nothing).
     fn unregister(&self, node: &BhNode) {
         // SAFETY: home thread; the reference dies in this statement.
-        let key = unsafe { node.home_mut() }.key;
+        let key = std::mem::replace(&mut unsafe { node.home_mut() }.key, usize::MAX);
         let arc = self.registry.borrow_mut().try_remove(key);
         drop(arc); // may free the node; its callback is already gone
     }
@@ -528,8 +583,8 @@ impl BhHome {
         for p in orphans {
             // SAFETY: a node that was on the list or queue is alive. Relaxed: home-only read
             // of a flag fixed at creation.
-            if unsafe { (*p).flags.load(Ordering::Relaxed) } & ONESHOT != 0 {
-                // SAFETY: a one-shot's list reference came from `Arc::into_raw`.
+            if unsafe { (*p).flags.load(Ordering::Relaxed) } & (ONESHOT | TASK) != 0 {
+                // SAFETY: the list owns a reference to queued one-shots and tasks.
                 drop(unsafe { Arc::from_raw(p) });
             }
         }
@@ -599,6 +654,10 @@ pub struct Bh {
 impl Bh {
     pub(crate) fn new(node: Arc<BhNode>) -> Bh {
         Bh { node }
+    }
+
+    pub(crate) fn node(&self) -> &Arc<BhNode> {
+        &self.node
     }
 
     /// Schedules the BH to run once in the reactor's next iteration.

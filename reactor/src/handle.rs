@@ -99,6 +99,10 @@ impl Handle {
         Handle { shared }
     }
 
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     fn check(&self) -> Result<(), Closed> {
         if self.shared.bhs.is_closed() {
             Err(Closed)

@@ -60,6 +60,7 @@ mod notify;
 mod reactor;
 mod stats;
 mod sync;
+mod task;
 mod timer;
 
 pub use backend::{BACKEND_ENV, Backend};
@@ -68,8 +69,9 @@ pub use event_notifier::EventNotifier;
 pub use handle::{Closed, Handle};
 pub use handlers::{FdHandler, FdId};
 pub use interest::Interest;
-pub use reactor::{Builder, DEFAULT_URING_ENTRIES, Reactor};
+pub use reactor::{Builder, DEFAULT_TASK_BUDGET, DEFAULT_URING_ENTRIES, Reactor};
 pub use stats::Stats;
+pub use task::{JoinError, JoinHandle};
 pub use timer::Timer;
 
 /// The README's embedding example, compiled and run as a doctest so that it stays true.

@@ -50,13 +50,18 @@ thread_local! {
 pub struct Builder {
     backend: Backend,
     uring_entries: u32,
+    task_budget: u32,
 }
+
+/// Default number of task polls per iteration (see [`Builder::task_budget`]).
+pub const DEFAULT_TASK_BUDGET: u32 = 256;
 
 impl Default for Builder {
     fn default() -> Self {
         Builder {
             backend: Backend::Auto,
             uring_entries: DEFAULT_URING_ENTRIES,
+            task_budget: DEFAULT_TASK_BUDGET,
         }
     }
 }
@@ -78,6 +83,13 @@ impl Builder {
     /// power of two). Ignored by epoll.
     pub fn uring_entries(mut self, entries: u32) -> Self {
         self.uring_entries = entries;
+        self
+    }
+
+    /// Most task polls per iteration (at least 1). Tasks woken beyond it wait for the next
+    /// iteration, after fd handlers and timers have had their turn.
+    pub fn task_budget(mut self, polls: u32) -> Self {
+        self.task_budget = polls.max(1);
         self
     }
 
@@ -103,6 +115,7 @@ impl Builder {
             timers: Timers::new(),
             handlers: Handlers::new(),
             depth: Cell::new(0),
+            task_budget: self.task_budget,
             stats: LocalStats::default(),
             _not_send: PhantomData,
         })
@@ -137,12 +150,13 @@ pub struct Reactor {
     handlers: Handlers,
     /// Nesting depth of `poll` on this reactor.
     depth: Cell<u32>,
+    task_budget: u32,
     stats: LocalStats,
     _not_send: PhantomData<*const ()>,
 }
 
 /// Marks this reactor current on the thread and counts the nesting depth, for one `poll`.
-struct Enter<'a> {
+pub(crate) struct Enter<'a> {
     r: &'a Reactor,
     prev: *const Reactor,
 }
@@ -215,6 +229,11 @@ impl Reactor {
         f: impl FnOnce(&Reactor) -> R,
     ) -> Option<R> {
         Self::with_current(|r| Arc::ptr_eq(&r.shared, shared).then(|| f(r))).flatten()
+    }
+
+    /// Makes this reactor current on the thread until the guard is dropped.
+    pub(crate) fn enter(&self) -> Enter<'_> {
+        Enter::new(self)
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {
@@ -400,7 +419,7 @@ impl Reactor {
         notifier.accept();
 
         let bh_runs = self.stats.bh_runs.get();
-        let progress = self.bhs.poll(self)
+        let progress = self.bhs.poll(self, self.task_budget)
             | self.handlers.dispatch(self)
             | match self.timers.next_deadline() {
                 Some(_) => self.timers.run(self, self.shared.clock.now_ns()),
@@ -466,13 +485,21 @@ impl Reactor {
         self.handlers.len()
     }
 
-    /// Number of live BHs and timers (one-shots not included).
+    /// Number of live BHs, timers and tasks (one-shots not included).
     pub fn bh_count(&self) -> usize {
         self.bhs.registered()
     }
 
     pub(crate) fn count_bh(&self) {
         self.stats.bh_runs.set(self.stats.bh_runs.get() + 1);
+    }
+
+    pub(crate) fn count_task(&self) {
+        self.stats.task_polls.set(self.stats.task_polls.get() + 1);
+    }
+
+    pub(crate) fn task_polls(&self) -> u64 {
+        self.stats.task_polls.get()
     }
 
     pub(crate) fn count_fd_dispatch(&self) {

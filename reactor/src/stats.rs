@@ -23,6 +23,8 @@ pub struct Stats {
     pub notify_skipped: u64,
     /// BH and one-shot callbacks run.
     pub bh_runs: u64,
+    /// Task polls.
+    pub task_polls: u64,
     /// fd callbacks run.
     pub fd_dispatches: u64,
     /// Timer callbacks run.
@@ -35,6 +37,7 @@ pub(crate) struct LocalStats {
     pub(crate) iterations: Cell<u64>,
     pub(crate) blocking_waits: Cell<u64>,
     pub(crate) bh_runs: Cell<u64>,
+    pub(crate) task_polls: Cell<u64>,
     pub(crate) fd_dispatches: Cell<u64>,
     pub(crate) timers_fired: Cell<u64>,
 }
@@ -47,6 +50,7 @@ impl LocalStats {
             eventfd_writes,
             notify_skipped,
             bh_runs: self.bh_runs.get(),
+            task_polls: self.task_polls.get(),
             fd_dispatches: self.fd_dispatches.get(),
             timers_fired: self.timers_fired.get(),
         }

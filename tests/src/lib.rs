@@ -110,3 +110,57 @@ pub fn flush(r: &Reactor) -> usize {
     }
     n
 }
+
+/// A one-way flag a future can wait for, set from any thread.
+#[derive(Clone, Default)]
+pub struct Signal(std::sync::Arc<std::sync::Mutex<(bool, Option<std::task::Waker>)>>);
+
+impl Signal {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the flag and wakes the waiter.
+    pub fn set(&self) {
+        let w = {
+            let mut g = self.0.lock().unwrap();
+            g.0 = true;
+            g.1.take()
+        };
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.lock().unwrap().0
+    }
+
+    /// Waits until the flag is set.
+    pub fn wait(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let s = self.clone();
+        std::future::poll_fn(move |cx| {
+            let mut g = s.0.lock().unwrap();
+            if g.0 {
+                std::task::Poll::Ready(())
+            } else {
+                g.1 = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+    }
+}
+
+/// Yields once: wakes itself and returns `Pending` the first time it is polled.
+pub fn yield_now() -> impl std::future::Future<Output = ()> {
+    let mut yielded = false;
+    std::future::poll_fn(move |cx| {
+        if yielded {
+            std::task::Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+}
