@@ -95,7 +95,7 @@ backend_tests! {
     fn abort_from_another_thread(r: &Reactor) {
         let never = Signal::new();
         let w = never.wait();
-        let jh = r.spawn_local(async move { w.await });
+        let jh = r.spawn_local(w);
         flush(r);
         let jh = Arc::new(jh);
         let j2 = jh.clone();
