@@ -61,6 +61,7 @@ mod reactor;
 mod stats;
 mod sync;
 mod task;
+pub mod time;
 mod timer;
 
 pub use backend::{BACKEND_ENV, Backend};
