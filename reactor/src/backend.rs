@@ -79,7 +79,8 @@ pub(crate) enum Ev {
         token: u64,
         events: u32,
     },
-    #[allow(dead_code)] // produced once user SQEs exist
+    // Only the io_uring backend produces completions.
+    #[cfg_attr(not(feature = "uring"), allow(dead_code))]
     Complete {
         token: u64,
         result: i32,
@@ -260,6 +261,27 @@ impl Monitor {
             Monitor::Uring(u) => u.update(fd, token, old, new),
             #[cfg(feature = "epoll")]
             Monitor::Epoll(e) => e.update(fd, token, old, new),
+        }
+    }
+
+    /// Queues a caller-built SQE whose completion comes back as [`Ev::Complete`] with `token`.
+    ///
+    /// # Safety
+    /// What the SQE refers to must stay valid until its completion has been reported.
+    #[cfg(feature = "uring")]
+    pub(crate) unsafe fn push(
+        &mut self,
+        sqe: fdmon_uring::io_uring::squeue::Entry,
+        token: u64,
+    ) -> io::Result<()> {
+        match self {
+            // SAFETY: the caller's guarantee is passed on.
+            Monitor::Uring(u) => unsafe { u.push(sqe, token) },
+            #[cfg(feature = "epoll")]
+            Monitor::Epoll(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "io_uring operations need the io_uring backend; this reactor runs on epoll",
+            )),
         }
     }
 

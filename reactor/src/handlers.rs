@@ -67,6 +67,7 @@ pub struct FdHandler {
     read: Option<IoCallback>,
     write: Option<IoCallback>,
     poll: Option<PollCallback>,
+    interest: Option<Interest>,
 }
 
 impl FdHandler {
@@ -92,6 +93,19 @@ impl FdHandler {
     pub fn on_poll(mut self, f: impl FnMut(&Reactor, FdId) -> bool + 'static) -> Self {
         self.poll = Some(Box::new(f));
         self
+    }
+
+    /// Starts the registration with `interest` instead of what the callbacks imply (for
+    /// example [`Interest::NONE`], to switch it on later with
+    /// [`Reactor::set_fd_interest`]).
+    pub fn with_interest(mut self, interest: Interest) -> Self {
+        self.interest = Some(interest);
+        self
+    }
+
+    /// The interest to start with: the one asked for, or what the callbacks imply.
+    pub(crate) fn initial_interest(&self) -> Interest {
+        self.interest.unwrap_or_else(|| self.natural_interest())
     }
 
     /// The interest the present callbacks imply.

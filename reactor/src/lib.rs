@@ -53,10 +53,14 @@
 mod backend;
 mod bh;
 mod event_notifier;
+pub mod fs;
 mod handle;
 mod handlers;
 mod interest;
+pub mod io;
 mod notify;
+mod ops;
+mod pool;
 mod reactor;
 mod stats;
 mod sync;
@@ -70,8 +74,15 @@ pub use event_notifier::EventNotifier;
 pub use handle::{Closed, Handle};
 pub use handlers::{FdHandler, FdId};
 pub use interest::Interest;
+pub use io::{AlignedBuf, Async, IoBuf, IoBufMut};
+pub use ops::{Completion, OpId};
+pub use pool::{Blocking, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_THREADS, ThreadPool, spawn_blocking};
 pub use reactor::{Builder, DEFAULT_TASK_BUDGET, DEFAULT_URING_ENTRIES, Reactor};
 pub use stats::Stats;
+
+/// The io_uring crate, for building SQEs for [`Reactor::submit_sqe`].
+#[cfg(feature = "uring")]
+pub use fdmon_uring::io_uring;
 pub use task::{JoinError, JoinHandle};
 pub use timer::Timer;
 

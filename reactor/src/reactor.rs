@@ -13,6 +13,10 @@ use crate::handle::{self, Handle};
 use crate::handlers::{FdHandler, FdId, Handlers};
 use crate::interest::Interest;
 use crate::notify::Notifier;
+use crate::ops::Ops;
+#[cfg(feature = "uring")]
+use crate::ops::{Completion, OpId};
+use crate::pool::ThreadPool;
 use crate::stats::{LocalStats, Stats};
 use crate::sync::{Arc, AtomicBool, Ordering};
 use crate::timer::{Clock, Timer, Timers};
@@ -51,6 +55,7 @@ pub struct Builder {
     backend: Backend,
     uring_entries: u32,
     task_budget: u32,
+    pool: Option<ThreadPool>,
 }
 
 /// Default number of task polls per iteration (see [`Builder::task_budget`]).
@@ -62,6 +67,7 @@ impl Default for Builder {
             backend: Backend::Auto,
             uring_entries: DEFAULT_URING_ENTRIES,
             task_budget: DEFAULT_TASK_BUDGET,
+            pool: None,
         }
     }
 }
@@ -93,6 +99,13 @@ impl Builder {
         self
     }
 
+    /// The thread pool for blocking work ([`spawn_blocking`](crate::spawn_blocking), file I/O
+    /// on epoll). Default: the process-wide [`ThreadPool::default_pool`].
+    pub fn thread_pool(mut self, pool: ThreadPool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
     /// Creates the reactor on the calling thread, which becomes its home thread.
     ///
     /// # Errors
@@ -114,8 +127,10 @@ impl Builder {
             bhs: BhHome::new(),
             timers: Timers::new(),
             handlers: Handlers::new(),
+            ops: Ops::new(),
             depth: Cell::new(0),
             task_budget: self.task_budget,
+            pool: self.pool.unwrap_or_else(ThreadPool::default_pool),
             stats: LocalStats::default(),
             _not_send: PhantomData,
         })
@@ -148,9 +163,11 @@ pub struct Reactor {
     bhs: BhHome,
     timers: Timers,
     handlers: Handlers,
+    ops: Ops,
     /// Nesting depth of `poll` on this reactor.
     depth: Cell<u32>,
     task_budget: u32,
+    pool: ThreadPool,
     stats: LocalStats,
     _not_send: PhantomData<*const ()>,
 }
@@ -197,6 +214,11 @@ impl Reactor {
     /// The backend this reactor runs on: [`Backend::Uring`] or [`Backend::Epoll`].
     pub fn backend(&self) -> Backend {
         self.monitor.borrow().kind()
+    }
+
+    /// The thread pool for blocking work.
+    pub fn thread_pool(&self) -> &ThreadPool {
+        &self.pool
     }
 
     /// A `Send + Sync` handle for other threads.
@@ -298,12 +320,26 @@ impl Reactor {
     /// invalid fd; `EEXIST` if `fd` is already registered; `EPERM` for a regular file or
     /// directory, which are always ready and cannot be watched.
     pub fn add_fd(&self, fd: RawFd, handler: FdHandler) -> io::Result<FdId> {
-        let interest = handler.natural_interest();
-        if interest.is_empty() {
+        let natural = handler.natural_interest();
+        let interest = handler.initial_interest();
+        if natural.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "an FdHandler needs a read or a write callback",
             ));
+        }
+        if (interest.is_readable() && !natural.is_readable())
+            || (interest.is_writable() && !natural.is_writable())
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("interest {interest:?} needs a callback the FdHandler was not given"),
+            ));
+        }
+        if interest.is_empty() {
+            // Not watched yet: the fd monitor learns of it when an interest is set. Check the
+            // fd now, so that a bad one fails here as it would on a watched registration.
+            check_fd(fd)?;
         }
         let id = self.handlers.insert(fd, handler, interest);
         let res = self
@@ -363,6 +399,116 @@ impl Reactor {
         Ok(())
     }
 
+    /// Submits a caller-built io_uring SQE on this reactor's own ring; `on_complete` runs on
+    /// this thread for its completion (for each of them while `Completion::more()` is set, for
+    /// multishot operations). The SQE's `user_data` is the reactor's. The SQE reaches the
+    /// kernel at the next iteration's wait. Completions are run before BHs.
+    ///
+    /// # Safety
+    /// Every buffer, fd and pointer the SQE refers to must stay valid until `on_complete` has
+    /// run for its last completion. Keeping them in `on_complete`'s captures is the simple way:
+    /// the reactor drops the callback only after the final completion, and when the reactor
+    /// itself is dropped it cancels and waits for every operation in flight first.
+    ///
+    /// # Errors
+    /// `Unsupported` on the epoll backend; the ring's error if the SQE cannot be queued.
+    ///
+    /// ```
+    /// use reactor::{Backend, Reactor, io_uring::opcode};
+    /// let r = Reactor::builder().backend(Backend::Uring).build()?;
+    /// let done = std::rc::Rc::new(std::cell::Cell::new(None));
+    /// let d2 = done.clone();
+    /// // SAFETY: a NOP refers to no memory.
+    /// unsafe { r.submit_sqe(opcode::Nop::new().build(), move |_, c| d2.set(Some(c.result)))? };
+    /// r.run_until(|| done.get().is_some());
+    /// assert_eq!(done.get(), Some(0));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    #[cfg(feature = "uring")]
+    pub unsafe fn submit_sqe(
+        &self,
+        sqe: fdmon_uring::io_uring::squeue::Entry,
+        on_complete: impl FnMut(&Reactor, Completion) + 'static,
+    ) -> io::Result<OpId> {
+        let id = self.ops.insert(Box::new(on_complete));
+        // SAFETY: the caller's guarantee is passed on.
+        let res = unsafe { self.monitor.borrow_mut().push(sqe, id.token()) };
+        if let Err(e) = res {
+            self.ops.forget(id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Asks the kernel to cancel the operation `id` (`IORING_OP_ASYNC_CANCEL`). Its callback
+    /// still runs, with `-ECANCELED` or with the result it completed with first.
+    ///
+    /// # Errors
+    /// `NotFound` if `id` is not in flight; the ring's error if the cancellation cannot be
+    /// queued.
+    #[cfg(feature = "uring")]
+    pub fn cancel_sqe(&self, id: OpId) -> io::Result<()> {
+        if !self.ops.contains(id) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{id:?} is not in flight"),
+            ));
+        }
+        let sqe = fdmon_uring::io_uring::opcode::AsyncCancel::new(id.token()).build();
+        // SAFETY: a cancellation refers to no memory.
+        unsafe {
+            self.monitor
+                .borrow_mut()
+                .push(sqe, crate::ops::IGNORED_TOKEN)
+        }
+    }
+
+    /// Number of io_uring operations in flight.
+    pub fn ops_in_flight(&self) -> usize {
+        self.ops.in_flight()
+    }
+
+    /// Cancels every operation in flight and waits for their completions, dropping their
+    /// callbacks unrun (reactor drop). Bounded: after 10 s, the rest are leaked rather than
+    /// freed under the kernel's feet.
+    fn quiesce_ops(&self) {
+        #[cfg(feature = "uring")]
+        {
+            let ids: Vec<OpId> = self.ops.ids();
+            for id in ids {
+                let _ = self.cancel_sqe(id);
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while self.ops.in_flight() > 0 && std::time::Instant::now() < deadline {
+                let res = self
+                    .monitor
+                    .borrow_mut()
+                    .wait(Some(Duration::from_millis(10)), |ev| {
+                        if let Ev::Complete {
+                            token,
+                            result,
+                            flags,
+                        } = ev
+                        {
+                            self.ops.complete(token, result, flags);
+                        }
+                    });
+                self.ops.retire_queued();
+                if res.is_err() {
+                    break;
+                }
+            }
+            if self.ops.in_flight() > 0 {
+                tracing::error!(
+                    in_flight = self.ops.in_flight(),
+                    "reactor: io_uring operations still in flight at drop; leaking their memory"
+                );
+                self.ops.leak();
+            }
+        }
+        self.ops.clear();
+    }
+
     /// Runs one iteration: waits (if `blocking` and nothing is pending: up to the nearest timer,
     /// or without bound) and then runs what is ready. Returns `true` if progress was made: a
     /// BH that is not idle, an fd callback or a timer ran. A wakeup by [`Handle::notify`] alone
@@ -401,13 +547,11 @@ impl Reactor {
                 ..
             } => notifier.drain_eventfd(),
             Ev::Ready { token, events } => self.handlers.ready(token, events),
-            Ev::Complete { token, result, .. } => {
-                tracing::warn!(
-                    token,
-                    result,
-                    "reactor: completion for an unknown operation"
-                )
-            }
+            Ev::Complete {
+                token,
+                result,
+                flags,
+            } => self.ops.complete(token, result, flags),
         });
         if announced {
             notifier.finish_block();
@@ -419,7 +563,8 @@ impl Reactor {
         notifier.accept();
 
         let bh_runs = self.stats.bh_runs.get();
-        let progress = self.bhs.poll(self, self.task_budget)
+        let progress = self.ops.dispatch(self)
+            | self.bhs.poll(self, self.task_budget)
             | self.handlers.dispatch(self)
             | match self.timers.next_deadline() {
                 Some(_) => self.timers.run(self, self.shared.clock.now_ns()),
@@ -437,7 +582,7 @@ impl Reactor {
     /// The wait bound of a blocking poll: zero if work is pending, else the nearest timer or
     /// the idle-BH bound, else none.
     fn timeout(&self) -> Option<Duration> {
-        if self.handlers.has_ready() {
+        if self.handlers.has_ready() || self.ops.has_queued() {
             return Some(Duration::ZERO);
         }
         let mut t = match self.bhs.peek(&self.shared.bhs) {
@@ -515,10 +660,26 @@ impl Reactor {
     }
 }
 
+/// Fails like registering `fd` with epoll would, without registering it: `EBADF` for a closed
+/// fd, `EPERM` for a regular file or directory.
+fn check_fd(fd: RawFd) -> io::Result<()> {
+    // SAFETY: an all-zero `stat` is a valid value of the plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid, writable stat buffer for the duration of the call.
+    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG | libc::S_IFDIR => Err(io::Error::from_raw_os_error(libc::EPERM)),
+        _ => Ok(()),
+    }
+}
+
 impl Drop for Reactor {
     fn drop(&mut self) {
         // Close the BH list first, so that nothing new arrives; then drop every callback here,
         // on the home thread. The fd monitor goes last (dropping it drops its registrations).
+        self.quiesce_ops();
         self.bhs.shutdown(&self.shared.bhs);
         self.timers.shutdown();
         self.handlers.clear();

@@ -1,0 +1,637 @@
+//! Files: open, positioned reads and writes with owned buffers, fsync and fdatasync.
+//!
+//! On the io_uring backend each operation is an io_uring operation on the reactor's ring; on
+//! epoll it runs on the reactor's thread pool. Either way the reactor thread never blocks,
+//! and the buffer is owned by the operation while it is in flight: it comes back with the
+//! result, `(io::Result<usize>, B)`. Dropping an operation's future cancels it (io_uring) or
+//! lets the pool finish it; the buffer is freed only after the kernel is done with it, and a
+//! file descriptor opened by a cancelled `open` is closed.
+//!
+//! `O_DIRECT` works with [`AlignedBuf`](crate::AlignedBuf) (and aligned offsets and lengths).
+//!
+//! ```
+//! use reactor::{Reactor, fs::File};
+//! let r = Reactor::new()?;
+//! let path = std::env::temp_dir().join(format!("reactor-fs-doc-{}", std::process::id()));
+//! let back = r.block_on(async {
+//!     let f = File::create(&path).await?;
+//!     let (res, _) = f.write_at(b"hello".to_vec(), 0).await;
+//!     res?;
+//!     f.fdatasync().await?;
+//!     let (res, buf) = f.read_at(Vec::with_capacity(16), 0).await;
+//!     res?;
+//!     std::io::Result::Ok(buf)
+//! })?;
+//! assert_eq!(back, b"hello");
+//! # std::fs::remove_file(&path)?;
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+use std::ffi::CString;
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::backend::Backend;
+use crate::io::{IoBuf, IoBufMut, no_reactor};
+use crate::pool::spawn_blocking;
+use crate::reactor::Reactor;
+
+/// The backend of the reactor polling on this thread.
+fn backend() -> io::Result<Backend> {
+    Reactor::with_current(|r| r.backend()).ok_or_else(no_reactor)
+}
+
+fn cvt(n: isize) -> io::Result<usize> {
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+fn joined<T>(r: Result<T, crate::JoinError>) -> T {
+    r.unwrap_or_else(|e| match e.into_panic() {
+        Some(p) => std::panic::resume_unwind(p),
+        None => unreachable!("blocking work is never cancelled"),
+    })
+}
+
+/// How to open a file (like `std::fs::OpenOptions`, plus raw `open(2)` flags such as
+/// `O_DIRECT`).
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    read: bool,
+    write: bool,
+    append: bool,
+    truncate: bool,
+    create: bool,
+    create_new: bool,
+    custom_flags: i32,
+    mode: u32,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            read: false,
+            write: false,
+            append: false,
+            truncate: false,
+            create: false,
+            create_new: false,
+            custom_flags: 0,
+            mode: 0o666,
+        }
+    }
+}
+
+impl OpenOptions {
+    /// Nothing set: set at least `read` or `write`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Open for reading.
+    pub fn read(&mut self, on: bool) -> &mut Self {
+        self.read = on;
+        self
+    }
+    /// Open for writing.
+    pub fn write(&mut self, on: bool) -> &mut Self {
+        self.write = on;
+        self
+    }
+    /// Append (`O_APPEND`).
+    pub fn append(&mut self, on: bool) -> &mut Self {
+        self.append = on;
+        self
+    }
+    /// Truncate to 0 bytes (`O_TRUNC`).
+    pub fn truncate(&mut self, on: bool) -> &mut Self {
+        self.truncate = on;
+        self
+    }
+    /// Create if missing (`O_CREAT`).
+    pub fn create(&mut self, on: bool) -> &mut Self {
+        self.create = on;
+        self
+    }
+    /// Create, failing if it exists (`O_CREAT | O_EXCL`).
+    pub fn create_new(&mut self, on: bool) -> &mut Self {
+        self.create_new = on;
+        self
+    }
+    /// Extra `open(2)` flags, for example `libc::O_DIRECT`.
+    pub fn custom_flags(&mut self, flags: i32) -> &mut Self {
+        self.custom_flags = flags;
+        self
+    }
+    /// Permission bits for a created file (default `0o666`, before the umask).
+    pub fn mode(&mut self, mode: u32) -> &mut Self {
+        self.mode = mode;
+        self
+    }
+
+    fn flags(&self) -> io::Result<i32> {
+        let access = match (self.read, self.write || self.append) {
+            (true, false) => libc::O_RDONLY,
+            (false, true) => libc::O_WRONLY,
+            (true, true) => libc::O_RDWR,
+            (false, false) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "OpenOptions: neither read nor write",
+                ));
+            }
+        };
+        let mut f = access | libc::O_CLOEXEC | self.custom_flags;
+        if self.append {
+            f |= libc::O_APPEND;
+        }
+        if self.truncate {
+            f |= libc::O_TRUNC;
+        }
+        if self.create_new {
+            f |= libc::O_CREAT | libc::O_EXCL;
+        } else if self.create {
+            f |= libc::O_CREAT;
+        }
+        Ok(f)
+    }
+
+    /// Opens `path` with these options.
+    ///
+    /// # Errors
+    /// `open(2)`'s; `InvalidInput` for a path with a NUL byte or options without access.
+    pub async fn open(&self, path: impl AsRef<Path>) -> io::Result<File> {
+        let flags = self.flags()?;
+        let path = CString::new(path.as_ref().as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+        let mode = self.mode;
+        let fd = match backend()? {
+            #[cfg(feature = "uring")]
+            Backend::Uring => uring::open(path, flags, mode).await?,
+            _ => joined(
+                spawn_blocking(move || {
+                    // SAFETY: `path` is a valid C string for the call.
+                    let fd = unsafe { libc::open(path.as_ptr(), flags, mode) };
+                    // SAFETY: a fresh descriptor owned by nobody else.
+                    cvt(fd as isize).map(|fd| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+                })
+                .await,
+            )?,
+        };
+        Ok(File { fd: Arc::new(fd) })
+    }
+}
+
+/// An open file. Operations may run concurrently; each keeps the file open until it is done.
+#[derive(Clone)]
+pub struct File {
+    fd: Arc<OwnedFd>,
+}
+
+impl fmt::Debug for File {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("File")
+            .field("fd", &self.fd.as_raw_fd())
+            .finish()
+    }
+}
+
+impl File {
+    /// Opens `path` read-only.
+    pub async fn open(path: impl AsRef<Path>) -> io::Result<File> {
+        OpenOptions::new().read(true).open(path).await
+    }
+
+    /// Opens `path` read-write, creating or truncating it.
+    pub async fn create(path: impl AsRef<Path>) -> io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .await
+    }
+
+    /// Wraps an open `std::fs::File`.
+    pub fn from_std(f: std::fs::File) -> File {
+        File {
+            fd: Arc::new(OwnedFd::from(f)),
+        }
+    }
+
+    /// Reads up to `buf.bytes_total()` bytes at `offset` into the start of `buf`; on success
+    /// `buf` holds the `n` bytes read (a `Vec`'s length becomes `n`). 0 means end of file.
+    pub async fn read_at<B: IoBufMut + Send>(&self, buf: B, offset: u64) -> (io::Result<usize>, B) {
+        match backend() {
+            #[cfg(feature = "uring")]
+            Ok(Backend::Uring) => uring::read_at(self.fd.clone(), buf, offset).await,
+            Ok(_) => {
+                let fd = self.fd.clone();
+                joined(
+                    spawn_blocking(move || {
+                        let mut buf = buf;
+                        let len = buf.bytes_total();
+                        // SAFETY: the kernel writes at most `len` bytes into the buffer's room.
+                        let n = unsafe {
+                            libc::pread(
+                                fd.as_raw_fd(),
+                                buf.stable_mut_ptr().cast(),
+                                len,
+                                offset as i64,
+                            )
+                        };
+                        let res = cvt(n);
+                        if let Ok(n) = res {
+                            // SAFETY: the kernel initialised `n` bytes.
+                            unsafe { buf.set_init(n) };
+                        }
+                        (res, buf)
+                    })
+                    .await,
+                )
+            }
+            Err(e) => (Err(e), buf),
+        }
+    }
+
+    /// Writes `buf`'s initialised bytes at `offset`; returns how many were written.
+    pub async fn write_at<B: IoBuf + Send>(&self, buf: B, offset: u64) -> (io::Result<usize>, B) {
+        match backend() {
+            #[cfg(feature = "uring")]
+            Ok(Backend::Uring) => uring::write_at(self.fd.clone(), buf, offset).await,
+            Ok(_) => {
+                let fd = self.fd.clone();
+                joined(
+                    spawn_blocking(move || {
+                        // SAFETY: the kernel reads `bytes_init` initialised bytes.
+                        let n = unsafe {
+                            libc::pwrite(
+                                fd.as_raw_fd(),
+                                buf.stable_ptr().cast(),
+                                buf.bytes_init(),
+                                offset as i64,
+                            )
+                        };
+                        (cvt(n), buf)
+                    })
+                    .await,
+                )
+            }
+            Err(e) => (Err(e), buf),
+        }
+    }
+
+    /// Writes all of `buf` at `offset`, looping over short writes.
+    pub async fn write_all_at(&self, buf: Vec<u8>, offset: u64) -> (io::Result<()>, Vec<u8>) {
+        let mut done = 0;
+        let mut buf = buf;
+        while done < buf.len() {
+            let rest = buf.split_off(done);
+            let (res, rest) = self.write_at(rest, offset + done as u64).await;
+            buf.extend_from_slice(&rest);
+            match res {
+                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
+                Ok(n) => done += n,
+                Err(e) => return (Err(e), buf),
+            }
+        }
+        (Ok(()), buf)
+    }
+
+    /// Reads into several buffers at `offset` (`preadv`): the first is filled first.
+    pub async fn readv_at<B: IoBufMut + Send>(
+        &self,
+        bufs: Vec<B>,
+        offset: u64,
+    ) -> (io::Result<usize>, Vec<B>) {
+        match backend() {
+            #[cfg(feature = "uring")]
+            Ok(Backend::Uring) => uring::readv_at(self.fd.clone(), bufs, offset).await,
+            Ok(_) => {
+                let fd = self.fd.clone();
+                joined(
+                    spawn_blocking(move || {
+                        let mut bufs = bufs;
+                        let iov: Vec<libc::iovec> = bufs
+                            .iter_mut()
+                            .map(|b| libc::iovec {
+                                iov_base: b.stable_mut_ptr().cast(),
+                                iov_len: b.bytes_total(),
+                            })
+                            .collect();
+                        // SAFETY: each iovec covers a buffer's writable room.
+                        let n = unsafe {
+                            libc::preadv(
+                                fd.as_raw_fd(),
+                                iov.as_ptr(),
+                                iov.len() as i32,
+                                offset as i64,
+                            )
+                        };
+                        let res = cvt(n);
+                        if let Ok(n) = res {
+                            spread(&mut bufs, n);
+                        }
+                        (res, bufs)
+                    })
+                    .await,
+                )
+            }
+            Err(e) => (Err(e), bufs),
+        }
+    }
+
+    /// Writes several buffers at `offset` (`pwritev`).
+    pub async fn writev_at<B: IoBuf + Send>(
+        &self,
+        bufs: Vec<B>,
+        offset: u64,
+    ) -> (io::Result<usize>, Vec<B>) {
+        match backend() {
+            #[cfg(feature = "uring")]
+            Ok(Backend::Uring) => uring::writev_at(self.fd.clone(), bufs, offset).await,
+            Ok(_) => {
+                let fd = self.fd.clone();
+                joined(
+                    spawn_blocking(move || {
+                        let iov = iovecs(&bufs);
+                        // SAFETY: each iovec covers a buffer's initialised bytes.
+                        let n = unsafe {
+                            libc::pwritev(
+                                fd.as_raw_fd(),
+                                iov.as_ptr(),
+                                iov.len() as i32,
+                                offset as i64,
+                            )
+                        };
+                        (cvt(n), bufs)
+                    })
+                    .await,
+                )
+            }
+            Err(e) => (Err(e), bufs),
+        }
+    }
+
+    /// Flushes data and metadata to the device (`fsync`).
+    pub async fn fsync(&self) -> io::Result<()> {
+        self.sync(false).await
+    }
+
+    /// Flushes data (and the metadata needed to read it back) to the device (`fdatasync`).
+    pub async fn fdatasync(&self) -> io::Result<()> {
+        self.sync(true).await
+    }
+
+    async fn sync(&self, data_only: bool) -> io::Result<()> {
+        match backend()? {
+            #[cfg(feature = "uring")]
+            Backend::Uring => uring::sync(self.fd.clone(), data_only).await,
+            _ => {
+                let fd = self.fd.clone();
+                joined(
+                    spawn_blocking(move || {
+                        // SAFETY: plain system calls on an open fd.
+                        let rc = unsafe {
+                            if data_only {
+                                libc::fdatasync(fd.as_raw_fd())
+                            } else {
+                                libc::fsync(fd.as_raw_fd())
+                            }
+                        };
+                        cvt(rc as isize).map(drop)
+                    })
+                    .await,
+                )
+            }
+        }
+    }
+}
+
+/// The iovecs of `bufs`' initialised bytes.
+fn iovecs<B: IoBuf>(bufs: &[B]) -> Vec<libc::iovec> {
+    bufs.iter()
+        .map(|b| libc::iovec {
+            iov_base: b.stable_ptr().cast_mut().cast(),
+            iov_len: b.bytes_init(),
+        })
+        .collect()
+}
+
+/// Records `n` bytes read across `bufs`, in order.
+fn spread<B: IoBufMut>(bufs: &mut [B], mut n: usize) {
+    for b in bufs {
+        let k = n.min(b.bytes_total());
+        // SAFETY: the kernel filled the buffers in order, `k` bytes of this one.
+        unsafe { b.set_init(k) };
+        n -= k;
+    }
+}
+
+impl AsFd for File {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for File {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+#[cfg(feature = "uring")]
+mod uring {
+    //! The io_uring versions of the file operations.
+
+    use super::*;
+    use crate::io::uring_op::UringOp;
+    use crate::ops::Completion;
+    use fdmon_uring::io_uring::{opcode, types};
+
+    fn result(c: Completion) -> io::Result<usize> {
+        c.into_result().map(|n| n as usize)
+    }
+
+    /// Closes the fd a cancelled open produced.
+    fn close_opened(_path: CString, c: Completion) {
+        if c.result >= 0 {
+            // SAFETY: the kernel gave this fd to an operation nobody collected; nothing else
+            // owns it.
+            drop(unsafe { OwnedFd::from_raw_fd(c.result) });
+        }
+    }
+
+    pub(super) async fn open(path: CString, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+        // SAFETY: the SQE refers to the path, which the operation owns.
+        let op = unsafe {
+            UringOp::submit(
+                path,
+                |p| {
+                    opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), p.as_ptr())
+                        .flags(flags)
+                        .mode(mode)
+                        .build()
+                },
+                Some(close_opened),
+            )
+        };
+        let (c, _path) = op.map_err(|(e, _)| e)?.await;
+        let fd = result(c)?;
+        // SAFETY: a fresh descriptor from the kernel, owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+
+    pub(super) async fn read_at<B: IoBufMut>(
+        fd: Arc<OwnedFd>,
+        buf: B,
+        offset: u64,
+    ) -> (io::Result<usize>, B) {
+        // SAFETY: the SQE refers to the fd and the buffer, which the operation owns.
+        let op = unsafe {
+            UringOp::submit(
+                (fd, buf),
+                |(fd, b)| {
+                    let len = u32::try_from(b.bytes_total()).unwrap_or(u32::MAX);
+                    opcode::Read::new(types::Fd(fd.as_raw_fd()), b.stable_mut_ptr(), len)
+                        .offset(offset)
+                        .build()
+                },
+                None,
+            )
+        };
+        match op {
+            Ok(op) => {
+                let (c, (_fd, mut buf)) = op.await;
+                let res = result(c);
+                if let Ok(n) = res {
+                    // SAFETY: the kernel initialised `n` bytes.
+                    unsafe { buf.set_init(n) };
+                }
+                (res, buf)
+            }
+            Err((e, (_fd, buf))) => (Err(e), buf),
+        }
+    }
+
+    pub(super) async fn write_at<B: IoBuf>(
+        fd: Arc<OwnedFd>,
+        buf: B,
+        offset: u64,
+    ) -> (io::Result<usize>, B) {
+        // SAFETY: the SQE refers to the fd and the buffer, which the operation owns.
+        let op = unsafe {
+            UringOp::submit(
+                (fd, buf),
+                |(fd, b)| {
+                    let len = u32::try_from(b.bytes_init()).unwrap_or(u32::MAX);
+                    opcode::Write::new(types::Fd(fd.as_raw_fd()), b.stable_ptr(), len)
+                        .offset(offset)
+                        .build()
+                },
+                None,
+            )
+        };
+        match op {
+            Ok(op) => {
+                let (c, (_fd, buf)) = op.await;
+                (result(c), buf)
+            }
+            Err((e, (_fd, buf))) => (Err(e), buf),
+        }
+    }
+
+    pub(super) async fn readv_at<B: IoBufMut>(
+        fd: Arc<OwnedFd>,
+        bufs: Vec<B>,
+        offset: u64,
+    ) -> (io::Result<usize>, Vec<B>) {
+        // SAFETY: the SQE refers to the fd, the iovec array and the buffers, all owned by the
+        // operation (a Vec's heap block does not move with the Vec).
+        let op = unsafe {
+            UringOp::submit(
+                (fd, bufs, Vec::<libc::iovec>::new()),
+                |(fd, bufs, iov)| {
+                    *iov = bufs
+                        .iter_mut()
+                        .map(|b| libc::iovec {
+                            iov_base: b.stable_mut_ptr().cast(),
+                            iov_len: b.bytes_total(),
+                        })
+                        .collect();
+                    opcode::Readv::new(types::Fd(fd.as_raw_fd()), iov.as_ptr(), iov.len() as u32)
+                        .offset(offset)
+                        .build()
+                },
+                None,
+            )
+        };
+        match op {
+            Ok(op) => {
+                let (c, (_fd, mut bufs, _iov)) = op.await;
+                let res = result(c);
+                if let Ok(n) = res {
+                    spread(&mut bufs, n);
+                }
+                (res, bufs)
+            }
+            Err((e, (_fd, bufs, _))) => (Err(e), bufs),
+        }
+    }
+
+    pub(super) async fn writev_at<B: IoBuf>(
+        fd: Arc<OwnedFd>,
+        bufs: Vec<B>,
+        offset: u64,
+    ) -> (io::Result<usize>, Vec<B>) {
+        // SAFETY: as in `readv_at`.
+        let op = unsafe {
+            UringOp::submit(
+                (fd, bufs, Vec::<libc::iovec>::new()),
+                |(fd, bufs, iov)| {
+                    *iov = iovecs(bufs);
+                    opcode::Writev::new(types::Fd(fd.as_raw_fd()), iov.as_ptr(), iov.len() as u32)
+                        .offset(offset)
+                        .build()
+                },
+                None,
+            )
+        };
+        match op {
+            Ok(op) => {
+                let (c, (_fd, bufs, _iov)) = op.await;
+                (result(c), bufs)
+            }
+            Err((e, (_fd, bufs, _))) => (Err(e), bufs),
+        }
+    }
+
+    pub(super) async fn sync(fd: Arc<OwnedFd>, data_only: bool) -> io::Result<()> {
+        let flags = if data_only {
+            types::FsyncFlags::DATASYNC
+        } else {
+            types::FsyncFlags::empty()
+        };
+        // SAFETY: the SQE refers to the fd, which the operation owns.
+        let op = unsafe {
+            UringOp::submit(
+                fd,
+                |fd| {
+                    opcode::Fsync::new(types::Fd(fd.as_raw_fd()))
+                        .flags(flags)
+                        .build()
+                },
+                None,
+            )
+        };
+        let (c, _fd) = op.map_err(|(e, _)| e)?.await;
+        result(c).map(drop)
+    }
+}

@@ -1,0 +1,223 @@
+//! Owned buffers for operations the kernel performs while the caller waits: the operation
+//! takes the buffer and gives it back with the result, `(io::Result<usize>, B)`, so the kernel
+//! owns it while the operation is in flight, even if the future is dropped.
+
+use std::alloc::{self, Layout};
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+
+/// A buffer whose bytes an operation can read while it owns the buffer.
+///
+/// # Safety
+/// `stable_ptr` must point to `bytes_init` initialised bytes that stay at the same address
+/// while the value is not accessed mutably, also after the value itself is moved.
+pub unsafe trait IoBuf: Unpin + 'static {
+    /// Start of the bytes.
+    fn stable_ptr(&self) -> *const u8;
+    /// Number of initialised bytes (what a write sends).
+    fn bytes_init(&self) -> usize;
+}
+
+/// A buffer an operation can fill while it owns the buffer.
+///
+/// # Safety
+/// As [`IoBuf`], and `stable_mut_ptr` must be valid for writes of `bytes_total` bytes.
+pub unsafe trait IoBufMut: IoBuf {
+    /// Start of the writable room.
+    fn stable_mut_ptr(&mut self) -> *mut u8;
+    /// Room in bytes (what a read may fill).
+    fn bytes_total(&self) -> usize;
+    /// Records that the first `n` bytes are initialised (after a read of `n` bytes).
+    ///
+    /// # Safety
+    /// The first `n <= bytes_total()` bytes must have been written.
+    unsafe fn set_init(&mut self, n: usize);
+}
+
+// SAFETY: a Vec's heap block does not move when the Vec is moved; its first `len` bytes are
+// initialised and it has room for `capacity` bytes.
+unsafe impl IoBuf for Vec<u8> {
+    fn stable_ptr(&self) -> *const u8 {
+        self.as_ptr()
+    }
+    fn bytes_init(&self) -> usize {
+        self.len()
+    }
+}
+
+// SAFETY: see the `IoBuf` impl. Reads fill the Vec from its start; its length becomes what
+// was read.
+unsafe impl IoBufMut for Vec<u8> {
+    fn stable_mut_ptr(&mut self) -> *mut u8 {
+        self.as_mut_ptr()
+    }
+    fn bytes_total(&self) -> usize {
+        self.capacity()
+    }
+    unsafe fn set_init(&mut self, n: usize) {
+        // SAFETY: the caller guarantees the first `n <= capacity` bytes were written.
+        unsafe { self.set_len(n) };
+    }
+}
+
+// SAFETY: a boxed slice's heap block does not move when the box is moved; it is all initialised.
+unsafe impl IoBuf for Box<[u8]> {
+    fn stable_ptr(&self) -> *const u8 {
+        self.as_ptr()
+    }
+    fn bytes_init(&self) -> usize {
+        self.len()
+    }
+}
+
+// SAFETY: see the `IoBuf` impl; its length is fixed, reads overwrite its first bytes.
+unsafe impl IoBufMut for Box<[u8]> {
+    fn stable_mut_ptr(&mut self) -> *mut u8 {
+        self.as_mut_ptr()
+    }
+    fn bytes_total(&self) -> usize {
+        self.len()
+    }
+    unsafe fn set_init(&mut self, _n: usize) {}
+}
+
+// SAFETY: static data never moves.
+unsafe impl IoBuf for &'static [u8] {
+    fn stable_ptr(&self) -> *const u8 {
+        self.as_ptr()
+    }
+    fn bytes_init(&self) -> usize {
+        self.len()
+    }
+}
+
+/// A heap buffer aligned for `O_DIRECT` I/O (alignment a power of two, typically 512 or
+/// 4096), zero-filled at creation. Its length can shrink and grow up to its capacity;
+/// reads set it to the number of bytes read.
+///
+/// ```
+/// use reactor::AlignedBuf;
+/// let mut b = AlignedBuf::new(4096, 4096);
+/// assert_eq!(b.as_ptr() as usize % 4096, 0);
+/// b[..5].copy_from_slice(b"hello");
+/// b.truncate(5);
+/// assert_eq!(&b[..], b"hello");
+/// ```
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+    cap: usize,
+    align: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only reads.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes (its capacity too), aligned to `align`.
+    ///
+    /// # Panics
+    /// If `align` is not a power of two or `len` is 0 or too large for the address space.
+    pub fn new(len: usize, align: usize) -> AlignedBuf {
+        assert!(len > 0, "AlignedBuf needs a non-zero size");
+        let layout =
+            Layout::from_size_align(len, align).expect("power-of-two alignment and a sane size");
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(p).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        AlignedBuf {
+            ptr,
+            len,
+            cap: len,
+            align,
+        }
+    }
+
+    /// Capacity in bytes.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// The alignment it was made with.
+    pub fn alignment(&self) -> usize {
+        self.align
+    }
+
+    /// Shortens it to `len` bytes (no effect if already shorter).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Sets the length, up to the capacity; bytes past the old length keep their old (or zero)
+    /// contents.
+    ///
+    /// # Panics
+    /// If `len` exceeds the capacity.
+    pub fn resize(&mut self, len: usize) {
+        assert!(len <= self.cap, "AlignedBuf::resize past its capacity");
+        self.len = len;
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with exactly this layout.
+        unsafe {
+            alloc::dealloc(
+                self.ptr.as_ptr(),
+                Layout::from_size_align_unchecked(self.cap, self.align),
+            )
+        };
+    }
+}
+
+impl Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the first `len <= cap` bytes are initialised (zeroed at creation).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` is exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .field("cap", &self.cap)
+            .field("align", &self.align)
+            .finish()
+    }
+}
+
+// SAFETY: the allocation never moves; the first `len` bytes are initialised.
+unsafe impl IoBuf for AlignedBuf {
+    fn stable_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+    fn bytes_init(&self) -> usize {
+        self.len
+    }
+}
+
+// SAFETY: the whole capacity is allocated and zero-initialised, so any `n <= cap` is valid.
+unsafe impl IoBufMut for AlignedBuf {
+    fn stable_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    fn bytes_total(&self) -> usize {
+        self.cap
+    }
+    unsafe fn set_init(&mut self, n: usize) {
+        self.len = n.min(self.cap);
+    }
+}

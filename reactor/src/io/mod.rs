@@ -1,0 +1,17 @@
+//! Asynchronous I/O: owned buffers, fd readiness ([`Async`]), and the io_uring operation
+//! future that files and sockets use.
+
+mod async_fd;
+mod buf;
+#[cfg(feature = "uring")]
+pub(crate) mod uring_op;
+
+pub use async_fd::{Async, Readable, Writable};
+pub use buf::{AlignedBuf, IoBuf, IoBufMut};
+
+/// An `io::Error` for "no reactor is running on this thread".
+pub(crate) fn no_reactor() -> std::io::Error {
+    std::io::Error::other(
+        "no reactor is polling on this thread: use this inside a task or block_on",
+    )
+}

@@ -1,0 +1,254 @@
+//! The blocking thread pool, and [`spawn_blocking`].
+//!
+//! Work that would block the reactor thread (file I/O on the epoll backend, `getaddrinfo`, a
+//! slow computation) runs here. Threads are started on demand up to a maximum and exit after
+//! an idle timeout down to a minimum; results come back to the reactor by waking the awaiting
+//! task, which is a BH schedule.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use crate::reactor::Reactor;
+use crate::task::JoinError;
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+struct State {
+    queue: VecDeque<Job>,
+    threads: usize,
+    idle: usize,
+    next_id: usize,
+    /// Every `ThreadPool` handle is gone: threads exit once the queue is empty.
+    shutdown: bool,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    work: Condvar,
+    min: usize,
+    max: usize,
+    idle_timeout: Duration,
+    name: String,
+}
+
+/// A pool of threads for blocking work. Cloning it shares the pool.
+///
+/// ```
+/// use reactor::ThreadPool;
+/// use std::time::Duration;
+/// let pool = ThreadPool::new(0, 4, Duration::from_secs(5));
+/// let (tx, rx) = std::sync::mpsc::channel();
+/// pool.execute(move || tx.send(2 + 2).unwrap());
+/// assert_eq!(rx.recv().unwrap(), 4);
+/// ```
+#[derive(Clone)]
+pub struct ThreadPool {
+    inner: Arc<Inner>,
+    _owners: Arc<Owners>,
+}
+
+/// Shared by the `ThreadPool` handles (not by the threads): when the last handle goes, the
+/// threads finish the queue and exit.
+struct Owners(Arc<Inner>);
+
+impl Drop for Owners {
+    fn drop(&mut self) {
+        self.0
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .shutdown = true;
+        self.0.work.notify_all();
+    }
+}
+
+impl fmt::Debug for ThreadPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        f.debug_struct("ThreadPool")
+            .field("threads", &st.threads)
+            .field("idle", &st.idle)
+            .field("queued", &st.queue.len())
+            .field("min", &self.inner.min)
+            .field("max", &self.inner.max)
+            .finish()
+    }
+}
+
+/// Defaults of the process-wide pool that reactors use unless given their own.
+pub const DEFAULT_MAX_THREADS: usize = 64;
+/// How long an idle thread of the default pool waits before it exits.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ThreadPool {
+    /// A pool that keeps at least `min` threads once started, starts at most `max` (at least
+    /// 1), and lets threads above `min` exit after `idle_timeout` without work.
+    pub fn new(min: usize, max: usize, idle_timeout: Duration) -> ThreadPool {
+        let max = max.max(1);
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                threads: 0,
+                idle: 0,
+                next_id: 0,
+                shutdown: false,
+            }),
+            work: Condvar::new(),
+            min: min.min(max),
+            max,
+            idle_timeout,
+            name: "reactor-blocking".into(),
+        });
+        ThreadPool {
+            _owners: Arc::new(Owners(inner.clone())),
+            inner,
+        }
+    }
+
+    /// The process-wide default pool (0 to [`DEFAULT_MAX_THREADS`] threads).
+    pub fn default_pool() -> ThreadPool {
+        static POOL: OnceLock<ThreadPool> = OnceLock::new();
+        POOL.get_or_init(|| ThreadPool::new(0, DEFAULT_MAX_THREADS, DEFAULT_IDLE_TIMEOUT))
+            .clone()
+    }
+
+    /// Runs `job` on a pool thread. Jobs start in submission order; when all `max` threads are
+    /// busy, jobs wait in a queue.
+    pub fn execute(&self, job: impl FnOnce() + Send + 'static) {
+        let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.queue.push_back(Box::new(job));
+        if st.idle > 0 {
+            drop(st);
+            self.inner.work.notify_one();
+        } else if st.threads < self.inner.max {
+            st.threads += 1;
+            st.next_id += 1;
+            let id = st.next_id;
+            drop(st);
+            self.start_thread(id);
+        }
+    }
+
+    /// Number of threads alive now.
+    pub fn threads(&self) -> usize {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .threads
+    }
+
+    fn start_thread(&self, id: usize) {
+        let inner = self.inner.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("{}-{id}", inner.name))
+            .spawn(move || worker(&inner));
+        if let Err(e) = spawned {
+            // Out of threads: the queued job waits for a running thread, or for the next
+            // `execute` to try again.
+            tracing::warn!(error = %e, "reactor: could not start a blocking-pool thread");
+            let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.threads -= 1;
+        }
+    }
+}
+
+fn worker(inner: &Inner) {
+    let mut st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        if let Some(job) = st.queue.pop_front() {
+            drop(st);
+            // A panicking job must not take the thread down with the pool's accounting.
+            let _ = catch_unwind(AssertUnwindSafe(job));
+            st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
+            continue;
+        }
+        if st.shutdown {
+            st.threads -= 1;
+            return;
+        }
+        st.idle += 1;
+        let (g, timeout) = inner
+            .work
+            .wait_timeout(st, inner.idle_timeout)
+            .unwrap_or_else(|e| e.into_inner());
+        st = g;
+        st.idle -= 1;
+        if timeout.timed_out() && st.queue.is_empty() && st.threads > inner.min {
+            st.threads -= 1;
+            return;
+        }
+    }
+}
+
+struct Slot<T> {
+    result: Option<std::thread::Result<T>>,
+    waker: Option<Waker>,
+}
+
+/// The future of [`spawn_blocking`]: the closure's result, or `JoinError::Panic` if it
+/// panicked. Dropping it does not stop the closure (a blocking call cannot be interrupted);
+/// its result is then dropped on the pool thread.
+#[must_use = "futures do nothing unless polled"]
+pub struct Blocking<T> {
+    slot: Arc<Mutex<Slot<T>>>,
+}
+
+impl<T> Future for Blocking<T> {
+    type Output = Result<T, JoinError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut s = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        match s.result.take() {
+            Some(Ok(v)) => Poll::Ready(Ok(v)),
+            Some(Err(p)) => Poll::Ready(Err(JoinError::Panic(p))),
+            None => {
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// Runs `f` on the current reactor's thread pool (the default pool outside a reactor) and
+/// returns a future of its result; the awaiting task is woken, by a BH schedule, when it is
+/// ready.
+///
+/// ```
+/// use reactor::{Reactor, spawn_blocking};
+/// let r = Reactor::new()?;
+/// let sum = r.block_on(spawn_blocking(|| (1..=10).sum::<u32>())).unwrap();
+/// assert_eq!(sum, 55);
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn spawn_blocking<T, F>(f: F) -> Blocking<T>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let pool =
+        Reactor::with_current(|r| r.thread_pool().clone()).unwrap_or_else(ThreadPool::default_pool);
+    let slot = Arc::new(Mutex::new(Slot {
+        result: None,
+        waker: None,
+    }));
+    let s2 = slot.clone();
+    pool.execute(move || {
+        let result = catch_unwind(AssertUnwindSafe(f));
+        let waker = {
+            let mut s = s2.lock().unwrap_or_else(|e| e.into_inner());
+            s.result = Some(result);
+            s.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    });
+    Blocking { slot }
+}
