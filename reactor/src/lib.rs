@@ -58,6 +58,7 @@ mod handle;
 mod handlers;
 mod interest;
 pub mod io;
+pub mod net;
 mod notify;
 mod ops;
 mod pool;

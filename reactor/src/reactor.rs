@@ -12,6 +12,7 @@ use crate::bh::{self, Bh, BhHome, BhList, BhNode, Callback, Peek};
 use crate::handle::{self, Handle};
 use crate::handlers::{FdHandler, FdId, Handlers};
 use crate::interest::Interest;
+use crate::net::SocketIo;
 use crate::notify::Notifier;
 use crate::ops::Ops;
 #[cfg(feature = "uring")]
@@ -56,6 +57,7 @@ pub struct Builder {
     uring_entries: u32,
     task_budget: u32,
     pool: Option<ThreadPool>,
+    socket_io: SocketIo,
 }
 
 /// Default number of task polls per iteration (see [`Builder::task_budget`]).
@@ -68,6 +70,7 @@ impl Default for Builder {
             uring_entries: DEFAULT_URING_ENTRIES,
             task_budget: DEFAULT_TASK_BUDGET,
             pool: None,
+            socket_io: SocketIo::default(),
         }
     }
 }
@@ -106,6 +109,12 @@ impl Builder {
         self
     }
 
+    /// How sockets do I/O on the io_uring backend (see [`SocketIo`]).
+    pub fn socket_io(mut self, mode: SocketIo) -> Self {
+        self.socket_io = mode;
+        self
+    }
+
     /// Creates the reactor on the calling thread, which becomes its home thread.
     ///
     /// # Errors
@@ -131,6 +140,7 @@ impl Builder {
             depth: Cell::new(0),
             task_budget: self.task_budget,
             pool: self.pool.unwrap_or_else(ThreadPool::default_pool),
+            socket_io: self.socket_io,
             stats: LocalStats::default(),
             _not_send: PhantomData,
         })
@@ -168,6 +178,7 @@ pub struct Reactor {
     depth: Cell<u32>,
     task_budget: u32,
     pool: ThreadPool,
+    socket_io: SocketIo,
     stats: LocalStats,
     _not_send: PhantomData<*const ()>,
 }
@@ -219,6 +230,11 @@ impl Reactor {
     /// The thread pool for blocking work.
     pub fn thread_pool(&self) -> &ThreadPool {
         &self.pool
+    }
+
+    /// How sockets do I/O (see [`SocketIo`]).
+    pub fn socket_io(&self) -> SocketIo {
+        self.socket_io
     }
 
     /// A `Send + Sync` handle for other threads.

@@ -1,0 +1,589 @@
+//! Sockets: [`TcpListener`], [`TcpStream`], [`UnixListener`], [`UnixStream`].
+//!
+//! Streams offer owned-buffer `read`/`write` (`(io::Result<usize>, B)`, like files) and the
+//! `futures-io` `AsyncRead`/`AsyncWrite` traits. On io_uring the owned-buffer operations and
+//! `accept` run as completion operations (`RECV`, `SEND`, `ACCEPT`) or as readiness plus
+//! non-blocking system calls, as [`SocketIo`] says (chosen by [`Builder::socket_io`]; the
+//! default was picked by measurement, see [`SocketIo`]); on epoll they always use readiness.
+//! `AsyncRead`/`AsyncWrite` always use readiness.
+//!
+//! Dropping an operation's future cancels it: on the completion path its buffer lives until
+//! the kernel's completion arrives, and a socket a cancelled `accept` produced is closed.
+//!
+//! [`Builder::socket_io`]: crate::Builder::socket_io
+//!
+//! ```
+//! use reactor::{Reactor, net::{TcpListener, TcpStream}};
+//! let r = Reactor::new()?;
+//! r.block_on(async {
+//!     let l = TcpListener::bind("127.0.0.1:0".parse().unwrap())?;
+//!     let addr = l.local_addr()?;
+//!     let client = reactor::Reactor::with_current(|r| r.spawn_local(async move {
+//!         let s = TcpStream::connect(addr).await?;
+//!         let (res, _) = s.write_all(b"hi".to_vec()).await;
+//!         res
+//!     })).unwrap();
+//!     let (s, _peer) = l.accept().await?;
+//!     let (n, buf) = s.read(Vec::with_capacity(8)).await;
+//!     assert_eq!(&buf[..n?], b"hi");
+//!     client.await.unwrap()
+//! })?;
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+use std::fmt;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use crate::backend::Backend;
+use crate::io::{Async, IoBuf, IoBufMut, no_reactor};
+use crate::reactor::Reactor;
+
+/// How sockets do their owned-buffer I/O and `accept` on the io_uring backend.
+///
+/// Measured here (the `tcp-echo` bench scenario, 64 connections over loopback on a 2-vCPU VM,
+/// see the README): completion operations were slower than readiness for small messages,
+/// because every `RECV` that finds no data parks in the kernel's poll machinery and costs
+/// an extra completion, while readiness batches one wakeup for many bytes. [`Readiness`]
+/// is therefore the default; [`Completion`] stays available for workloads with large
+/// transfers.
+///
+/// [`Readiness`]: SocketIo::Readiness
+/// [`Completion`]: SocketIo::Completion
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SocketIo {
+    /// Readiness (a poll on the fd) and non-blocking system calls, on both backends.
+    #[default]
+    Readiness,
+    /// io_uring `RECV`/`SEND`/`ACCEPT` operations (readiness on epoll).
+    Completion,
+}
+
+/// Whether the current reactor does socket I/O with io_uring completion operations.
+fn use_completion() -> io::Result<bool> {
+    Reactor::with_current(|r| {
+        r.backend() == Backend::Uring && r.socket_io() == SocketIo::Completion
+    })
+    .ok_or_else(no_reactor)
+}
+
+fn cvt(n: isize) -> io::Result<usize> {
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// The socket machinery shared by TCP and Unix streams.
+struct Stream<T: AsFd + 'static> {
+    io: Rc<Async<T>>,
+}
+
+impl<T: AsFd + 'static> Stream<T> {
+    fn new(io: T) -> io::Result<Self> {
+        Ok(Stream {
+            io: Rc::new(Async::new(io)?),
+        })
+    }
+
+    fn fd(&self) -> RawFd {
+        self.io.as_fd().as_raw_fd()
+    }
+
+    async fn read<B: IoBufMut>(&self, buf: B) -> (io::Result<usize>, B) {
+        match use_completion() {
+            #[cfg(feature = "uring")]
+            Ok(true) => uring::recv(self.io.clone(), buf).await,
+            Ok(_) => {
+                let mut buf = buf;
+                let fd = self.fd();
+                let (ptr, len) = (buf.stable_mut_ptr(), buf.bytes_total());
+                // SAFETY: the kernel writes at most `len` bytes into the buffer's room.
+                let res = self
+                    .io
+                    .read_with(|_| cvt(unsafe { libc::recv(fd, ptr.cast(), len, 0) }))
+                    .await;
+                if let Ok(n) = res {
+                    // SAFETY: `n` bytes were received into the buffer.
+                    unsafe { buf.set_init(n) };
+                }
+                (res, buf)
+            }
+            Err(e) => (Err(e), buf),
+        }
+    }
+
+    async fn write<B: IoBuf>(&self, buf: B) -> (io::Result<usize>, B) {
+        match use_completion() {
+            #[cfg(feature = "uring")]
+            Ok(true) => uring::send(self.io.clone(), buf).await,
+            Ok(_) => {
+                let fd = self.fd();
+                let (ptr, len) = (buf.stable_ptr(), buf.bytes_init());
+                let res = self
+                    .io
+                    // SAFETY: the kernel reads `len` initialised bytes.
+                    .write_with(|_| {
+                        cvt(unsafe { libc::send(fd, ptr.cast(), len, libc::MSG_NOSIGNAL) })
+                    })
+                    .await;
+                (res, buf)
+            }
+            Err(e) => (Err(e), buf),
+        }
+    }
+
+    async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        let mut buf = buf;
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = buf.split_off(done);
+            let (res, rest) = self.write(rest).await;
+            buf.extend_from_slice(&rest);
+            match res {
+                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
+                Ok(n) => done += n,
+                Err(e) => return (Err(e), buf),
+            }
+        }
+        (Ok(()), buf)
+    }
+
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        let how = match how {
+            Shutdown::Read => libc::SHUT_RD,
+            Shutdown::Write => libc::SHUT_WR,
+            Shutdown::Both => libc::SHUT_RDWR,
+        };
+        // SAFETY: a plain system call on an open socket.
+        cvt(unsafe { libc::shutdown(self.fd(), how) } as isize).map(drop)
+    }
+}
+
+/// The listening machinery shared by TCP and Unix listeners.
+struct Listener<T: AsFd + 'static> {
+    io: Rc<Async<T>>,
+}
+
+impl<T: AsFd + 'static> Listener<T> {
+    async fn accept_fd(&self) -> io::Result<OwnedFd> {
+        if use_completion()? {
+            #[cfg(feature = "uring")]
+            return uring::accept(self.io.clone()).await;
+        }
+        let fd = self.io.as_fd().as_raw_fd();
+        self.io
+            .read_with(|_| {
+                // SAFETY: accept4 without an address buffer.
+                let s = unsafe {
+                    libc::accept4(
+                        fd,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                    )
+                };
+                // SAFETY: a fresh descriptor owned by nobody else.
+                cvt(s as isize).map(|s| unsafe { OwnedFd::from_raw_fd(s as RawFd) })
+            })
+            .await
+    }
+}
+
+macro_rules! stream_common {
+    ($name:ident) => {
+        impl $name {
+            /// Reads up to `buf.bytes_total()` bytes into the start of `buf` (a `Vec`'s
+            /// length becomes the count). 0 means the peer closed its writing half.
+            pub async fn read<B: IoBufMut>(&self, buf: B) -> (io::Result<usize>, B) {
+                self.inner.read(buf).await
+            }
+
+            /// Writes some of `buf`'s initialised bytes; returns how many.
+            pub async fn write<B: IoBuf>(&self, buf: B) -> (io::Result<usize>, B) {
+                self.inner.write(buf).await
+            }
+
+            /// Writes all of `buf`.
+            pub async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+                self.inner.write_all(buf).await
+            }
+
+            /// Shuts down the reading half, the writing half or both.
+            pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+                self.inner.shutdown(how)
+            }
+        }
+
+        impl AsFd for $name {
+            fn as_fd(&self) -> BorrowedFd<'_> {
+                self.inner.io.as_fd()
+            }
+        }
+
+        impl AsRawFd for $name {
+            fn as_raw_fd(&self) -> RawFd {
+                self.inner.fd()
+            }
+        }
+
+        impl futures_io::AsyncRead for $name {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut [u8],
+            ) -> Poll<io::Result<usize>> {
+                self.inner.io.poll_read_fd(cx, buf)
+            }
+        }
+
+        impl futures_io::AsyncWrite for $name {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                self.inner.io.poll_write_fd(cx, buf)
+            }
+            fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+            fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(self.inner.shutdown(Shutdown::Write))
+            }
+        }
+    };
+}
+
+/// A TCP connection.
+pub struct TcpStream {
+    inner: Stream<std::net::TcpStream>,
+}
+
+stream_common!(TcpStream);
+
+impl TcpStream {
+    /// Connects to `addr` (non-blocking connect, then a wait for writability).
+    ///
+    /// # Errors
+    /// The connection's error (`ConnectionRefused`, ...); no reactor on this thread.
+    pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+        let domain = if addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: socket(2) takes no pointers.
+        let s = unsafe {
+            libc::socket(
+                domain,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        };
+        // SAFETY: a fresh descriptor owned by nobody else.
+        let fd = cvt(s as isize).map(|s| unsafe { OwnedFd::from_raw_fd(s as RawFd) })?;
+        let (storage, len) = sockaddr(&addr);
+        // SAFETY: `storage` holds a valid address of `len` bytes.
+        let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const storage).cast(), len) };
+        let stream = TcpStream {
+            inner: Stream::new(std::net::TcpStream::from(fd))?,
+        };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINPROGRESS) {
+                return Err(e);
+            }
+            stream.inner.io.writable().await?;
+            if let Some(e) = stream.inner.io.get_ref().take_error()? {
+                return Err(e);
+            }
+        }
+        Ok(stream)
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.io.get_ref().peer_addr()
+    }
+
+    /// The local address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.io.get_ref().local_addr()
+    }
+
+    /// Sets `TCP_NODELAY`.
+    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        self.inner.io.get_ref().set_nodelay(on)
+    }
+}
+
+impl fmt::Debug for TcpStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TcpStream")
+            .field("fd", &self.inner.fd())
+            .finish()
+    }
+}
+
+/// A TCP listening socket.
+pub struct TcpListener {
+    inner: Listener<std::net::TcpListener>,
+}
+
+impl TcpListener {
+    /// Binds to `addr` and listens (with `SO_REUSEADDR`, as `std` does).
+    ///
+    /// # Errors
+    /// `bind`/`listen`'s; no reactor on this thread.
+    pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+        let l = std::net::TcpListener::bind(addr)?;
+        Ok(TcpListener {
+            inner: Listener {
+                io: Rc::new(Async::new(l)?),
+            },
+        })
+    }
+
+    /// Accepts a connection.
+    pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        let fd = self.inner.accept_fd().await?;
+        let s = std::net::TcpStream::from(fd);
+        let peer = s.peer_addr()?;
+        Ok((
+            TcpStream {
+                inner: Stream::new(s)?,
+            },
+            peer,
+        ))
+    }
+
+    /// The local address (the port chosen for port 0).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.io.get_ref().local_addr()
+    }
+}
+
+impl fmt::Debug for TcpListener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TcpListener")
+            .field("addr", &self.local_addr().ok())
+            .finish()
+    }
+}
+
+/// A Unix-domain stream connection.
+pub struct UnixStream {
+    inner: Stream<std::os::unix::net::UnixStream>,
+}
+
+stream_common!(UnixStream);
+
+impl UnixStream {
+    /// Connects to the socket at `path` (on the thread pool: a Unix connect may block while the
+    /// listener's backlog is full).
+    pub async fn connect(path: impl AsRef<Path>) -> io::Result<UnixStream> {
+        let path = path.as_ref().to_owned();
+        let s = crate::pool::spawn_blocking(move || std::os::unix::net::UnixStream::connect(path))
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))??;
+        Ok(UnixStream {
+            inner: Stream::new(s)?,
+        })
+    }
+
+    /// A connected pair.
+    pub fn pair() -> io::Result<(UnixStream, UnixStream)> {
+        let (a, b) = std::os::unix::net::UnixStream::pair()?;
+        Ok((
+            UnixStream {
+                inner: Stream::new(a)?,
+            },
+            UnixStream {
+                inner: Stream::new(b)?,
+            },
+        ))
+    }
+}
+
+impl fmt::Debug for UnixStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UnixStream")
+            .field("fd", &self.inner.fd())
+            .finish()
+    }
+}
+
+/// A Unix-domain listening socket.
+pub struct UnixListener {
+    inner: Listener<std::os::unix::net::UnixListener>,
+}
+
+impl UnixListener {
+    /// Binds to `path` and listens.
+    pub fn bind(path: impl AsRef<Path>) -> io::Result<UnixListener> {
+        let l = std::os::unix::net::UnixListener::bind(path)?;
+        Ok(UnixListener {
+            inner: Listener {
+                io: Rc::new(Async::new(l)?),
+            },
+        })
+    }
+
+    /// Accepts a connection.
+    pub async fn accept(&self) -> io::Result<UnixStream> {
+        let fd = self.inner.accept_fd().await?;
+        Ok(UnixStream {
+            inner: Stream::new(std::os::unix::net::UnixStream::from(fd))?,
+        })
+    }
+}
+
+impl fmt::Debug for UnixListener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UnixListener").finish()
+    }
+}
+
+/// `addr` as a C socket address.
+fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is large and aligned enough for any sockaddr.
+            unsafe { (&raw mut storage).cast::<libc::sockaddr_in>().write(sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above.
+            unsafe { (&raw mut storage).cast::<libc::sockaddr_in6>().write(sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+#[cfg(feature = "uring")]
+mod uring {
+    //! The io_uring completion versions of the socket operations.
+
+    use super::*;
+    use crate::io::uring_op::UringOp;
+    use crate::ops::Completion;
+    use fdmon_uring::io_uring::{opcode, types};
+
+    fn result(c: Completion) -> io::Result<usize> {
+        c.into_result().map(|n| n as usize)
+    }
+
+    pub(super) async fn recv<T: AsFd + 'static, B: IoBufMut>(
+        io: Rc<Async<T>>,
+        buf: B,
+    ) -> (io::Result<usize>, B) {
+        // SAFETY: the SQE refers to the socket and the buffer, which the operation owns.
+        let op = unsafe {
+            UringOp::submit(
+                (io, buf),
+                |(io, b)| {
+                    let len = u32::try_from(b.bytes_total()).unwrap_or(u32::MAX);
+                    opcode::Recv::new(types::Fd(io.as_fd().as_raw_fd()), b.stable_mut_ptr(), len)
+                        .build()
+                },
+                None,
+            )
+        };
+        match op {
+            Ok(op) => {
+                let (c, (_io, mut buf)) = op.await;
+                let res = result(c);
+                if let Ok(n) = res {
+                    // SAFETY: the kernel received `n` bytes into the buffer.
+                    unsafe { buf.set_init(n) };
+                }
+                (res, buf)
+            }
+            Err((e, (_io, buf))) => (Err(e), buf),
+        }
+    }
+
+    pub(super) async fn send<T: AsFd + 'static, B: IoBuf>(
+        io: Rc<Async<T>>,
+        buf: B,
+    ) -> (io::Result<usize>, B) {
+        // SAFETY: the SQE refers to the socket and the buffer, which the operation owns.
+        let op = unsafe {
+            UringOp::submit(
+                (io, buf),
+                |(io, b)| {
+                    let len = u32::try_from(b.bytes_init()).unwrap_or(u32::MAX);
+                    opcode::Send::new(types::Fd(io.as_fd().as_raw_fd()), b.stable_ptr(), len)
+                        .flags(libc::MSG_NOSIGNAL)
+                        .build()
+                },
+                None,
+            )
+        };
+        match op {
+            Ok(op) => {
+                let (c, (_io, buf)) = op.await;
+                (result(c), buf)
+            }
+            Err((e, (_io, buf))) => (Err(e), buf),
+        }
+    }
+
+    /// Closes the socket a cancelled accept produced.
+    fn close_accepted<T>(_io: T, c: Completion) {
+        if c.result >= 0 {
+            // SAFETY: the kernel gave this fd to an operation nobody collected.
+            drop(unsafe { OwnedFd::from_raw_fd(c.result) });
+        }
+    }
+
+    pub(super) async fn accept<T: AsFd + 'static>(io: Rc<Async<T>>) -> io::Result<OwnedFd> {
+        // SAFETY: the SQE refers to the listening socket, which the operation owns.
+        let op = unsafe {
+            UringOp::submit(
+                io,
+                |io| {
+                    opcode::Accept::new(
+                        types::Fd(io.as_fd().as_raw_fd()),
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                    )
+                    .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+                    .build()
+                },
+                Some(close_accepted::<Rc<Async<T>>>),
+            )
+        };
+        let (c, _io) = op.map_err(|(e, _)| e)?.await;
+        let fd = result(c)?;
+        // SAFETY: a fresh descriptor from the kernel, owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+}

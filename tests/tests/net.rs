@@ -1,0 +1,209 @@
+//! Sockets: TCP and Unix echo with 100 concurrent connections, every byte checked; both
+//! socket I/O modes on io_uring; futures-io traits; errors.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use reactor::net::{SocketIo, TcpListener, TcpStream, UnixListener, UnixStream};
+use reactor::{JoinHandle, Reactor};
+use tests::backend_tests;
+
+const CONNS: usize = 100;
+const BYTES: usize = 64 * 1024;
+
+fn pattern(conn: usize) -> Vec<u8> {
+    (0..BYTES)
+        .map(|i| ((i * 31 + conn * 7) % 256) as u8)
+        .collect()
+}
+
+fn spawn<T: 'static>(f: impl std::future::Future<Output = T> + 'static) -> JoinHandle<T> {
+    Reactor::with_current(|r| r.spawn_local(f)).expect("inside the reactor")
+}
+
+macro_rules! echo_loop {
+    ($s:expr) => {{
+        let s = $s;
+        let mut buf = Vec::with_capacity(8192);
+        loop {
+            let (res, b) = s.read(buf).await;
+            let n = res.expect("server read");
+            if n == 0 {
+                break;
+            }
+            let (res, b) = s.write_all(b).await;
+            res.expect("server write");
+            buf = b;
+        }
+    }};
+}
+
+macro_rules! client {
+    ($s:expr, $conn:expr) => {{
+        let s = $s;
+        let data = pattern($conn);
+        let writer = {
+            let data = data.clone();
+            let s = s.clone();
+            spawn(async move {
+                for chunk in data.chunks(1000 + $conn * 13) {
+                    let (res, _) = s.write_all(chunk.to_vec()).await;
+                    res.expect("client write");
+                }
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+            })
+        };
+        let mut got = Vec::with_capacity(BYTES);
+        while got.len() < BYTES {
+            let (res, b) = s.read(Vec::with_capacity(4096)).await;
+            let n = res.expect("client read");
+            assert!(n > 0, "early EOF on connection {}", $conn);
+            got.extend_from_slice(&b);
+        }
+        let (res, _) = s.read(Vec::with_capacity(16)).await;
+        assert_eq!(res.unwrap(), 0, "EOF after the echo");
+        writer.await.unwrap();
+        assert_eq!(got, data, "connection {} echoed every byte", $conn);
+    }};
+}
+
+fn tcp_echo(r: &Reactor) {
+    r.block_on(async {
+        let l = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr: SocketAddr = l.local_addr().unwrap();
+        let server = spawn(async move {
+            let mut conns = Vec::new();
+            for _ in 0..CONNS {
+                let (s, _) = l.accept().await.unwrap();
+                conns.push(spawn(async move { echo_loop!(s) }));
+            }
+            for c in conns {
+                c.await.unwrap();
+            }
+        });
+        let clients: Vec<_> = (0..CONNS)
+            .map(|i| {
+                spawn(async move {
+                    let s = Rc::new(TcpStream::connect(addr).await.unwrap());
+                    s.set_nodelay(true).unwrap();
+                    client!(s, i)
+                })
+            })
+            .collect();
+        for c in clients {
+            c.await.unwrap();
+        }
+        server.await.unwrap();
+    });
+}
+
+fn unix_echo(r: &Reactor, tag: &str) {
+    let path = std::env::temp_dir().join(format!(
+        "reactor-echo-{tag}-{}-{}",
+        r.backend(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&path);
+    let p2 = path.clone();
+    r.block_on(async move {
+        let l = UnixListener::bind(&p2).unwrap();
+        let server = spawn(async move {
+            let mut conns = Vec::new();
+            for _ in 0..CONNS {
+                let s = l.accept().await.unwrap();
+                conns.push(spawn(async move { echo_loop!(s) }));
+            }
+            for c in conns {
+                c.await.unwrap();
+            }
+        });
+        let clients: Vec<_> = (0..CONNS)
+            .map(|i| {
+                let p = p2.clone();
+                spawn(async move {
+                    let s = Rc::new(UnixStream::connect(&p).await.unwrap());
+                    client!(s, i)
+                })
+            })
+            .collect();
+        for c in clients {
+            c.await.unwrap();
+        }
+        server.await.unwrap();
+    });
+    std::fs::remove_file(&path).unwrap();
+}
+
+fn completion_reactor() -> Reactor {
+    let r = Reactor::builder()
+        .backend(reactor::Backend::Uring)
+        .socket_io(SocketIo::Completion)
+        .build()
+        .unwrap();
+    assert_eq!(r.socket_io(), SocketIo::Completion);
+    r
+}
+
+backend_tests! {
+    fn tcp_echo_100_connections(r: &Reactor) {
+        tcp_echo(r);
+    }
+
+    fn unix_echo_100_connections(r: &Reactor) {
+        unix_echo(r, "default");
+    }
+
+    fn futures_io_traits(r: &Reactor) {
+        r.block_on(async {
+            let (mut a, mut b) = UnixStream::pair().unwrap();
+            let writer = spawn(async move {
+                AsyncWriteExt::write_all(&mut a, &pattern(3)).await.unwrap();
+                a.close().await.unwrap();
+            });
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, pattern(3));
+            writer.await.unwrap();
+        });
+    }
+
+    fn connect_refused(r: &Reactor) {
+        r.block_on(async {
+            // Bind then drop a listener, so the port is (almost certainly) closed.
+            let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+            let e = TcpStream::connect(addr).await.unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+        });
+    }
+
+    fn write_to_a_closed_peer_is_an_error_not_a_signal(r: &Reactor) {
+        r.block_on(async {
+            let (a, b) = UnixStream::pair().unwrap();
+            drop(b);
+            let (res, _) = a.write_all(vec![0u8; 1 << 20]).await;
+            assert_eq!(res.unwrap_err().kind(), std::io::ErrorKind::BrokenPipe);
+        });
+    }
+
+    fn sockets_outside_a_reactor_fail_cleanly(r: &Reactor) {
+        let _ = r;
+        let e = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap_err();
+        assert!(e.to_string().contains("no reactor"), "{e}");
+    }
+}
+
+#[cfg(feature = "uring")]
+mod uring_completion {
+    use super::*;
+
+    #[test]
+    fn tcp_echo_100_connections_with_completion_ops() {
+        tcp_echo(&completion_reactor());
+    }
+
+    #[test]
+    fn unix_echo_100_connections_with_completion_ops() {
+        unix_echo(&completion_reactor(), "completion");
+    }
+}
