@@ -88,8 +88,8 @@ impl Builder {
         self
     }
 
-    /// Submission-queue size of the io_uring backend (1..=32768; the kernel rounds it up to a
-    /// power of two). Ignored by epoll.
+    /// Submission-queue size of the io_uring backend (1..=32768, checked by
+    /// [`build`](Self::build); the kernel rounds it up to a power of two). Not used by epoll.
     pub fn uring_entries(mut self, entries: u32) -> Self {
         self.uring_entries = entries;
         self
@@ -118,10 +118,19 @@ impl Builder {
     /// Creates the reactor on the calling thread, which becomes its home thread.
     ///
     /// # Errors
-    /// `InvalidInput` for a bad `REACTOR_BACKEND`; `Unsupported` for a backend that was not
+    /// `InvalidInput` for a bad `REACTOR_BACKEND` or `uring_entries`; `Unsupported` for a backend that was not
     /// built; the setup error of a forced backend, with its cause named (for example io_uring
     /// forbidden by seccomp); `EMFILE` and the like when out of resources.
     pub fn build(self) -> io::Result<Reactor> {
+        if !(1..=32768).contains(&self.uring_entries) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "uring_entries must be 1..=32768, not {}",
+                    self.uring_entries
+                ),
+            ));
+        }
         let shared = Arc::new(Shared {
             notifier: Notifier::new()?,
             bhs: BhList::new(),
