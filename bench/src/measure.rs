@@ -25,6 +25,8 @@ impl Metric {
 pub struct Sample {
     pub value: f64,
     pub syscalls_per_op: Option<f64>,
+    /// CPU time of the system under test (the server thread), per operation.
+    pub cpu_ns_per_op: Option<f64>,
 }
 
 impl Sample {
@@ -39,11 +41,17 @@ impl Sample {
         Sample {
             value,
             syscalls_per_op: None,
+            cpu_ns_per_op: None,
         }
     }
 
     pub fn with_syscalls(mut self, per_op: f64) -> Sample {
         self.syscalls_per_op = Some(per_op);
+        self
+    }
+
+    pub fn with_cpu(mut self, cpu_ns_per_op: f64) -> Sample {
+        self.cpu_ns_per_op = Some(cpu_ns_per_op);
         self
     }
 }
@@ -59,6 +67,7 @@ pub struct Summary {
     pub max: f64,
     pub runs: usize,
     pub syscalls_per_op: Option<f64>,
+    pub cpu_ns_per_op: Option<f64>,
 }
 
 impl Summary {
@@ -71,8 +80,11 @@ impl Summary {
         } else {
             (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
         };
-        let mut sc: Vec<f64> = samples.iter().filter_map(|s| s.syscalls_per_op).collect();
-        sc.sort_by(f64::total_cmp);
+        let median_of = |f: fn(&Sample) -> Option<f64>| {
+            let mut v: Vec<f64> = samples.iter().filter_map(f).collect();
+            v.sort_by(f64::total_cmp);
+            (!v.is_empty()).then(|| v[v.len() / 2])
+        };
         Summary {
             scenario: scenario.to_string(),
             system: system.to_string(),
@@ -81,7 +93,8 @@ impl Summary {
             min: v[0],
             max: v[v.len() - 1],
             runs: v.len(),
-            syscalls_per_op: (!sc.is_empty()).then(|| sc[sc.len() / 2]),
+            syscalls_per_op: median_of(|s| s.syscalls_per_op),
+            cpu_ns_per_op: median_of(|s| s.cpu_ns_per_op),
         }
     }
 }
@@ -96,6 +109,17 @@ pub fn repeat(
 ) -> Summary {
     let samples: Vec<Sample> = (0..runs).map(|_| f()).collect();
     Summary::of(scenario, system, metric, &samples)
+}
+
+/// CPU time consumed so far by the calling thread, in nanoseconds.
+pub fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Times `f`, which performs `ops` operations.

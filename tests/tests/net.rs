@@ -135,13 +135,13 @@ fn unix_echo(r: &Reactor, tag: &str) {
     std::fs::remove_file(&path).unwrap();
 }
 
-fn completion_reactor() -> Reactor {
+fn readiness_reactor() -> Reactor {
     let r = Reactor::builder()
         .backend(reactor::Backend::Uring)
-        .socket_io(SocketIo::Completion)
+        .socket_io(SocketIo::Readiness)
         .build()
         .unwrap();
-    assert_eq!(r.socket_io(), SocketIo::Completion);
+    assert_eq!(r.socket_io(), SocketIo::Readiness);
     r
 }
 
@@ -193,17 +193,25 @@ backend_tests! {
     }
 }
 
+/// The default on io_uring is completion operations; these run the same echoes with the
+/// readiness path that io_uring can also use.
 #[cfg(feature = "uring")]
-mod uring_completion {
+mod uring_readiness {
     use super::*;
 
     #[test]
-    fn tcp_echo_100_connections_with_completion_ops() {
-        tcp_echo(&completion_reactor());
+    fn tcp_echo_100_connections_with_readiness() {
+        tcp_echo(&readiness_reactor());
     }
 
     #[test]
-    fn unix_echo_100_connections_with_completion_ops() {
-        unix_echo(&completion_reactor(), "completion");
+    fn unix_echo_100_connections_with_readiness() {
+        unix_echo(&readiness_reactor(), "readiness");
+    }
+
+    #[test]
+    fn the_default_on_io_uring_is_completion() {
+        let r = tests::reactor_on(reactor::Backend::Uring);
+        assert_eq!(r.socket_io(), SocketIo::Completion);
     }
 }

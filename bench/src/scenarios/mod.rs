@@ -2,6 +2,7 @@
 
 pub mod bh;
 pub mod pingpong;
+pub mod tcp_echo;
 
 use crate::measure::{Metric, Sample, Summary, repeat};
 
@@ -56,5 +57,10 @@ pub const ALL: &[Scenario] = &[
         name: "pingpong",
         about: "a BH bounced between two reactors on two threads (round-trip ns)",
         run: pingpong::run,
+    },
+    Scenario {
+        name: "tcp-echo",
+        about: "64 loopback connections, 64 B and 1 KiB request/response (requests/s)",
+        run: tcp_echo::run,
     },
 ];

@@ -1,0 +1,307 @@
+//! `tcp-echo`: 64 connections over loopback, request/response with 64-byte and 1 KiB messages.
+//!
+//! The server runs on one thread (a reactor, or a peer runtime); the client is a neutral raw
+//! epoll loop on another thread, the same for every server. It keeps one request in flight per
+//! connection and checks every echoed byte. Peers: tokio's current_thread runtime, monoio and
+//! compio (both io_uring runtimes).
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc;
+use std::thread;
+
+use reactor::net::SocketIo;
+use reactor::{Backend, Reactor};
+
+use crate::measure::{Metric, Sample, thread_cpu_ns, time};
+use crate::scenarios::{Ctx, Row};
+
+const CONNS: usize = 64;
+
+/// A server: reports its address, serves `CONNS` connections, returns its thread's CPU time.
+type ServerFn = fn(mpsc::Sender<SocketAddr>) -> u64;
+
+pub fn run(ctx: &Ctx) -> Vec<Row> {
+    let servers: [(&str, ServerFn); 6] = [
+        ("reactor-uring", |tx| {
+            reactor_server(Backend::Uring, SocketIo::Completion, tx)
+        }),
+        ("reactor-uring-readiness", |tx| {
+            reactor_server(Backend::Uring, SocketIo::Readiness, tx)
+        }),
+        ("reactor-epoll", |tx| {
+            reactor_server(Backend::Epoll, SocketIo::Readiness, tx)
+        }),
+        ("tokio", tokio_server),
+        ("monoio", monoio_server),
+        ("compio", compio_server),
+    ];
+    let mut rows = Vec::new();
+    for size in [64usize, 1024] {
+        let scenario = format!(
+            "tcp-echo-{}",
+            if size == 64 {
+                "64B".into()
+            } else {
+                "1KiB".to_string()
+            }
+        );
+        let n = ctx.scale(400_000, 60_000);
+        for (name, server) in servers {
+            rows.push(ctx.row(&scenario, name, Metric::OpsPerSec, || {
+                one_run(server, size, n)
+            }));
+        }
+    }
+    rows
+}
+
+/// Starts `server` on its own thread, runs the client against it, and joins the server.
+fn one_run(server: ServerFn, size: usize, n: u64) -> Sample {
+    let (tx, rx) = mpsc::channel();
+    let t = thread::spawn(move || server(tx));
+    let addr = rx.recv().expect("the server reports its address");
+    let sample = client(addr, size, n);
+    let cpu = t.join().expect("server thread");
+    sample.with_cpu(cpu as f64 / n as f64)
+}
+
+/// Serves exactly `CONNS` connections, echoing until each peer closes, then returns.
+fn reactor_server(backend: Backend, io: SocketIo, tx: mpsc::Sender<SocketAddr>) -> u64 {
+    use reactor::net::TcpListener;
+    let r = Reactor::builder()
+        .backend(backend)
+        .socket_io(io)
+        .build()
+        .expect("reactor");
+    assert_eq!(r.backend(), backend);
+    r.block_on(async move {
+        let l = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        tx.send(l.local_addr().unwrap()).unwrap();
+        let mut conns = Vec::new();
+        for _ in 0..CONNS {
+            let (s, _) = l.accept().await.unwrap();
+            s.set_nodelay(true).unwrap();
+            conns.push(
+                Reactor::with_current(|r| {
+                    r.spawn_local(async move {
+                        let mut buf = Vec::with_capacity(16 * 1024);
+                        loop {
+                            let (res, b) = s.read(buf).await;
+                            if res.unwrap() == 0 {
+                                return;
+                            }
+                            let (res, b) = s.write_all(b).await;
+                            res.unwrap();
+                            buf = b;
+                        }
+                    })
+                })
+                .unwrap(),
+            );
+        }
+        for c in conns {
+            c.await.unwrap();
+        }
+    });
+    thread_cpu_ns()
+}
+
+fn tokio_server(tx: mpsc::Sender<SocketAddr>) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        tx.send(l.local_addr().unwrap()).unwrap();
+        let mut conns = Vec::new();
+        for _ in 0..CONNS {
+            let (mut s, _) = l.accept().await.unwrap();
+            s.set_nodelay(true).unwrap();
+            conns.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = s.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    s.write_all(&buf[..n]).await.unwrap();
+                }
+            }));
+        }
+        for c in conns {
+            c.await.unwrap();
+        }
+    });
+    thread_cpu_ns()
+}
+
+fn monoio_server(tx: mpsc::Sender<SocketAddr>) -> u64 {
+    use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+    let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        .build()
+        .expect("monoio runtime");
+    rt.block_on(async move {
+        let l = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        tx.send(l.local_addr().unwrap()).unwrap();
+        let mut conns = Vec::new();
+        for _ in 0..CONNS {
+            let (mut s, _) = l.accept().await.unwrap();
+            s.set_nodelay(true).unwrap();
+            conns.push(monoio::spawn(async move {
+                let mut buf = Vec::with_capacity(16 * 1024);
+                loop {
+                    let (res, b) = s.read(buf).await;
+                    if res.unwrap() == 0 {
+                        return;
+                    }
+                    let (res, b) = s.write_all(b).await;
+                    res.unwrap();
+                    buf = b;
+                    buf.clear();
+                }
+            }));
+        }
+        for c in conns {
+            c.await;
+        }
+    });
+    thread_cpu_ns()
+}
+
+fn compio_server(tx: mpsc::Sender<SocketAddr>) -> u64 {
+    use compio::io::{AsyncRead, AsyncWriteExt};
+    let rt = compio::runtime::Runtime::new().expect("compio runtime");
+    rt.block_on(async move {
+        let l = compio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        tx.send(l.local_addr().unwrap()).unwrap();
+        let mut conns = Vec::new();
+        for _ in 0..CONNS {
+            let (mut s, _) = l.accept().await.unwrap();
+            s.set_nodelay(true).unwrap();
+            conns.push(compio::runtime::spawn(async move {
+                let mut buf = Vec::with_capacity(16 * 1024);
+                loop {
+                    let compio::BufResult(res, b) = s.read(buf).await;
+                    if res.unwrap() == 0 {
+                        return;
+                    }
+                    let compio::BufResult(res, b) = s.write_all(b).await;
+                    res.unwrap();
+                    buf = b;
+                    buf.clear();
+                }
+            }));
+        }
+        for c in conns {
+            let _ = c.await;
+        }
+    });
+    thread_cpu_ns()
+}
+
+/// One connection of the client: the request in flight and how much of its echo came back.
+struct Conn {
+    s: std::net::TcpStream,
+    seq: u64,
+    got: usize,
+    buf: Vec<u8>,
+}
+
+fn fill(req: &mut [u8], conn: usize, seq: u64) {
+    for (i, b) in req.iter_mut().enumerate() {
+        *b = (seq as usize).wrapping_mul(31).wrapping_add(conn * 7 + i) as u8;
+    }
+}
+
+fn send_all(s: &std::net::TcpStream, mut data: &[u8]) {
+    use std::io::Write;
+    while !data.is_empty() {
+        match (&*s).write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::yield_now(),
+            Err(e) => panic!("client write: {e}"),
+        }
+    }
+}
+
+/// The neutral client: `CONNS` connections, one `size`-byte request in flight on each, until
+/// `n` requests have been echoed; every byte is checked.
+fn client(addr: SocketAddr, size: usize, n: u64) -> Sample {
+    use std::io::Read;
+    let mut conns: Vec<Conn> = (0..CONNS)
+        .map(|_| {
+            let s = std::net::TcpStream::connect(addr).expect("connect");
+            s.set_nodelay(true).unwrap();
+            s.set_nonblocking(true).unwrap();
+            Conn {
+                s,
+                seq: 0,
+                got: 0,
+                buf: vec![0; size],
+            }
+        })
+        .collect();
+    // SAFETY: plain epoll calls on fds owned by this function.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    assert!(ep >= 0);
+    for (i, c) in conns.iter().enumerate() {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: i as u64,
+        };
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, c.s.as_raw_fd(), &mut ev) },
+            0
+        );
+    }
+    let mut req = vec![0u8; size];
+    let mut expect = vec![0u8; size];
+    let mut done = 0u64;
+    let mut sent = 0u64;
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; CONNS];
+    let sample = time(Metric::OpsPerSec, n, || {
+        for (i, c) in conns.iter_mut().enumerate() {
+            fill(&mut req, i, c.seq);
+            send_all(&c.s, &req);
+            sent += 1;
+        }
+        while done < n {
+            // SAFETY: `events` has room for CONNS entries.
+            let k = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), CONNS as i32, 10_000) };
+            assert!(k > 0, "the server stopped answering");
+            for ev in &events[..k as usize] {
+                let i = ev.u64 as usize;
+                let c = &mut conns[i];
+                loop {
+                    match c.s.read(&mut c.buf[c.got..]) {
+                        Ok(0) => panic!("server closed connection {i}"),
+                        Ok(m) => c.got += m,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => panic!("client read: {e}"),
+                    }
+                    if c.got == size {
+                        fill(&mut expect, i, c.seq);
+                        assert_eq!(c.buf, expect, "echo of request {} on connection {i}", c.seq);
+                        done += 1;
+                        c.got = 0;
+                        c.seq += 1;
+                        if sent < n {
+                            fill(&mut req, i, c.seq);
+                            send_all(&c.s, &req);
+                            sent += 1;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    assert_eq!(done, n);
+    // SAFETY: closing the epoll fd this function created.
+    unsafe { libc::close(ep) };
+    drop(conns); // the server sees EOF on every connection and returns
+    sample
+}
