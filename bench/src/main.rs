@@ -3,9 +3,11 @@
 //! Markdown table.
 //!
 //! Flags: `--scenario NAME` (repeatable), `--runs N` (default 5), `--quick` (default) or
-//! `--full`, `--list`.
+//! `--full`, `--json PATH`, `--plot PATH`, `--list`.
 
 mod measure;
+mod plot;
+mod report;
 mod scenarios;
 mod table;
 
@@ -18,10 +20,12 @@ struct Args {
     runs: usize,
     full: bool,
     list: bool,
+    json: Option<String>,
+    plot: Option<String>,
 }
 
 fn usage() -> &'static str {
-    "usage: bench [--scenario NAME]... [--runs N] [--quick | --full] [--list]"
+    "usage: bench [--scenario NAME]... [--runs N] [--quick | --full] [--json PATH] [--plot PATH] [--list]"
 }
 
 fn parse() -> Result<Args, String> {
@@ -30,6 +34,8 @@ fn parse() -> Result<Args, String> {
         runs: 5,
         full: false,
         list: false,
+        json: None,
+        plot: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -49,6 +55,8 @@ fn parse() -> Result<Args, String> {
             "--quick" => a.full = false,
             "--full" => a.full = true,
             "--list" => a.list = true,
+            "--json" => a.json = Some(it.next().ok_or("--json needs a path")?),
+            "--plot" => a.plot = Some(it.next().ok_or("--plot needs a path")?),
             "-h" | "--help" => return Err(usage().into()),
             other => return Err(format!("unknown argument {other:?}\n{}", usage())),
         }
@@ -92,5 +100,19 @@ fn main() -> ExitCode {
         rows.extend((s.run)(&ctx));
     }
     println!("{}", table::render(&rows));
+    if let Some(path) = &args.json {
+        if let Err(e) = std::fs::write(path, report::json(&rows)) {
+            eprintln!("--json {path}: {e}");
+            return ExitCode::FAILURE;
+        }
+        eprintln!("wrote {path}");
+    }
+    if let Some(path) = &args.plot {
+        if let Err(e) = plot::svg(&rows, path) {
+            eprintln!("--plot {path}: {e}");
+            return ExitCode::FAILURE;
+        }
+        eprintln!("wrote {path}");
+    }
     ExitCode::SUCCESS
 }

@@ -21,14 +21,35 @@ fn reactor_on(backend: Backend) -> Reactor {
 
 pub fn local(ctx: &Ctx) -> Vec<Row> {
     let n = ctx.scale(2_000_000, 300_000);
-    [Backend::Uring, Backend::Epoll]
+    let mut rows: Vec<Row> = [Backend::Uring, Backend::Epoll]
         .into_iter()
         .map(|b| {
             ctx.row("bh-local", &format!("reactor-{b}"), Metric::NsPerOp, || {
                 bh_local(b, n)
             })
         })
-        .collect()
+        .collect();
+    rows.push(ctx.row("bh-local", "tokio", Metric::NsPerOp, || tokio_yield(n)));
+    rows
+}
+
+/// tokio's equivalent: a task doing `yield_now` in a loop on a current_thread runtime.
+fn tokio_yield(n: u64) -> Sample {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut count = 0u64;
+    let s = time(Metric::NsPerOp, n, || {
+        rt.block_on(async {
+            for _ in 0..n {
+                tokio::task::yield_now().await;
+                count += 1;
+            }
+        })
+    });
+    assert_eq!(count, n);
+    s
 }
 
 /// A BH that reschedules itself `n` times; one run per iteration.
@@ -62,7 +83,7 @@ fn bh_local(backend: Backend, n: u64) -> Sample {
 
 pub fn cross(ctx: &Ctx) -> Vec<Row> {
     let n = ctx.scale(2_000_000, 300_000);
-    [Backend::Uring, Backend::Epoll]
+    let mut rows: Vec<Row> = [Backend::Uring, Backend::Epoll]
         .into_iter()
         .map(|b| {
             ctx.row(
@@ -72,7 +93,42 @@ pub fn cross(ctx: &Ctx) -> Vec<Row> {
                 || bh_cross(b, n),
             )
         })
-        .collect()
+        .collect();
+    rows.push(ctx.row("bh-cross", "tokio", Metric::OpsPerSec, || tokio_cross(n)));
+    rows
+}
+
+/// tokio's equivalent: a producer thread spawning `n` tasks into a current_thread runtime kept
+/// busy by a yielding loop.
+fn tokio_cross(n: u64) -> Sample {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let done = Arc::new(AtomicU64::new(0));
+    let go = Arc::new(AtomicBool::new(false));
+    let (h, d2, go2) = (rt.handle().clone(), done.clone(), go.clone());
+    let producer = std::thread::spawn(move || {
+        while !go2.load(Ordering::Acquire) {
+            std::hint::spin_loop();
+        }
+        for _ in 0..n {
+            let d3 = d2.clone();
+            h.spawn(async move {
+                d3.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+    });
+    let s = time(Metric::OpsPerSec, n, || {
+        go.store(true, Ordering::Release);
+        rt.block_on(async {
+            while done.load(Ordering::Relaxed) < n {
+                tokio::task::yield_now().await;
+            }
+        })
+    });
+    producer.join().unwrap();
+    s
 }
 
 /// One producer thread posts `n` one-shots into a reactor that is kept busy by a local BH.

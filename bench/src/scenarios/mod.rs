@@ -1,8 +1,11 @@
 //! The scenarios: each one measures every system it applies to, in the same process.
 
 pub mod bh;
+pub mod fd_pingpong;
+pub mod file_read;
 pub mod pingpong;
 pub mod tcp_echo;
+pub mod timers;
 
 use crate::measure::{Metric, Sample, Summary, repeat};
 
@@ -59,8 +62,23 @@ pub const ALL: &[Scenario] = &[
         run: pingpong::run,
     },
     Scenario {
+        name: "timers",
+        about: "100k sleeping tasks fired (ns per timer); sleep(1 ms) lateness p50/p99 (ns late)",
+        run: timers::run,
+    },
+    Scenario {
+        name: "fd-pingpong",
+        about: "a byte bounced over a socketpair through fd handlers on two threads (round-trip ns)",
+        run: fd_pingpong::run,
+    },
+    Scenario {
         name: "tcp-echo",
         about: "64 loopback connections, 64 B and 1 KiB request/response (requests/s)",
         run: tcp_echo::run,
+    },
+    Scenario {
+        name: "file-read",
+        about: "4 KiB reads over 256 MiB, random and sequential, QD1/QD32, cached and O_DIRECT (IOPS)",
+        run: file_read::run,
     },
 ];

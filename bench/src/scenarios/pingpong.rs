@@ -18,13 +18,12 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
     let n = ctx.scale(20_000, 2_000);
     let mut rows = Vec::new();
     for backend in [Backend::Uring, Backend::Epoll] {
-        rows.push(ctx.row(
-            "pingpong",
-            &format!("reactor-{backend}"),
-            Metric::NsPerOp,
-            || reactor_pingpong(backend, n),
-        ));
+        let system = format!("reactor-{backend}");
+        rows.push(ctx.row("pingpong", &system, Metric::NsPerOp, || {
+            reactor_pingpong(backend, n)
+        }));
     }
+    rows.push(ctx.row("pingpong", "tokio", Metric::NsPerOp, || tokio_pingpong(n)));
     rows.push(
         ctx.row("pingpong", "floor-eventfd-epoll", Metric::NsPerOp, || {
             eventfd_pingpong(n)
@@ -34,6 +33,41 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
         futex_pingpong(n)
     }));
     rows
+}
+
+/// tokio's equivalent: two current_thread runtimes on two threads bouncing a message over
+/// two channels.
+fn tokio_pingpong(n: u64) -> Sample {
+    let (to_b, mut b_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let (to_a, mut a_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let b = thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            while let Some(v) = b_rx.recv().await {
+                if to_a.send(v).is_err() {
+                    return;
+                }
+            }
+        })
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = time(Metric::NsPerOp, n, || {
+        rt.block_on(async {
+            for i in 0..n {
+                to_b.send(i).unwrap();
+                assert_eq!(a_rx.recv().await, Some(i));
+            }
+        })
+    });
+    drop(to_b);
+    b.join().unwrap();
+    s
 }
 
 /// Reactor A schedules B's BH, which schedules A's BH: one round trip.

@@ -46,7 +46,7 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
                 "1KiB".to_string()
             }
         );
-        let n = ctx.scale(400_000, 60_000);
+        let n = ctx.scale(400_000, 40_000);
         for (name, server) in servers {
             rows.push(ctx.row(&scenario, name, Metric::OpsPerSec, || {
                 one_run(server, size, n)
