@@ -1,9 +1,9 @@
 //! `--plot PATH`: an SVG bar chart of how reactor-uring compares, per scenario, with
 //! reactor-epoll, tokio and the best other peer or floor.
 //!
-//! Each bar is a speed-up: how many times faster reactor-uring is (above 1) or slower (below
-//! 1) than the other system, whatever the scenario's metric, so that all bars read the same way.
-//! The axis is logarithmic, so 2× faster and 2× slower are the same length from the 1 line.
+//! Each bar is a speed-up: how many times faster reactor-uring is than the other system (above
+//! one) or slower (below one), whatever the scenario's metric, so that all bars read the same
+//! way. The axis is logarithmic, so 2× faster and 2× slower are the same length from the 1 line.
 
 use plotters::prelude::*;
 
