@@ -216,9 +216,10 @@ impl<T> Future for Blocking<T> {
     }
 }
 
-/// Runs `f` on the current reactor's thread pool (the default pool outside a reactor) and
-/// returns a future of its result; the awaiting task is woken, by a BH schedule, when it is
-/// ready.
+/// Runs `f` on the thread pool of the reactor polling on this thread when it is called (the
+/// default pool outside a reactor) and returns a future of its result; the awaiting task is
+/// woken, by a BH schedule, when it is ready. `f` starts at once, not when the future is first
+/// polled.
 ///
 /// ```
 /// use reactor::{Reactor, spawn_blocking};
