@@ -100,7 +100,7 @@ backend_tests! {
     fn spawn_blocking_delivers_results_and_panics(r: &Reactor) {
         let v = r.block_on(spawn_blocking(|| std::thread::current().name().map(str::to_owned)));
         assert!(v.unwrap().unwrap().starts_with("reactor-blocking"));
-        let e = r.block_on(spawn_blocking(|| panic!("pool job panics"))).map(|()| ()).unwrap_err();
+        let e = r.block_on(spawn_blocking(|| -> () { panic!("pool job panics") })).unwrap_err();
         assert!(e.is_panic());
         // The pool survives a panicking job.
         assert_eq!(r.block_on(spawn_blocking(|| 5)).unwrap(), 5);
