@@ -14,36 +14,21 @@
 //!
 //! Memory: a node on the shared list or the run queue is kept alive by the home thread's
 //! registry (persistent BHs, until the home thread dequeues it with DELETED set) or is owned by
-//! the list itself (one-shots, pushed with `Arc::into_raw`). The `next` link of a node is only
-//! written by whoever set its PENDING bit (SP1) and only read by the home thread before it clears
-//! PENDING again (SP7).
+//! the list itself (one-shots, pushed with `Arc::into_raw`; tasks, whose list reference is taken
+//! at each push). The `next` link of a node is only written by whoever set its PENDING bit (SP1)
+//! and only read by the home thread before it clears PENDING again (SP8).
 //!
-//! The synchronisation points SP1, SP2, SP6 (take) and SP7 are explained in `notify.rs`.
+//! The flags, the list and the synchronisation points SP1–SP8 live in `protocol.rs`.
 
 use std::cell::{Cell, RefCell, UnsafeCell};
 use std::ptr;
 
 use slab::Slab;
 
+pub(crate) use crate::protocol::{DELETED, IDLE, ONESHOT, PENDING, SCHEDULED, TASK, TIMER};
+use crate::protocol::{Link, List};
 use crate::reactor::{Reactor, Shared};
-use crate::sync::{Arc, AtomicPtr, AtomicU32, AtomicU64, Ordering};
-
-/// On the shared list or the home run queue. Set by the scheduler (SP1), cleared at dequeue.
-pub(crate) const PENDING: u32 = 1;
-/// Should run when dequeued.
-pub(crate) const SCHEDULED: u32 = 2;
-/// Scheduled as idle: not progress, bounds the wait to [`IDLE_TIMEOUT`].
-pub(crate) const IDLE: u32 = 4;
-/// The handle was dropped: free at dequeue, never run.
-pub(crate) const DELETED: u32 = 8;
-/// Fixed at creation: freed after its one run.
-pub(crate) const ONESHOT: u32 = 16;
-/// Fixed at creation: a timer; a "schedule" means "my deadline changed".
-pub(crate) const TIMER: u32 = 32;
-/// Fixed at creation: a task; a schedule is a wake, a run is a poll of its future. Wakers
-/// outlive the task, so the list owns a reference to a queued task node (taken when it is
-/// pushed, given back when it is dequeued).
-pub(crate) const TASK: u32 = 64;
+use crate::sync::{Arc, AtomicU64};
 
 /// The wait bound while only idle BHs are scheduled.
 pub(crate) const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(10);
@@ -78,10 +63,11 @@ pub(crate) struct Home {
     pub(crate) armed_seq: u64,
 }
 
-/// A BH, timer or one-shot: flags and link shared with producers, plus home-only state.
+/// A BH, timer, task or one-shot: flags and link shared with producers, plus home-only state.
+/// `link` comes first (`repr(C)`), so a `*const Link` from the list is the node's address.
+#[repr(C)]
 pub(crate) struct BhNode {
-    pub(crate) flags: AtomicU32,
-    next: AtomicPtr<BhNode>,
+    pub(crate) link: Link,
     /// Timers: the requested deadline in reactor nanoseconds, [`DISARMED`] when not armed.
     pub(crate) deadline: AtomicU64,
     pub(crate) shared: Arc<Shared>,
@@ -91,7 +77,7 @@ pub(crate) struct BhNode {
 /// `deadline` of a timer that is not armed.
 pub(crate) const DISARMED: u64 = u64::MAX;
 
-// SAFETY: producers on other threads touch only the atomics (`flags`, `next`, `deadline`) and
+// SAFETY: producers on other threads touch only the atomics (`link`, `deadline`) and
 // `shared` (itself Send + Sync). `home`, which may hold a callback that is not `Send`, is only
 // accessed by the home thread: through `Reactor` methods (a `Reactor` is `!Send`, so they run on
 // the thread that created it) and while the node is reachable from that reactor alone.
@@ -102,8 +88,7 @@ unsafe impl Sync for BhNode {}
 impl BhNode {
     pub(crate) fn new(shared: &Arc<Shared>, fixed: u32, callback: Callback) -> Arc<BhNode> {
         Arc::new(BhNode {
-            flags: AtomicU32::new(fixed),
-            next: AtomicPtr::new(ptr::null_mut()),
+            link: Link::new(fixed),
             deadline: AtomicU64::new(DISARMED),
             shared: shared.clone(),
             home: UnsafeCell::new(Home {
@@ -135,38 +120,14 @@ impl BhNode {
     /// borrowed from the registry; for a one-shot, the caller has leaked one `Arc` reference
     /// (`Arc::into_raw`) that the list then owns, and takes it back if this returns `false`.
     pub(crate) fn enqueue(&self, new: u32) -> bool {
-        // SP1: set PENDING with the new bits. Acquire pairs with the release of SP7 (the home
-        // thread read `next` before clearing PENDING, so writing `next` below cannot clobber
-        // its unlink); release pairs with the acquire of SP7 (a BH that is already queued runs
-        // after this point and sees what the scheduler wrote before it).
-        let old = if new & IDLE == 0 {
-            self.flags.fetch_or(PENDING | new, Ordering::AcqRel)
-        } else {
-            // An idle schedule does not downgrade a pending ordinary one. Same orderings as the
-            // fetch_or (SP1); failure: Relaxed, the loop retries with the value read.
-            let r = self
-                .flags
-                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |f| {
-                    Some(if f & (SCHEDULED | IDLE) == SCHEDULED {
-                        f | PENDING
-                    } else {
-                        f | PENDING | new
-                    })
-                });
-            r.unwrap_or_else(|f| f)
-        };
-        if new & (SCHEDULED | IDLE) == SCHEDULED && old & IDLE != 0 {
-            // An ordinary schedule upgrades a pending idle one. Relaxed: the bit only affects
-            // progress accounting and the timeout, and either outcome of a race is correct.
-            self.flags.fetch_and(!IDLE, Ordering::Relaxed);
-        }
+        let old = self.link.mark(new);
         if old & PENDING == 0 {
             let task = old & TASK != 0;
             if task {
                 // SAFETY: every node lives in an `Arc`; this reference is the list's own.
                 unsafe { Arc::increment_strong_count(self) };
             }
-            if self.shared.bhs.push(self).is_err() {
+            if self.shared.bhs.push(&self.link).is_err() {
                 if task {
                     // SAFETY: takes back the reference added just above; the caller's own
                     // reference keeps the node alive.
@@ -180,84 +141,6 @@ impl BhNode {
     }
 }
 
-/// The sentinel head of a closed list: the reactor is gone and takes no more BHs.
-fn closed() -> *mut BhNode {
-    ptr::dangling_mut()
-}
-
-/// The lock-free list of scheduled BHs: producers push at the head, the home thread takes the
-/// whole list at once.
-#[derive(Debug)]
-pub(crate) struct BhList {
-    head: AtomicPtr<BhNode>,
-}
-
-/// The reactor has been dropped.
-#[derive(Debug)]
-pub(crate) struct ListClosed;
-
-impl BhList {
-    pub(crate) fn new() -> Self {
-        BhList {
-            head: AtomicPtr::new(ptr::null_mut()),
-        }
-    }
-
-    /// SP2: pushes `node`, whose PENDING bit the caller has just set.
-    fn push(&self, node: *const BhNode) -> Result<(), ListClosed> {
-        let node = node.cast_mut();
-        // Relaxed: only a starting guess for the CAS below.
-        let mut head = self.head.load(Ordering::Relaxed);
-        loop {
-            if head == closed() {
-                return Err(ListClosed);
-            }
-            // SAFETY: the caller owns the PENDING bit of `node`, so no one else reads or writes
-            // its link until the home thread takes it; the node is alive (the caller holds it).
-            // Relaxed: published by the release CAS below.
-            unsafe { (*node).next.store(head, Ordering::Relaxed) };
-            // SP2: release publishes the link and everything the scheduler wrote before; pairs
-            // with the acquire swap of `take` (SP6). Failure: Relaxed, only a new guess.
-            match self
-                .head
-                .compare_exchange_weak(head, node, Ordering::Release, Ordering::Relaxed)
-            {
-                Ok(_) => return Ok(()),
-                Err(h) => head = h,
-            }
-        }
-    }
-
-    /// SP6, second half: takes every scheduled BH, newest first.
-    fn take(&self) -> *mut BhNode {
-        // SP6: acquire pairs with the release CAS of SP2 in `push`.
-        self.head.swap(ptr::null_mut(), Ordering::Acquire)
-    }
-
-    /// Closes the list; later pushes fail. Returns what was on it.
-    fn close(&self) -> *mut BhNode {
-        // Acquire: as in `take`, pairs with SP2.
-        self.head.swap(closed(), Ordering::Acquire)
-    }
-
-    /// Whether [`close`](Self::close) has run.
-    pub(crate) fn is_closed(&self) -> bool {
-        // Relaxed: the answer is a snapshot either way; a push re-checks in its CAS loop.
-        self.head.load(Ordering::Relaxed) == closed()
-    }
-
-    /// Whether a non-idle scheduled BH is on the list (an unordered peek for the timeout; a
-    /// miss is caught by the SP5 check of `notified`).
-    fn peek(&self) -> Peek {
-        // Acquire: the nodes reached below must be fully published (pairs with SP2).
-        let p = self.head.load(Ordering::Acquire);
-        if p == closed() {
-            return Peek::Nothing;
-        }
-        walk(p)
-    }
-}
-
 /// What the timeout computation needs to know of pending BHs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Peek {
@@ -267,14 +150,12 @@ pub(crate) enum Peek {
 }
 
 /// Walks a chain of nodes from `p`, classifying them.
-fn walk(mut p: *mut BhNode) -> Peek {
+fn walk(mut p: *mut Link) -> Peek {
     let mut seen = Peek::Nothing;
     while !p.is_null() {
-        // SAFETY: nodes on the list or the run queue are alive (see the module docs), and their
-        // links are stable while they are PENDING.
-        let node = unsafe { &*p };
-        // Relaxed: a hint for the timeout only.
-        let f = node.flags.load(Ordering::Relaxed);
+        // SAFETY: nodes on the list or the run queue are alive (see the module docs).
+        let link = unsafe { &*p };
+        let f = link.flags();
         if f & (SCHEDULED | DELETED) == SCHEDULED && f & TIMER == 0 {
             if f & IDLE == 0 {
                 return Peek::Due;
@@ -283,8 +164,8 @@ fn walk(mut p: *mut BhNode) -> Peek {
         } else if f & TIMER != 0 && f & SCHEDULED != 0 {
             return Peek::Due; // a timer changed: re-sync before sleeping
         }
-        // Relaxed: the link was published by SP2 and is stable while PENDING.
-        p = node.next.load(Ordering::Relaxed);
+        // SAFETY: the link is PENDING (on the list or run queue), so its `next` is stable.
+        p = unsafe { link.next() };
     }
     seen
 }
@@ -296,8 +177,8 @@ pub(crate) struct BhHome {
     registry: RefCell<Slab<Arc<BhNode>>>,
     /// FIFO of taken nodes not yet dequeued (linked through `next`, PENDING still set). A
     /// nested poll continues it, which gives the "outer slice first" rule.
-    head: Cell<*mut BhNode>,
-    tail: Cell<*mut BhNode>,
+    head: Cell<*mut Link>,
+    tail: Cell<*mut Link>,
 }
 
 impl BhHome {
@@ -322,52 +203,47 @@ impl BhHome {
     }
 
     /// What is pending, for the timeout: the run queue, then the shared list.
-    pub(crate) fn peek(&self, list: &BhList) -> Peek {
+    pub(crate) fn peek(&self, list: &List) -> Peek {
         let queued = walk(self.head.get());
         if queued == Peek::Due {
             return Peek::Due;
         }
-        match list.peek() {
-            Peek::Nothing => queued,
-            p => p.max_with(queued),
-        }
+        walk(list.peek()).max_with(queued)
     }
 
-    /// Takes the shared list (SP6, second half) and appends it, oldest first, to the run queue.
-    fn take(&self, list: &BhList) {
+    /// Takes the shared list (SP7) and appends it, oldest first, to the run queue.
+    fn take(&self, list: &List) {
         let mut p = list.take();
         if p.is_null() {
             return;
         }
         let newest = p;
-        let mut reversed: *mut BhNode = ptr::null_mut();
+        let mut reversed: *mut Link = ptr::null_mut();
         while !p.is_null() {
             // SAFETY: taken nodes are alive and, PENDING being set, only this thread touches
-            // their links now. Relaxed: the acquire of `take` ordered the pushes before this.
-            let next = unsafe { (*p).next.load(Ordering::Relaxed) };
+            // their links now.
+            let next = unsafe { (*p).next() };
             // SAFETY: as above.
-            unsafe { (*p).next.store(reversed, Ordering::Relaxed) };
+            unsafe { (*p).set_next(reversed) };
             reversed = p;
             p = next;
         }
         match self.tail.get() {
             t if t.is_null() => self.head.set(reversed),
             // SAFETY: the tail is a queued node, alive and linked only by this thread.
-            // Relaxed: home-thread-only link.
-            t => unsafe { (*t).next.store(reversed, Ordering::Relaxed) },
+            t => unsafe { (*t).set_next(reversed) },
         }
         self.tail.set(newest);
     }
 
     /// Unlinks the oldest queued node; PENDING is still set.
-    fn pop(&self) -> Option<*mut BhNode> {
+    fn pop(&self) -> Option<*mut Link> {
         let p = self.head.get();
         if p.is_null() {
             return None;
         }
         // SAFETY: a queued node is alive; only this thread reads its link while PENDING.
-        // Relaxed: home-thread-only link.
-        let next = unsafe { (*p).next.load(Ordering::Relaxed) };
+        let next = unsafe { (*p).next() };
         self.head.set(next);
         if next.is_null() {
             self.tail.set(ptr::null_mut());
@@ -401,16 +277,13 @@ impl BhHome {
         }
     }
 
-    /// SP7 and what follows: clears PENDING and acts on the flags the node had.
-    fn dequeue(&self, r: &Reactor, p: *mut BhNode) -> bool {
-        // SAFETY: see the module docs; `p` stays alive until this function frees it.
+    /// SP8 and what follows: clears PENDING and acts on the flags the node had.
+    fn dequeue(&self, r: &Reactor, p: *mut Link) -> bool {
+        let p = p.cast::<BhNode>();
+        // SAFETY: see the module docs; `p` stays alive until this function frees it, and the
+        // link is the first field of a `repr(C)` node.
         let node = unsafe { &*p };
-        // SP7: release pairs with SP1's acquire (the link was read in `pop` before PENDING is
-        // cleared, so a producer re-pushing after this cannot race with it); acquire pairs with
-        // SP1's release (the callback sees what a scheduler wrote before scheduling).
-        let old = node
-            .flags
-            .fetch_and(!(PENDING | SCHEDULED | IDLE), Ordering::AcqRel);
+        let old = node.link.unmark();
         let oneshot = old & ONESHOT != 0;
         if old & TIMER != 0 {
             if old & DELETED != 0 {
@@ -536,7 +409,7 @@ impl BhHome {
         // SAFETY: home thread; nothing else holds a reference to the home state now.
         unsafe { node.home_mut() }.callback = cb;
         if rerun {
-            if node.flags.load(Ordering::Relaxed) & TIMER != 0 {
+            if node.link.flags() & TIMER != 0 {
                 r.timers().rearm_now(node);
             } else {
                 node.enqueue(SCHEDULED);
@@ -569,23 +442,23 @@ impl BhHome {
     }
 
     /// Tears down at reactor drop: closes the list and drops every callback on this thread.
-    pub(crate) fn shutdown(&self, list: &BhList) {
+    pub(crate) fn shutdown(&self, list: &List) {
         let mut orphans = Vec::new();
         let mut p = list.close();
         while !p.is_null() {
             orphans.push(p);
-            // SAFETY: see `take`. Relaxed: ordered by the acquire of `close`.
-            p = unsafe { (*p).next.load(Ordering::Relaxed) };
+            // SAFETY: a closed list's nodes are alive and linked only by this thread now.
+            p = unsafe { (*p).next() };
         }
         while let Some(p) = self.pop() {
             orphans.push(p);
         }
         for p in orphans {
-            // SAFETY: a node that was on the list or queue is alive. Relaxed: home-only read
-            // of a flag fixed at creation.
-            if unsafe { (*p).flags.load(Ordering::Relaxed) } & (ONESHOT | TASK) != 0 {
-                // SAFETY: the list owns a reference to queued one-shots and tasks.
-                drop(unsafe { Arc::from_raw(p) });
+            // SAFETY: a node that was on the list or queue is alive.
+            if unsafe { (*p).flags() } & (ONESHOT | TASK) != 0 {
+                // SAFETY: the list owns a reference to queued one-shots and tasks; the link is
+                // the node's address.
+                drop(unsafe { Arc::from_raw(p.cast::<BhNode>()) });
             }
         }
         let nodes: Vec<Arc<BhNode>> = self.registry.borrow_mut().drain().collect();
@@ -674,15 +547,12 @@ impl Bh {
 
     /// Cancels a pending schedule. A run already under way is not interrupted.
     pub fn cancel(&self) {
-        // Relaxed: the dequeue's RMW (SP7) sees the bit either before or after this RMW, and
-        // either outcome is a correct answer to a race between cancel and run.
-        self.node.flags.fetch_and(!SCHEDULED, Ordering::Relaxed);
+        self.node.link.cancel();
     }
 
     /// Whether the BH is scheduled and has not run yet.
     pub fn is_scheduled(&self) -> bool {
-        // Relaxed: a snapshot.
-        self.node.flags.load(Ordering::Relaxed) & SCHEDULED != 0
+        self.node.link.flags() & SCHEDULED != 0
     }
 }
 

@@ -63,6 +63,7 @@ pub mod net;
 mod notify;
 mod ops;
 mod pool;
+mod protocol;
 mod reactor;
 mod stats;
 mod sync;

@@ -8,16 +8,17 @@ use std::ptr;
 use std::time::Duration;
 
 use crate::backend::{Backend, Ev, Monitor};
-use crate::bh::{self, Bh, BhHome, BhList, BhNode, Callback, Peek};
+use crate::bh::{self, Bh, BhHome, BhNode, Callback, Peek};
 use crate::handle::{self, Handle};
 use crate::handlers::{FdHandler, FdId, Handlers};
 use crate::interest::Interest;
 use crate::net::SocketIo;
-use crate::notify::Notifier;
+use crate::notify::{self, Notifier};
 use crate::ops::Ops;
 #[cfg(feature = "uring")]
 use crate::ops::{Completion, OpId};
 use crate::pool::ThreadPool;
+use crate::protocol::List;
 use crate::stats::{LocalStats, Stats};
 use crate::sync::{Arc, AtomicBool, Ordering};
 use crate::timer::{Clock, Timer, Timers};
@@ -32,7 +33,7 @@ pub const DEFAULT_URING_ENTRIES: u32 = 256;
 /// What a reactor shares with other threads (through [`Handle`], [`Bh`] and [`Timer`]).
 pub(crate) struct Shared {
     pub(crate) notifier: Notifier,
-    pub(crate) bhs: BhList,
+    pub(crate) bhs: List,
     pub(crate) clock: Clock,
     /// Set by [`Handle::stop`]/[`Reactor::stop`]; makes [`Reactor::run`] return.
     pub(crate) stop: AtomicBool,
@@ -132,8 +133,8 @@ impl Builder {
             ));
         }
         let shared = Arc::new(Shared {
-            notifier: Notifier::new()?,
-            bhs: BhList::new(),
+            notifier: notify::new()?,
+            bhs: List::new(),
             clock: Clock::new(),
             stop: AtomicBool::new(false),
         });

@@ -76,9 +76,9 @@ impl Ord for Entry {
 
 impl Entry {
     fn is_live(&self) -> bool {
-        // Relaxed flag load: DELETED is only ever added, and a stale "not deleted" answer is
-        // caught again when the dequeue of the deleted node drops its callback.
-        self.node.flags.load(Ordering::Relaxed) & DELETED == 0
+        // A snapshot of the flags: DELETED is only ever added, and a stale "not deleted" answer
+        // is caught again when the dequeue of the deleted node drops its callback.
+        self.node.link.flags() & DELETED == 0
             // SAFETY: home thread (the heap belongs to the reactor); the reference dies here.
             && unsafe { self.node.home_mut() }.armed_seq == self.seq
             // Acquire: pairs with the release store of the deadline in `Timer::arm_ns`.
@@ -197,8 +197,8 @@ impl Timers {
             }
             fired = true;
             r.count_timer();
-            // Relaxed: a flag fixed at creation.
-            if entry.node.flags.load(Ordering::Relaxed) & bh::ONESHOT != 0 {
+            // A flag fixed at creation.
+            if entry.node.link.flags() & bh::ONESHOT != 0 {
                 bh::run_once(r, &entry.node);
             } else {
                 r.bhs().call(r, &entry.node);
