@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 pub use io_uring;
 use io_uring::{IoUring, opcode, squeue, types};
 
-use registry::{Op, Registry};
+use registry::{Op, Registry, Target};
 pub use user_data::MAX_USER_TOKEN;
 use user_data::Tag;
 
@@ -133,6 +133,8 @@ pub struct Uring {
     /// SQEs that did not fit in the submission queue because the kernel would not take more
     /// yet; they go first at the next wait.
     backlog: Vec<squeue::Entry>,
+    /// Free slots of the ring's fixed-file table (empty if the kernel has none to give).
+    free_files: Vec<u32>,
     _single_thread: std::marker::PhantomData<*const ()>,
 }
 
@@ -185,10 +187,12 @@ impl Uring {
                 "fdmon-uring needs IORING_FEAT_EXT_ARG and IORING_FEAT_NODROP (Linux 5.11 or later)",
             ));
         }
+        let free_files = fixed_file_table(&ring);
         Ok(Uring {
             ring,
             registry: Registry::default(),
             backlog: Vec::new(),
+            free_files,
             _single_thread: std::marker::PhantomData,
         })
     }
@@ -213,10 +217,43 @@ impl Uring {
         }
         match (old != 0, new != 0) {
             (false, false) => Ok(()),
-            (false, true) => self.registry.add(fd, token, new),
+            (false, true) => {
+                self.registry.check_new(fd)?;
+                let file = self.fix(fd);
+                self.registry.add(fd, file, token, new);
+                Ok(())
+            }
             (true, true) => self.registry.modify(fd, token, new),
-            (true, false) => self.registry.remove(fd),
+            (true, false) => {
+                if let Target::Fixed(i) = self.registry.remove(fd)? {
+                    // The slot lets go of the file; a POLL_ADD still in flight holds its own
+                    // reference until it completes, so the slot can be reused at once.
+                    let _ = self.ring.submitter().register_files_update(i, &[-1]);
+                    self.free_files.push(i);
+                }
+                Ok(())
+            }
         }
+    }
+
+    /// Puts `fd`'s file in a free fixed-file slot, so that its polls follow the file, not the
+    /// number. Without a free slot (or on kernels without sparse tables), polls use the number.
+    fn fix(&mut self, fd: RawFd) -> Target {
+        let Some(i) = self.free_files.pop() else {
+            return Target::Fd(fd);
+        };
+        match self.ring.submitter().register_files_update(i, &[fd]) {
+            Ok(_) => Target::Fixed(i),
+            Err(_) => {
+                self.free_files.push(i);
+                Target::Fd(fd)
+            }
+        }
+    }
+
+    /// Number of free slots in the fixed-file table (0 on kernels without sparse tables).
+    pub fn free_fixed_files(&self) -> usize {
+        self.free_files.len()
     }
 
     /// Queues a caller-built SQE; its completion is reported as [`Event::Complete`] with
@@ -332,10 +369,17 @@ impl Uring {
         registry.flush(|op| {
             let entry = match op {
                 Op::Arm {
-                    fd,
+                    file: Target::Fd(fd),
                     events,
                     user_data,
                 } => opcode::PollAdd::new(types::Fd(fd), events)
+                    .build()
+                    .user_data(user_data),
+                Op::Arm {
+                    file: Target::Fixed(i),
+                    events,
+                    user_data,
+                } => opcode::PollAdd::new(types::Fixed(i), events)
                     .build()
                     .user_data(user_data),
                 Op::Disarm { target } => opcode::PollRemove::new(target)
@@ -456,6 +500,25 @@ impl Uring {
                 }
             }
         }
+    }
+}
+
+/// Registers a sparse fixed-file table on `ring` sized to the process's fd limit (at most
+/// 16384 slots) and returns its slots, or none if the kernel cannot (before 5.19).
+fn fixed_file_table(ring: &IoUring) -> Vec<u32> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit to write.
+    let n = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur.clamp(64, 16384) as u32
+    } else {
+        1024
+    };
+    match ring.submitter().register_files_sparse(n) {
+        Ok(()) => (0..n).rev().collect(),
+        Err(_) => Vec::new(),
     }
 }
 

@@ -27,12 +27,21 @@ use slab::Slab;
 use crate::user_data;
 use crate::{POLLERR, POLLHUP};
 
+/// What a POLL_ADD names: the fd number, or the registration's slot in the ring's fixed-file
+/// table, which holds the file itself, so that a poll re-armed after the caller closed the fd
+/// (and the number was reused) still watches the file that was registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Target {
+    Fd(RawFd),
+    Fixed(u32),
+}
+
 /// One SQE the registry wants submitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Op {
-    /// `POLL_ADD(fd, events)` tagged with `user_data`.
+    /// `POLL_ADD(file, events)` tagged with `user_data`.
     Arm {
-        fd: RawFd,
+        file: Target,
         events: u32,
         user_data: u64,
     },
@@ -42,7 +51,7 @@ pub(crate) enum Op {
 
 #[derive(Debug)]
 struct Reg {
-    fd: RawFd,
+    file: Target,
     token: u64,
     /// The interest the caller wants; ignored once `detached`.
     want: u32,
@@ -89,17 +98,22 @@ fn check_pollable(fd: RawFd) -> io::Result<()> {
 }
 
 impl Registry {
-    /// Registers `fd` with `token` and interest `want`.
-    pub(crate) fn add(&mut self, fd: RawFd, token: u64, want: u32) -> io::Result<()> {
+    /// Checks that `fd` can be added: not registered yet, open, pollable.
+    pub(crate) fn check_new(&self, fd: RawFd) -> io::Result<()> {
         if self.by_fd.contains_key(&fd) {
             return Err(os_err(libc::EEXIST));
         }
-        check_pollable(fd)?;
         if self.regs.len() >= u32::MAX as usize {
             return Err(os_err(libc::ENOSPC));
         }
+        check_pollable(fd)
+    }
+
+    /// Registers `fd` (polled through `file`) with `token` and interest `want`, after
+    /// [`check_new`](Self::check_new).
+    pub(crate) fn add(&mut self, fd: RawFd, file: Target, token: u64, want: u32) {
         let slot = self.regs.insert(Reg {
-            fd,
+            file,
             token,
             want,
             generation: 0,
@@ -111,7 +125,6 @@ impl Registry {
         });
         self.by_fd.insert(fd, slot);
         self.mark(slot);
-        Ok(())
     }
 
     /// Changes the token and interest of the registration of `fd`.
@@ -126,11 +139,12 @@ impl Registry {
     }
 
     /// Removes the registration of `fd`; its slot lives until its POLL_ADD (if any) is back.
-    pub(crate) fn remove(&mut self, fd: RawFd) -> io::Result<()> {
+    /// Returns what it polled, so that the caller can release a fixed-file slot.
+    pub(crate) fn remove(&mut self, fd: RawFd) -> io::Result<Target> {
         let slot = self.by_fd.remove(&fd).ok_or_else(|| os_err(libc::ENOENT))?;
         self.regs[slot].detached = true;
         self.mark(slot);
-        Ok(())
+        Ok(self.regs[slot].file)
     }
 
     fn mark(&mut self, slot: usize) {
@@ -194,7 +208,7 @@ impl Registry {
         if want != 0 {
             let generation = user_data::next_generation(self.generation);
             emit(Op::Arm {
-                fd: reg.fd,
+                file: reg.file,
                 events: want,
                 user_data: user_data::poll(slot as u32, generation),
             })?;
@@ -241,6 +255,12 @@ mod tests {
     use crate::{POLLIN, POLLOUT};
     use std::os::fd::AsRawFd;
 
+    fn add(r: &mut Registry, fd: RawFd, token: u64, want: u32) -> io::Result<()> {
+        r.check_new(fd)?;
+        r.add(fd, Target::Fd(fd), token, want);
+        Ok(())
+    }
+
     fn ops(r: &mut Registry) -> Vec<Op> {
         let mut v = Vec::new();
         r.flush(|op| {
@@ -264,7 +284,7 @@ mod tests {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let fd = a.as_raw_fd();
         let mut r = Registry::default();
-        r.add(fd, 9, POLLIN).unwrap();
+        add(&mut r, fd, 9, POLLIN).unwrap();
         let [arm] = ops(&mut r)[..] else { panic!() };
         let (slot, generation) = tag(arm);
         assert!(ops(&mut r).is_empty(), "armed once");
@@ -295,7 +315,7 @@ mod tests {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let fd = a.as_raw_fd();
         let mut r = Registry::default();
-        r.add(fd, 1, POLLIN).unwrap();
+        add(&mut r, fd, 1, POLLIN).unwrap();
         let [arm] = ops(&mut r)[..] else { panic!() };
         let (slot, g1) = tag(arm);
         r.modify(fd, 2, POLLOUT).unwrap();
@@ -310,7 +330,7 @@ mod tests {
         };
         assert_eq!(events, POLLOUT);
         let (_, g2) = tag(Op::Arm {
-            fd,
+            file: Target::Fd(fd),
             events,
             user_data,
         });
@@ -328,9 +348,11 @@ mod tests {
     fn errors_match_epoll() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut r = Registry::default();
-        r.add(a.as_raw_fd(), 1, POLLIN).unwrap();
+        add(&mut r, a.as_raw_fd(), 1, POLLIN).unwrap();
         assert_eq!(
-            r.add(a.as_raw_fd(), 1, POLLIN).unwrap_err().raw_os_error(),
+            add(&mut r, a.as_raw_fd(), 1, POLLIN)
+                .unwrap_err()
+                .raw_os_error(),
             Some(libc::EEXIST)
         );
         assert_eq!(
@@ -339,12 +361,14 @@ mod tests {
         );
         assert_eq!(r.remove(-5).unwrap_err().raw_os_error(), Some(libc::ENOENT));
         assert_eq!(
-            r.add(-5, 1, POLLIN).unwrap_err().raw_os_error(),
+            add(&mut r, -5, 1, POLLIN).unwrap_err().raw_os_error(),
             Some(libc::EBADF)
         );
         let f = std::fs::File::open("/proc/self/status").unwrap();
         assert_eq!(
-            r.add(f.as_raw_fd(), 1, POLLIN).unwrap_err().raw_os_error(),
+            add(&mut r, f.as_raw_fd(), 1, POLLIN)
+                .unwrap_err()
+                .raw_os_error(),
             Some(libc::EPERM)
         );
     }
@@ -353,7 +377,7 @@ mod tests {
     fn a_failed_poll_is_parked_until_modified() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut r = Registry::default();
-        r.add(a.as_raw_fd(), 1, POLLIN).unwrap();
+        add(&mut r, a.as_raw_fd(), 1, POLLIN).unwrap();
         let [Op::Arm { user_data, .. }] = ops(&mut r)[..] else {
             panic!()
         };

@@ -267,3 +267,76 @@ fn eintr_is_retried_with_the_remaining_time() {
         "returned early after {took:?}"
     );
 }
+
+#[test]
+fn a_registration_follows_its_file_not_its_number() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for two descriptors.
+        assert_eq!(
+            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) },
+            0
+        );
+        // SAFETY: fresh descriptors owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+    let mut r = ring();
+    assert!(
+        r.free_fixed_files() > 0,
+        "this kernel has sparse fixed-file tables"
+    );
+    let (a_rd, a_wr) = pipe();
+    let n = a_rd.as_raw_fd();
+    r.update(n, 1, 0, POLLIN).unwrap();
+    assert!(collect(&mut r, Some(Duration::ZERO)).is_empty());
+    // The caller closes the registered fd without removing it, and the number is reused by
+    // another pipe's read end, which then becomes readable.
+    let (b_rd, b_wr) = pipe();
+    drop(a_rd);
+    // SAFETY: dup2 onto the number just freed; `b_rd` stays the owner of its own fd.
+    assert_eq!(unsafe { libc::dup2(b_rd.as_raw_fd(), n) }, n);
+    // SAFETY: `n` now owns a duplicate of B's read end.
+    let b_dup = unsafe { OwnedFd::from_raw_fd(n) };
+    // SAFETY: writes one byte from a live buffer.
+    assert_eq!(
+        unsafe { libc::write(b_wr.as_raw_fd(), b"x".as_ptr().cast(), 1) },
+        1
+    );
+    for _ in 0..3 {
+        let evs = collect(&mut r, Some(Duration::from_millis(5)));
+        assert!(
+            evs.is_empty(),
+            "pipe B's data was reported to pipe A's registration: {evs:?}"
+        );
+    }
+    // A's own hang-up still reaches A's registration.
+    drop(a_wr);
+    let evs = collect(&mut r, Some(Duration::from_secs(1)));
+    assert!(
+        matches!(evs[..], [Event::Ready { token: 1, events }] if events & fdmon_uring::POLLHUP != 0),
+        "{evs:?}"
+    );
+    // Re-armed after that completion, the poll still watches A's file (hang-up again), not
+    // whatever the number names now (B, readable).
+    for _ in 0..3 {
+        for ev in collect(&mut r, Some(Duration::from_millis(5))) {
+            let Event::Ready { token: 1, events } = ev else {
+                panic!("{ev:?}")
+            };
+            assert_eq!(events & POLLIN, 0, "B's readiness reached A's registration");
+        }
+    }
+    // Removing A's registration (by its number) and registering B under the same number works.
+    r.update(n, 1, POLLIN, 0).unwrap();
+    r.update(n, 2, 0, POLLIN).unwrap();
+    let evs = collect(&mut r, Some(Duration::from_secs(1)));
+    assert_eq!(
+        evs,
+        vec![Event::Ready {
+            token: 2,
+            events: POLLIN
+        }]
+    );
+    drop((b_dup, b_rd, b_wr));
+}
