@@ -264,6 +264,27 @@ impl Monitor {
         }
     }
 
+    /// Drops the kernel side of a registration whose fd was closed while registered and whose
+    /// number now names another file. io_uring: the registration still polls the old file
+    /// (through its fixed-file slot), so it is removed by number like any other. epoll: the
+    /// kernel dropped it when the file closed (unless the file lives on through a `dup`, which
+    /// no call on this number can reach), and a `DEL` would remove the new file instead; so
+    /// nothing is done.
+    pub(crate) fn retire(&mut self, fd: RawFd, token: u64, old: u32) {
+        match self {
+            #[cfg(feature = "uring")]
+            Monitor::Uring(u) => {
+                if old != 0 {
+                    let _ = u.update(fd, token, old, 0);
+                }
+            }
+            #[cfg(feature = "epoll")]
+            Monitor::Epoll(_) => {
+                let _ = (fd, token, old);
+            }
+        }
+    }
+
     /// Queues a caller-built SQE whose completion comes back as [`Ev::Complete`] with `token`.
     ///
     /// # Safety

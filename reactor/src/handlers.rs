@@ -9,7 +9,7 @@
 //! done, so callers further up the stack never find their slot reused.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::os::fd::RawFd;
@@ -133,6 +133,11 @@ impl fmt::Debug for FdHandler {
 
 struct Slot {
     fd: RawFd,
+    /// `(st_dev, st_ino)` of the file when it was registered.
+    file: (u64, u64),
+    /// The fd was closed and its number reused by a newer registration: this one no longer
+    /// has a kernel registration and never runs again; it waits for `remove_fd`.
+    stale: bool,
     generation: u32,
     interest: Interest,
     handler: FdHandler,
@@ -155,6 +160,8 @@ pub(crate) struct Handlers {
     slots: RefCell<Slab<Slot>>,
     generation: Cell<u32>,
     ready: RefCell<VecDeque<u32>>,
+    /// Live (not removed, not stale) registrations by fd number.
+    by_fd: RefCell<HashMap<RawFd, u32>>,
     /// Slots removed during dispatch, freed when the outermost dispatch ends.
     graveyard: RefCell<Vec<u32>>,
 }
@@ -172,18 +179,27 @@ impl Handlers {
             slots: RefCell::new(Slab::new()),
             generation: Cell::new(0),
             ready: RefCell::new(VecDeque::new()),
+            by_fd: RefCell::new(HashMap::new()),
             graveyard: RefCell::new(Vec::new()),
         }
     }
 
     /// Reserves a slot; the caller then registers the fd with the backend under the
     /// returned id, and calls [`forget`](Self::forget) if that fails.
-    pub(crate) fn insert(&self, fd: RawFd, handler: FdHandler, interest: Interest) -> FdId {
+    pub(crate) fn insert(
+        &self,
+        fd: RawFd,
+        file: (u64, u64),
+        handler: FdHandler,
+        interest: Interest,
+    ) -> FdId {
         let generation = (self.generation.get() + 1) & 0x7fff_ffff;
         self.generation.set(generation);
         let (has_read, has_write) = (handler.read.is_some(), handler.write.is_some());
         let slot = self.slots.borrow_mut().insert(Slot {
             fd,
+            file,
+            stale: false,
             generation,
             interest,
             handler,
@@ -193,15 +209,50 @@ impl Handlers {
             queued: false,
             removed: false,
         });
-        FdId {
-            slot: u32::try_from(slot).expect("more than 2^32 fd registrations"),
-            generation,
+        let slot = u32::try_from(slot).expect("more than 2^32 fd registrations");
+        self.by_fd.borrow_mut().insert(fd, slot);
+        FdId { slot, generation }
+    }
+
+    /// The live registration of `fd`, with its file identity and interest.
+    pub(crate) fn live_for_fd(&self, fd: RawFd) -> Option<(FdId, (u64, u64), Interest)> {
+        let key = *self.by_fd.borrow().get(&fd)?;
+        let slots = self.slots.borrow();
+        let s = slots.get(key as usize)?;
+        Some((
+            FdId {
+                slot: key,
+                generation: s.generation,
+            },
+            s.file,
+            s.interest,
+        ))
+    }
+
+    /// Retires a registration whose fd was closed and whose number a new registration takes.
+    pub(crate) fn mark_stale(&self, id: FdId) {
+        let mut slots = self.slots.borrow_mut();
+        if let Some(s) = slots
+            .get_mut(id.slot as usize)
+            .filter(|s| s.generation == id.generation)
+        {
+            s.stale = true;
+            s.interest = Interest::NONE;
+            let mut by_fd = self.by_fd.borrow_mut();
+            if by_fd.get(&s.fd) == Some(&id.slot) {
+                by_fd.remove(&s.fd);
+            }
         }
     }
 
     /// Drops a slot whose backend registration failed.
     pub(crate) fn forget(&self, id: FdId) {
         let slot = self.slots.borrow_mut().remove(id.slot as usize);
+        let mut by_fd = self.by_fd.borrow_mut();
+        if by_fd.get(&slot.fd) == Some(&id.slot) {
+            by_fd.remove(&slot.fd);
+        }
+        drop(by_fd);
         drop(slot);
     }
 
@@ -213,6 +264,12 @@ impl Handlers {
             .filter(|s| s.generation == id.generation && !s.removed)
             .ok_or_else(|| unknown(id))?;
         if let Some(new) = new {
+            if s.stale {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{id:?}: its fd was closed and the number registered anew; remove it"),
+                ));
+            }
             if (new.is_readable() && !s.has_read) || (new.is_writable() && !s.has_write) {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -238,6 +295,10 @@ impl Handlers {
             };
             s.removed = true;
             s.interest = Interest::NONE;
+            let mut by_fd = self.by_fd.borrow_mut();
+            if by_fd.get(&s.fd) == Some(&id.slot) {
+                by_fd.remove(&s.fd);
+            }
         }
         if dispatching {
             self.graveyard.borrow_mut().push(id.slot);
@@ -265,7 +326,7 @@ impl Handlers {
         let Some(s) = slots.get_mut(id.slot as usize) else {
             return;
         };
-        if s.generation != id.generation || s.removed {
+        if s.generation != id.generation || s.removed || s.stale {
             return; // a late event for a registration that is gone
         }
         s.revents |= events;
@@ -293,7 +354,7 @@ impl Handlers {
                     continue;
                 };
                 s.queued = false;
-                if s.removed {
+                if s.removed || s.stale {
                     continue;
                 }
                 let id = FdId {
@@ -374,6 +435,7 @@ impl Handlers {
         let slots: Vec<Slot> = self.slots.borrow_mut().drain().collect();
         self.ready.borrow_mut().clear();
         self.graveyard.borrow_mut().clear();
+        self.by_fd.borrow_mut().clear();
         drop(slots); // user destructors run with no borrow held
     }
 

@@ -362,12 +362,25 @@ impl Reactor {
                 format!("interest {interest:?} needs a callback the FdHandler was not given"),
             ));
         }
-        if interest.is_empty() {
-            // Not watched yet: the fd monitor learns of it when an interest is set. Check the
-            // fd now, so that a bad one fails here as it would on a watched registration.
-            check_fd(fd)?;
+        // Checks the fd now (EBADF, EPERM), also when it is not watched yet, and identifies its
+        // file, to tell a second registration of an open fd (EEXIST) from a new file behind a
+        // number whose registered fd was closed without `remove_fd`.
+        let file = file_identity(fd)?;
+        if let Some((old, old_file, old_interest)) = self.handlers.live_for_fd(fd) {
+            if old_file == file {
+                return Err(io::Error::from_raw_os_error(libc::EEXIST));
+            }
+            tracing::debug!(
+                fd,
+                ?old,
+                "reactor: fd closed while registered and reused; retiring the old registration"
+            );
+            self.monitor
+                .borrow_mut()
+                .retire(fd, old.token(), old_interest.poll_bits());
+            self.handlers.mark_stale(old);
         }
-        let id = self.handlers.insert(fd, handler, interest);
+        let id = self.handlers.insert(fd, file, handler, interest);
         let res = self
             .monitor
             .borrow_mut()
@@ -686,9 +699,9 @@ impl Reactor {
     }
 }
 
-/// Fails like registering `fd` with epoll would, without registering it: `EBADF` for a closed
-/// fd, `EPERM` for a regular file or directory.
-fn check_fd(fd: RawFd) -> io::Result<()> {
+/// `(st_dev, st_ino)` of `fd`'s file, failing like registering it with epoll would: `EBADF`
+/// for a closed fd, `EPERM` for a regular file or directory.
+fn file_identity(fd: RawFd) -> io::Result<(u64, u64)> {
     // SAFETY: an all-zero `stat` is a valid value of the plain C struct.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `st` is a valid, writable stat buffer for the duration of the call.
@@ -697,7 +710,7 @@ fn check_fd(fd: RawFd) -> io::Result<()> {
     }
     match st.st_mode & libc::S_IFMT {
         libc::S_IFREG | libc::S_IFDIR => Err(io::Error::from_raw_os_error(libc::EPERM)),
-        _ => Ok(()),
+        _ => Ok((st.st_dev, st.st_ino)),
     }
 }
 
