@@ -180,3 +180,69 @@ fn io_uring_missing_falls_back() {
     .join()
     .expect("seccomp thread");
 }
+
+/// Runs the `fault-child` binary and returns its `key=value` lines.
+fn child(what: &str) -> std::collections::HashMap<String, String> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fault-child"))
+        .arg(what)
+        .env_remove(reactor::BACKEND_ENV)
+        .output()
+        .expect("run fault-child");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "fault-child {what} crashed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// With no fd left, creating a reactor fails with EMFILE (no panic, no partial reactor);
+/// with just enough, it works.
+#[test]
+fn low_rlimit_nofile() {
+    let res = child("nofile");
+    for key in ["nofile-none-auto", "nofile-none-epoll"] {
+        assert!(
+            res[key].starts_with(&format!("err:{}:", libc::EMFILE)),
+            "{key}: {}",
+            res[key]
+        );
+    }
+    #[cfg(feature = "uring")]
+    assert!(
+        res["nofile-none-uring"].starts_with(&format!("err:{}:", libc::EMFILE)),
+        "{}",
+        res["nofile-none-uring"]
+    );
+    assert!(
+        res["nofile-two-auto"].starts_with("ok:"),
+        "{}",
+        res["nofile-two-auto"]
+    );
+    assert_eq!(res["nofile-two-epoll"], "ok:epoll");
+}
+
+/// With RLIMIT_MEMLOCK at 0: `Auto` still gives a working reactor (io_uring memory is charged
+/// to the memory cgroup since Linux 5.12, so the limit does not apply; on older kernels `Auto`
+/// falls back to epoll), and a forced io_uring either works or names the limit.
+#[test]
+fn low_rlimit_memlock() {
+    let res = child("memlock");
+    assert!(
+        res["memlock-auto"].starts_with("ok:"),
+        "{}",
+        res["memlock-auto"]
+    );
+    #[cfg(feature = "uring")]
+    {
+        let u = &res["memlock-uring"];
+        assert!(
+            u == "ok:uring" || (u.starts_with("err:12:") && u.contains("RLIMIT_MEMLOCK")),
+            "{u}"
+        );
+    }
+}
