@@ -18,6 +18,13 @@ fn total() -> usize {
 }
 
 struct PerThread {
+    /// Sequence number of the latest task wake (written before waking).
+    task_want: AtomicU64,
+    /// Latest sequence number the task saw.
+    task_seen: AtomicU64,
+    task_waker: std::sync::Mutex<Option<std::task::Waker>>,
+    task_wakes: AtomicU64,
+    task_polls: AtomicU64,
     /// Sequence number of the latest BH schedule (written before scheduling).
     want: AtomicU64,
     /// Latest sequence number a BH run saw.
@@ -39,12 +46,17 @@ fn wait_for(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
 }
 
 backend_tests! {
-    fn four_threads_schedule_bhs_and_oneshots(r: &Reactor) {
+    fn four_threads_schedule_bhs_oneshots_and_task_wakes(r: &Reactor) {
         let per = total() / THREADS / BATCH * BATCH;
         let runs: Arc<Vec<AtomicU8>> = Arc::new((0..per * THREADS).map(|_| AtomicU8::new(0)).collect());
         let stats: Vec<Arc<PerThread>> = (0..THREADS)
             .map(|_| {
                 Arc::new(PerThread {
+                    task_want: AtomicU64::new(0),
+                    task_seen: AtomicU64::new(0),
+                    task_waker: std::sync::Mutex::new(None),
+                    task_wakes: AtomicU64::new(0),
+                    task_polls: AtomicU64::new(0),
                     want: AtomicU64::new(0),
                     seen: AtomicU64::new(0),
                     bh_runs: AtomicU64::new(0),
@@ -66,6 +78,35 @@ backend_tests! {
                 }))
             })
             .collect();
+        // One task per thread, woken by that thread: it records the latest sequence number it
+        // was woken for, and finishes when it has seen the thread's last one.
+        let last_task_op = (0..per as u64).rev().find(|k| k % 3 == 2).unwrap_or(0);
+        let tasks: Vec<_> = stats
+            .iter()
+            .map(|s| {
+                let s = s.clone();
+                r.spawn_local(async move {
+                    loop {
+                        let seen = std::future::poll_fn(|cx| {
+                            s.task_polls.fetch_add(1, Ordering::Relaxed);
+                            *s.task_waker.lock().unwrap() = Some(cx.waker().clone());
+                            // Acquire: pairs with the release store before the wake.
+                            let w = s.task_want.load(Ordering::Acquire);
+                            if w > s.task_seen.load(Ordering::Relaxed) {
+                                std::task::Poll::Ready(w)
+                            } else {
+                                std::task::Poll::Pending
+                            }
+                        })
+                        .await;
+                        s.task_seen.store(seen, Ordering::Release);
+                        if seen == last_task_op {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
         let finished = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicBool::new(false));
         let threads: Vec<_> = (0..THREADS)
@@ -78,7 +119,15 @@ backend_tests! {
                     for b in 0..per / BATCH {
                         for i in 0..BATCH {
                             let k = b * BATCH + i;
-                            if k % 2 == 0 {
+                            if k % 3 == 2 {
+                                // Release: pairs with the task's acquire load.
+                                s.task_want.store(k as u64, Ordering::Release);
+                                s.task_wakes.fetch_add(1, Ordering::Relaxed);
+                                let w = s.task_waker.lock().unwrap().clone();
+                                if let Some(w) = w {
+                                    w.wake();
+                                }
+                            } else if k % 3 == 0 {
                                 let (runs, s) = (runs.clone(), s.clone());
                                 let slot = t * per + k;
                                 h.oneshot(move |_| {
@@ -97,10 +146,12 @@ backend_tests! {
                         }
                         // Wait until the reactor has consumed the batch; it then goes to sleep,
                         // and the next batch must wake it.
-                        let last = (b * BATCH + BATCH - 1) as u64;
+                        let in_batch = |m: usize| (b * BATCH..(b + 1) * BATCH).rev().find(|k| k % 3 == m).unwrap() as u64;
+                        let (last_bh, last_task) = (in_batch(1), in_batch(2));
                         wait_for("batch", Duration::from_secs(20), || {
                             s.oneshots_run.load(Ordering::Relaxed) == oneshots
-                                && s.seen.load(Ordering::Acquire) == last
+                                && s.seen.load(Ordering::Acquire) == last_bh
+                                && s.task_seen.load(Ordering::Acquire) == last_task
                         });
                         if b % 16 == 0 {
                             std::thread::sleep(Duration::from_micros(200));
@@ -119,7 +170,7 @@ backend_tests! {
             t.join().expect("a producer thread failed");
         }
         let lost: usize = (0..THREADS)
-            .flat_map(|t| (0..per).step_by(2).map(move |k| t * per + k))
+            .flat_map(|t| (0..per).step_by(3).map(move |k| t * per + k))
             .filter(|&slot| runs[slot].load(Ordering::Relaxed) != 1)
             .count();
         assert_eq!(lost, 0, "one-shots not run exactly once");
@@ -127,10 +178,16 @@ backend_tests! {
             let (runs, scheds) = (s.bh_runs.load(Ordering::Relaxed), s.bh_schedules.load(Ordering::Relaxed));
             assert!(runs >= 1 && runs <= scheds, "BH ran {runs} times for {scheds} schedules");
             assert_eq!(s.seen.load(Ordering::Relaxed), s.want.load(Ordering::Relaxed));
+            let (polls, wakes) = (s.task_polls.load(Ordering::Relaxed), s.task_wakes.load(Ordering::Relaxed));
+            assert!(polls <= wakes + 1, "task polled {polls} times for {wakes} wakes");
+            assert_eq!(s.task_seen.load(Ordering::Relaxed), last_task_op);
+        }
+        for t in tasks {
+            assert!(t.is_finished(), "every task saw its last wake");
         }
         let st = r.stats();
         eprintln!(
-            "{:?}: {} schedules, {:?}",
+            "{:?}: {} schedules (BHs, one-shots, task wakes), {:?}",
             r.backend(),
             per * THREADS,
             st
