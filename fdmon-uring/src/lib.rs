@@ -8,7 +8,9 @@
 //! How readiness works (see `registry.rs` for the state machine):
 //!
 //! - a registration is one one-shot `POLL_ADD`, re-armed after every completion, so the
-//!   contract is level-triggered like epoll's (multishot poll would be edge-triggered);
+//!   contract is level-triggered like epoll's (multishot poll would be edge-triggered); unlike
+//!   epoll, an event reports that the fd *became* ready since the poll was armed, so if the fd
+//!   was drained before the caller looks, the caller sees one spurious event;
 //! - [`Uring::update`] only stages the change; it reaches the submission queue at the next
 //!   [`Uring::wait`], in the same system call as the wait itself;
 //! - removal sends a `POLL_REMOVE`; the registration's slot lives until its `POLL_ADD` returns,

@@ -55,6 +55,11 @@ type PollCallback = Box<dyn FnMut(&Reactor, FdId) -> bool>;
 /// every iteration as long as the condition holds, so a callback should consume what it was
 /// woken for (or change the interest with [`Reactor::set_fd_interest`]).
 ///
+/// A callback may also run once when there is nothing to do, and must then treat `EAGAIN` as
+/// "nothing yet": on io_uring an event says the fd *became* ready since its poll was armed, so
+/// if something else drained it in between, the callback finds it empty (epoll re-checks when
+/// it reports, so there this happens only if the fd is drained by another thread).
+///
 /// ```
 /// use reactor::FdHandler;
 /// let h = FdHandler::new()
