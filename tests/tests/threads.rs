@@ -114,7 +114,7 @@ backend_tests! {
                 let (h, s, bh, runs, finished, failed) =
                     (r.handle(), stats[t].clone(), bhs[t].clone(), runs.clone(), finished.clone(), failed.clone());
                 std::thread::spawn(move || {
-                    let guard = scopeguard(failed, h.clone());
+                    let mut guard = FailGuard { failed, h: h.clone(), armed: true };
                     let mut oneshots = 0u64;
                     for b in 0..per / BATCH {
                         for i in 0..BATCH {
@@ -157,7 +157,7 @@ backend_tests! {
                             std::thread::sleep(Duration::from_micros(200));
                         }
                     }
-                    std::mem::forget(guard);
+                    guard.disarm();
                     finished.fetch_add(1, Ordering::Release);
                     h.notify().unwrap(); // the reactor re-checks `finished` after a wakeup
                 })
@@ -199,13 +199,23 @@ backend_tests! {
 
 /// Sets `failed` and wakes the reactor if the thread unwinds, so the test fails instead of
 /// hanging.
-fn scopeguard(failed: Arc<AtomicBool>, h: reactor::Handle) -> impl Drop {
-    struct G(Arc<AtomicBool>, reactor::Handle);
-    impl Drop for G {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Relaxed);
-            let _ = self.1.notify();
+struct FailGuard {
+    failed: Arc<AtomicBool>,
+    h: reactor::Handle,
+    armed: bool,
+}
+
+impl FailGuard {
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for FailGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.failed.store(true, Ordering::Relaxed);
+            let _ = self.h.notify();
         }
     }
-    G(failed, h)
 }

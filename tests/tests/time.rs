@@ -38,8 +38,11 @@ backend_tests! {
             }
             ticks
         });
-        for w in ticks.windows(2) {
-            assert_eq!(w[1] - w[0], Duration::from_millis(4), "scheduled instants are exact");
+                for w in ticks.windows(2) {
+            // Scheduled instants are exact multiples of the period (a slow machine may skip
+            // ticks, never shift them).
+            let d = (w[1] - w[0]).as_nanos();
+            assert!(d > 0 && d % 4_000_000 == 0, "tick spacing {d} ns");
         }
     }
 
