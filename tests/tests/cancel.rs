@@ -10,7 +10,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use reactor::fs::File;
-use reactor::net::{SocketIo, TcpListener, TcpStream, UnixStream};
+#[cfg(feature = "uring")]
+use reactor::net::TcpStream;
+use reactor::net::{SocketIo, TcpListener, UnixStream};
 use reactor::{Backend, IoBuf, IoBufMut, Reactor, time};
 use tests::{flush, open_fds};
 

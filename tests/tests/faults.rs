@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use reactor::{Backend, Builder, FdHandler, Reactor};
+use reactor::{Backend, FdHandler, Reactor};
 use tests::{backend_tests, flush, pipe, read_fd, write_fd};
 
 /// Moves `fd` to a number at or above `at` (numbers no other test uses), closing the original.
@@ -144,7 +144,7 @@ backend_tests! {
 fn io_uring_forbidden_by_seccomp() {
     std::thread::spawn(|| {
         tests::seccomp::deny_on_this_thread(&[libc::SYS_io_uring_setup], libc::EPERM).unwrap();
-        let r = Builder::new()
+        let r = reactor::Builder::new()
             .backend(Backend::Auto)
             .build()
             .expect("Auto falls back to epoll");
@@ -155,7 +155,10 @@ fn io_uring_forbidden_by_seccomp() {
         let t = r.timer(|_| {});
         t.arm_after(Duration::from_millis(1));
         r.run_until(|| ran.get() && !t.is_armed());
-        let e = Builder::new().backend(Backend::Uring).build().unwrap_err();
+        let e = reactor::Builder::new()
+            .backend(Backend::Uring)
+            .build()
+            .unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
         let msg = e.to_string();
         assert!(
@@ -174,7 +177,10 @@ fn io_uring_missing_falls_back() {
     std::thread::spawn(|| {
         tests::seccomp::deny_on_this_thread(&[libc::SYS_io_uring_setup], libc::ENOSYS).unwrap();
         assert_eq!(Reactor::new().unwrap().backend(), Backend::Epoll);
-        let e = Builder::new().backend(Backend::Uring).build().unwrap_err();
+        let e = reactor::Builder::new()
+            .backend(Backend::Uring)
+            .build()
+            .unwrap_err();
         assert!(e.to_string().contains("ENOSYS"), "{e}");
     })
     .join()

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use reactor::net::{SocketIo, TcpListener, TcpStream, UnixListener, UnixStream};
+#[cfg(feature = "uring")]
+use reactor::net::SocketIo;
+use reactor::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use reactor::{JoinHandle, Reactor};
 use tests::backend_tests;
 
@@ -135,6 +137,7 @@ fn unix_echo(r: &Reactor, tag: &str) {
     std::fs::remove_file(&path).unwrap();
 }
 
+#[cfg(feature = "uring")]
 fn readiness_reactor() -> Reactor {
     let r = Reactor::builder()
         .backend(reactor::Backend::Uring)
