@@ -77,20 +77,21 @@ pub const INTEREST_MASK: u32 = POLLIN | POLLPRI | POLLOUT | POLLRDHUP | POLLERR 
 
 /// Ring setups, newest kernels first; [`Uring::new`] takes the first one the kernel accepts.
 ///
-/// - `DEFER_TASKRUN` (6.1) with `SINGLE_ISSUER`: completions (poll wakeups above all) are
-///   posted when this thread enters the ring to wait, not by interrupting it with task work
-///   while it runs callbacks; `TASKRUN_FLAG` raises `IORING_SQ_TASKRUN` in the shared ring when
-///   such work is pending, so a zero wait can still tell, from memory alone, whether it must
-///   enter the kernel.
-/// - `COOP_TASKRUN` (5.19) with `TASKRUN_FLAG`: the same, without the single-issuer promise.
-/// - `SUBMIT_ALL` (5.18, in all of the above): a failing SQE does not stop the rest of the
-///   batch; without it, `wait` retries the short submission.
+/// - `COOP_TASKRUN` (5.19) with `TASKRUN_FLAG`, and `SINGLE_ISSUER` (6.0): completion work
+///   (poll wakeups above all) is not forced on this thread by an interrupt while it runs
+///   callbacks; `IORING_SQ_TASKRUN` in the shared ring says when such work is pending, so a
+///   zero wait can still tell from memory alone whether it must enter the kernel.
+/// - The same without `SINGLE_ISSUER`; then `SUBMIT_ALL` (5.18) alone; then nothing.
+///
+/// `DEFER_TASKRUN` is not used on purpose: with it, a poll(2) or epoll on the ring fd does not
+/// wake when deferred work arrives (measured here on 6.18: the wait ran to its timeout), and
+/// that fd is what a foreign event loop watches to drive the reactor.
 type Setup = fn(&mut io_uring::Builder);
 const SETUPS: [Setup; 4] = [
     |b| {
         b.setup_submit_all()
             .setup_single_issuer()
-            .setup_defer_taskrun()
+            .setup_coop_taskrun()
             .setup_taskrun_flag();
     },
     |b| {
@@ -127,8 +128,8 @@ pub enum Event {
 
 /// An io_uring instance used as an fd monitor.
 ///
-/// Not `Send`: on kernels that support it the ring is set up with `IORING_SETUP_SINGLE_ISSUER`
-/// and `IORING_SETUP_DEFER_TASKRUN`, which bind it to the thread that created it.
+/// Not `Send`: on kernels that support it the ring is set up with `IORING_SETUP_SINGLE_ISSUER`,
+/// which binds it to the thread that created it.
 pub struct Uring {
     ring: IoUring,
     registry: Registry,
@@ -295,6 +296,13 @@ impl Uring {
             || !self.backlog.is_empty()
             || !self.ring.submission().is_empty()
             || !self.ring.completion().is_empty()
+    }
+
+    /// Whether completions are waiting, judged from the shared ring alone (no system call):
+    /// CQEs in the completion ring, or deferred completion work flagged for this thread. A
+    /// busy-polling caller stops spinning when this turns `true`.
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty() || self.ring.submission().taskrun()
     }
 
     /// Number of live readiness registrations.

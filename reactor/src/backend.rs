@@ -264,6 +264,40 @@ impl Monitor {
         }
     }
 
+    /// Whether a zero-timeout wait has something to do besides looking: staged registration
+    /// changes or SQEs to submit, completions to reap. Always `false` on epoll.
+    pub(crate) fn need_wait(&mut self) -> bool {
+        match self {
+            #[cfg(feature = "uring")]
+            Monitor::Uring(u) => u.need_wait(),
+            #[cfg(feature = "epoll")]
+            Monitor::Epoll(e) => e.need_wait(),
+        }
+    }
+
+    /// Whether events are waiting, judged from memory alone (for busy polling): on io_uring,
+    /// completions in the ring; on epoll, never (only a system call could tell).
+    pub(crate) fn has_events_hint(&mut self) -> bool {
+        match self {
+            #[cfg(feature = "uring")]
+            Monitor::Uring(u) => u.has_completions(),
+            #[cfg(feature = "epoll")]
+            Monitor::Epoll(_) => false,
+        }
+    }
+
+    /// The fd that is readable while the monitor has something to report: the ring fd or the
+    /// epoll fd.
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            #[cfg(feature = "uring")]
+            Monitor::Uring(u) => u.as_raw_fd(),
+            #[cfg(feature = "epoll")]
+            Monitor::Epoll(e) => e.as_raw_fd(),
+        }
+    }
+
     /// Drops the kernel side of a registration whose fd was closed while registered and whose
     /// number now names another file. io_uring: the registration still polls the old file
     /// (through its fixed-file slot), so it is removed by number like any other. epoll: the

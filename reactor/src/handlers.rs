@@ -47,6 +47,13 @@ impl FdId {
 
 type IoCallback = Box<dyn FnMut(&Reactor, FdId)>;
 type PollCallback = Box<dyn FnMut(&Reactor, FdId) -> bool>;
+type PollModeCallback = Box<dyn FnMut(&Reactor, FdId, bool)>;
+
+/// An event bit of our own (above the poll(2) bits): the handler's poll callback found work.
+const POLLED: u32 = 1 << 31;
+
+/// A handler that had no event for this long is not busy-polled any more.
+pub(crate) const POLL_IDLE_NS: u64 = 1_000_000_000;
 
 /// The callbacks of one fd registration, for [`Reactor::add_fd`].
 ///
@@ -72,6 +79,8 @@ pub struct FdHandler {
     read: Option<IoCallback>,
     write: Option<IoCallback>,
     poll: Option<PollCallback>,
+    poll_ready: Option<IoCallback>,
+    poll_mode: Option<PollModeCallback>,
     interest: Option<Interest>,
 }
 
@@ -94,9 +103,28 @@ impl FdHandler {
     }
 
     /// Sets the busy-poll callback: a cheap check, without system calls, of whether the fd's
-    /// work is ready. It is kept for adaptive polling and not called by `poll` otherwise.
+    /// work is ready (for example a look at a shared-memory ring). With adaptive polling on
+    /// (see [`PollParams`](crate::PollParams)), the reactor calls it while it spins before a
+    /// wait, for handlers that had an event in the last second; when it returns `true`, the
+    /// [`on_poll_ready`](Self::on_poll_ready) callback (or else the read callback) runs in
+    /// that iteration.
     pub fn on_poll(mut self, f: impl FnMut(&Reactor, FdId) -> bool + 'static) -> Self {
         self.poll = Some(Box::new(f));
+        self
+    }
+
+    /// Sets the callback that does the work a successful [`on_poll`](Self::on_poll) check
+    /// found. Without it, the read callback runs.
+    pub fn on_poll_ready(mut self, f: impl FnMut(&Reactor, FdId) + 'static) -> Self {
+        self.poll_ready = Some(Box::new(f));
+        self
+    }
+
+    /// Sets the callback told when the reactor enters (`true`) and leaves (`false`) poll mode,
+    /// so that a device can stop sending notifications while it is being polled. The reactor
+    /// leaves poll mode only when it is really about to block.
+    pub fn on_poll_mode(mut self, f: impl FnMut(&Reactor, FdId, bool) + 'static) -> Self {
+        self.poll_mode = Some(Box::new(f));
         self
     }
 
@@ -132,6 +160,7 @@ impl fmt::Debug for FdHandler {
             .field("read", &self.read.is_some())
             .field("write", &self.write.is_some())
             .field("poll", &self.poll.is_some())
+            .field("poll_ready", &self.poll_ready.is_some())
             .finish()
     }
 }
@@ -150,15 +179,12 @@ struct Slot {
     has_write: bool,
     /// Event bits collected but not yet dispatched.
     revents: u32,
+    /// Reactor time of the last event (for "fired recently", when adaptive polling is on).
+    last_event: u64,
+    /// `on_poll_mode(true)` was called and `on_poll_mode(false)` not yet.
+    in_poll_mode: bool,
     queued: bool,
     removed: bool,
-}
-
-/// Which callback of a slot to run.
-#[derive(Clone, Copy)]
-enum Which {
-    Read,
-    Write,
 }
 
 pub(crate) struct Handlers {
@@ -167,6 +193,10 @@ pub(crate) struct Handlers {
     ready: RefCell<VecDeque<u32>>,
     /// Live (not removed, not stale) registrations by fd number.
     by_fd: RefCell<HashMap<RawFd, u32>>,
+    /// Slots with a poll callback.
+    pollable: RefCell<Vec<u32>>,
+    /// The reactor time that events are stamped with (set by the reactor when polling is on).
+    now: Cell<u64>,
     /// Slots removed during dispatch, freed when the outermost dispatch ends.
     graveyard: RefCell<Vec<u32>>,
 }
@@ -185,6 +215,8 @@ impl Handlers {
             generation: Cell::new(0),
             ready: RefCell::new(VecDeque::new()),
             by_fd: RefCell::new(HashMap::new()),
+            pollable: RefCell::new(Vec::new()),
+            now: Cell::new(0),
             graveyard: RefCell::new(Vec::new()),
         }
     }
@@ -211,11 +243,16 @@ impl Handlers {
             has_read,
             has_write,
             revents: 0,
+            last_event: self.now.get(),
+            in_poll_mode: false,
             queued: false,
             removed: false,
         });
         let slot = u32::try_from(slot).expect("more than 2^32 fd registrations");
         self.by_fd.borrow_mut().insert(fd, slot);
+        if self.slots.borrow()[slot as usize].handler.poll.is_some() {
+            self.pollable.borrow_mut().push(slot);
+        }
         FdId { slot, generation }
     }
 
@@ -252,6 +289,7 @@ impl Handlers {
 
     /// Drops a slot whose backend registration failed.
     pub(crate) fn forget(&self, id: FdId) {
+        self.unpollable(id.slot);
         let slot = self.slots.borrow_mut().remove(id.slot as usize);
         let mut by_fd = self.by_fd.borrow_mut();
         if by_fd.get(&slot.fd) == Some(&id.slot) {
@@ -305,6 +343,7 @@ impl Handlers {
                 by_fd.remove(&s.fd);
             }
         }
+        self.unpollable(id.slot);
         if dispatching {
             self.graveyard.borrow_mut().push(id.slot);
         } else {
@@ -335,6 +374,7 @@ impl Handlers {
             return; // a late event for a registration that is gone
         }
         s.revents |= events;
+        s.last_event = self.now.get();
         if !s.queued {
             s.queued = true;
             self.ready.borrow_mut().push_back(id.slot);
@@ -368,52 +408,63 @@ impl Handlers {
                 };
                 (id, std::mem::take(&mut s.revents), s.interest)
             };
+            if revents & POLLED != 0 {
+                // The poll callback found work: its poll_ready callback, or the read callback.
+                let has_ready = self.slots.borrow()[key as usize]
+                    .handler
+                    .poll_ready
+                    .is_some();
+                progress |= if has_ready {
+                    self.run(r, id, |h| &mut h.poll_ready)
+                } else {
+                    self.run(r, id, |h| &mut h.read)
+                };
+            }
             if interest.is_readable() && revents & interest::READ_EVENTS != 0 {
-                progress |= self.run(r, id, Which::Read);
+                progress |= self.run(r, id, |h| &mut h.read);
             }
             if interest.is_writable() && revents & interest::WRITE_EVENTS != 0 {
                 // The read callback may have removed the registration or changed its interest.
                 let still = self.lookup(id, None).is_ok_and(|(_, i)| i.is_writable());
                 if still {
-                    progress |= self.run(r, id, Which::Write);
+                    progress |= self.run(r, id, |h| &mut h.write);
                 }
             }
         }
         progress
     }
 
-    /// Runs one callback of `id`: take it out, run it, put it back unless the registration was
-    /// removed meanwhile. A callback already running further up the stack is skipped; being
-    /// level-triggered, its fd is reported again later.
-    fn run(&self, r: &Reactor, id: FdId, which: Which) -> bool {
+    /// Calls one callback of `id` (the one `field` picks): takes it out, calls it, puts it back
+    /// unless the registration was removed meanwhile (also when it panics). A callback already
+    /// running further up the stack is skipped (`None`); being level-triggered, its fd is
+    /// reported again later.
+    fn with_callback<C, R>(
+        &self,
+        id: FdId,
+        field: fn(&mut FdHandler) -> &mut Option<C>,
+        call: impl FnOnce(&mut C) -> R,
+    ) -> Option<R> {
         let cb = {
             let mut slots = self.slots.borrow_mut();
-            let Some(s) = slots.get_mut(id.slot as usize) else {
-                return false;
-            };
-            match which {
-                Which::Read => s.handler.read.take(),
-                Which::Write => s.handler.write.take(),
-            }
+            let s = slots
+                .get_mut(id.slot as usize)
+                .filter(|s| s.generation == id.generation)?;
+            field(&mut s.handler).take()?
         };
-        let Some(cb) = cb else { return false };
-        struct PutBack<'a> {
+        struct PutBack<'a, C> {
             handlers: &'a Handlers,
             id: FdId,
-            which: Which,
-            cb: Option<IoCallback>,
+            field: fn(&mut FdHandler) -> &mut Option<C>,
+            cb: Option<C>,
         }
-        impl Drop for PutBack<'_> {
+        impl<C> Drop for PutBack<'_, C> {
             fn drop(&mut self) {
                 let cb = self.cb.take();
                 let rest = {
                     let mut slots = self.handlers.slots.borrow_mut();
                     match slots.get_mut(self.id.slot as usize) {
                         Some(s) if s.generation == self.id.generation && !s.removed => {
-                            match self.which {
-                                Which::Read => s.handler.read = cb,
-                                Which::Write => s.handler.write = cb,
-                            }
+                            *(self.field)(&mut s.handler) = cb;
                             None
                         }
                         _ => cb,
@@ -425,14 +476,95 @@ impl Handlers {
         let mut guard = PutBack {
             handlers: self,
             id,
-            which,
+            field,
             cb: Some(cb),
         };
+        guard.cb.as_mut().map(call)
+    }
+
+    /// Runs an I/O callback of `id`; `true` if it ran.
+    fn run(
+        &self,
+        r: &Reactor,
+        id: FdId,
+        field: fn(&mut FdHandler) -> &mut Option<IoCallback>,
+    ) -> bool {
         r.count_fd_dispatch();
-        if let Some(cb) = guard.cb.as_mut() {
-            cb(r, id);
+        self.with_callback(id, field, |cb| cb(r, id)).is_some()
+    }
+
+    /// Busy polling: calls the poll callbacks of the handlers that had an event in the last
+    /// [`POLL_IDLE_NS`], and queues a "polled" event for each that found work. Returns `true`
+    /// if any did.
+    pub(crate) fn poll_recent(&self, r: &Reactor) -> bool {
+        let now = self.now.get();
+        let mut found = false;
+        let n = self.pollable.borrow().len();
+        for i in 0..n {
+            let Some(key) = self.pollable.borrow().get(i).copied() else {
+                break;
+            };
+            let id = {
+                let slots = self.slots.borrow();
+                match slots.get(key as usize) {
+                    Some(s)
+                        if !s.removed
+                            && !s.stale
+                            && now.saturating_sub(s.last_event) < POLL_IDLE_NS =>
+                    {
+                        FdId {
+                            slot: key,
+                            generation: s.generation,
+                        }
+                    }
+                    _ => continue,
+                }
+            };
+            if self.with_callback(id, |h| &mut h.poll, |cb| cb(r, id)) == Some(true) {
+                found = true;
+                self.ready(id.token(), POLLED);
+            }
         }
-        true
+        found
+    }
+
+    /// Tells the recently active pollable handlers that poll mode starts (`true`) or ends.
+    pub(crate) fn set_poll_mode(&self, r: &Reactor, on: bool) {
+        let now = self.now.get();
+        let keys: Vec<u32> = self.pollable.borrow().clone();
+        for key in keys {
+            let id = {
+                let mut slots = self.slots.borrow_mut();
+                let Some(s) = slots.get_mut(key as usize) else {
+                    continue;
+                };
+                let recent = now.saturating_sub(s.last_event) < POLL_IDLE_NS;
+                let change = if on {
+                    recent && !s.in_poll_mode
+                } else {
+                    s.in_poll_mode
+                };
+                if !change || s.removed || s.stale || s.handler.poll_mode.is_none() {
+                    continue;
+                }
+                s.in_poll_mode = on;
+                FdId {
+                    slot: key,
+                    generation: s.generation,
+                }
+            };
+            self.with_callback(id, |h| &mut h.poll_mode, |cb| cb(r, id, on));
+        }
+    }
+
+    /// Stamps events from now on with reactor time `now`.
+    pub(crate) fn set_now(&self, now: u64) {
+        self.now.set(now);
+    }
+
+    /// Forgets `key` as a pollable slot.
+    fn unpollable(&self, key: u32) {
+        self.pollable.borrow_mut().retain(|&k| k != key);
     }
 
     /// Drops every registration and its callbacks (reactor drop; the backend goes with it).
@@ -441,6 +573,7 @@ impl Handlers {
         self.ready.borrow_mut().clear();
         self.graveyard.borrow_mut().clear();
         self.by_fd.borrow_mut().clear();
+        self.pollable.borrow_mut().clear();
         drop(slots); // user destructors run with no borrow held
     }
 

@@ -40,6 +40,12 @@ impl IoThread {
     pub fn spawn(name: impl Into<String>, builder: Builder) -> io::Result<IoThread> {
         let name = name.into();
         let (tx, rx) = std::sync::mpsc::channel();
+        // Adaptive polling is on by default on an IoThread (a bare reactor has it off).
+        let builder = if builder.poll_is_default() {
+            builder.poll(crate::PollParams::IOTHREAD)
+        } else {
+            builder
+        };
         let thread = thread::Builder::new().name(name.clone()).spawn(move || {
             let r = match builder.build() {
                 Ok(r) => r,

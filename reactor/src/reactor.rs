@@ -17,6 +17,7 @@ use crate::notify::{self, Notifier};
 use crate::ops::Ops;
 #[cfg(feature = "uring")]
 use crate::ops::{Completion, OpId};
+use crate::polling::{Adaptive, PollParams};
 use crate::pool::ThreadPool;
 use crate::protocol::List;
 use crate::stats::{LocalStats, Stats};
@@ -59,6 +60,7 @@ pub struct Builder {
     task_budget: u32,
     pool: Option<ThreadPool>,
     socket_io: SocketIo,
+    poll: Option<PollParams>,
 }
 
 /// Default number of task polls per iteration (see [`Builder::task_budget`]).
@@ -72,6 +74,7 @@ impl Default for Builder {
             task_budget: DEFAULT_TASK_BUDGET,
             pool: None,
             socket_io: SocketIo::default(),
+            poll: None,
         }
     }
 }
@@ -116,6 +119,18 @@ impl Builder {
         self
     }
 
+    /// Adaptive busy polling (see [`PollParams`]). Unset, it is off for a reactor and
+    /// [`PollParams::IOTHREAD`] for an [`IoThread`](crate::IoThread).
+    pub fn poll(mut self, params: PollParams) -> Self {
+        self.poll = Some(params);
+        self
+    }
+
+    /// Whether adaptive polling was left unset (for [`IoThread`](crate::IoThread)'s default).
+    pub(crate) fn poll_is_default(&self) -> bool {
+        self.poll.is_none()
+    }
+
     /// Creates the reactor on the calling thread, which becomes its home thread.
     ///
     /// # Errors
@@ -151,6 +166,9 @@ impl Builder {
             task_budget: self.task_budget,
             pool: self.pool.unwrap_or_else(ThreadPool::default_pool),
             socket_io: self.socket_io,
+            adaptive: Adaptive::new(self.poll.unwrap_or(PollParams::OFF)),
+            poll_mode: Cell::new(false),
+            external_wait: Cell::new(false),
             stats: LocalStats::default(),
             _not_send: PhantomData,
         })
@@ -189,6 +207,11 @@ pub struct Reactor {
     task_budget: u32,
     pool: ThreadPool,
     socket_io: SocketIo,
+    adaptive: Adaptive,
+    /// Busy polling has started and the loop has not blocked since.
+    poll_mode: Cell<bool>,
+    /// `prepare_external_wait` announced a wait that `poll` has not ended yet.
+    external_wait: Cell<bool>,
     stats: LocalStats,
     _not_send: PhantomData<*const ()>,
 }
@@ -564,12 +587,23 @@ impl Reactor {
         let _enter = Enter::new(self);
         self.stats.iterations.set(self.stats.iterations.get() + 1);
         let notifier = &self.shared.notifier;
+        self.end_external_wait();
 
+        let adaptive = blocking && self.adaptive.enabled();
+        let start = if adaptive {
+            self.shared.clock.now_ns()
+        } else {
+            0
+        };
+        self.handlers.set_now(start);
         let mut timeout = if blocking {
             self.timeout()
         } else {
             Some(Duration::ZERO)
         };
+        if adaptive && timeout != Some(Duration::ZERO) && self.busy_poll(timeout) {
+            timeout = Some(Duration::ZERO);
+        }
         let announced = timeout != Some(Duration::ZERO);
         if announced && notifier.prepare_block() {
             timeout = Some(Duration::ZERO);
@@ -578,22 +612,19 @@ impl Reactor {
             self.stats
                 .blocking_waits
                 .set(self.stats.blocking_waits.get() + 1);
+            if self.poll_mode.replace(false) {
+                // Really about to block: only now does poll mode end.
+                self.handlers.set_poll_mode(self, false);
+            }
         }
         tracing::trace!(?timeout, "reactor: wait");
-        let res = self.monitor.borrow_mut().wait(timeout, |ev| match ev {
-            Ev::Ready {
-                token: NOTIFIER_TOKEN,
-                ..
-            } => notifier.drain_eventfd(),
-            Ev::Ready { token, events } => self.handlers.ready(token, events),
-            Ev::Complete {
-                token,
-                result,
-                flags,
-            } => self.ops.complete(token, result, flags),
-        });
+        let res = self.wait(timeout);
         if announced {
             notifier.finish_block();
+        }
+        if adaptive {
+            self.adaptive
+                .adjust(self.shared.clock.now_ns().saturating_sub(start));
         }
         let events = match res {
             Ok(n) => n,
@@ -616,6 +647,144 @@ impl Reactor {
             "reactor: iteration done"
         );
         progress
+    }
+
+    /// Waits on the fd monitor and files what it reports: the notifier's eventfd is drained,
+    /// fd events queued for dispatch, completions queued for their callbacks.
+    fn wait(&self, timeout: Option<Duration>) -> io::Result<usize> {
+        let notifier = &self.shared.notifier;
+        self.monitor.borrow_mut().wait(timeout, |ev| match ev {
+            Ev::Ready {
+                token: NOTIFIER_TOKEN,
+                ..
+            } => notifier.drain_eventfd(),
+            Ev::Ready { token, events } => self.handlers.ready(token, events),
+            Ev::Complete {
+                token,
+                result,
+                flags,
+            } => self.ops.complete(token, result, flags),
+        })
+    }
+
+    /// Adaptive polling: spins for up to the current poll time (and at most `timeout`),
+    /// checking without system calls for work. Returns `true` if some was found.
+    fn busy_poll(&self, timeout: Option<Duration>) -> bool {
+        // Staged changes (re-arms after events) go to the kernel first, so that what they
+        // watch can be seen while spinning; a zero wait also collects what is already there.
+        if self.monitor.borrow_mut().need_wait() {
+            match self.wait(Some(Duration::ZERO)) {
+                Ok(n) if n > 0 => return true,
+                Ok(_) => {}
+                Err(e) => panic!("reactor: the {} fd monitor failed: {e}", self.backend()),
+            }
+        }
+        let window = self.adaptive.window(timeout);
+        if window == 0 {
+            return false;
+        }
+        if !self.poll_mode.replace(true) {
+            self.handlers.set_poll_mode(self, true);
+        }
+        let clock = &self.shared.clock;
+        let deadline = clock.now_ns().saturating_add(window);
+        loop {
+            // The notifier's own poll check: a load of `notified`, no system call.
+            let found = self.shared.notifier.is_notified()
+                || self.handlers.poll_recent(self)
+                || self.monitor.borrow_mut().has_events_hint();
+            if found {
+                self.stats.poll_hits.set(self.stats.poll_hits.get() + 1);
+                return true;
+            }
+            if clock.now_ns() >= deadline {
+                self.stats.poll_misses.set(self.stats.poll_misses.get() + 1);
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Changes the adaptive polling parameters (see [`PollParams`]); takes effect at the next
+    /// iteration.
+    pub fn set_poll(&self, params: PollParams) {
+        self.adaptive.set(params);
+    }
+
+    /// The adaptive polling parameters.
+    pub fn poll_params(&self) -> PollParams {
+        self.adaptive.params()
+    }
+
+    /// The current adaptive poll time (how long the next blocking iteration may spin).
+    pub fn poll_time(&self) -> Duration {
+        self.adaptive.current()
+    }
+
+    /// For driving the reactor from a foreign event loop: announces that the caller is about
+    /// to wait on [`as_raw_fd`](std::os::fd::AsRawFd::as_raw_fd), submits what is staged, and
+    /// returns how long that wait may last (`Some(ZERO)`: work is pending, do not wait;
+    /// `None`: no bound). While announced, other threads that schedule work write the
+    /// reactor's eventfd, which makes the fd readable. Then call [`poll(false)`](Self::poll),
+    /// which ends the announcement and runs what is ready.
+    ///
+    /// ```
+    /// use reactor::Reactor;
+    /// use std::os::fd::AsRawFd;
+    ///
+    /// let r = Reactor::new()?;
+    /// let h = r.handle();
+    /// std::thread::spawn(move || h.oneshot(|r| r.stop()).unwrap());
+    /// loop {
+    ///     let t = r.prepare_external_wait();
+    ///     let ms = t.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+    ///     let mut pfd = libc::pollfd { fd: r.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    ///     // SAFETY: one valid pollfd.
+    ///     unsafe { libc::poll(&mut pfd, 1, ms) };
+    ///     r.poll(false);
+    ///     if r.stop_requested() {
+    ///         break;
+    ///     }
+    /// }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn prepare_external_wait(&self) -> Option<Duration> {
+        self.end_external_wait();
+        if self.monitor.borrow_mut().need_wait() {
+            if let Err(e) = self.wait(Some(Duration::ZERO)) {
+                panic!("reactor: the {} fd monitor failed: {e}", self.backend());
+            }
+        }
+        let t = self.timeout();
+        if t == Some(Duration::ZERO) {
+            return t;
+        }
+        if self.shared.notifier.prepare_block() {
+            self.shared.notifier.finish_block();
+            return Some(Duration::ZERO);
+        }
+        self.external_wait.set(true);
+        t
+    }
+
+    /// The timeout a blocking [`poll`](Self::poll) would wait for now (zero if work is
+    /// pending, `None` if nothing bounds it), without announcing anything.
+    pub fn next_timeout(&self) -> Option<Duration> {
+        self.timeout()
+    }
+
+    /// Whether [`stop`](Self::stop) or [`Handle::stop`] was called since the last time
+    /// [`run`](Self::run) returned or this returned `true` (the request is consumed), for loops
+    /// that drive the reactor themselves.
+    pub fn stop_requested(&self) -> bool {
+        // Acquire: pairs with the release store in `stop`/`Handle::stop`.
+        self.shared.stop.swap(false, Ordering::Acquire)
+    }
+
+    fn end_external_wait(&self) {
+        if self.external_wait.replace(false) {
+            self.shared.notifier.finish_block();
+        }
     }
 
     /// The wait bound of a blocking poll: zero if work is pending, else the nearest timer or
@@ -711,6 +880,21 @@ fn file_identity(fd: RawFd) -> io::Result<(u64, u64)> {
     match st.st_mode & libc::S_IFMT {
         libc::S_IFREG | libc::S_IFDIR => Err(io::Error::from_raw_os_error(libc::EPERM)),
         _ => Ok((st.st_dev, st.st_ino)),
+    }
+}
+
+impl std::os::fd::AsRawFd for Reactor {
+    /// The fd a foreign loop waits on: readable while the reactor has something to report (see
+    /// [`Reactor::prepare_external_wait`]). The epoll fd or the io_uring fd.
+    fn as_raw_fd(&self) -> RawFd {
+        self.monitor.borrow().raw_fd()
+    }
+}
+
+impl std::os::fd::AsFd for Reactor {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        // SAFETY: the monitor's fd lives as long as the reactor, which outlives the borrow.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(self)) }
     }
 }
 

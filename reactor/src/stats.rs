@@ -29,6 +29,10 @@ pub struct Stats {
     pub fd_dispatches: u64,
     /// Timer callbacks run.
     pub timers_fired: u64,
+    /// Busy polls that found work (adaptive polling).
+    pub poll_hits: u64,
+    /// Busy polls that spun their whole window and then waited.
+    pub poll_misses: u64,
 }
 
 /// The home thread's counters.
@@ -40,6 +44,8 @@ pub(crate) struct LocalStats {
     pub(crate) task_polls: Cell<u64>,
     pub(crate) fd_dispatches: Cell<u64>,
     pub(crate) timers_fired: Cell<u64>,
+    pub(crate) poll_hits: Cell<u64>,
+    pub(crate) poll_misses: Cell<u64>,
 }
 
 impl LocalStats {
@@ -53,6 +59,8 @@ impl LocalStats {
             task_polls: self.task_polls.get(),
             fd_dispatches: self.fd_dispatches.get(),
             timers_fired: self.timers_fired.get(),
+            poll_hits: self.poll_hits.get(),
+            poll_misses: self.poll_misses.get(),
         }
     }
 }

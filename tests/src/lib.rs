@@ -96,8 +96,24 @@ pub fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> usize {
 
 /// Number of open fds of this process.
 pub fn open_fds() -> usize {
+    // Only numbers below the fd limit the process sees: tools such as valgrind keep their own
+    // fds above it, and open and close them as they please.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit to write.
+    let limit = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur
+    } else {
+        u64::MAX
+    };
     std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+                .filter(|&fd| fd < limit)
+                .count()
+        })
         .unwrap_or(0)
 }
 

@@ -109,14 +109,20 @@ backend_tests! {
             ran2.fetch_add(1, Ordering::Relaxed);
         }));
         let bh2 = bh.clone();
+                let done = Arc::new(AtomicBool::new(false));
+        let done2 = done.clone();
         let producer = std::thread::spawn(move || {
-            for _ in 0..10 {
+            for i in 0..10 {
                 std::thread::sleep(Duration::from_millis(7));
+                if i == 9 {
+                    // Before the last schedule, so that the wakeup it causes sees the flag.
+                    done2.store(true, Ordering::Release);
+                }
                 bh2.schedule();
             }
         });
         let mut progress_polls = 0;
-        while fired.get() == 0 || ran.load(Ordering::Relaxed) < 1 || !producer.is_finished() {
+                while fired.get() == 0 || !done.load(Ordering::Acquire) || bh.is_scheduled() {
             let before = (fired.get(), ran.load(Ordering::Relaxed));
             if r.poll(true) {
                 progress_polls += 1;

@@ -1,0 +1,205 @@
+//! Adaptive busy polling: QEMU's `poll-max-ns`, `poll-grow` and `poll-shrink`.
+//!
+//! Before a blocking wait, the reactor may spin for a while instead, checking without system
+//! calls whether work arrived: the notifier's `notified` flag (a BH or task scheduled from
+//! another thread), the poll callbacks of fd handlers that fired recently, and, on io_uring,
+//! the completion ring. On a virtual machine a sleeping thread takes tens of microseconds to
+//! wake; a spinning one sees the work in well under a microsecond.
+//!
+//! The spin time adapts: after each blocking poll the reactor knows how long it "blocked"
+//! (spin plus wait). If that was within the current poll time, polling paid off and nothing
+//! changes; if it was longer than `poll_max`, polling is pointless for this load and the time
+//! shrinks; in between, a longer spin would have covered it, so the time grows.
+
+use std::cell::Cell;
+use std::time::Duration;
+
+/// The first poll time when polling grows from zero (QEMU's 4 µs).
+pub const POLL_START: Duration = Duration::from_micros(4);
+
+/// Adaptive polling parameters, for [`Builder::poll`](crate::Builder::poll) and
+/// [`Reactor::set_poll`](crate::Reactor::set_poll).
+///
+/// ```
+/// use reactor::PollParams;
+/// use std::time::Duration;
+/// let p = PollParams { max: Duration::from_micros(32), ..PollParams::default() };
+/// assert_eq!((p.grow, p.shrink), (2, 0));
+/// assert!(PollParams::OFF.max.is_zero());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollParams {
+    /// Longest spin before a wait; zero turns adaptive polling off.
+    pub max: Duration,
+    /// Factor the poll time grows by (from [`POLL_START`] when it is zero); 0 or 1 mean 2.
+    pub grow: u32,
+    /// Divisor the poll time shrinks by; 0 resets it to zero at once.
+    pub shrink: u32,
+}
+
+impl PollParams {
+    /// No busy polling (the default of a bare reactor).
+    pub const OFF: PollParams = PollParams {
+        max: Duration::ZERO,
+        grow: 2,
+        shrink: 0,
+    };
+    /// The default of an [`IoThread`](crate::IoThread): up to 32 µs (QEMU's default too).
+    pub const IOTHREAD: PollParams = PollParams {
+        max: Duration::from_micros(32),
+        grow: 2,
+        shrink: 0,
+    };
+}
+
+impl Default for PollParams {
+    fn default() -> Self {
+        PollParams::OFF
+    }
+}
+
+fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The current poll time and its parameters.
+#[derive(Debug)]
+pub(crate) struct Adaptive {
+    ns: Cell<u64>,
+    max_ns: Cell<u64>,
+    grow: Cell<u32>,
+    shrink: Cell<u32>,
+}
+
+impl Adaptive {
+    pub(crate) fn new(p: PollParams) -> Self {
+        let a = Adaptive {
+            ns: Cell::new(0),
+            max_ns: Cell::new(0),
+            grow: Cell::new(2),
+            shrink: Cell::new(0),
+        };
+        a.set(p);
+        a
+    }
+
+    pub(crate) fn set(&self, p: PollParams) {
+        self.max_ns.set(ns(p.max));
+        self.grow.set(if p.grow < 2 { 2 } else { p.grow });
+        self.shrink.set(p.shrink);
+        self.ns.set(self.ns.get().min(self.max_ns.get()));
+    }
+
+    pub(crate) fn params(&self) -> PollParams {
+        PollParams {
+            max: Duration::from_nanos(self.max_ns.get()),
+            grow: self.grow.get(),
+            shrink: self.shrink.get(),
+        }
+    }
+
+    pub(crate) fn enabled(&self) -> bool {
+        self.max_ns.get() > 0
+    }
+
+    /// The current poll time.
+    pub(crate) fn current(&self) -> Duration {
+        Duration::from_nanos(self.ns.get())
+    }
+
+    /// How long to spin before a wait of `timeout` (`None`: unbounded).
+    pub(crate) fn window(&self, timeout: Option<Duration>) -> u64 {
+        let w = self.ns.get();
+        timeout.map_or(w, |t| w.min(ns(t)))
+    }
+
+    /// Adapts the poll time to a blocking poll that took `block_ns` (spin plus wait).
+    pub(crate) fn adjust(&self, block_ns: u64) {
+        let (cur, max) = (self.ns.get(), self.max_ns.get());
+        if max == 0 {
+            self.ns.set(0);
+        } else if block_ns <= cur {
+            // The sweet spot: polling covered the wait.
+        } else if block_ns > max {
+            // Polling as long as this would cost too much: poll less.
+            let s = self.shrink.get();
+            self.ns.set(if s == 0 { 0 } else { cur / u64::from(s) });
+        } else if cur < max {
+            // A longer spin would have covered this wait: poll longer.
+            let next = if cur == 0 {
+                ns(POLL_START)
+            } else {
+                cur.saturating_mul(u64::from(self.grow.get()))
+            };
+            self.ns.set(next.min(max));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn us(n: u64) -> u64 {
+        n * 1000
+    }
+
+    #[test]
+    fn grows_from_zero_shrinks_when_waits_are_long_and_holds_in_the_sweet_spot() {
+        let a = Adaptive::new(PollParams {
+            max: Duration::from_micros(32),
+            grow: 2,
+            shrink: 0,
+        });
+        assert_eq!(a.current(), Duration::ZERO);
+        a.adjust(us(10)); // a short wait: polling would have covered it
+        assert_eq!(a.current(), POLL_START);
+        a.adjust(us(10));
+        assert_eq!(a.current(), Duration::from_micros(8));
+        a.adjust(us(10));
+        assert_eq!(a.current(), Duration::from_micros(16));
+        a.adjust(us(10)); // within the poll time: no change
+        assert_eq!(a.current(), Duration::from_micros(16));
+        a.adjust(us(30));
+        assert_eq!(a.current(), Duration::from_micros(32), "capped at max");
+        a.adjust(us(31));
+        assert_eq!(a.current(), Duration::from_micros(32));
+        a.adjust(us(1000)); // far beyond max: reset (shrink 0)
+        assert_eq!(a.current(), Duration::ZERO);
+    }
+
+    #[test]
+    fn shrink_divides_and_max_zero_turns_it_off() {
+        let a = Adaptive::new(PollParams {
+            max: Duration::from_micros(64),
+            grow: 4,
+            shrink: 2,
+        });
+        for _ in 0..5 {
+            a.adjust(us(50));
+        }
+        assert_eq!(a.current(), Duration::from_micros(64));
+        a.adjust(us(100));
+        assert_eq!(a.current(), Duration::from_micros(32));
+        a.set(PollParams::OFF);
+        assert!(!a.enabled());
+        assert_eq!(a.current(), Duration::ZERO);
+        a.adjust(us(1));
+        assert_eq!(a.current(), Duration::ZERO);
+        assert_eq!(a.window(None), 0);
+    }
+
+    #[test]
+    fn the_window_never_exceeds_the_timeout() {
+        let a = Adaptive::new(PollParams {
+            max: Duration::from_micros(100),
+            grow: 2,
+            shrink: 0,
+        });
+        for _ in 0..6 {
+            a.adjust(us(90));
+        }
+        assert_eq!(a.window(None), us(100));
+        assert_eq!(a.window(Some(Duration::from_micros(7))), us(7));
+    }
+}
