@@ -52,6 +52,7 @@
 
 mod backend;
 mod bh;
+mod embed;
 mod event_notifier;
 pub mod fs;
 mod handle;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::backend::{Backend, Ev, Monitor};
 use crate::bh::{self, Bh, BhHome, BhNode, Callback, Peek};
+use crate::embed::ExternalTimer;
 use crate::handle::{self, Handle};
 use crate::handlers::{FdHandler, FdId, Handlers};
 use crate::interest::Interest;
@@ -27,6 +28,8 @@ use crate::timer::{Clock, Timer, Timers};
 /// The token of the reactor's own eventfd in the fd monitor (fd-handler tokens have bit 63
 /// clear).
 const NOTIFIER_TOKEN: u64 = u64::MAX;
+/// The token of the timerfd that wakes a foreign loop for the reactor's timers.
+const EXTERNAL_TIMER_TOKEN: u64 = u64::MAX - 1;
 
 /// Default submission-queue size of the io_uring backend.
 pub const DEFAULT_URING_ENTRIES: u32 = 256;
@@ -169,6 +172,7 @@ impl Builder {
             adaptive: Adaptive::new(self.poll.unwrap_or(PollParams::OFF)),
             poll_mode: Cell::new(false),
             external_wait: Cell::new(false),
+            external_timer: RefCell::new(None),
             stats: LocalStats::default(),
             _not_send: PhantomData,
         })
@@ -212,6 +216,8 @@ pub struct Reactor {
     poll_mode: Cell<bool>,
     /// `prepare_external_wait` announced a wait that `poll` has not ended yet.
     external_wait: Cell<bool>,
+    /// Makes the reactor's fd readable at the nearest timer, for foreign loops.
+    external_timer: RefCell<Option<ExternalTimer>>,
     stats: LocalStats,
     _not_send: PhantomData<*const ()>,
 }
@@ -658,6 +664,14 @@ impl Reactor {
                 token: NOTIFIER_TOKEN,
                 ..
             } => notifier.drain_eventfd(),
+            Ev::Ready {
+                token: EXTERNAL_TIMER_TOKEN,
+                ..
+            } => {
+                if let Some(t) = self.external_timer.borrow().as_ref() {
+                    t.drain();
+                }
+            }
             Ev::Ready { token, events } => self.handlers.ready(token, events),
             Ev::Complete {
                 token,
@@ -724,9 +738,11 @@ impl Reactor {
     /// For driving the reactor from a foreign event loop: announces that the caller is about
     /// to wait on [`as_raw_fd`](std::os::fd::AsRawFd::as_raw_fd), submits what is staged, and
     /// returns how long that wait may last (`Some(ZERO)`: work is pending, do not wait;
-    /// `None`: no bound). While announced, other threads that schedule work write the
-    /// reactor's eventfd, which makes the fd readable. Then call [`poll(false)`](Self::poll),
-    /// which ends the announcement and runs what is ready.
+    /// `None`: no bound). While announced, the fd becomes readable when another thread
+    /// schedules work (it writes the reactor's eventfd), when a registered fd is ready, and
+    /// when the nearest timer is due (a timerfd, armed here), so a foreign loop may also just
+    /// wait for readability. Then call [`poll(false)`](Self::poll), which ends the
+    /// announcement and runs what is ready.
     ///
     /// ```
     /// use reactor::Reactor;
@@ -750,6 +766,11 @@ impl Reactor {
     /// ```
     pub fn prepare_external_wait(&self) -> Option<Duration> {
         self.end_external_wait();
+        // The timerfd is registered first, so that on io_uring its poll goes to the kernel with
+        // the rest of what is staged, just below.
+        if let Err(e) = self.external_timer() {
+            tracing::warn!(error = %e, "reactor: no timerfd for external waits; use the returned timeout");
+        }
         if self.monitor.borrow_mut().need_wait() {
             if let Err(e) = self.wait(Some(Duration::ZERO)) {
                 panic!("reactor: the {} fd monitor failed: {e}", self.backend());
@@ -764,7 +785,31 @@ impl Reactor {
             return Some(Duration::ZERO);
         }
         self.external_wait.set(true);
+        // The reactor's fd becomes readable when the nearest timer is due, too.
+        let target = t.map_or(u64::MAX, |d| {
+            crate::timer::ns_after(self.shared.clock.now_ns(), d)
+        });
+        if let Some(timer) = self.external_timer.borrow().as_ref() {
+            timer.arm(t, target);
+        }
         t
+    }
+
+    /// The timerfd of external waits, created and registered on first use.
+    fn external_timer(&self) -> io::Result<std::cell::Ref<'_, ExternalTimer>> {
+        if self.external_timer.borrow().is_none() {
+            let timer = ExternalTimer::new()?;
+            self.monitor.borrow_mut().update(
+                timer.fd(),
+                EXTERNAL_TIMER_TOKEN,
+                0,
+                libc::POLLIN as u32,
+            )?;
+            *self.external_timer.borrow_mut() = Some(timer);
+        }
+        Ok(std::cell::Ref::map(self.external_timer.borrow(), |t| {
+            t.as_ref().expect("created above")
+        }))
     }
 
     /// The timeout a blocking [`poll`](Self::poll) would wait for now (zero if work is

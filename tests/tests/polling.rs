@@ -1,0 +1,155 @@
+//! Adaptive busy polling: poll handlers, the notifier's poll check, grow and shrink.
+
+use std::cell::Cell;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use reactor::{FdHandler, PollParams, Reactor};
+use tests::{backend_tests, flush, pipe, read_fd, write_fd};
+
+/// Blocking polls on timers `wait` out, until the poll time reaches `target` (each such wait is
+/// shorter than `max`, so the poll time grows).
+fn grow_to(r: &Reactor, wait: Duration, target: Duration) {
+    let fired = Rc::new(Cell::new(0u32));
+    let f2 = fired.clone();
+    let t = r.timer(move |_| f2.set(f2.get() + 1));
+    for round in 0..40 {
+        if r.poll_time() >= target {
+            return;
+        }
+        t.arm_after(wait);
+        let before = fired.get();
+        while fired.get() == before {
+            r.poll(true);
+        }
+        assert!(round < 39, "poll time stuck at {:?}", r.poll_time());
+    }
+}
+
+backend_tests! {
+    fn poll_time_grows_on_short_waits_and_resets_on_long_ones(r: &Reactor) {
+        assert_eq!(r.poll_params(), PollParams::OFF, "off by default on a bare reactor");
+        r.set_poll(PollParams { max: Duration::from_millis(2), grow: 2, shrink: 0 });
+        assert_eq!(r.poll_time(), Duration::ZERO);
+        grow_to(r, Duration::from_micros(100), Duration::from_micros(64));
+        let grown = r.poll_time();
+        assert!(grown >= Duration::from_micros(64) && grown <= Duration::from_millis(2), "{grown:?}");
+        // A wait far longer than max: polling that long would be waste; back to zero.
+        let t = r.timer(|_| {});
+        t.arm_after(Duration::from_millis(20));
+        while t.is_armed() {
+            r.poll(true);
+        }
+        assert_eq!(r.poll_time(), Duration::ZERO, "reset by a long wait (shrink 0)");
+        let s = r.stats();
+        assert!(s.poll_misses > 0, "{s:?}");
+        r.set_poll(PollParams::OFF);
+        assert_eq!(r.poll_time(), Duration::ZERO);
+    }
+
+    fn poll_handler_finds_work_without_the_fd(r: &Reactor) {
+        r.set_poll(PollParams { max: Duration::from_millis(2), grow: 2, shrink: 0 });
+        let (rd, wr) = pipe().unwrap();
+        let rd = Rc::new(rd);
+        // "Work" that the fd never signals: a flag, as a shared-memory ring would be.
+        let work = Rc::new(Cell::new(false));
+        let (reads, readies, modes) = (Rc::new(Cell::new(0)), Rc::new(Cell::new(0)), Rc::new(Cell::new(Vec::new())));
+        let (rd2, reads2, work2, work3, readies2, modes2) =
+            (rd.clone(), reads.clone(), work.clone(), work.clone(), readies.clone(), modes.clone());
+        let id = r
+            .add_fd(
+                rd.as_raw_fd(),
+                FdHandler::new()
+                    .on_read(move |_, _| {
+                        reads2.set(reads2.get() + 1);
+                        let mut b = [0u8; 8];
+                        read_fd(&rd2, &mut b);
+                    })
+                    .on_poll(move |_, _| work2.get())
+                    .on_poll_ready(move |_, _| {
+                        readies2.set(readies2.get() + 1);
+                        work3.set(false);
+                    })
+                    .on_poll_mode(move |_, _, on| {
+                        let mut v = modes2.take();
+                        v.push(on);
+                        modes2.set(v);
+                    }),
+            )
+            .unwrap();
+        // An event makes the handler "recently active", hence polled.
+        write_fd(&wr, b"x");
+        assert!(r.poll(true));
+        assert_eq!(reads.get(), 1);
+        grow_to(r, Duration::from_micros(100), Duration::from_micros(64));
+        let hits = r.stats().poll_hits;
+        work.set(true);
+                let t = r.timer(|_| {});
+        let t0 = Instant::now();
+        t.arm_after(Duration::from_millis(50));
+        r.poll(false); // lets the reactor pick up the deadline (armed outside a poll)
+        assert!(r.poll(true), "the poll callback's work is progress");
+        assert!(t0.elapsed() < Duration::from_millis(50), "found by spinning, not by the timer");
+        assert_eq!(readies.get(), 1, "poll_ready ran");
+        assert_eq!(reads.get(), 1, "the read callback did not");
+        assert!(!work.get());
+        assert!(r.stats().poll_hits > hits);
+        // Poll mode was entered, and left only when the loop blocked.
+        let m = modes.take();
+        assert!(m.first() == Some(&true), "{m:?}");
+        assert!(m.windows(2).all(|w| w[0] != w[1]), "alternates: {m:?}");
+        r.remove_fd(id).unwrap();
+        flush(r);
+    }
+
+    fn a_cross_thread_schedule_is_seen_while_spinning_without_an_eventfd_write(r: &Reactor) {
+        // A long poll window, and a pollable handler whose poll-mode callback tells the other
+        // thread that the reactor is spinning.
+        r.set_poll(PollParams { max: Duration::from_millis(200), grow: 16, shrink: 0 });
+        let spinning = Arc::new(AtomicBool::new(false));
+        let (rd, wr) = pipe().unwrap();
+        let rd = Rc::new(rd);
+        let (rd2, sp2) = (rd.clone(), spinning.clone());
+        let id = r
+            .add_fd(
+                rd.as_raw_fd(),
+                FdHandler::new()
+                    .on_read(move |_, _| {
+                        let mut b = [0u8; 8];
+                        read_fd(&rd2, &mut b);
+                    })
+                    .on_poll(|_, _| false)
+                    .on_poll_mode(move |_, _, on| sp2.store(on, Ordering::SeqCst)),
+            )
+            .unwrap();
+        write_fd(&wr, b"x");
+        r.poll(true);
+        grow_to(r, Duration::from_millis(20), Duration::from_millis(50));
+        let ran = Arc::new(AtomicBool::new(false));
+        let ran2 = ran.clone();
+        let bh = Arc::new(r.bh(move |_| ran2.store(true, Ordering::SeqCst)));
+        let (bh2, sp3) = (bh.clone(), spinning.clone());
+        let before = r.stats();
+        let producer = std::thread::spawn(move || {
+            while !sp3.load(Ordering::SeqCst) {
+                std::hint::spin_loop();
+            }
+            bh2.schedule();
+        });
+        let t = r.timer(|_| {});
+        t.arm_after(Duration::from_secs(5));
+        while !ran.load(Ordering::SeqCst) {
+            r.poll(true);
+        }
+        producer.join().unwrap();
+        let after = r.stats();
+        assert_eq!(after.eventfd_writes, before.eventfd_writes, "no system call woke it: {after:?}");
+        assert!(after.poll_hits > before.poll_hits);
+        t.cancel();
+        r.remove_fd(id).unwrap();
+        flush(r);
+    }
+}
