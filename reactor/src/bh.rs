@@ -127,7 +127,7 @@ impl BhNode {
                 // SAFETY: every node lives in an `Arc`; this reference is the list's own.
                 unsafe { Arc::increment_strong_count(self) };
             }
-            if self.shared.bhs.push(&self.link).is_err() {
+            if self.shared.notifier.list.push(&self.link).is_err() {
                 if task {
                     // SAFETY: takes back the reference added just above; the caller's own
                     // reference keeps the node alive.
@@ -258,7 +258,7 @@ impl BhHome {
     /// (making the next timeout zero), so that a storm of tasks waking each other cannot keep
     /// fd handlers and timers from their turn.
     pub(crate) fn poll(&self, r: &Reactor, budget: u32) -> bool {
-        self.take(&r.shared().bhs);
+        self.take(&r.shared().notifier.list);
         let mut progress = false;
         let tasks_before = r.task_polls();
         while r.task_polls() - tasks_before < u64::from(budget) {

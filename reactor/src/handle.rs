@@ -104,7 +104,7 @@ impl Handle {
     }
 
     fn check(&self) -> Result<(), Closed> {
-        if self.shared.bhs.is_closed() {
+        if self.shared.notifier.list.is_closed() {
             Err(Closed)
         } else {
             Ok(())
@@ -113,7 +113,7 @@ impl Handle {
 
     /// Whether the reactor has been dropped.
     pub fn is_closed(&self) -> bool {
-        self.shared.bhs.is_closed()
+        self.shared.notifier.list.is_closed()
     }
 
     /// Wakes the reactor: a blocking `poll` returns (without counting it as progress), and a

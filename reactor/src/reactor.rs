@@ -20,7 +20,6 @@ use crate::ops::Ops;
 use crate::ops::{Completion, OpId};
 use crate::polling::{Adaptive, PollParams};
 use crate::pool::ThreadPool;
-use crate::protocol::List;
 use crate::stats::{LocalStats, Stats};
 use crate::sync::{Arc, AtomicBool, Ordering};
 use crate::timer::{Clock, Timer, Timers};
@@ -31,13 +30,15 @@ const NOTIFIER_TOKEN: u64 = u64::MAX;
 /// The token of the timerfd that wakes a foreign loop for the reactor's timers.
 const EXTERNAL_TIMER_TOKEN: u64 = u64::MAX - 1;
 
+/// Most consecutive iterations that skip the fd monitor because busy polling found work.
+const MAX_SKIPPED_WAITS: u32 = 8;
+
 /// Default submission-queue size of the io_uring backend.
 pub const DEFAULT_URING_ENTRIES: u32 = 256;
 
 /// What a reactor shares with other threads (through [`Handle`], [`Bh`] and [`Timer`]).
 pub(crate) struct Shared {
     pub(crate) notifier: Notifier,
-    pub(crate) bhs: List,
     pub(crate) clock: Clock,
     /// Set by [`Handle::stop`]/[`Reactor::stop`]; makes [`Reactor::run`] return.
     pub(crate) stop: AtomicBool,
@@ -152,7 +153,6 @@ impl Builder {
         }
         let shared = Arc::new(Shared {
             notifier: notify::new()?,
-            bhs: List::new(),
             clock: Clock::new(),
             stop: AtomicBool::new(false),
         });
@@ -171,7 +171,8 @@ impl Builder {
             socket_io: self.socket_io,
             adaptive: Adaptive::new(self.poll.unwrap_or(PollParams::OFF)),
             poll_mode: Cell::new(false),
-            external_wait: Cell::new(false),
+                        external_wait: Cell::new(false),
+            skipped_waits: Cell::new(0),
             external_timer: RefCell::new(None),
             stats: LocalStats::default(),
             _not_send: PhantomData,
@@ -214,8 +215,10 @@ pub struct Reactor {
     adaptive: Adaptive,
     /// Busy polling has started and the loop has not blocked since.
     poll_mode: Cell<bool>,
-    /// `prepare_external_wait` announced a wait that `poll` has not ended yet.
+        /// `prepare_external_wait` announced a wait that `poll` has not ended yet.
     external_wait: Cell<bool>,
+    /// Consecutive iterations whose wait was skipped because spinning found work.
+    skipped_waits: Cell<u32>,
     /// Makes the reactor's fd readable at the nearest timer, for foreign loops.
     external_timer: RefCell<Option<ExternalTimer>>,
     stats: LocalStats,
@@ -602,13 +605,18 @@ impl Reactor {
             0
         };
         self.handlers.set_now(start);
-        let mut timeout = if blocking {
-            self.timeout()
-        } else {
-            Some(Duration::ZERO)
-        };
+                let mut timeout = if blocking { self.timeout() } else { Some(Duration::ZERO) };
+                let mut skip_wait = false;
+        let mut polled_hit = false;
         if adaptive && timeout != Some(Duration::ZERO) && self.busy_poll(timeout) {
+            polled_hit = true;
             timeout = Some(Duration::ZERO);
+            // Spinning found the work: a zero wait would only look at fds again (a system call
+            // on epoll). Skip it, but not too many times in a row, so that fds without a poll
+            // callback are still looked at.
+            let skipped = self.skipped_waits.get();
+            skip_wait = skipped < MAX_SKIPPED_WAITS && !self.monitor.borrow_mut().need_wait();
+            self.skipped_waits.set(if skip_wait { skipped + 1 } else { 0 });
         }
         let announced = timeout != Some(Duration::ZERO);
         if announced && notifier.prepare_block() {
@@ -623,14 +631,15 @@ impl Reactor {
                 self.handlers.set_poll_mode(self, false);
             }
         }
-        tracing::trace!(?timeout, "reactor: wait");
-        let res = self.wait(timeout);
+                tracing::trace!(?timeout, "reactor: wait");
+        let res = if skip_wait { Ok(0) } else { self.wait(timeout) };
         if announced {
             notifier.finish_block();
         }
-        if adaptive {
-            self.adaptive
-                .adjust(self.shared.clock.now_ns().saturating_sub(start));
+                if adaptive && !polled_hit {
+            // (A hit took at most the poll time: the sweet spot, nothing to adjust, and no
+            // clock read on the path to the work.)
+            self.adaptive.adjust(self.shared.clock.now_ns().saturating_sub(start));
         }
         let events = match res {
             Ok(n) => n,
@@ -700,8 +709,9 @@ impl Reactor {
         if !self.poll_mode.replace(true) {
             self.handlers.set_poll_mode(self, true);
         }
-        let clock = &self.shared.clock;
+                let clock = &self.shared.clock;
         let deadline = clock.now_ns().saturating_add(window);
+        let mut spins = 0u32;
         loop {
             // The notifier's own poll check: a load of `notified`, no system call.
             let found = self.shared.notifier.is_notified()
@@ -711,7 +721,9 @@ impl Reactor {
                 self.stats.poll_hits.set(self.stats.poll_hits.get() + 1);
                 return true;
             }
-            if clock.now_ns() >= deadline {
+                        // The clock (a vDSO call) is read every 16 spins only.
+            spins = spins.wrapping_add(1);
+            if spins % 16 == 0 && clock.now_ns() >= deadline {
                 self.stats.poll_misses.set(self.stats.poll_misses.get() + 1);
                 return false;
             }
@@ -838,7 +850,7 @@ impl Reactor {
         if self.handlers.has_ready() || self.ops.has_queued() {
             return Some(Duration::ZERO);
         }
-        let mut t = match self.bhs.peek(&self.shared.bhs) {
+        let mut t = match self.bhs.peek(&self.shared.notifier.list) {
             Peek::Due => return Some(Duration::ZERO),
             Peek::Idle => Some(bh::IDLE_TIMEOUT),
             Peek::Nothing => None,
@@ -948,7 +960,7 @@ impl Drop for Reactor {
         // Close the BH list first, so that nothing new arrives; then drop every callback here,
         // on the home thread. The fd monitor goes last (dropping it drops its registrations).
         self.quiesce_ops();
-        self.bhs.shutdown(&self.shared.bhs);
+        self.bhs.shutdown(&self.shared.notifier.list);
         self.timers.shutdown();
         self.handlers.clear();
     }

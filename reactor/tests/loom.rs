@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicUsize, Ordering as StdOrdering};
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 use loom::thread;
-use protocol::{Link, List, Notifier, PENDING, SCHEDULED, Wake};
+use protocol::{Link, Notifier, PENDING, SCHEDULED, Wake};
 
 /// The eventfd, as a counter loom can see.
 struct Eventfd(loom::sync::atomic::AtomicU64);
@@ -49,7 +49,6 @@ struct Node {
 
 struct Shared {
     notifier: Notifier<Eventfd>,
-    list: List,
     node: Node,
     /// A second BH, for the models that need two on the list.
     other: Node,
@@ -62,7 +61,6 @@ fn shared() -> Arc<Shared> {
     };
     Arc::new(Shared {
         notifier: Notifier::new(Eventfd(loom::sync::atomic::AtomicU64::new(0))),
-        list: List::new(),
         node: node(),
         other: node(),
     })
@@ -77,7 +75,7 @@ impl Shared {
     fn schedule_node(&self, node: &Node) {
         let old = node.link.mark(SCHEDULED);
         if old & PENDING == 0 {
-            self.list.push(&node.link).unwrap();
+            self.notifier.list.push(&node.link).unwrap();
         }
         self.notifier.notify();
     }
@@ -158,7 +156,7 @@ fn lost_wakeup() {
             p.schedule();
         });
         // Home: the timeout computation peeks at the list (unordered) ...
-        let saw_work = !s.list.peek().is_null();
+        let saw_work = !s.notifier.list.peek().is_null();
         // ... and, seeing nothing, announces that it may sleep (SP5).
         let slept = !saw_work && !s.notifier.prepare_block();
         producer.join().unwrap();
@@ -173,7 +171,7 @@ fn lost_wakeup() {
         }
         // Whatever happened, the work is found by the next accept and take.
         s.notifier.accept();
-        assert_eq!(s.drain(s.list.take()), 1, "the BH runs once");
+        assert_eq!(s.drain(s.notifier.list.take()), 1, "the BH runs once");
     });
 }
 
@@ -195,7 +193,7 @@ fn accept_then_take() {
         let b = thread::spawn(move || p2.notifier.notify());
         // Home, busy (notify_me == 0): accept, then take.
         s.notifier.accept();
-        let runs = s.drain(s.list.take());
+        let runs = s.drain(s.notifier.list.take());
         a.join().unwrap();
         b.join().unwrap();
         if runs == 0 {
@@ -203,7 +201,7 @@ fn accept_then_take() {
                 s.notifier.is_notified(),
                 "work consumed neither by the take nor left announced"
             );
-            assert_eq!(s.drain(s.list.take()), 1);
+            assert_eq!(s.drain(s.notifier.list.take()), 1);
         }
     });
 }
@@ -225,9 +223,9 @@ fn publication_through_the_list() {
                 p.schedule_node(n);
             }
         });
-        let first = s.drain(s.list.take());
+        let first = s.drain(s.notifier.list.take());
         producer.join().unwrap();
-        assert_eq!(first + s.drain(s.list.take()), 2, "both ran, once each");
+        assert_eq!(first + s.drain(s.notifier.list.take()), 2, "both ran, once each");
     });
 }
 
@@ -242,9 +240,9 @@ fn schedule_racing_with_cancel_and_dequeue() {
         // Queued and then cancelled: PENDING set, SCHEDULED clear, already taken by the home
         // thread (it sits in the run queue).
         s.node.link.mark(SCHEDULED);
-        s.list.push(&s.node.link).unwrap();
+        s.notifier.list.push(&s.node.link).unwrap();
         s.node.link.cancel();
-        let queued = s.list.take();
+        let queued = s.notifier.list.take();
         let p = s.clone();
         let producer = thread::spawn(move || {
             // SAFETY: loom checks the accesses to the payload.
@@ -255,7 +253,7 @@ fn schedule_racing_with_cancel_and_dequeue() {
         producer.join().unwrap();
         s.notifier.accept();
         assert_eq!(
-            runs + s.drain(s.list.take()),
+            runs + s.drain(s.notifier.list.take()),
             1,
             "the schedule ran exactly once"
         );
@@ -273,10 +271,10 @@ fn two_producers_one_run() {
         let (p1, p2) = (s.clone(), s.clone());
         let a = thread::spawn(move || p1.schedule());
         let b = thread::spawn(move || p2.schedule());
-        let mid = s.drain(s.list.take());
+        let mid = s.drain(s.notifier.list.take());
         a.join().unwrap();
         b.join().unwrap();
-        let total = mid + s.drain(s.list.take());
+        let total = mid + s.drain(s.notifier.list.take());
         assert!(
             (1..=2).contains(&total),
             "at least once, at most once per schedule"
@@ -299,9 +297,9 @@ fn cancel_racing_with_schedule() {
             p.schedule();
         });
         let canceller = thread::spawn(move || c.node.link.cancel());
-        let mid = s.drain(s.list.take());
+        let mid = s.drain(s.notifier.list.take());
         producer.join().unwrap();
         canceller.join().unwrap();
-        assert!(mid + s.drain(s.list.take()) <= 1);
+        assert!(mid + s.drain(s.notifier.list.take()) <= 1);
     });
 }
