@@ -9,6 +9,8 @@ pub enum Metric {
     NsPerOp,
     /// Operations per second (higher is better).
     OpsPerSec,
+    /// A percentage (of CPU time; lower is better).
+    Percent,
 }
 
 impl Metric {
@@ -16,6 +18,7 @@ impl Metric {
         match self {
             Metric::NsPerOp => "ns/op",
             Metric::OpsPerSec => "ops/s",
+            Metric::Percent => "% CPU",
         }
     }
 }
@@ -37,6 +40,7 @@ impl Sample {
         let value = match metric {
             Metric::NsPerOp => ns,
             Metric::OpsPerSec => 1e9 / ns,
+            Metric::Percent => panic!("a percentage is not timed"),
         };
         Sample {
             value,

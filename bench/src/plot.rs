@@ -12,7 +12,7 @@ use crate::measure::{Metric, Summary};
 /// reactor-uring's speed-up over `other` (> 1: reactor-uring is faster).
 fn speedup(uring: &Summary, other: &Summary) -> f64 {
     match uring.metric {
-        Metric::NsPerOp => other.median / uring.median,
+        Metric::NsPerOp | Metric::Percent => other.median / uring.median,
         Metric::OpsPerSec => uring.median / other.median,
     }
 }
@@ -25,7 +25,7 @@ fn best_other<'a>(rows: &'a [Summary], scenario: &str) -> Option<&'a Summary> {
         })
         .max_by(|a, b| {
             let key = |r: &Summary| match r.metric {
-                Metric::NsPerOp => -r.median,
+                Metric::NsPerOp | Metric::Percent => -r.median,
                 Metric::OpsPerSec => r.median,
             };
             key(a).total_cmp(&key(b))

@@ -66,6 +66,7 @@ pub fn json(rows: &[Summary]) -> String {
             metric: match r.metric {
                 crate::measure::Metric::NsPerOp => "ns_per_op",
                 crate::measure::Metric::OpsPerSec => "ops_per_s",
+                crate::measure::Metric::Percent => "percent",
             },
             median: r.median,
             min: r.min,

@@ -13,6 +13,7 @@ fn human(metric: Metric, v: f64) -> String {
         Metric::OpsPerSec if v >= 1e6 => format!("{:.2} M/s", v / 1e6),
         Metric::OpsPerSec if v >= 1e3 => format!("{:.1} k/s", v / 1e3),
         Metric::OpsPerSec => format!("{v:.0}/s"),
+        Metric::Percent => format!("{v:.2}%"),
     }
 }
 

@@ -286,6 +286,17 @@ impl Monitor {
         }
     }
 
+    /// Whether fd readiness can only be learnt with a system call (epoll), so that a busy
+    /// poll must make one now and then to see fds at all.
+    pub(crate) fn needs_syscall_to_poll(&self) -> bool {
+        match self {
+            #[cfg(feature = "uring")]
+            Monitor::Uring(_) => false,
+            #[cfg(feature = "epoll")]
+            Monitor::Epoll(_) => true,
+        }
+    }
+
     /// The fd that is readable while the monitor has something to report: the ring fd or the
     /// epoll fd.
     pub(crate) fn raw_fd(&self) -> RawFd {

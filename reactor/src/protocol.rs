@@ -294,7 +294,7 @@ pub(crate) struct Notifier<W> {
 
 impl<W: Wake> Notifier<W> {
     pub(crate) fn new(waker: W) -> Self {
-                Notifier {
+        Notifier {
             list: List::new(),
             notified: AtomicBool::new(false),
             notify_me: AtomicU32::new(0),

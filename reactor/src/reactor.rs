@@ -171,7 +171,7 @@ impl Builder {
             socket_io: self.socket_io,
             adaptive: Adaptive::new(self.poll.unwrap_or(PollParams::OFF)),
             poll_mode: Cell::new(false),
-                        external_wait: Cell::new(false),
+            external_wait: Cell::new(false),
             skipped_waits: Cell::new(0),
             external_timer: RefCell::new(None),
             stats: LocalStats::default(),
@@ -215,7 +215,7 @@ pub struct Reactor {
     adaptive: Adaptive,
     /// Busy polling has started and the loop has not blocked since.
     poll_mode: Cell<bool>,
-        /// `prepare_external_wait` announced a wait that `poll` has not ended yet.
+    /// `prepare_external_wait` announced a wait that `poll` has not ended yet.
     external_wait: Cell<bool>,
     /// Consecutive iterations whose wait was skipped because spinning found work.
     skipped_waits: Cell<u32>,
@@ -605,8 +605,12 @@ impl Reactor {
             0
         };
         self.handlers.set_now(start);
-                let mut timeout = if blocking { self.timeout() } else { Some(Duration::ZERO) };
-                let mut skip_wait = false;
+        let mut timeout = if blocking {
+            self.timeout()
+        } else {
+            Some(Duration::ZERO)
+        };
+        let mut skip_wait = false;
         let mut polled_hit = false;
         if adaptive && timeout != Some(Duration::ZERO) && self.busy_poll(timeout) {
             polled_hit = true;
@@ -616,7 +620,8 @@ impl Reactor {
             // callback are still looked at.
             let skipped = self.skipped_waits.get();
             skip_wait = skipped < MAX_SKIPPED_WAITS && !self.monitor.borrow_mut().need_wait();
-            self.skipped_waits.set(if skip_wait { skipped + 1 } else { 0 });
+            self.skipped_waits
+                .set(if skip_wait { skipped + 1 } else { 0 });
         }
         let announced = timeout != Some(Duration::ZERO);
         if announced && notifier.prepare_block() {
@@ -631,15 +636,16 @@ impl Reactor {
                 self.handlers.set_poll_mode(self, false);
             }
         }
-                tracing::trace!(?timeout, "reactor: wait");
+        tracing::trace!(?timeout, "reactor: wait");
         let res = if skip_wait { Ok(0) } else { self.wait(timeout) };
         if announced {
             notifier.finish_block();
         }
-                if adaptive && !polled_hit {
+        if adaptive && !polled_hit {
             // (A hit took at most the poll time: the sweet spot, nothing to adjust, and no
             // clock read on the path to the work.)
-            self.adaptive.adjust(self.shared.clock.now_ns().saturating_sub(start));
+            self.adaptive
+                .adjust(self.shared.clock.now_ns().saturating_sub(start));
         }
         let events = match res {
             Ok(n) => n,
@@ -709,9 +715,10 @@ impl Reactor {
         if !self.poll_mode.replace(true) {
             self.handlers.set_poll_mode(self, true);
         }
-                let clock = &self.shared.clock;
+        let clock = &self.shared.clock;
         let deadline = clock.now_ns().saturating_add(window);
         let mut spins = 0u32;
+        let syscall_poll = self.monitor.borrow().needs_syscall_to_poll();
         loop {
             // The notifier's own poll check: a load of `notified`, no system call.
             let found = self.shared.notifier.is_notified()
@@ -721,8 +728,20 @@ impl Reactor {
                 self.stats.poll_hits.set(self.stats.poll_hits.get() + 1);
                 return true;
             }
-                        // The clock (a vDSO call) is read every 16 spins only.
             spins = spins.wrapping_add(1);
+            // On epoll, fds can only be seen with a system call: one zero wait every 64 spins
+            // (about a microsecond), which the spinning pays for anyway.
+            if spins % 64 == 0 && syscall_poll {
+                match self.wait(Some(Duration::ZERO)) {
+                    Ok(n) if n > 0 => {
+                        self.stats.poll_hits.set(self.stats.poll_hits.get() + 1);
+                        return true;
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("reactor: the {} fd monitor failed: {e}", self.backend()),
+                }
+            }
+            // The clock (a vDSO call) is read every 16 spins only.
             if spins % 16 == 0 && clock.now_ns() >= deadline {
                 self.stats.poll_misses.set(self.stats.poll_misses.get() + 1);
                 return false;

@@ -225,7 +225,11 @@ fn publication_through_the_list() {
         });
         let first = s.drain(s.notifier.list.take());
         producer.join().unwrap();
-        assert_eq!(first + s.drain(s.notifier.list.take()), 2, "both ran, once each");
+        assert_eq!(
+            first + s.drain(s.notifier.list.take()),
+            2,
+            "both ran, once each"
+        );
     });
 }
 

@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::thread;
 
-use reactor::{Backend, FdHandler, Reactor};
+use reactor::{Backend, FdHandler, PollParams, Reactor};
 
 use crate::measure::{Metric, Sample, time};
 use crate::scenarios::{Ctx, Row};
@@ -18,7 +18,7 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
     for backend in [Backend::Uring, Backend::Epoll] {
         let system = format!("reactor-{backend}");
         rows.push(ctx.row("fd-pingpong", &system, Metric::NsPerOp, || {
-            reactor_side(backend, n)
+            reactor_side(backend, PollParams::OFF, n)
         }));
     }
     rows.push(ctx.row("fd-pingpong", "tokio", Metric::NsPerOp, || tokio_side(n)));
@@ -27,6 +27,16 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
             floor(n)
         }),
     );
+    // With adaptive polling: on io_uring, the POLL_ADD completion lands in the ring, which the
+    // spin sees without a system call; on epoll only a system call could see the fd, so the
+    // spin helps only through the notifier (nothing here), and the row shows that.
+    let np = ctx.scale(100_000, 10_000);
+    for backend in [Backend::Uring, Backend::Epoll] {
+        let system = format!("reactor-{backend}");
+        rows.push(ctx.row("fd-pingpong-poll", &system, Metric::NsPerOp, || {
+            reactor_side(backend, crate::scenarios::pingpong::POLL, np)
+        }));
+    }
     rows
 }
 
@@ -63,13 +73,21 @@ fn echo_with_handlers(r: &Reactor, s: UnixStream, n: u64, start: bool) -> u64 {
     count.get()
 }
 
-fn reactor_side(backend: Backend, n: u64) -> Sample {
+fn reactor_side(backend: Backend, poll: PollParams, n: u64) -> Sample {
     let (a, b) = UnixStream::pair().unwrap();
     let t = thread::spawn(move || {
-        let r = Reactor::builder().backend(backend).build().unwrap();
+        let r = Reactor::builder()
+            .backend(backend)
+            .poll(poll)
+            .build()
+            .unwrap();
         echo_with_handlers(&r, b, n, false)
     });
-    let r = Reactor::builder().backend(backend).build().unwrap();
+    let r = Reactor::builder()
+        .backend(backend)
+        .poll(poll)
+        .build()
+        .unwrap();
     assert_eq!(r.backend(), backend);
     let mut got = 0;
     let s = time(Metric::NsPerOp, n, || {

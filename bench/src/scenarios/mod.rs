@@ -3,6 +3,7 @@
 pub mod bh;
 pub mod fd_pingpong;
 pub mod file_read;
+pub mod idle;
 pub mod pingpong;
 pub mod tcp_echo;
 pub mod timers;
@@ -80,5 +81,10 @@ pub const ALL: &[Scenario] = &[
         name: "file-read",
         about: "4 KiB reads over 256 MiB, random and sequential, QD1/QD32, cached and O_DIRECT (IOPS)",
         run: file_read::run,
+    },
+    Scenario {
+        name: "idle-cpu",
+        about: "CPU use of an idle IoThread with adaptive polling on, after a burst of work (%)",
+        run: idle::run,
     },
 ];

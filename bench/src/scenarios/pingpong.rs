@@ -17,25 +17,41 @@ use crate::scenarios::{Ctx, Row};
 /// Adaptive polling for the `-poll` rows. The poll time must be allowed to exceed a sleeping
 /// round trip (~40 µs here), or a first wait longer than the maximum shrinks it to zero before
 /// it ever grows (QEMU's default of 32 µs would never switch on in this scenario).
-pub const POLL: PollParams = PollParams { max: std::time::Duration::from_micros(200), grow: 2, shrink: 0 };
+pub const POLL: PollParams = PollParams {
+    max: std::time::Duration::from_micros(200),
+    grow: 2,
+    shrink: 0,
+};
 
 pub fn run(ctx: &Ctx) -> Vec<Row> {
     let n = ctx.scale(20_000, 2_000);
     let mut rows = Vec::new();
     for backend in [Backend::Uring, Backend::Epoll] {
         let system = format!("reactor-{backend}");
-        rows.push(ctx.row("pingpong", &system, Metric::NsPerOp, || reactor_pingpong(backend, PollParams::OFF, n)));
+        rows.push(ctx.row("pingpong", &system, Metric::NsPerOp, || {
+            reactor_pingpong(backend, PollParams::OFF, n)
+        }));
     }
     rows.push(ctx.row("pingpong", "tokio", Metric::NsPerOp, || tokio_pingpong(n)));
-    rows.push(ctx.row("pingpong", "floor-eventfd-epoll", Metric::NsPerOp, || eventfd_pingpong(n)));
-    rows.push(ctx.row("pingpong", "floor-futex", Metric::NsPerOp, || futex_pingpong(n)));
+    rows.push(
+        ctx.row("pingpong", "floor-eventfd-epoll", Metric::NsPerOp, || {
+            eventfd_pingpong(n)
+        }),
+    );
+    rows.push(ctx.row("pingpong", "floor-futex", Metric::NsPerOp, || {
+        futex_pingpong(n)
+    }));
     // With adaptive polling on, the same bounce against the in-process spinning floor.
     let np = ctx.scale(200_000, 50_000);
     for backend in [Backend::Uring, Backend::Epoll] {
         let system = format!("reactor-{backend}");
-        rows.push(ctx.row("pingpong-poll", &system, Metric::NsPerOp, || reactor_pingpong(backend, POLL, np)));
+        rows.push(ctx.row("pingpong-poll", &system, Metric::NsPerOp, || {
+            reactor_pingpong(backend, POLL, np)
+        }));
     }
-    rows.push(ctx.row("pingpong-poll", "floor-spin", Metric::NsPerOp, || spin_pingpong(np)));
+    rows.push(ctx.row("pingpong-poll", "floor-spin", Metric::NsPerOp, || {
+        spin_pingpong(np)
+    }));
     rows
 }
 
@@ -107,14 +123,22 @@ fn reactor_pingpong(backend: Backend, poll: PollParams, n: u64) -> Sample {
     let done = Arc::new(AtomicBool::new(false));
     let done_b = done.clone();
     let b = thread::spawn(move || {
-        let r = Reactor::builder().backend(backend).poll(poll).build().expect("reactor B");
+        let r = Reactor::builder()
+            .backend(backend)
+            .poll(poll)
+            .build()
+            .expect("reactor B");
         let ping_a: Arc<Bh> = rx_a.recv().unwrap();
         let pong = Arc::new(r.bh(move |_| ping_a.schedule()));
         tx.send(pong).unwrap();
         r.run_until(|| done_b.load(Ordering::Acquire));
         r.stats()
     });
-    let r = Reactor::builder().backend(backend).poll(poll).build().expect("reactor A");
+    let r = Reactor::builder()
+        .backend(backend)
+        .poll(poll)
+        .build()
+        .expect("reactor A");
     assert_eq!(r.backend(), backend);
     let count = Arc::new(AtomicU64::new(0));
     let pong_slot: Arc<std::sync::OnceLock<Arc<Bh>>> = Arc::new(std::sync::OnceLock::new());

@@ -1,0 +1,80 @@
+//! `idle-cpu`: what adaptive polling costs when there is nothing to do. An `IoThread` (polling
+//! on by default) gets a burst of work, then nothing; its thread's CPU time over the idle
+//! period after the burst, in percent of that period. Polling must fall back to sleeping.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use reactor::{Backend, Builder, IoThread};
+
+use crate::measure::{Metric, Sample};
+use crate::scenarios::{Ctx, Row};
+
+pub fn run(ctx: &Ctx) -> Vec<Row> {
+    let idle = Duration::from_millis(ctx.scale(1000, 400));
+    [Backend::Uring, Backend::Epoll]
+        .into_iter()
+        .map(|b| {
+            ctx.row(
+                "idle-cpu-poll",
+                &format!("reactor-{b}"),
+                Metric::Percent,
+                || idle_cpu(b, idle),
+            )
+        })
+        .collect()
+}
+
+/// CPU time of thread `tid` of this process, in nanoseconds (`/proc/.../schedstat`).
+fn thread_cpu(tid: i64) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).expect("schedstat");
+    s.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("schedstat format")
+}
+
+fn idle_cpu(backend: Backend, idle: Duration) -> Sample {
+    let io = IoThread::spawn("idle-bench", Builder::new().backend(backend)).expect("IoThread");
+    let h = io.handle().clone();
+    let (tx, rx) = mpsc::channel();
+    // Work arriving every ~10 µs: the waits are short, so the poll time grows...
+    for i in 0..500 {
+        let tx = tx.clone();
+        h.oneshot(move |r| {
+            if i == 499 {
+                // SAFETY: gettid has no preconditions.
+                let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+                let s = r.stats();
+                tx.send((
+                    tid,
+                    r.poll_params().max,
+                    r.backend(),
+                    s.poll_hits + s.poll_misses,
+                ))
+                .unwrap();
+            }
+        })
+        .unwrap();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_micros(10) {
+            std::hint::spin_loop();
+        }
+    }
+    let (tid, max, got, polls) = rx.recv().expect("the burst ran");
+    assert_eq!(got, backend);
+    assert!(!max.is_zero(), "IoThread polls by default");
+    assert!(polls > 0, "the burst made it poll");
+    // ... then nothing: after one poll window it must sleep.
+    std::thread::sleep(max * 4);
+    let (c0, t0) = (thread_cpu(tid), Instant::now());
+    std::thread::sleep(idle);
+    let (c1, wall) = (thread_cpu(tid), t0.elapsed());
+    drop(io);
+    let pct = (c1 - c0) as f64 / wall.as_nanos() as f64 * 100.0;
+    Sample {
+        value: pct,
+        syscalls_per_op: None,
+        cpu_ns_per_op: None,
+    }
+}
