@@ -36,7 +36,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::backend::Backend;
-use crate::io::{IoBuf, IoBufMut, no_reactor};
+use crate::io::{IoBuf, IoBufMut, Slice, no_reactor};
 use crate::pool::spawn_blocking;
 use crate::reactor::Reactor;
 
@@ -293,9 +293,10 @@ impl File {
         let mut done = 0;
         let mut buf = buf;
         while done < buf.len() {
-            let rest = buf.split_off(done);
-            let (res, rest) = self.write_at(rest, offset + done as u64).await;
-            buf.extend_from_slice(&rest);
+            let (res, slice) = self
+                .write_at(Slice::new(buf, done), offset + done as u64)
+                .await;
+            buf = slice.into_inner();
             match res {
                 Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
                 Ok(n) => done += n,
@@ -388,6 +389,53 @@ impl File {
     /// Flushes data (and the metadata needed to read it back) to the device (`fdatasync`).
     pub async fn fdatasync(&self) -> io::Result<()> {
         self.sync(true).await
+    }
+
+    /// Changes the space allocated to a byte range (`fallocate(2)`): `mode` 0 allocates (and
+    /// extends the file), `libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE` deallocates
+    /// (the range reads back as zeros), `libc::FALLOC_FL_ZERO_RANGE` zeroes it. An io_uring
+    /// operation on the uring backend, the thread pool on epoll.
+    ///
+    /// # Errors
+    /// `fallocate`'s: `EOPNOTSUPP` when the file system lacks `mode`, `EINVAL` for a zero `len`
+    /// or an offset or length that does not fit an `off_t`, `EBADF` for a read-only file.
+    ///
+    /// ```
+    /// # let r = reactor::Reactor::new()?;
+    /// # let path = std::env::temp_dir().join(format!("fallocate-doc-{}", std::process::id()));
+    /// r.block_on(async {
+    ///     let f = reactor::fs::File::create(&path).await?;
+    ///     f.fallocate(0, 0, 8192).await?; // allocates and extends
+    ///     assert_eq!(std::fs::metadata(&path)?.len(), 8192);
+    ///     # std::fs::remove_file(&path)?;
+    ///     Ok::<(), std::io::Error>(())
+    /// })?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        if i64::try_from(offset).is_err() || i64::try_from(len).is_err() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "fallocate: offset or length past i64::MAX",
+            ));
+        }
+        match backend()? {
+            #[cfg(feature = "uring")]
+            Backend::Uring => uring::fallocate(self.fd.clone(), mode, offset, len).await,
+            _ => {
+                let fd = self.fd.clone();
+                joined(
+                    spawn_blocking(move || {
+                        // SAFETY: a plain system call on an open fd.
+                        let rc = unsafe {
+                            libc::fallocate(fd.as_raw_fd(), mode, offset as i64, len as i64)
+                        };
+                        cvt(rc as isize).map(drop)
+                    })
+                    .await,
+                )
+            }
+        }
     }
 
     async fn sync(&self, data_only: bool) -> io::Result<()> {
@@ -626,6 +674,29 @@ mod uring {
                 |fd| {
                     opcode::Fsync::new(types::Fd(fd.as_raw_fd()))
                         .flags(flags)
+                        .build()
+                },
+                None,
+            )
+        };
+        let (c, _fd) = op.map_err(|(e, _)| e)?.await;
+        result(c).map(drop)
+    }
+
+    pub(super) async fn fallocate(
+        fd: Arc<OwnedFd>,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        // SAFETY: the SQE refers to the fd, which the operation owns.
+        let op = unsafe {
+            UringOp::submit(
+                fd,
+                |fd| {
+                    opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), len)
+                        .offset(offset)
+                        .mode(mode)
                         .build()
                 },
                 None,

@@ -41,7 +41,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 
 use crate::backend::Backend;
-use crate::io::{Async, IoBuf, IoBufMut, no_reactor};
+use crate::io::{Async, IoBuf, IoBufMut, Slice, no_reactor};
 use crate::reactor::Reactor;
 
 /// How sockets do their owned-buffer I/O and `accept` on the io_uring backend.
@@ -148,9 +148,8 @@ impl<T: AsFd + 'static> Stream<T> {
         let mut buf = buf;
         let mut done = 0;
         while done < buf.len() {
-            let rest = buf.split_off(done);
-            let (res, rest) = self.write(rest).await;
-            buf.extend_from_slice(&rest);
+            let (res, slice) = self.write(Slice::new(buf, done)).await;
+            buf = slice.into_inner();
             match res {
                 Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
                 Ok(n) => done += n,
@@ -202,8 +201,40 @@ impl<T: AsFd + 'static> Listener<T> {
 }
 
 macro_rules! stream_common {
-    ($name:ident) => {
+    ($name:ident, $std:ty) => {
         impl $name {
+            /// Wraps a connected `std` socket, made non-blocking, on the reactor polling on this
+            /// thread: the way to hand a connection accepted on one thread to a reactor on
+            /// another (send the `std` socket, wrap it there).
+            ///
+            /// # Errors
+            /// No reactor on this thread; `fcntl` or the fd registration failing.
+            pub fn from_std(s: $std) -> io::Result<$name> {
+                Ok($name {
+                    inner: Stream::new(s)?,
+                })
+            }
+
+            /// Deregisters it from its reactor and gives the `std` socket back (still
+            /// non-blocking). Returns at once unless a dropped read or write on io_uring is
+            /// still being cancelled: then it first waits for that completion, which owns a
+            /// reference to the socket.
+            ///
+            /// # Errors
+            /// No reactor on this thread; the fd deregistration failing.
+            pub async fn into_std(self) -> io::Result<$std> {
+                let mut io = self.inner.io;
+                loop {
+                    match Rc::try_unwrap(io) {
+                        Ok(a) => return a.into_inner(),
+                        Err(shared) => {
+                            io = shared;
+                            crate::task::yield_now().await;
+                        }
+                    }
+                }
+            }
+
             /// Reads up to `buf.bytes_total()` bytes into the start of `buf` (a `Vec`'s
             /// length becomes the count). 0 means the peer closed its writing half.
             pub async fn read<B: IoBufMut>(&self, buf: B) -> (io::Result<usize>, B) {
@@ -271,7 +302,7 @@ pub struct TcpStream {
     inner: Stream<std::net::TcpStream>,
 }
 
-stream_common!(TcpStream);
+stream_common!(TcpStream, std::net::TcpStream);
 
 impl TcpStream {
     /// Connects to `addr` (non-blocking connect, then a wait for writability).
@@ -356,6 +387,19 @@ impl TcpListener {
         })
     }
 
+    /// Wraps a bound, listening `std` listener (made non-blocking) on the reactor polling on
+    /// this thread.
+    ///
+    /// # Errors
+    /// No reactor on this thread; `fcntl` or the fd registration failing.
+    pub fn from_std(l: std::net::TcpListener) -> io::Result<TcpListener> {
+        Ok(TcpListener {
+            inner: Listener {
+                io: Rc::new(Async::new(l)?),
+            },
+        })
+    }
+
     /// Accepts a connection.
     pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
         let fd = self.inner.accept_fd().await?;
@@ -388,7 +432,7 @@ pub struct UnixStream {
     inner: Stream<std::os::unix::net::UnixStream>,
 }
 
-stream_common!(UnixStream);
+stream_common!(UnixStream, std::os::unix::net::UnixStream);
 
 impl UnixStream {
     /// Connects to the socket at `path` (on the thread pool: a Unix connect may block while the
@@ -434,6 +478,19 @@ impl UnixListener {
     /// Binds to `path` and listens.
     pub fn bind(path: impl AsRef<Path>) -> io::Result<UnixListener> {
         let l = std::os::unix::net::UnixListener::bind(path)?;
+        Ok(UnixListener {
+            inner: Listener {
+                io: Rc::new(Async::new(l)?),
+            },
+        })
+    }
+
+    /// Wraps a bound, listening `std` listener (made non-blocking) on the reactor polling on
+    /// this thread.
+    ///
+    /// # Errors
+    /// No reactor on this thread; `fcntl` or the fd registration failing.
+    pub fn from_std(l: std::os::unix::net::UnixListener) -> io::Result<UnixListener> {
         Ok(UnixListener {
             inner: Listener {
                 io: Rc::new(Async::new(l)?),

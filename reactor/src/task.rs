@@ -355,3 +355,34 @@ impl<T> fmt::Debug for JoinHandle<T> {
             .finish()
     }
 }
+
+/// Yields to the reactor once: the task is re-queued behind the tasks and BHs already queued
+/// and resumes in a later slice (the loop does not block in between).
+///
+/// ```
+/// let r = reactor::Reactor::new()?;
+/// let order = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+/// let o = order.clone();
+/// r.block_on(async move {
+///     let o2 = o.clone();
+///     let other = reactor::Reactor::with_current(|r| r.spawn_local(async move { o2.borrow_mut().push("other") })).unwrap();
+///     reactor::yield_now().await;
+///     o.borrow_mut().push("after yield");
+///     other.await.unwrap();
+/// });
+/// assert_eq!(*order.borrow(), ["other", "after yield"]);
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(move |cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await
+}

@@ -113,6 +113,53 @@ backend_tests! {
         std::fs::remove_file(&path).unwrap();
     }
 
+    fn fallocate_allocates_punches_and_zeroes(r: &Reactor) {
+        let path = scratch("fallocate", r);
+        r.block_on(async {
+            let f = File::create(&path).await.unwrap();
+            f.fallocate(0, 0, 64 * 1024).await.unwrap();
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), 64 * 1024, "mode 0 extends");
+            let (res, _) = f.write_all_at(vec![0xab; 64 * 1024], 0).await;
+            res.unwrap();
+            let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            f.fallocate(punch, 4096, 8192).await.unwrap();
+            f.fallocate(libc::FALLOC_FL_ZERO_RANGE, 32 * 1024, 4096).await.unwrap();
+            let (res, back) = f.read_at(Vec::with_capacity(64 * 1024), 0).await;
+            assert_eq!(res.unwrap(), 64 * 1024);
+            for (i, &b) in back.iter().enumerate() {
+                let zero = (4096..12288).contains(&i) || (32768..36864).contains(&i);
+                assert_eq!(b, if zero { 0 } else { 0xab }, "byte {i}");
+            }
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), 64 * 1024, "KEEP_SIZE");
+            // Errors: zero length, an offset past off_t, a read-only file.
+            let e = f.fallocate(0, 0, 0).await.unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+            let e = f.fallocate(0, u64::MAX, 1).await.unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+            let ro = File::open(&path).await.unwrap();
+            let e = ro.fallocate(punch, 0, 4096).await.unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{e}");
+        });
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    fn slices_append_reads_and_continue_writes(r: &Reactor) {
+        use reactor::io::Slice;
+        let path = scratch("slice", r);
+        r.block_on(async {
+            let f = File::create(&path).await.unwrap();
+            let (res, _) = f.write_at(Slice::new(b"skip-this:payload".to_vec(), 10), 0).await;
+            assert_eq!(res.unwrap(), 7);
+            // Read behind a header already in the buffer: the header stays, the length grows.
+            let mut buf = Vec::with_capacity(4 + 7);
+            buf.extend_from_slice(b"hdr:");
+            let (res, s) = f.read_at(Slice::new(buf, 4), 0).await;
+            assert_eq!(res.unwrap(), 7);
+            assert_eq!(s.into_inner(), b"hdr:payload");
+        });
+        std::fs::remove_file(&path).unwrap();
+    }
+
     fn open_errors(r: &Reactor) {
         r.block_on(async {
             let e = File::open("/nonexistent/reactor/file").await.unwrap_err();

@@ -189,6 +189,79 @@ backend_tests! {
         });
     }
 
+    fn a_connection_moves_between_reactors_through_std(r: &Reactor) {
+        // Accept on this reactor, hand the socket to a reactor on another thread as a std
+        // socket (what a server spreading connections over IoThreads does), echo there.
+        let backend = r.backend();
+        let (addr, accepted) = r.block_on(async {
+            let std_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let l = TcpListener::from_std(std_l).unwrap();
+            let addr = l.local_addr().unwrap();
+            let client = std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut c = std::net::TcpStream::connect(addr).unwrap();
+                c.write_all(b"across threads").unwrap();
+                let mut back = [0u8; 14];
+                c.read_exact(&mut back).unwrap();
+                back
+            });
+            let (s, _) = l.accept().await.unwrap();
+            (client, s.into_std().await.unwrap())
+        });
+        let (client, std_s) = (addr, accepted);
+        let other = std::thread::spawn(move || {
+            let r2 = tests::reactor_on(backend);
+            r2.block_on(async {
+                let s = TcpStream::from_std(std_s).unwrap();
+                let (res, buf) = s.read(Vec::with_capacity(64)).await;
+                assert_eq!(res.unwrap(), 14);
+                let (res, _) = s.write_all(buf).await;
+                res.unwrap();
+            });
+        });
+        other.join().unwrap();
+        assert_eq!(&client.join().unwrap(), b"across threads");
+    }
+
+    fn into_std_waits_for_a_cancelled_operation(r: &Reactor) {
+        r.block_on(async {
+            let (a, d) = UnixStream::pair().unwrap();
+            let a = Rc::new(a);
+            let a2 = a.clone();
+            let reader = spawn(async move { a2.read(Vec::with_capacity(8)).await.0.map(drop) });
+            tests::yield_now().await;
+            // Drop the read while it is in flight (on io_uring its cancellation is pending and
+            // its completion still holds the socket), then convert at once.
+            reader.abort();
+            assert!(reader.await.unwrap_err().is_cancelled());
+            let a = Rc::try_unwrap(a).expect("the task and its future are gone");
+            let a = a.into_std().await.unwrap();
+            use std::io::Write;
+            (&a).write_all(b"x").unwrap();
+            let (res, got) = d.read(Vec::with_capacity(1)).await;
+            assert_eq!((res.unwrap(), &got[..]), (1, &b"x"[..]));
+        });
+    }
+
+    fn unix_listener_from_std(r: &Reactor) {
+        let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("from-std-{}-{}.sock", r.backend(), std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        r.block_on(async {
+            let l = UnixListener::from_std(std::os::unix::net::UnixListener::bind(&path).unwrap()).unwrap();
+            let p2 = path.clone();
+            let client = spawn(async move {
+                let c = UnixStream::connect(&p2).await.unwrap();
+                c.write_all(b"hi".to_vec()).await.0.unwrap();
+            });
+            let s = l.accept().await.unwrap();
+            let (res, got) = s.read(Vec::with_capacity(2)).await;
+            assert_eq!((res.unwrap(), &got[..]), (2, &b"hi"[..]));
+            client.await.unwrap();
+        });
+        std::fs::remove_file(&path).unwrap();
+    }
+
     fn sockets_outside_a_reactor_fail_cleanly(r: &Reactor) {
         let _ = r;
         let e = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap_err();

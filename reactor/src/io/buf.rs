@@ -221,3 +221,80 @@ unsafe impl IoBufMut for AlignedBuf {
         self.len = n.min(self.cap);
     }
 }
+
+/// The part of a buffer from byte `begin` on, as a buffer of its own: a write sends the bytes
+/// from `begin` to the end of the initialised bytes, a read fills the room from `begin` on.
+/// It lets a loop continue a short write, or append a read behind bytes already there,
+/// without copying or allocating.
+///
+/// After a read of `n` bytes into a `Slice` of a `Vec`, the `Vec`'s length is `begin + n`.
+///
+/// ```
+/// use reactor::io::Slice;
+/// use reactor::IoBuf;
+/// let s = Slice::new(b"header+body".to_vec(), 7);
+/// assert_eq!(s.bytes_init(), 4);
+/// assert_eq!(s.into_inner(), b"header+body");
+/// ```
+#[derive(Debug)]
+pub struct Slice<B> {
+    buf: B,
+    begin: usize,
+}
+
+impl<B: IoBuf> Slice<B> {
+    /// `buf` from byte `begin` on.
+    ///
+    /// # Panics
+    /// If `begin` exceeds `buf.bytes_init()`: the bytes before `begin` must be initialised.
+    pub fn new(buf: B, begin: usize) -> Slice<B> {
+        assert!(
+            begin <= buf.bytes_init(),
+            "Slice::new: begin {begin} past the {} initialised bytes",
+            buf.bytes_init()
+        );
+        Slice { buf, begin }
+    }
+
+    /// Where the slice starts in the whole buffer.
+    pub fn begin(&self) -> usize {
+        self.begin
+    }
+
+    /// The whole buffer.
+    pub fn get_ref(&self) -> &B {
+        &self.buf
+    }
+
+    /// Gives the whole buffer back.
+    pub fn into_inner(self) -> B {
+        self.buf
+    }
+}
+
+// SAFETY: the bytes from `begin` (≤ the inner buffer's initialised count, checked in `new` and
+// kept by `set_init`) are a suffix of the inner buffer's stable, initialised bytes.
+unsafe impl<B: IoBuf> IoBuf for Slice<B> {
+    fn stable_ptr(&self) -> *const u8 {
+        self.buf.stable_ptr().wrapping_add(self.begin)
+    }
+    fn bytes_init(&self) -> usize {
+        self.buf.bytes_init().saturating_sub(self.begin)
+    }
+}
+
+// SAFETY: the room from `begin` is a suffix of the inner buffer's writable room; `set_init(n)`
+// maps to the inner `set_init(begin + n)`, valid because the bytes before `begin` were
+// initialised when the slice was made.
+unsafe impl<B: IoBufMut> IoBufMut for Slice<B> {
+    fn stable_mut_ptr(&mut self) -> *mut u8 {
+        self.buf.stable_mut_ptr().wrapping_add(self.begin)
+    }
+    fn bytes_total(&self) -> usize {
+        self.buf.bytes_total().saturating_sub(self.begin)
+    }
+    unsafe fn set_init(&mut self, n: usize) {
+        // SAFETY: bytes `..begin` were initialised at `new`, the caller vouches for the next `n`.
+        unsafe { self.buf.set_init(self.begin + n) };
+    }
+}

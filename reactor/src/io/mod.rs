@@ -7,7 +7,7 @@ mod buf;
 pub(crate) mod uring_op;
 
 pub use async_fd::{Async, Readable, Writable};
-pub use buf::{AlignedBuf, IoBuf, IoBufMut};
+pub use buf::{AlignedBuf, IoBuf, IoBufMut, Slice};
 
 /// An `io::Error` for "no reactor is running on this thread".
 pub(crate) fn no_reactor() -> std::io::Error {
