@@ -90,7 +90,7 @@ pub use stats::Stats;
 /// The io_uring crate, for building SQEs for [`Reactor::submit_sqe`].
 #[cfg(feature = "uring")]
 pub use fdmon_uring::io_uring;
-pub use task::{JoinError, JoinHandle};
+pub use task::{JoinError, JoinHandle, yield_now};
 pub use timer::Timer;
 
 /// The README's embedding example, compiled and run as a doctest so that it stays true.
