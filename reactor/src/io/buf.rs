@@ -222,24 +222,27 @@ unsafe impl IoBufMut for AlignedBuf {
     }
 }
 
-/// The part of a buffer from byte `begin` on, as a buffer of its own: a write sends the bytes
-/// from `begin` to the end of the initialised bytes, a read fills the room from `begin` on.
-/// It lets a loop continue a short write, or append a read behind bytes already there,
-/// without copying or allocating.
+/// The part of a buffer from byte `begin` on (up to `end` if given), as a buffer of its own:
+/// a write sends the initialised bytes in the range, a read fills the room in the range. It
+/// lets a loop continue a short write, append a read behind bytes already there, or read
+/// exactly a given count, without copying or allocating.
 ///
 /// After a read of `n` bytes into a `Slice` of a `Vec`, the `Vec`'s length is `begin + n`.
 ///
 /// ```
 /// use reactor::io::Slice;
-/// use reactor::IoBuf;
+/// use reactor::{IoBuf, IoBufMut};
 /// let s = Slice::new(b"header+body".to_vec(), 7);
 /// assert_eq!(s.bytes_init(), 4);
 /// assert_eq!(s.into_inner(), b"header+body");
+/// let r = Slice::range(Vec::<u8>::with_capacity(100), 0, 10);
+/// assert_eq!(r.bytes_total(), 10); // a read into it takes at most 10 bytes
 /// ```
 #[derive(Debug)]
 pub struct Slice<B> {
     buf: B,
     begin: usize,
+    end: usize,
 }
 
 impl<B: IoBuf> Slice<B> {
@@ -248,12 +251,20 @@ impl<B: IoBuf> Slice<B> {
     /// # Panics
     /// If `begin` exceeds `buf.bytes_init()`: the bytes before `begin` must be initialised.
     pub fn new(buf: B, begin: usize) -> Slice<B> {
+        Slice::range(buf, begin, usize::MAX)
+    }
+
+    /// Bytes `begin..end` of `buf` (`end` may lie past the buffer's room: the room bounds it).
+    ///
+    /// # Panics
+    /// If `begin` exceeds `buf.bytes_init()` or `end`.
+    pub fn range(buf: B, begin: usize, end: usize) -> Slice<B> {
         assert!(
-            begin <= buf.bytes_init(),
-            "Slice::new: begin {begin} past the {} initialised bytes",
+            begin <= buf.bytes_init() && begin <= end,
+            "Slice: begin {begin} past the {} initialised bytes or past end {end}",
             buf.bytes_init()
         );
-        Slice { buf, begin }
+        Slice { buf, begin, end }
     }
 
     /// Where the slice starts in the whole buffer.
@@ -272,29 +283,36 @@ impl<B: IoBuf> Slice<B> {
     }
 }
 
-// SAFETY: the bytes from `begin` (≤ the inner buffer's initialised count, checked in `new` and
-// kept by `set_init`) are a suffix of the inner buffer's stable, initialised bytes.
+// SAFETY: the bytes from `begin` (≤ the inner buffer's initialised count, checked in `range`
+// and kept by `set_init`) up to `end` are initialised, stable bytes of the inner buffer.
 unsafe impl<B: IoBuf> IoBuf for Slice<B> {
     fn stable_ptr(&self) -> *const u8 {
         self.buf.stable_ptr().wrapping_add(self.begin)
     }
     fn bytes_init(&self) -> usize {
-        self.buf.bytes_init().saturating_sub(self.begin)
+        self.buf
+            .bytes_init()
+            .min(self.end)
+            .saturating_sub(self.begin)
     }
 }
 
-// SAFETY: the room from `begin` is a suffix of the inner buffer's writable room; `set_init(n)`
-// maps to the inner `set_init(begin + n)`, valid because the bytes before `begin` were
-// initialised when the slice was made.
+// SAFETY: the room from `begin` up to `end` lies in the inner buffer's writable room;
+// `set_init(n)` maps to the inner `set_init(begin + n)`, valid because the bytes before `begin`
+// were initialised when the slice was made.
 unsafe impl<B: IoBufMut> IoBufMut for Slice<B> {
     fn stable_mut_ptr(&mut self) -> *mut u8 {
         self.buf.stable_mut_ptr().wrapping_add(self.begin)
     }
     fn bytes_total(&self) -> usize {
-        self.buf.bytes_total().saturating_sub(self.begin)
+        self.buf
+            .bytes_total()
+            .min(self.end)
+            .saturating_sub(self.begin)
     }
     unsafe fn set_init(&mut self, n: usize) {
-        // SAFETY: bytes `..begin` were initialised at `new`, the caller vouches for the next `n`.
+        // SAFETY: bytes `..begin` were initialised at `range`, the caller vouches for the next
+        // `n`.
         unsafe { self.buf.set_init(self.begin + n) };
     }
 }

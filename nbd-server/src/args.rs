@@ -1,0 +1,178 @@
+//! The command line of the `nbd-server` binary.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use reactor::PollParams;
+
+use crate::server::Config;
+
+/// The usage text.
+pub const USAGE: &str = "\
+usage: nbd-server [OPTIONS] FILE
+
+Serves FILE over NBD (fixed newstyle, simple replies).
+
+  -b, --bind ADDR          TCP address to listen on (default 127.0.0.1:10809 unless
+                           --socket is given; port 0 picks a free one)
+  -k, --socket PATH        Unix socket to listen on (created; removed at exit)
+  -x, --export-name NAME   export name (default \"\"; \"\" always reaches the export)
+  -D, --description TEXT   export description
+  -r, --read-only          refuse writes with EPERM
+  -t, --iothreads N        IoThreads serving connections, round robin (default 1)
+      --backend B          auto | uring | epoll (default auto; REACTOR_BACKEND also works)
+      --poll-max-ns N      adaptive busy polling ceiling of the IoThreads in ns
+                           (default 32768; 0 turns polling off)
+  -h, --help               this text
+
+Runs until SIGINT or SIGTERM. Prints one line per listener on stdout once it serves:
+  nbd-server: listening on tcp 127.0.0.1:10809
+  nbd-server: listening on unix /run/disk.sock";
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Command {
+    /// Serve with this configuration.
+    Serve(Config),
+    /// Print the usage.
+    Help,
+}
+
+fn bad(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg.into())
+}
+
+/// Parses the arguments (without the program name).
+///
+/// # Errors
+/// `InvalidInput` naming the bad or missing argument.
+///
+/// ```
+/// use nbd_server::args::{parse, Command};
+/// let Command::Serve(cfg) = parse(["-r", "-t", "2", "--bind", "127.0.0.1:0", "disk.raw"])? else {
+///     unreachable!()
+/// };
+/// assert!(cfg.read_only);
+/// assert_eq!(cfg.iothreads, 2);
+/// assert_eq!(cfg.tcp.unwrap().port(), 0);
+/// assert!(parse(["--iothreads", "zero", "disk.raw"]).is_err());
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn parse<I, S>(args: I) -> io::Result<Command>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<String>,
+{
+    let mut it = args.into_iter().map(Into::into);
+    let mut cfg = Config::new("");
+    let mut path = None;
+    let mut bind: Option<SocketAddr> = None;
+    let mut unix = None;
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .ok_or_else(|| bad(format!("{name} needs a value")))
+        };
+        match a.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "-b" | "--bind" => {
+                let v = value(&a)?;
+                bind = Some(v.parse().map_err(|e| bad(format!("--bind {v}: {e}")))?);
+            }
+            "-k" | "--socket" => unix = Some(value(&a)?.into()),
+            "-x" | "--export-name" => cfg.export_name = value(&a)?,
+            "-D" | "--description" => cfg.description = value(&a)?,
+            "-r" | "--read-only" => cfg.read_only = true,
+            "-t" | "--iothreads" => {
+                let v = value(&a)?;
+                cfg.iothreads = v
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| bad(format!("--iothreads {v}: want a number above 0")))?;
+            }
+            "--backend" => cfg.backend = value(&a)?.parse()?,
+            "--poll-max-ns" => {
+                let v = value(&a)?;
+                let ns: u64 = v
+                    .parse()
+                    .map_err(|e| bad(format!("--poll-max-ns {v}: {e}")))?;
+                cfg.poll = Some(PollParams {
+                    max: Duration::from_nanos(ns),
+                    ..PollParams::IOTHREAD
+                });
+            }
+            s if s.starts_with('-') && s.len() > 1 => {
+                return Err(bad(format!("unknown option {s} (see --help)")));
+            }
+            _ if path.is_some() => return Err(bad(format!("unexpected argument {a}"))),
+            _ => path = Some(a),
+        }
+    }
+    cfg.path = path
+        .ok_or_else(|| bad("the file to export is missing (see --help)"))?
+        .into();
+    cfg.tcp = match (bind, &unix) {
+        (Some(b), _) => Some(b),
+        (None, Some(_)) => None,
+        (None, None) => cfg.tcp,
+    };
+    cfg.unix = unix;
+    Ok(Command::Serve(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(a: &[&str]) -> Config {
+        match parse(a.iter().copied()).unwrap() {
+            Command::Serve(c) => c,
+            Command::Help => panic!("help"),
+        }
+    }
+
+    #[test]
+    fn defaults_and_listeners() {
+        let c = serve(&["disk"]);
+        assert_eq!(c.tcp, Some("127.0.0.1:10809".parse().unwrap()));
+        assert_eq!((c.unix, c.iothreads, c.read_only), (None, 1, false));
+        let c = serve(&["-k", "/tmp/s", "disk"]);
+        assert_eq!(
+            c.tcp, None,
+            "a socket alone replaces the default TCP listener"
+        );
+        let c = serve(&["-k", "/tmp/s", "-b", "0.0.0.0:1", "disk"]);
+        assert!(c.tcp.is_some() && c.unix.is_some());
+        let c = serve(&[
+            "--backend",
+            "epoll",
+            "--poll-max-ns",
+            "0",
+            "-x",
+            "d",
+            "disk",
+        ]);
+        assert_eq!(c.backend, reactor::Backend::Epoll);
+        assert_eq!(c.poll.unwrap().max, Duration::ZERO);
+        assert_eq!(c.export_name, "d");
+    }
+
+    #[test]
+    fn errors_name_the_argument() {
+        for (args, what) in [
+            (&["-t", "0", "disk"][..], "--iothreads"),
+            (&["--backend", "kqueue", "disk"][..], "kqueue"),
+            (&["--bind", "nowhere", "disk"][..], "--bind"),
+            (&["--frobnicate", "disk"][..], "--frobnicate"),
+            (&["disk", "extra"][..], "extra"),
+            (&[][..], "missing"),
+            (&["disk", "-x"][..], "-x needs a value"),
+        ] {
+            let e = parse(args.iter().copied()).unwrap_err();
+            assert!(e.to_string().contains(what), "{args:?}: {e}");
+        }
+        assert!(matches!(parse(["-h"]).unwrap(), Command::Help));
+    }
+}

@@ -1,0 +1,146 @@
+//! A client connection: the socket (TCP or Unix) and a buffered reader over the reactor's
+//! owned-buffer reads.
+
+use std::io;
+
+use reactor::io::Slice;
+use reactor::net::{TcpStream, UnixStream};
+
+/// The socket of one client.
+pub(crate) enum Sock {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Sock {
+    /// Reads into the room after `buf`'s bytes; returns the count (0 at end of stream).
+    pub(crate) async fn read_more(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        let begin = buf.len();
+        let (res, s) = self.read_range(Slice::new(buf, begin)).await;
+        (res, s.into_inner())
+    }
+
+    /// Reads into the room of `s`.
+    pub(crate) async fn read_range(
+        &self,
+        s: Slice<Vec<u8>>,
+    ) -> (io::Result<usize>, Slice<Vec<u8>>) {
+        match self {
+            Sock::Tcp(t) => t.read(s).await,
+            Sock::Unix(u) => u.read(s).await,
+        }
+    }
+
+    /// Writes all of `buf`.
+    pub(crate) async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        match self {
+            Sock::Tcp(s) => s.write_all(buf).await,
+            Sock::Unix(s) => s.write_all(buf).await,
+        }
+    }
+
+    /// Shuts both directions down (the peer sees the end of the stream).
+    pub(crate) fn shutdown(&self) {
+        let _ = match self {
+            Sock::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Sock::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+/// What a clean end of stream looks like to callers: `UnexpectedEof`.
+fn eof() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the client closed the connection",
+    )
+}
+
+/// Buffered reading from a [`Sock`]: one `recv` brings in as many requests as the client has
+/// sent, and small payloads come out of the same buffer.
+pub(crate) struct Reader {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+/// Size of the receive buffer.
+const READ_BUF: usize = 64 * 1024;
+
+impl Reader {
+    pub(crate) fn new() -> Reader {
+        Reader {
+            buf: Vec::with_capacity(READ_BUF),
+            pos: 0,
+        }
+    }
+
+    fn buffered(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// Makes at least `n <= READ_BUF` bytes available.
+    async fn fill(&mut self, sock: &Sock, n: usize) -> io::Result<()> {
+        debug_assert!(n <= READ_BUF);
+        if self.buffered() >= n {
+            return Ok(());
+        }
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        while self.buf.len() < n {
+            let (res, buf) = sock.read_more(std::mem::take(&mut self.buf)).await;
+            self.buf = buf;
+            if res? == 0 {
+                return Err(eof());
+            }
+        }
+        Ok(())
+    }
+
+    /// The next `N` bytes.
+    pub(crate) async fn read_array<const N: usize>(&mut self, sock: &Sock) -> io::Result<[u8; N]> {
+        self.fill(sock, N).await?;
+        let a: [u8; N] = self.buf[self.pos..self.pos + N].try_into().unwrap();
+        self.pos += N;
+        Ok(a)
+    }
+
+    /// Appends the next `n` bytes to `dst`: what is buffered is copied, the rest is read
+    /// straight into `dst`.
+    pub(crate) async fn read_into(
+        &mut self,
+        sock: &Sock,
+        mut dst: Vec<u8>,
+        n: usize,
+    ) -> io::Result<Vec<u8>> {
+        let take = n.min(self.buffered());
+        dst.extend_from_slice(&self.buf[self.pos..self.pos + take]);
+        self.pos += take;
+        let end = dst.len() + (n - take);
+        dst.reserve_exact(n - take);
+        while dst.len() < end {
+            // Never read past this payload: what follows belongs to the next request.
+            let begin = dst.len();
+            let (res, got) = sock.read_range(Slice::range(dst, begin, end)).await;
+            dst = got.into_inner();
+            if res? == 0 {
+                return Err(eof());
+            }
+        }
+        Ok(dst)
+    }
+
+    /// Discards the next `n` bytes.
+    pub(crate) async fn skip(&mut self, sock: &Sock, mut n: u64) -> io::Result<()> {
+        loop {
+            let take = n.min(self.buffered() as u64) as usize;
+            self.pos += take;
+            n -= take as u64;
+            if n == 0 {
+                return Ok(());
+            }
+            self.fill(sock, 1).await?;
+        }
+    }
+}

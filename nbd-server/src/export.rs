@@ -1,0 +1,147 @@
+//! The exported file and what the handshake says about it.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::proto::tflag;
+
+/// One exported file: its name, size and access mode, and counters shared by every
+/// connection to it.
+#[derive(Debug)]
+pub struct Export {
+    name: String,
+    description: String,
+    path: PathBuf,
+    file: reactor::fs::File,
+    size: u64,
+    read_only: bool,
+    pub(crate) stats: Counters,
+}
+
+/// Counters of the work done for an export, summed over its connections.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) connections: AtomicU64,
+    pub(crate) requests: AtomicU64,
+    pub(crate) syncs: AtomicU64,
+    pub(crate) errors: AtomicU64,
+}
+
+/// A snapshot of an export's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExportStats {
+    /// Connections that entered transmission.
+    pub connections: u64,
+    /// Requests served (DISC included).
+    pub requests: u64,
+    /// `fdatasync` calls made for FLUSH and FUA.
+    pub syncs: u64,
+    /// Requests answered with an error.
+    pub errors: u64,
+}
+
+impl Export {
+    /// Opens `path` (read-write unless `read_only`) and measures its size. Regular files and
+    /// block devices work; the size is fixed for the life of the export.
+    ///
+    /// # Errors
+    /// The file cannot be opened, or its size cannot be found (`lseek`); an export `name`
+    /// or `description` longer than the protocol's 4096 bytes (`InvalidInput`).
+    pub fn open(
+        path: impl AsRef<Path>,
+        name: &str,
+        description: &str,
+        read_only: bool,
+    ) -> io::Result<Arc<Export>> {
+        use std::io::Seek;
+        for (what, s) in [("export name", name), ("description", description)] {
+            if s.len() > crate::proto::MAX_STRING || s.contains('\0') {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{what} longer than 4096 bytes or containing NUL"),
+                ));
+            }
+        }
+        let path = path.as_ref().to_owned();
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        let size = f.seek(std::io::SeekFrom::End(0))?;
+        Ok(Arc::new(Export {
+            name: name.to_owned(),
+            description: description.to_owned(),
+            path,
+            file: reactor::fs::File::from_std(f),
+            size,
+            read_only,
+            stats: Counters::default(),
+        }))
+    }
+
+    /// The export's name (clients asking for `""` get this export too: it is the default).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether a client asking for `name` gets this export.
+    pub fn answers_to(&self, name: &[u8]) -> bool {
+        name.is_empty() || name == self.name.as_bytes()
+    }
+
+    /// The description sent with `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`.
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file.
+    pub(crate) fn file(&self) -> &reactor::fs::File {
+        &self.file
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether writes are refused.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The transmission flags the handshake sends.
+    pub fn transmission_flags(&self) -> u16 {
+        let mut f = tflag::HAS_FLAGS
+            | tflag::SEND_FLUSH
+            | tflag::SEND_FUA
+            | tflag::SEND_TRIM
+            | tflag::SEND_WRITE_ZEROES
+            | tflag::SEND_FAST_ZERO
+            // One file, one page cache: a flush on any connection covers them all.
+            | tflag::CAN_MULTI_CONN;
+        if self.read_only {
+            f |= tflag::READ_ONLY;
+        }
+        f
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> ExportStats {
+        let c = &self.stats;
+        // Relaxed: independent statistics counters, no data published through them.
+        ExportStats {
+            connections: c.connections.load(Ordering::Relaxed),
+            requests: c.requests.load(Ordering::Relaxed),
+            syncs: c.syncs.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+        }
+    }
+}

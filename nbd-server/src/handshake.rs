@@ -1,0 +1,213 @@
+//! The fixed-newstyle negotiation: greeting, client flags, then options until the client
+//! chooses the export (`NBD_OPT_GO` or `NBD_OPT_EXPORT_NAME`) or leaves.
+
+use std::io;
+
+use crate::conn::{Reader, Sock};
+use crate::export::Export;
+use crate::proto::{self, info, opt, rep};
+
+/// Option data longer than this closes the connection: the longest valid option (`GO` with a
+/// 4096-byte name and a few hundred info requests) is far shorter.
+const MAX_OPTION_DATA: u32 = 64 * 1024;
+
+/// How the negotiation ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Enter transmission.
+    Transmission,
+    /// The client aborted; close.
+    Aborted,
+}
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// Runs the negotiation on `sock`.
+///
+/// # Errors
+/// The socket's errors; `InvalidData` for a protocol violation after which the connection
+/// must close (unknown client flags, a bad option magic, an oversized option, an unknown
+/// export chosen with `NBD_OPT_EXPORT_NAME`).
+pub(crate) async fn negotiate(
+    sock: &Sock,
+    rd: &mut Reader,
+    export: &Export,
+) -> io::Result<Outcome> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
+    out.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+    out.extend_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
+    out = send(sock, out).await?;
+
+    let cflags = u32::from_be_bytes(rd.read_array::<4>(sock).await?);
+    let known = proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES;
+    if cflags & !known != 0 {
+        return Err(invalid(format!("unknown client flags {cflags:#x}")));
+    }
+    let no_zeroes = cflags & proto::FLAG_C_NO_ZEROES != 0;
+
+    loop {
+        let hdr = rd.read_array::<16>(sock).await?;
+        let magic = u64::from_be_bytes(hdr[0..8].try_into().unwrap());
+        let option = u32::from_be_bytes(hdr[8..12].try_into().unwrap());
+        let len = u32::from_be_bytes(hdr[12..16].try_into().unwrap());
+        if magic != proto::IHAVEOPT {
+            return Err(invalid(format!("bad option magic {magic:#x}")));
+        }
+        if len > MAX_OPTION_DATA {
+            return Err(invalid(format!("option {option} with {len} bytes of data")));
+        }
+        let data = rd.read_into(sock, Vec::new(), len as usize).await?;
+        tracing::debug!(option, len, "nbd option");
+        match option {
+            opt::EXPORT_NAME => {
+                if !export.answers_to(&data) {
+                    return Err(invalid(format!(
+                        "NBD_OPT_EXPORT_NAME for unknown export {:?}",
+                        String::from_utf8_lossy(&data)
+                    )));
+                }
+                out.extend_from_slice(&export.size().to_be_bytes());
+                out.extend_from_slice(&export.transmission_flags().to_be_bytes());
+                if !no_zeroes {
+                    out.extend_from_slice(&[0u8; 124]);
+                }
+                send(sock, out).await?;
+                return Ok(Outcome::Transmission);
+            }
+            opt::ABORT => {
+                proto::option_reply(&mut out, option, rep::ACK, &[]);
+                // The client may already be gone: that is a normal abort.
+                let _ = send(sock, out).await;
+                return Ok(Outcome::Aborted);
+            }
+            opt::LIST => {
+                if data.is_empty() {
+                    let mut item = Vec::with_capacity(4 + export.name().len());
+                    item.extend_from_slice(&(export.name().len() as u32).to_be_bytes());
+                    item.extend_from_slice(export.name().as_bytes());
+                    item.extend_from_slice(export.description().as_bytes());
+                    proto::option_reply(&mut out, option, rep::SERVER, &item);
+                    proto::option_reply(&mut out, option, rep::ACK, &[]);
+                } else {
+                    let msg = b"NBD_OPT_LIST takes no data";
+                    proto::option_reply(&mut out, option, rep::ERR_INVALID, msg);
+                }
+            }
+            opt::INFO | opt::GO => {
+                if info_or_go(&mut out, option, &data, export) && option == opt::GO {
+                    send(sock, out).await?;
+                    return Ok(Outcome::Transmission);
+                }
+            }
+            opt::STRUCTURED_REPLY => {
+                let msg = b"structured replies are not supported; simple replies only";
+                proto::option_reply(&mut out, option, rep::ERR_UNSUP, msg);
+            }
+            opt::STARTTLS => {
+                proto::option_reply(&mut out, option, rep::ERR_UNSUP, b"TLS is not supported");
+            }
+            _ => {
+                let msg = format!("option {option} is not supported");
+                proto::option_reply(&mut out, option, rep::ERR_UNSUP, msg.as_bytes());
+            }
+        }
+        out = send(sock, out).await?;
+    }
+}
+
+/// Answers `NBD_OPT_INFO`/`NBD_OPT_GO` into `out`; true when the export was described (and
+/// acknowledged).
+fn info_or_go(out: &mut Vec<u8>, option: u32, data: &[u8], export: &Export) -> bool {
+    let Some((name, requests)) = parse_info_request(data) else {
+        let msg = b"malformed NBD_OPT_INFO/NBD_OPT_GO data";
+        proto::option_reply(out, option, rep::ERR_INVALID, msg);
+        return false;
+    };
+    if !export.answers_to(name) {
+        let msg = format!("no export named {:?}", String::from_utf8_lossy(name));
+        proto::option_reply(out, option, rep::ERR_UNKNOWN, msg.as_bytes());
+        return false;
+    }
+    let mut item = Vec::with_capacity(16);
+    item.extend_from_slice(&info::EXPORT.to_be_bytes());
+    item.extend_from_slice(&export.size().to_be_bytes());
+    item.extend_from_slice(&export.transmission_flags().to_be_bytes());
+    proto::option_reply(out, option, rep::INFO, &item);
+    for req in requests.chunks_exact(2) {
+        let req = u16::from_be_bytes([req[0], req[1]]);
+        item.clear();
+        item.extend_from_slice(&req.to_be_bytes());
+        match req {
+            info::NAME => item.extend_from_slice(export.name().as_bytes()),
+            info::DESCRIPTION if !export.description().is_empty() => {
+                item.extend_from_slice(export.description().as_bytes())
+            }
+            info::BLOCK_SIZE => {
+                item.extend_from_slice(&1u32.to_be_bytes());
+                item.extend_from_slice(&proto::PREFERRED_BLOCK.to_be_bytes());
+                item.extend_from_slice(&proto::MAX_PAYLOAD.to_be_bytes());
+            }
+            // EXPORT was sent already; unknown requests are ignored, as the protocol says.
+            _ => continue,
+        }
+        proto::option_reply(out, option, rep::INFO, &item);
+    }
+    proto::option_reply(out, option, rep::ACK, &[]);
+    true
+}
+
+/// Splits `INFO`/`GO` data into the name and the info requests (pairs of bytes); `None`
+/// when the lengths do not add up or the name is too long.
+fn parse_info_request(data: &[u8]) -> Option<(&[u8], &[u8])> {
+    let name_len = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
+    if name_len > proto::MAX_STRING {
+        return None;
+    }
+    let name = data.get(4..4 + name_len)?;
+    let rest = &data[4 + name_len..];
+    let n = u16::from_be_bytes(rest.get(0..2)?.try_into().ok()?) as usize;
+    let requests = &rest[2..];
+    (requests.len() == 2 * n).then_some((name, requests))
+}
+
+/// Writes `out` and gives it back emptied.
+async fn send(sock: &Sock, out: Vec<u8>) -> io::Result<Vec<u8>> {
+    let (res, mut out) = sock.write_all(out).await;
+    res?;
+    out.clear();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_info_request;
+
+    #[test]
+    fn info_request_parsing() {
+        let mut d = Vec::new();
+        d.extend_from_slice(&4u32.to_be_bytes());
+        d.extend_from_slice(b"disk");
+        d.extend_from_slice(&2u16.to_be_bytes());
+        d.extend_from_slice(&[0, 3, 0, 1]);
+        assert_eq!(
+            parse_info_request(&d),
+            Some((&b"disk"[..], &[0u8, 3, 0, 1][..]))
+        );
+        assert_eq!(
+            parse_info_request(&d[..d.len() - 1]),
+            None,
+            "short request list"
+        );
+        let mut long = d.clone();
+        long.push(0);
+        assert_eq!(parse_info_request(&long), None, "trailing byte");
+        assert_eq!(parse_info_request(&d[..3]), None, "short length");
+        let mut huge = 5000u32.to_be_bytes().to_vec();
+        huge.extend(std::iter::repeat_n(b'a', 5000));
+        huge.extend_from_slice(&0u16.to_be_bytes());
+        assert_eq!(parse_info_request(&huge), None, "name over 4096 bytes");
+    }
+}

@@ -1,0 +1,45 @@
+//! An NBD (Network Block Device) server on the reactor: the kind of storage daemon the
+//! reactor is built for, written on its public API only.
+//!
+//! It exports one file over TCP and/or a Unix socket with the fixed-newstyle handshake
+//! (`NBD_OPT_GO`, `NBD_OPT_INFO`, `NBD_OPT_LIST`, `NBD_OPT_ABORT`, `NBD_OPT_EXPORT_NAME`;
+//! structured replies, TLS and meta contexts are refused with `NBD_REP_ERR_UNSUP`), and
+//! serves READ, WRITE, FLUSH, TRIM, WRITE_ZEROES and DISC with simple replies, FUA honoured.
+//!
+//! - Each connection lives on one IoThread (connections are spread round robin). Its
+//!   requests are read in order and served concurrently, up to
+//!   [`MAX_IN_FLIGHT`](transmission::MAX_IN_FLIGHT) at once; replies go out in completion
+//!   order, several in one `send` when they are ready together.
+//! - File I/O goes through [`reactor::fs`]: io_uring operations on the uring backend, the
+//!   thread pool on epoll. FLUSH and FUA are `fdatasync`; TRIM punches a hole;
+//!   WRITE_ZEROES punches a hole (or, with `NO_HOLE`, zeroes the range in place) and falls
+//!   back to writing zeros where the file system cannot (or fails fast with `ENOTSUP` for
+//!   `FAST_ZERO`).
+//! - Errors follow the protocol: a request past the end gets `EINVAL` (READ, TRIM) or
+//!   `ENOSPC` (WRITE, WRITE_ZEROES), an unknown command or flag `EINVAL`, a write to a
+//!   read-only export `EPERM`; a READ over 32 MiB gets `EINVAL`. A bad request magic or a
+//!   WRITE over 32 MiB closes that connection (the stream cannot be trusted), after the
+//!   requests in flight finish. Other connections are never affected.
+//! - A write is acknowledged only after the kernel accepted all of it (so it survives the
+//!   server's death), and with FUA only after `fdatasync` (so it survives the machine's).
+//!
+//! ```no_run
+//! use nbd_server::{Config, Server};
+//! let mut cfg = Config::new("disk.raw");
+//! cfg.unix = Some("/run/disk.sock".into());
+//! let server = Server::start(cfg)?;
+//! // qemu-img info nbd+unix:///?socket=/run/disk.sock
+//! server.wait();
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+pub mod args;
+mod conn;
+mod export;
+mod handshake;
+pub mod proto;
+mod server;
+pub mod transmission;
+
+pub use export::{Export, ExportStats};
+pub use server::{Config, Server, Stopper};

@@ -1,0 +1,337 @@
+//! The server: listeners on an accept thread, connections spread over IoThreads.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+
+use reactor::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use reactor::{Backend, Builder, IoThread, PollParams};
+
+use crate::conn::{Reader, Sock};
+use crate::export::{Export, ExportStats};
+use crate::handshake::{self, Outcome};
+use crate::transmission;
+
+/// How to run a [`Server`].
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file (or block device) to export.
+    pub path: PathBuf,
+    /// The export's name (`""` by default; clients asking for `""` always get the export).
+    pub export_name: String,
+    /// A description for `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`.
+    pub description: String,
+    /// Refuse writes (`EPERM`) and open the file read-only.
+    pub read_only: bool,
+    /// TCP address to listen on (port 0 picks a free port; see [`Server::tcp_addr`]).
+    pub tcp: Option<SocketAddr>,
+    /// Unix socket path to listen on; created at start, removed when the server stops. An
+    /// existing file there is an error (`AddrInUse`), never silently removed.
+    pub unix: Option<PathBuf>,
+    /// IoThreads serving connections (round robin); at least 1.
+    pub iothreads: usize,
+    /// The reactor backend of every thread.
+    pub backend: Backend,
+    /// Adaptive polling of the IoThreads; `None` keeps the IoThread default
+    /// ([`PollParams::IOTHREAD`]), [`PollParams::OFF`] turns it off.
+    pub poll: Option<PollParams>,
+}
+
+impl Config {
+    /// A configuration exporting `path` read-write on `127.0.0.1:10809` (the NBD port) with
+    /// one IoThread and the automatic backend choice.
+    pub fn new(path: impl Into<PathBuf>) -> Config {
+        Config {
+            path: path.into(),
+            export_name: String::new(),
+            description: String::new(),
+            read_only: false,
+            tcp: Some(SocketAddr::from(([127, 0, 0, 1], 10809))),
+            unix: None,
+            iothreads: 1,
+            backend: Backend::Auto,
+            poll: None,
+        }
+    }
+}
+
+/// A running NBD server. Dropping it stops it (see [`shutdown`](Self::shutdown)).
+///
+/// ```no_run
+/// use nbd_server::{Config, Server};
+/// let mut cfg = Config::new("/var/lib/images/disk.raw");
+/// cfg.export_name = "disk".into();
+/// cfg.iothreads = 2;
+/// let server = Server::start(cfg)?;
+/// println!("serving on {}", server.tcp_addr().unwrap());
+/// server.wait(); // until another thread calls `server.stopper().stop()`
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub struct Server {
+    export: Arc<Export>,
+    tcp_addr: Option<SocketAddr>,
+    unix: Option<PathBuf>,
+    acceptor: Option<IoThread>,
+    workers: Vec<IoThread>,
+    stopper: Stopper,
+}
+
+/// Stops a [`Server`] from any thread (a signal-handling thread, a test): its
+/// [`wait`](Server::wait) returns.
+#[derive(Clone, Debug, Default)]
+pub struct Stopper(Arc<(Mutex<bool>, Condvar)>);
+
+impl Stopper {
+    /// Asks the server to stop; idempotent.
+    pub fn stop(&self) {
+        let (lock, cv) = &*self.0;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    fn wait(&self) {
+        let (lock, cv) = &*self.0;
+        let mut stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while !*stopped {
+            stopped = cv.wait(stopped).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("export", &self.export.name())
+            .field("tcp", &self.tcp_addr)
+            .field("unix", &self.unix)
+            .field("iothreads", &self.workers.len())
+            .finish()
+    }
+}
+
+impl Server {
+    /// Opens the export, binds the listeners, starts the IoThreads and the accept thread.
+    ///
+    /// # Errors
+    /// No listener configured, 0 IoThreads (`InvalidInput`); the file cannot be opened; a
+    /// listener cannot be bound; a reactor cannot be built with the chosen backend.
+    pub fn start(config: Config) -> io::Result<Server> {
+        if config.tcp.is_none() && config.unix.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "nbd-server: give a TCP address or a Unix socket path to listen on",
+            ));
+        }
+        if config.iothreads == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "nbd-server: at least one IoThread is needed",
+            ));
+        }
+        let export = Export::open(
+            &config.path,
+            &config.export_name,
+            &config.description,
+            config.read_only,
+        )?;
+        let tcp = config.tcp.map(std::net::TcpListener::bind).transpose()?;
+        let tcp_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
+        let unix = match &config.unix {
+            Some(p) => Some(bind_unix(p)?),
+            None => None,
+        };
+        let builder = || {
+            let b = Builder::new().backend(config.backend);
+            match config.poll {
+                Some(p) => b.poll(p),
+                None => b,
+            }
+        };
+        let workers = (0..config.iothreads)
+            .map(|i| IoThread::spawn(format!("nbd-io{i}"), builder()))
+            .collect::<io::Result<Vec<_>>>()?;
+        let acceptor = IoThread::spawn("nbd-accept", builder().poll(PollParams::OFF))?;
+        let server = Server {
+            export: export.clone(),
+            tcp_addr,
+            unix: config.unix.clone(),
+            acceptor: Some(acceptor),
+            workers,
+            stopper: Stopper::default(),
+        };
+        let handles: Arc<[reactor::Handle]> =
+            server.workers.iter().map(|w| w.handle().clone()).collect();
+        let next = Arc::new(AtomicUsize::new(0));
+        let h = server.acceptor.as_ref().expect("just started").handle();
+        if let Some(l) = tcp {
+            let (export, handles, next) = (export.clone(), handles.clone(), next.clone());
+            h.oneshot(move |r| r.spawn_local(accept_tcp(l, export, handles, next)).detach())
+                .map_err(closed)?;
+        }
+        if let Some(l) = unix {
+            h.oneshot(move |r| {
+                r.spawn_local(accept_unix(l, export, handles, next))
+                    .detach()
+            })
+            .map_err(closed)?;
+        }
+        tracing::info!(?server, backend = ?config.backend, "nbd server started");
+        Ok(server)
+    }
+
+    /// The TCP address listened on (with the port chosen when the config said 0).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
+    }
+
+    /// The Unix socket listened on.
+    pub fn unix_path(&self) -> Option<&Path> {
+        self.unix.as_deref()
+    }
+
+    /// The export's counters so far (requests are added when their connection ends).
+    pub fn stats(&self) -> ExportStats {
+        self.export.stats()
+    }
+
+    /// The exported file's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.export.size()
+    }
+
+    /// What stops [`wait`](Self::wait), from any thread.
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
+    }
+
+    /// Blocks until [`Stopper::stop`] is called, then shuts down as
+    /// [`shutdown`](Self::shutdown) does.
+    pub fn wait(mut self) {
+        self.stopper.wait();
+        self.shutdown_now();
+    }
+
+    /// Stops accepting, stops the IoThreads (connections still open are closed; requests in
+    /// flight are cancelled; every write already acknowledged is in the file) and removes
+    /// the Unix socket.
+    pub fn shutdown(mut self) {
+        self.shutdown_now();
+    }
+
+    fn shutdown_now(&mut self) {
+        drop(self.acceptor.take());
+        self.workers.clear();
+        if let Some(p) = self.unix.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown_now();
+    }
+}
+
+fn closed(_: reactor::Closed) -> io::Error {
+    io::Error::other("nbd-server: the accept thread stopped while starting")
+}
+
+fn bind_unix(p: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    std::os::unix::net::UnixListener::bind(p)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))
+}
+
+fn pick<'a>(handles: &'a [reactor::Handle], next: &AtomicUsize) -> &'a reactor::Handle {
+    // Relaxed: round-robin position; any interleaving spreads connections well enough.
+    &handles[next.fetch_add(1, Ordering::Relaxed) % handles.len()]
+}
+
+async fn accept_tcp(
+    l: std::net::TcpListener,
+    export: Arc<Export>,
+    handles: Arc<[reactor::Handle]>,
+    next: Arc<AtomicUsize>,
+) {
+    let l = match TcpListener::from_std(l) {
+        Ok(l) => l,
+        Err(e) => return tracing::error!("nbd: TCP listener: {e}"),
+    };
+    loop {
+        let s = match l.accept().await {
+            Ok((s, peer)) => {
+                tracing::debug!(%peer, "nbd: connection");
+                s.into_std().await
+            }
+            Err(e) => Err(e),
+        };
+        let s = match s {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: log, back off a little, keep serving.
+                tracing::warn!("nbd: accept: {e}");
+                reactor::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let export = export.clone();
+        let _ = s.set_nodelay(true);
+        // The std socket crosses threads; the connection task lives on the IoThread.
+        let _ = pick(&handles, &next).oneshot(move |r| match TcpStream::from_std(s) {
+            Ok(s) => r.spawn_local(connection(Sock::Tcp(s), export)).detach(),
+            Err(e) => tracing::warn!("nbd: connection setup: {e}"),
+        });
+    }
+}
+
+async fn accept_unix(
+    l: std::os::unix::net::UnixListener,
+    export: Arc<Export>,
+    handles: Arc<[reactor::Handle]>,
+    next: Arc<AtomicUsize>,
+) {
+    let l = match UnixListener::from_std(l) {
+        Ok(l) => l,
+        Err(e) => return tracing::error!("nbd: Unix listener: {e}"),
+    };
+    loop {
+        let s = match l.accept().await {
+            Ok(s) => s.into_std().await,
+            Err(e) => Err(e),
+        };
+        let s = match s {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("nbd: accept: {e}");
+                reactor::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let export = export.clone();
+        let _ = pick(&handles, &next).oneshot(move |r| match UnixStream::from_std(s) {
+            Ok(s) => r.spawn_local(connection(Sock::Unix(s), export)).detach(),
+            Err(e) => tracing::warn!("nbd: connection setup: {e}"),
+        });
+    }
+}
+
+/// One client, from the greeting to the close.
+async fn connection(sock: Sock, export: Arc<Export>) {
+    let mut rd = Reader::new();
+    let res = match handshake::negotiate(&sock, &mut rd, &export).await {
+        Ok(Outcome::Transmission) => transmission::serve(sock, rd, export).await,
+        Ok(Outcome::Aborted) => Ok(()),
+        Err(e) => Err(e),
+    };
+    match res {
+        Ok(()) => tracing::debug!("nbd: connection closed"),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            tracing::debug!("nbd: client went away: {e}")
+        }
+        Err(e) => tracing::warn!("nbd: connection closed: {e}"),
+    }
+}
