@@ -74,6 +74,10 @@ fn parse() -> Result<Args, String> {
 }
 
 fn main() -> ExitCode {
+    // The nbd scenario runs the nbd-server program as a child process of this binary.
+    if std::env::args().nth(1).as_deref() == Some(scenarios::nbd::SERVE_ARG) {
+        return scenarios::nbd::serve(std::env::args().skip(2));
+    }
     let args = match parse() {
         Ok(a) => a,
         Err(e) => {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use reactor::PollParams;
 
-use crate::server::Config;
+use crate::server::{Config, Server};
 
 /// The usage text.
 pub const USAGE: &str = "\
@@ -120,6 +120,59 @@ where
     };
     cfg.unix = unix;
     Ok(Command::Serve(cfg))
+}
+
+/// The whole `nbd-server` program: parses `args` (without the program name), serves until
+/// SIGINT or SIGTERM, and returns the exit status (2 for a bad command line, 1 when the
+/// server cannot start). The binary is this function; the bench runs it too (in a child
+/// process of its own), so the figures are the binary's.
+pub fn main(args: impl IntoIterator<Item = String>) -> std::process::ExitCode {
+    use std::io::Write;
+    use std::process::ExitCode;
+    let cfg = match parse(args) {
+        Ok(Command::Serve(cfg)) => cfg,
+        Ok(Command::Help) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("nbd-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Block SIGINT and SIGTERM before any thread starts, so every thread inherits the mask
+    // and this thread alone takes them, with sigwait.
+    // SAFETY: sigset manipulation on a local set; pthread_sigmask on this thread.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let server = match Server::start(cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("nbd-server: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    {
+        let mut out = std::io::stdout().lock();
+        if let Some(a) = server.tcp_addr() {
+            let _ = writeln!(out, "nbd-server: listening on tcp {a}");
+        }
+        if let Some(p) = server.unix_path() {
+            let _ = writeln!(out, "nbd-server: listening on unix {}", p.display());
+        }
+        let _ = out.flush();
+    }
+    let mut sig = 0;
+    // SAFETY: `set` is a valid signal set and `sig` a valid out-pointer.
+    unsafe { libc::sigwait(&set, &mut sig) };
+    server.shutdown();
+    ExitCode::SUCCESS
 }
 
 #[cfg(test)]

@@ -147,12 +147,13 @@ pub(crate) async fn serve(sock: Sock, rd: Reader, export: Arc<Export>) -> io::Re
     Session::wake(&s.writer_waker);
     // The writer ends when every admitted request has replied and the replies are sent.
     let _ = writer.await;
-    s.sock.shutdown();
+    // Counted before the close, so a client that saw the close sees the count.
     // Relaxed: a statistics counter.
     s.export
         .stats
         .requests
         .fetch_add(s.requests.get(), Ordering::Relaxed);
+    s.sock.shutdown();
     match res {
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(()),
         other => other,

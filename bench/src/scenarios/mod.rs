@@ -4,6 +4,7 @@ pub mod bh;
 pub mod fd_pingpong;
 pub mod file_read;
 pub mod idle;
+pub mod nbd;
 pub mod pingpong;
 pub mod tcp_echo;
 pub mod timers;
@@ -81,6 +82,11 @@ pub const ALL: &[Scenario] = &[
         name: "file-read",
         about: "4 KiB reads over 256 MiB, random and sequential, QD1/QD32, cached and O_DIRECT (IOPS)",
         run: file_read::run,
+    },
+    Scenario {
+        name: "nbd",
+        about: "qemu-img bench against NBD servers: nbd-server on each backend, qemu-storage-daemon, qemu-nbd (requests/s; server CPU per request)",
+        run: nbd::run,
     },
     Scenario {
         name: "idle-cpu",

@@ -1,0 +1,363 @@
+//! The server against a raw client, on both backends: negotiation, every command, the
+//! errors the protocol asks for, misbehaving clients, concurrency.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use nbd_server::{Config, Server};
+use tests::backend_tests;
+
+const SIZE: usize = 4 << 20;
+
+fn start(r: &tests::Reactor, tag: &str, read_only: bool) -> (Server, PathBuf) {
+    let path = scratch_file(&format!("{tag}-{}", r.backend()), SIZE);
+    let mut cfg = Config::new(&path);
+    cfg.export_name = "disk".into();
+    cfg.description = "a test disk".into();
+    cfg.tcp = Some("127.0.0.1:0".parse().unwrap());
+    cfg.backend = r.backend();
+    cfg.read_only = read_only;
+    (Server::start(cfg).expect("start the server"), path)
+}
+
+fn client(s: &Server) -> Client {
+    Client::connect(s.tcp_addr().unwrap())
+}
+
+/// A connected client in transmission.
+fn session(s: &Server) -> Client {
+    let mut c = client(s);
+    let (size, _) = c.go("disk");
+    assert_eq!(size, SIZE as u64);
+    c
+}
+
+fn pattern(seed: u8, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+backend_tests! {
+    fn negotiation_options(r: &Reactor) {
+        let (srv, path) = start(r, "negotiation", false);
+        let mut c = client(&srv);
+        c.handshake(proto::FLAG_C_FIXED_NEWSTYLE);
+        // LIST: the export with its description, then ACK; with data it is invalid.
+        c.option(opt::LIST, &[]);
+        let item = c.opt_reply();
+        assert_eq!(item.kind, rep::SERVER);
+        assert_eq!(&item.data[..4], &4u32.to_be_bytes());
+        assert_eq!(&item.data[4..], b"diska test disk");
+        assert_eq!(c.opt_reply().kind, rep::ACK);
+        c.option(opt::LIST, b"junk");
+        assert_eq!(c.opt_reply().kind, rep::ERR_INVALID);
+        // INFO: unknown export; the export with what was asked; malformed data.
+        let v = c.info_or_go(opt::INFO, "nope", &[]);
+        assert_eq!((v.len(), v[0].kind), (1, rep::ERR_UNKNOWN));
+        let v = c.info_or_go(opt::INFO, "disk", &[info::BLOCK_SIZE, info::NAME, info::DESCRIPTION, 999]);
+        let kinds: Vec<(u32, u16)> = v.iter().map(|r| (r.kind, r.data.get(..2).map_or(u16::MAX, |b| u16::from_be_bytes([b[0], b[1]])))).collect();
+        assert_eq!(kinds, [(rep::INFO, info::EXPORT), (rep::INFO, info::BLOCK_SIZE), (rep::INFO, info::NAME), (rep::INFO, info::DESCRIPTION), (rep::ACK, u16::MAX)]);
+        assert_eq!(u64::from_be_bytes(v[0].data[2..10].try_into().unwrap()), SIZE as u64);
+        let flags = u16::from_be_bytes(v[0].data[10..12].try_into().unwrap());
+        for f in [tflag::HAS_FLAGS, tflag::SEND_FLUSH, tflag::SEND_FUA, tflag::SEND_TRIM, tflag::SEND_WRITE_ZEROES, tflag::CAN_MULTI_CONN] {
+            assert_ne!(flags & f, 0, "flag {f:#x} in {flags:#x}");
+        }
+        assert_eq!(flags & tflag::READ_ONLY, 0);
+        assert_eq!(&v[1].data[2..], [&1u32.to_be_bytes()[..], &4096u32.to_be_bytes(), &(32u32 << 20).to_be_bytes()].concat());
+        assert_eq!(&v[2].data[2..], b"disk");
+        assert_eq!(&v[3].data[2..], b"a test disk");
+        c.option(opt::INFO, &[0, 0, 0, 4, b'd']);
+        assert_eq!(c.opt_reply().kind, rep::ERR_INVALID);
+        // Refused: structured replies, TLS, anything unknown. Each refusal leaves the
+        // negotiation usable.
+        for o in [opt::STRUCTURED_REPLY, opt::STARTTLS, 9, 10, 11, 4242] {
+            c.option(o, &[]);
+            let r = c.opt_reply();
+            assert_eq!((r.option, r.kind), (o, rep::ERR_UNSUP), "option {o}");
+        }
+        // The default export answers to "" too; INFO does not enter transmission.
+        let v = c.info_or_go(opt::INFO, "", &[]);
+        assert_eq!(v.last().unwrap().kind, rep::ACK);
+        // ABORT: ACK, then the server closes.
+        c.option(opt::ABORT, &[]);
+        assert_eq!(c.opt_reply().kind, rep::ACK);
+        assert!(c.closed_by_server());
+        drop(srv);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    fn export_name_the_old_way(r: &Reactor) {
+        let (srv, path) = start(r, "export-name", false);
+        // Without NO_ZEROES: size, flags and 124 zero bytes.
+        let mut c = client(&srv);
+        c.handshake(proto::FLAG_C_FIXED_NEWSTYLE);
+        c.option(opt::EXPORT_NAME, b"disk");
+        let m = c.recv(134);
+        assert_eq!(u64::from_be_bytes(m[0..8].try_into().unwrap()), SIZE as u64);
+        assert!(m[10..].iter().all(|&b| b == 0));
+        let (e, data) = c.read(1, 0, 8);
+        assert_eq!((e, data), (0, pattern_of_file(&path, 0, 8)));
+        // With NO_ZEROES: 10 bytes, then transmission.
+        let mut c = client(&srv);
+        c.handshake(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES);
+        c.option(opt::EXPORT_NAME, b"");
+        c.recv(10);
+        assert_eq!(c.read(2, 4096, 16).0, 0);
+        // An unknown name cannot be refused with a reply: the server closes.
+        let mut c = client(&srv);
+        c.handshake(proto::FLAG_C_FIXED_NEWSTYLE);
+        c.option(opt::EXPORT_NAME, b"other");
+        assert!(c.closed_by_server());
+        // Unknown client flags, and a bad option magic, close too.
+        let mut c = client(&srv);
+        c.handshake(1 << 7);
+        assert!(c.closed_by_server());
+        let mut c = client(&srv);
+        c.handshake(proto::FLAG_C_FIXED_NEWSTYLE);
+        c.send(&[0u8; 16]);
+        assert!(c.closed_by_server());
+        // An absurdly long option is not read into memory: the server closes.
+        let mut c = client(&srv);
+        c.handshake(proto::FLAG_C_FIXED_NEWSTYLE);
+        let mut m = proto::IHAVEOPT.to_be_bytes().to_vec();
+        m.extend_from_slice(&opt::GO.to_be_bytes());
+        m.extend_from_slice(&u32::MAX.to_be_bytes());
+        c.send(&m);
+        assert!(c.closed_by_server());
+        drop(srv);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    fn every_command_round_trips(r: &Reactor) {
+        let (srv, path) = start(r, "commands", false);
+        let mut c = session(&srv);
+        let data = pattern(7, 64 * 1024);
+        assert_eq!(c.write(0, 1, 8192, &data), 0);
+        assert_eq!(c.read(2, 8192, data.len() as u32), (0, data.clone()));
+        let syncs = srv.stats().syncs;
+        assert_eq!(c.write(cflag::FUA, 3, 0, b"forced unit access"), 0);
+        assert_eq!(srv.stats().syncs, syncs + 1, "FUA syncs before the reply");
+        assert_eq!(c.simple(0, cmd::FLUSH, 4, 0, 0), 0);
+        assert_eq!(srv.stats().syncs, syncs + 2, "FLUSH syncs");
+        // TRIM and WRITE_ZEROES (hole, allocated, fast) read back as zeros.
+        assert_eq!(c.simple(0, cmd::TRIM, 5, 8192, 4096), 0);
+        assert_eq!(c.simple(0, cmd::WRITE_ZEROES, 6, 12288, 4096), 0);
+        assert_eq!(c.simple(cflag::NO_HOLE, cmd::WRITE_ZEROES, 7, 16384, 4096), 0);
+        let e = c.simple(cflag::FAST_ZERO | cflag::FUA, cmd::WRITE_ZEROES, 8, 20480, 4096);
+        assert!(e == 0 || e == err::ENOTSUP, "fast zero: {e}");
+        let (e, back) = c.read(9, 8192, 4 * 4096);
+        assert_eq!(e, 0);
+        assert!(back[..3 * 4096].iter().all(|&b| b == 0), "trimmed and zeroed ranges read as zeros");
+        if e == 0 {
+            assert!(back[3 * 4096..].iter().all(|&b| b == 0));
+        }
+        // Zero-length requests succeed and do nothing.
+        assert_eq!(c.read(10, 0, 0), (0, Vec::new()));
+        assert_eq!(c.write(0, 11, SIZE as u64, &[]), 0);
+        assert_eq!(c.simple(0, cmd::TRIM, 12, 0, 0), 0);
+        // DISC: the server closes after it.
+        c.request(0, cmd::DISC, 13, 0, 0);
+        assert!(c.closed_by_server());
+        let file = std::fs::read(&path).unwrap();
+        assert_eq!(&file[..18], b"forced unit access");
+        assert_eq!(&file[8192 + 4 * 4096..8192 + data.len()], &data[4 * 4096..]);
+        let st = srv.stats();
+        assert_eq!((st.connections, st.requests), (1, 13));
+        drop(srv);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    fn errors_the_protocol_specifies(r: &Reactor) {
+        let (srv, path) = start(r, "errors", false);
+        let mut c = session(&srv);
+        let end = SIZE as u64;
+        // Past the end: READ/TRIM EINVAL, WRITE/WRITE_ZEROES ENOSPC; an offset that
+        // overflows; the WRITE payload is consumed (the next request parses).
+        assert_eq!(c.read(1, end - 10, 20).0, err::EINVAL);
+        assert_eq!(c.write(0, 2, end - 10, &[1u8; 20]), err::ENOSPC);
+        assert_eq!(c.simple(0, cmd::TRIM, 3, end, 1), err::EINVAL);
+        assert_eq!(c.simple(0, cmd::WRITE_ZEROES, 4, end - 1, 2), err::ENOSPC);
+        assert_eq!(c.read(5, u64::MAX - 1, 4).0, err::EINVAL);
+        // Unknown command, unknown or misplaced flags (payload still consumed).
+        assert_eq!(c.simple(0, 99, 6, 0, 4096), err::EINVAL);
+        assert_eq!(c.simple(0, 7, 7, 0, 4096), err::EINVAL, "BLOCK_STATUS needs structured replies");
+        c.request(1 << 9, cmd::READ, 8, 0, 16);
+        assert_eq!(c.reply(), (err::EINVAL, 8));
+        assert_eq!(c.write(cflag::NO_HOLE, 9, 0, &[2u8; 100]), err::EINVAL);
+        assert_eq!(c.simple(cflag::FAST_ZERO, cmd::TRIM, 10, 0, 4096), err::EINVAL);
+        // A READ over the 32 MiB maximum.
+        assert_eq!(c.read(11, 0, (32 << 20) + 1).0, err::EINVAL);
+        // FUA on a READ is accepted (the flag is advertised).
+        c.request(cflag::FUA, cmd::READ, 12, 0, 4);
+        assert_eq!(c.reply(), (0, 12));
+        c.recv(4);
+        // After all that the connection still works and nothing was written.
+        assert_eq!(c.read(13, 0, 4096).1, pattern_of_file(&path, 0, 4096));
+        let st = srv.stats();
+        assert!(st.errors >= 11, "{st:?}");
+        drop(c);
+        drop(srv);
+        let file = std::fs::read(&path).unwrap();
+        assert_eq!(file[..4096], pattern_of_file(&path, 0, 4096), "a refused write wrote nothing");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    fn read_only_export(r: &Reactor) {
+        let (srv, path) = start(r, "read-only", true);
+        let mut c = client(&srv);
+        let (_, flags) = c.go("disk");
+        assert_ne!(flags & tflag::READ_ONLY, 0);
+        assert_eq!(c.write(0, 1, 0, &[9u8; 4096]), err::EPERM);
+        assert_eq!(c.simple(0, cmd::TRIM, 2, 0, 4096), err::EPERM);
+        assert_eq!(c.simple(0, cmd::WRITE_ZEROES, 3, 0, 4096), err::EPERM);
+        assert_eq!(c.simple(0, cmd::FLUSH, 4, 0, 0), 0);
+        assert_eq!(c.read(5, 0, 4096), (0, pattern_of_file(&path, 0, 4096)));
+        assert_eq!(std::fs::read(&path).unwrap()[..4096], pattern_of_file(&path, 0, 4096));
+        drop(srv);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    fn a_broken_client_does_not_disturb_the_others(r: &Reactor) {
+        let (srv, path) = start(r, "broken", false);
+        let mut good = session(&srv);
+        // Bad request magic: that connection closes.
+        let mut bad = session(&srv);
+        bad.send(&[0xffu8; 28]);
+        assert!(bad.closed_by_server());
+        // A WRITE announcing more than 32 MiB: closed, nothing read into memory.
+        let mut big = session(&srv);
+        big.request(0, cmd::WRITE, 1, 0, u32::MAX);
+        assert!(big.closed_by_server());
+        // A client that leaves in the middle of a WRITE payload, and one that leaves with
+        // reads in flight.
+        let mut half = session(&srv);
+        half.request(0, cmd::WRITE, 1, 0, 8192);
+        half.send(&[3u8; 1000]);
+        drop(half);
+        let mut gone = session(&srv);
+        for h in 0..64 {
+            gone.request(0, cmd::READ, h, h * 4096, 4096);
+        }
+        drop(gone);
+        // The good client saw none of it.
+        for i in 0..20u64 {
+            let d = pattern(i as u8, 4096);
+            assert_eq!(good.write(0, i, 65536 + i * 4096, &d), 0);
+            assert_eq!(good.read(100 + i, 65536 + i * 4096, 4096), (0, d));
+        }
+        let file = std::fs::read(&path).unwrap();
+        assert_eq!(file[..8192], pattern_of_file(&path, 0, 8192), "a partial payload is never written");
+        drop(srv);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    fn many_requests_in_flight_and_disc_finishes_them(r: &Reactor) {
+        let (srv, path) = start(r, "inflight", false);
+        let mut c = session(&srv);
+        // 256 requests sent before any reply is read: writes to even blocks, reads of odd
+        // ones; replies may come in any order.
+        let mut expect = std::collections::HashMap::new();
+        let mut out = Vec::new();
+        for h in 0..256u64 {
+            let off = h * 8192;
+            if h % 2 == 0 {
+                let d = pattern(h as u8, 4096);
+                out.extend_from_slice(&proto::Request { flags: 0, kind: cmd::WRITE, handle: h, offset: off, length: 4096 }.encode());
+                out.extend_from_slice(&d);
+                expect.insert(h, None);
+            } else {
+                out.extend_from_slice(&proto::Request { flags: 0, kind: cmd::READ, handle: h, offset: off, length: 4096 }.encode());
+                expect.insert(h, Some(pattern_of_file(&path, off, 4096)));
+            }
+        }
+        // DISC right behind them: the server must still answer all 256 first.
+        out.extend_from_slice(&proto::Request { flags: 0, kind: cmd::DISC, handle: 999, offset: 0, length: 0 }.encode());
+        let writer = {
+            let mut s = c.s.try_clone().unwrap();
+            std::thread::spawn(move || std::io::Write::write_all(&mut s, &out).unwrap())
+        };
+        for _ in 0..256 {
+            let (e, h) = c.reply();
+            assert_eq!(e, 0, "handle {h}");
+            match expect.remove(&h).unwrap_or_else(|| panic!("unknown or repeated handle {h}")) {
+                Some(data) => assert_eq!(c.recv(4096), data, "read {h}"),
+                None => {}
+            }
+        }
+        writer.join().unwrap();
+        assert!(expect.is_empty());
+        assert!(c.closed_by_server());
+        let file = std::fs::read(&path).unwrap();
+        for h in (0..256u64).step_by(2) {
+            let off = (h * 8192) as usize;
+            assert_eq!(&file[off..off + 4096], &pattern(h as u8, 4096)[..], "write {h}");
+        }
+        drop(srv);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    fn unix_socket_and_several_iothreads(r: &Reactor) {
+        let path = scratch_file(&format!("unix-{}", r.backend()), SIZE);
+        let sock = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("nbd-{}-{}.sock", r.backend(), std::process::id()));
+        let _ = std::fs::remove_file(&sock);
+        let mut cfg = Config::new(&path);
+        cfg.tcp = Some("127.0.0.1:0".parse().unwrap());
+        cfg.unix = Some(sock.clone());
+        cfg.iothreads = 3;
+        cfg.export_name = "disk".into();
+        cfg.backend = r.backend();
+        let srv = Server::start(cfg).unwrap();
+        // An existing socket path is not taken over.
+        let mut again = Config::new(&path);
+        again.unix = Some(sock.clone());
+        again.tcp = None;
+        let e = Server::start(again).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+        let mut clients: Vec<Client> = (0..6).map(|_| session(&srv)).collect();
+        let mut u = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        u.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+        let mut g = [0u8; 18];
+        std::io::Read::read_exact(&mut u, &mut g).unwrap();
+        assert_eq!(&g[..8], b"NBDMAGIC");
+        for (i, c) in clients.iter_mut().enumerate() {
+            let d = pattern(i as u8, 512);
+            assert_eq!(c.write(0, 1, i as u64 * 512, &d), 0);
+        }
+        for (i, c) in clients.iter_mut().enumerate() {
+            assert_eq!(c.read(2, i as u64 * 512, 512), (0, pattern(i as u8, 512)));
+        }
+        drop(clients);
+        drop(u);
+        srv.shutdown();
+        assert!(!sock.exists(), "the socket is removed at shutdown");
+        std::fs::remove_file(path).unwrap();
+    }
+}
+
+fn pattern_of_file(path: &std::path::Path, off: u64, len: usize) -> Vec<u8> {
+    let _ = path;
+    (off as usize..off as usize + len)
+        .map(|i| (i % 251) as u8 | 1)
+        .collect()
+}
+
+#[test]
+fn start_errors_are_clear() {
+    let mut cfg = Config::new("/nonexistent/disk.img");
+    cfg.tcp = Some("127.0.0.1:0".parse().unwrap());
+    let e = Server::start(cfg.clone()).unwrap_err();
+    assert!(e.to_string().contains("/nonexistent/disk.img"), "{e}");
+    cfg.tcp = None;
+    let e = Server::start(cfg.clone()).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+    cfg.tcp = Some("127.0.0.1:0".parse().unwrap());
+    cfg.iothreads = 0;
+    assert_eq!(
+        Server::start(cfg).unwrap_err().kind(),
+        std::io::ErrorKind::InvalidInput
+    );
+}
