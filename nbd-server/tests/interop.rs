@@ -1,0 +1,211 @@
+//! The `nbd-server` binary against QEMU's own NBD client (`qemu-img`, `qemu-io`), on both
+//! backends. QEMU's tools must be installed (Debian/Ubuntu: `apt-get install qemu-utils`;
+//! `.ci/run` does it): without them these tests fail, they are not skipped.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// The server binary, killed (SIGKILL) on drop unless it was stopped before.
+struct Served {
+    child: Child,
+    url: String,
+    unix_url: Option<String>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn scratch(tag: &str, backend: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("interop-{tag}-{backend}-{}", std::process::id()))
+}
+
+fn serve(backend: &str, file: &Path, extra: &[&str]) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nbd-server"))
+        .args(["--backend", backend, "--bind", "127.0.0.1:0", "-x", "disk"])
+        .args(extra)
+        .arg(file)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start nbd-server");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut url = None;
+    let mut unix_url = None;
+    let want = 1 + extra.contains(&"--socket") as usize;
+    for _ in 0..want {
+        let mut line = String::new();
+        out.read_line(&mut line)
+            .expect("nbd-server's listening line");
+        if let Some(a) = line.trim().strip_prefix("nbd-server: listening on tcp ") {
+            url = Some(format!("nbd://{a}/disk"));
+        } else if let Some(p) = line.trim().strip_prefix("nbd-server: listening on unix ") {
+            unix_url = Some(format!("nbd+unix:///disk?socket={p}"));
+        } else {
+            panic!("unexpected line from nbd-server: {line:?}");
+        }
+    }
+    Served {
+        child,
+        url: url.expect("a TCP listener"),
+        unix_url,
+    }
+}
+
+/// Runs a QEMU tool; panics with its output unless it succeeds. Returns stdout.
+fn qemu(tool: &str, args: &[&str]) -> String {
+    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| {
+        panic!("cannot run {tool} ({e}): install QEMU's tools (apt-get install qemu-utils)")
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+macro_rules! both_backends {
+    ($($name:ident($b:ident) $body:block)*) => {
+        mod uring { use super::*; $( #[test] fn $name() { let $b = "uring"; $body } )* }
+        mod epoll { use super::*; $( #[test] fn $name() { let $b = "epoll"; $body } )* }
+    };
+}
+
+both_backends! {
+    qemu_img_info_and_convert_round_trip(backend) {
+        let export = scratch("convert-export", backend);
+        let src = scratch("convert-src", backend);
+        let back = scratch("convert-back", backend);
+        std::fs::write(&export, vec![0u8; 16 << 20]).unwrap();
+        // Random data with a zero run in the middle (qemu-img sends it as WRITE_ZEROES).
+        let mut data = random_bytes(16 << 20, 7);
+        data[4 << 20..6 << 20].fill(0);
+        std::fs::write(&src, &data).unwrap();
+        let srv = serve(backend, &export, &[]);
+        let info = qemu("qemu-img", &["info", "--output=json", &srv.url]);
+        assert!(info.contains("\"virtual-size\": 16777216"), "{info}");
+        assert!(info.contains("\"format\": \"raw\""), "{info}");
+        qemu("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", src.to_str().unwrap(), &srv.url]);
+        qemu("qemu-img", &["convert", "-f", "raw", "-O", "raw", &srv.url, back.to_str().unwrap()]);
+        assert!(std::fs::read(&back).unwrap() == data, "the export read back differs from what was written");
+        assert!(std::fs::read(&export).unwrap() == data, "the exported file differs");
+        drop(srv);
+        for p in [export, src, back] {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+
+    qemu_io_write_read_flush_zero_discard(backend) {
+        let export = scratch("qemu-io", backend);
+        std::fs::write(&export, vec![0x11u8; 8 << 20]).unwrap();
+        let srv = serve(backend, &export, &[]);
+        let out = qemu("qemu-io", &["-f", "raw",
+            "-c", "write -P 0xab 0 1M",
+            "-c", "read -P 0xab 0 1M",
+            "-c", "flush",
+            "-c", "write -f -P 0xcd 1M 64k",
+            "-c", "write -z 2M 1M",
+            "-c", "read -P 0 2M 1M",
+            "-c", "discard 4M 1M",
+            "-c", "aio_write -P 0x22 5M 4k",
+            "-c", "aio_write -P 0x33 6M 4k",
+            "-c", "aio_flush",
+            &srv.url]);
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+        assert!(out.contains("read 1048576/1048576 bytes at offset 0"), "{out}");
+        drop(srv);
+        let f = std::fs::read(&export).unwrap();
+        assert!(f[..1 << 20].iter().all(|&b| b == 0xab));
+        assert!(f[1 << 20..(1 << 20) + 65536].iter().all(|&b| b == 0xcd));
+        assert!(f[2 << 20..3 << 20].iter().all(|&b| b == 0));
+        assert!(f[5 << 20..(5 << 20) + 4096].iter().all(|&b| b == 0x22));
+        assert!(f[6 << 20..(6 << 20) + 4096].iter().all(|&b| b == 0x33));
+        assert!(f[7 << 20..].iter().all(|&b| b == 0x11), "untouched bytes stay");
+        std::fs::remove_file(export).unwrap();
+    }
+
+    unix_socket_and_read_only(backend) {
+        let export = scratch("unix", backend);
+        std::fs::write(&export, vec![0x5au8; 1 << 20]).unwrap();
+        let sock = scratch("unix-sock", backend).with_extension("sock");
+        let _ = std::fs::remove_file(&sock);
+        let srv = serve(backend, &export, &["--read-only", "--socket", sock.to_str().unwrap()]);
+        let unix = srv.unix_url.clone().unwrap();
+        let info = qemu("qemu-img", &["info", "--output=json", &unix]);
+        assert!(info.contains("\"virtual-size\": 1048576"), "{info}");
+        qemu("qemu-io", &["-r", "-f", "raw", "-c", "read -P 0x5a 0 1M", &unix]);
+        let out = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 1 0 4k", &srv.url])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        // QEMU sees NBD_FLAG_READ_ONLY and refuses to open the export for writing.
+        assert!(!out.status.success() && text.contains("Permission denied"), "{text}");
+        assert!(std::fs::read(&export).unwrap().iter().all(|&b| b == 0x5a));
+        drop(srv);
+        // (SIGKILLed: the server could not remove its socket.)
+        std::fs::remove_file(&sock).unwrap();
+        std::fs::remove_file(export).unwrap();
+    }
+
+    acknowledged_writes_survive_sigkill_and_sigterm_exits_cleanly(backend) {
+        let export = scratch("sigkill", backend);
+        std::fs::write(&export, vec![0u8; 4 << 20]).unwrap();
+        let mut srv = serve(backend, &export, &[]);
+        qemu("qemu-io", &["-f", "raw", "-c", "write -P 0x77 0 2M", "-c", "write -P 0x78 3M 4k", &srv.url]);
+        // qemu-io saw the acknowledgements: the bytes must be in the file even if the server
+        // dies at once.
+        srv.child.kill().unwrap();
+        srv.child.wait().unwrap();
+        let f = std::fs::read(&export).unwrap();
+        assert!(f[..2 << 20].iter().all(|&b| b == 0x77));
+        assert!(f[3 << 20..(3 << 20) + 4096].iter().all(|&b| b == 0x78));
+        // SIGTERM: a clean exit with status 0, socket removed.
+        let sock = scratch("sigterm-sock", backend).with_extension("sock");
+        let _ = std::fs::remove_file(&sock);
+        let mut srv = serve(backend, &export, &["--socket", sock.to_str().unwrap()]);
+        qemu("qemu-img", &["info", &srv.url]);
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(srv.child.id() as i32, libc::SIGTERM) }, 0);
+        let status = srv.child.wait().unwrap();
+        assert!(status.success(), "{status}");
+        assert!(!sock.exists(), "the socket is removed on SIGTERM");
+        std::fs::remove_file(export).unwrap();
+    }
+}
+
+#[test]
+fn bad_command_lines_exit_with_2() {
+    for args in [&["--iothreads", "0", "x"][..], &["--nope", "x"], &[]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_nbd-server"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).starts_with("nbd-server: "));
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_nbd-server"))
+        .arg("/nonexistent/x.img")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/x.img"));
+}
