@@ -84,7 +84,9 @@ fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
 
 macro_rules! both_backends {
     ($($name:ident($b:ident) $body:block)*) => {
+        #[cfg(feature = "uring")]
         mod uring { use super::*; $( #[test] fn $name() { let $b = "uring"; $body } )* }
+        #[cfg(feature = "epoll")]
         mod epoll { use super::*; $( #[test] fn $name() { let $b = "epoll"; $body } )* }
     };
 }
