@@ -23,7 +23,7 @@ Serves FILE over NBD (fixed newstyle, simple replies).
   -t, --iothreads N        IoThreads serving connections, round robin (default 1)
       --backend B          auto | uring | epoll (default auto; REACTOR_BACKEND also works)
       --poll-max-ns N      adaptive busy polling ceiling of the IoThreads in ns
-                           (default 32768; 0 turns polling off)
+                           (default 0: off; 32768 is the IoThread default)
   -h, --help               this text
 
 Runs until SIGINT or SIGTERM. Prints one line per listener on stdout once it serves:
@@ -98,10 +98,10 @@ where
                 let ns: u64 = v
                     .parse()
                     .map_err(|e| bad(format!("--poll-max-ns {v}: {e}")))?;
-                cfg.poll = Some(PollParams {
+                cfg.poll = PollParams {
                     max: Duration::from_nanos(ns),
                     ..PollParams::IOTHREAD
-                });
+                };
             }
             s if s.starts_with('-') && s.len() > 1 => {
                 return Err(bad(format!("unknown option {s} (see --help)")));
@@ -191,6 +191,7 @@ mod tests {
         let c = serve(&["disk"]);
         assert_eq!(c.tcp, Some("127.0.0.1:10809".parse().unwrap()));
         assert_eq!((c.unix, c.iothreads, c.read_only), (None, 1, false));
+        assert_eq!(c.poll, PollParams::OFF, "polling is off unless asked for");
         let c = serve(&["-k", "/tmp/s", "disk"]);
         assert_eq!(
             c.tcp, None,
@@ -208,8 +209,10 @@ mod tests {
             "disk",
         ]);
         assert_eq!(c.backend, reactor::Backend::Epoll);
-        assert_eq!(c.poll.unwrap().max, Duration::ZERO);
+        assert_eq!(c.poll.max, Duration::ZERO);
         assert_eq!(c.export_name, "d");
+        let c = serve(&["--poll-max-ns", "32768", "disk"]);
+        assert_eq!(c.poll.max, Duration::from_nanos(32768));
     }
 
     #[test]
