@@ -101,7 +101,9 @@ fn main() -> ExitCode {
             continue;
         }
         eprintln!("[{}/{}] {}: {}", i + 1, ALL.len(), s.name, s.about);
+        let t0 = std::time::Instant::now();
         rows.extend((s.run)(&ctx));
+        eprintln!("  ({} took {:.1} s)", s.name, t0.elapsed().as_secs_f64());
     }
     println!("{}", table::render(&rows));
     if let Some(path) = &args.json {

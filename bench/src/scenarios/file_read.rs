@@ -97,9 +97,9 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
         for direct in [false, true] {
             for depth in [1usize, 32] {
                 let reads = match (direct, depth) {
-                    (false, _) => ctx.scale(200_000, 40_000),
-                    (true, 1) => ctx.scale(10_000, 1_500),
-                    (true, _) => ctx.scale(60_000, 10_000),
+                    (false, _) => ctx.scale(200_000, 25_000),
+                    (true, 1) => ctx.scale(10_000, 1_000),
+                    (true, _) => ctx.scale(60_000, 6_000),
                 };
                 let case = Case {
                     pattern,

@@ -263,10 +263,10 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
     std::fs::create_dir_all(&dir).expect("create target/bench-data");
     let path: PathBuf = dir.join("nbd-64M.img");
     let cases = [
-        (false, 1, ctx.scale(40_000, 4_000)),
-        (false, 32, ctx.scale(200_000, 20_000)),
-        (true, 1, ctx.scale(40_000, 4_000)),
-        (true, 32, ctx.scale(100_000, 10_000)),
+        (false, 1, ctx.scale(40_000, 3_000)),
+        (false, 32, ctx.scale(200_000, 15_000)),
+        (true, 1, ctx.scale(40_000, 3_000)),
+        (true, 32, ctx.scale(100_000, 8_000)),
     ]
     .map(|(write, depth, requests)| Case {
         write,
