@@ -21,12 +21,15 @@ Serves FILE over NBD (fixed newstyle, simple replies).
   -D, --description TEXT   export description
   -r, --read-only          refuse writes with EPERM
   -t, --iothreads N        IoThreads serving connections, round robin (default 1)
+      --handshake-limit S  seconds a client may take to choose the export (default 10;
+                           0: no limit)
       --backend B          auto | uring | epoll (default auto; REACTOR_BACKEND also works)
       --poll-max-ns N      adaptive busy polling ceiling of the IoThreads in ns
                            (default 0: off; 32768 is the IoThread default)
   -h, --help               this text
 
-Runs until SIGINT or SIGTERM. Prints one line per listener on stdout once it serves:
+Logs to stderr at the level NBD_SERVER_LOG names (error, warn, info, debug, trace; default
+warn). Runs until SIGINT or SIGTERM. Prints one line per listener on stdout once it serves:
   nbd-server: listening on tcp 127.0.0.1:10809
   nbd-server: listening on unix /run/disk.sock";
 
@@ -93,6 +96,17 @@ where
                     .ok_or_else(|| bad(format!("--iothreads {v}: want a number above 0")))?;
             }
             "--backend" => cfg.backend = value(&a)?.parse()?,
+            "--handshake-limit" => {
+                let v = value(&a)?;
+                let secs: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s >= 0.0 && *s < 1e9)
+                    .ok_or_else(|| {
+                        bad(format!("--handshake-limit {v}: want seconds, 0 or more"))
+                    })?;
+                cfg.handshake_limit = (secs > 0.0).then(|| Duration::from_secs_f64(secs));
+            }
             "--poll-max-ns" => {
                 let v = value(&a)?;
                 let ns: u64 = v
@@ -140,6 +154,7 @@ pub fn main(args: impl IntoIterator<Item = String>) -> std::process::ExitCode {
             return ExitCode::from(2);
         }
     };
+    init_logging();
     // Block SIGINT and SIGTERM before any thread starts, so every thread inherits the mask
     // and this thread alone takes them, with sigwait.
     // SAFETY: sigset manipulation on a local set; pthread_sigmask on this thread.
@@ -173,6 +188,22 @@ pub fn main(args: impl IntoIterator<Item = String>) -> std::process::ExitCode {
     unsafe { libc::sigwait(&set, &mut sig) };
     server.shutdown();
     ExitCode::SUCCESS
+}
+
+/// The environment variable naming the log level of [`main`].
+pub const LOG_ENV: &str = "NBD_SERVER_LOG";
+
+/// Sends `tracing` events at the level [`LOG_ENV`] names (default warn) to stderr.
+fn init_logging() {
+    let level = std::env::var(LOG_ENV)
+        .ok()
+        .and_then(|v| v.parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::WARN);
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
 }
 
 #[cfg(test)]
@@ -211,6 +242,11 @@ mod tests {
         assert_eq!(c.backend, reactor::Backend::Epoll);
         assert_eq!(c.poll.max, Duration::ZERO);
         assert_eq!(c.export_name, "d");
+        assert_eq!(c.handshake_limit, Some(Duration::from_secs(10)));
+        let c = serve(&["--handshake-limit", "0", "disk"]);
+        assert_eq!(c.handshake_limit, None);
+        let c = serve(&["--handshake-limit", "0.5", "disk"]);
+        assert_eq!(c.handshake_limit, Some(Duration::from_millis(500)));
         let c = serve(&["--poll-max-ns", "32768", "disk"]);
         assert_eq!(c.poll.max, Duration::from_nanos(32768));
     }
@@ -221,6 +257,10 @@ mod tests {
             (&["-t", "0", "disk"][..], "--iothreads"),
             (&["--backend", "kqueue", "disk"][..], "kqueue"),
             (&["--bind", "nowhere", "disk"][..], "--bind"),
+            (
+                &["--handshake-limit", "-1", "disk"][..],
+                "--handshake-limit",
+            ),
             (&["--frobnicate", "disk"][..], "--frobnicate"),
             (&["disk", "extra"][..], "extra"),
             (&[][..], "missing"),

@@ -42,4 +42,4 @@ mod server;
 pub mod transmission;
 
 pub use export::{Export, ExportStats};
-pub use server::{Config, Server, Stopper};
+pub use server::{Config, DEFAULT_HANDSHAKE_LIMIT, Server, Stopper};

@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+/// The default [`Config::handshake_limit`].
+pub const DEFAULT_HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 
 use reactor::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use reactor::{Backend, Builder, IoThread, PollParams};
@@ -34,6 +38,10 @@ pub struct Config {
     pub unix: Option<PathBuf>,
     /// IoThreads serving connections (round robin); at least 1.
     pub iothreads: usize,
+    /// Longest time a client may take from connecting to choosing the export; it is
+    /// disconnected after that (so idle half-open connections cannot pile up). `None`: no
+    /// limit. Default 10 s.
+    pub handshake_limit: Option<Duration>,
     /// The reactor backend of every thread.
     pub backend: Backend,
     /// Adaptive polling of the IoThreads: off by default ([`PollParams::OFF`]), unlike a
@@ -57,6 +65,7 @@ impl Config {
             tcp: Some(SocketAddr::from(([127, 0, 0, 1], 10809))),
             unix: None,
             iothreads: 1,
+            handshake_limit: Some(DEFAULT_HANDSHAKE_LIMIT),
             backend: Backend::Auto,
             poll: PollParams::OFF,
         }
@@ -164,21 +173,21 @@ impl Server {
             workers,
             stopper: Stopper::default(),
         };
-        let handles: Arc<[reactor::Handle]> =
-            server.workers.iter().map(|w| w.handle().clone()).collect();
-        let next = Arc::new(AtomicUsize::new(0));
+        let dispatch = Arc::new(Dispatch {
+            export: export.clone(),
+            workers: server.workers.iter().map(|w| w.handle().clone()).collect(),
+            next: AtomicUsize::new(0),
+            limit: config.handshake_limit,
+        });
         let h = server.acceptor.as_ref().expect("just started").handle();
         if let Some(l) = tcp {
-            let (export, handles, next) = (export.clone(), handles.clone(), next.clone());
-            h.oneshot(move |r| r.spawn_local(accept_tcp(l, export, handles, next)).detach())
+            let d = dispatch.clone();
+            h.oneshot(move |r| r.spawn_local(accept_tcp(l, d)).detach())
                 .map_err(closed)?;
         }
         if let Some(l) = unix {
-            h.oneshot(move |r| {
-                r.spawn_local(accept_unix(l, export, handles, next))
-                    .detach()
-            })
-            .map_err(closed)?;
+            h.oneshot(move |r| r.spawn_local(accept_unix(l, dispatch)).detach())
+                .map_err(closed)?;
         }
         tracing::info!(?server, backend = ?config.backend, "nbd server started");
         Ok(server)
@@ -247,83 +256,93 @@ fn bind_unix(p: &Path) -> io::Result<std::os::unix::net::UnixListener> {
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))
 }
 
-fn pick<'a>(handles: &'a [reactor::Handle], next: &AtomicUsize) -> &'a reactor::Handle {
-    // Relaxed: round-robin position; any interleaving spreads connections well enough.
-    &handles[next.fetch_add(1, Ordering::Relaxed) % handles.len()]
+/// Hands accepted connections to the IoThreads, round robin.
+struct Dispatch {
+    export: Arc<Export>,
+    workers: Vec<reactor::Handle>,
+    next: AtomicUsize,
+    limit: Option<Duration>,
 }
 
-async fn accept_tcp(
-    l: std::net::TcpListener,
-    export: Arc<Export>,
-    handles: Arc<[reactor::Handle]>,
-    next: Arc<AtomicUsize>,
-) {
+impl Dispatch {
+    /// Sends `sock` (a `std` socket: it crosses threads) to the next IoThread, where `wrap`
+    /// registers it with that thread's reactor and the connection task starts.
+    fn dispatch<S: Send + 'static>(&self, sock: S, wrap: fn(S) -> io::Result<Sock>) {
+        // Relaxed: round-robin position; any interleaving spreads connections well enough.
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        let (export, limit) = (self.export.clone(), self.limit);
+        let sent = self.workers[i].oneshot(move |r| match wrap(sock) {
+            Ok(sock) => r.spawn_local(connection(sock, export, limit)).detach(),
+            Err(e) => tracing::warn!("nbd: connection setup: {e}"),
+        });
+        if sent.is_err() {
+            tracing::warn!("nbd: IoThread {i} has stopped; connection dropped");
+        }
+    }
+}
+
+/// After an accept error (EMFILE, ENFILE, ENOBUFS, ...): log it, back off a little, go on.
+async fn accept_failed(e: io::Error) {
+    tracing::warn!("nbd: accept: {e}");
+    reactor::time::sleep(Duration::from_millis(10)).await;
+}
+
+async fn accept_tcp(l: std::net::TcpListener, d: Arc<Dispatch>) {
     let l = match TcpListener::from_std(l) {
         Ok(l) => l,
         Err(e) => return tracing::error!("nbd: TCP listener: {e}"),
     };
     loop {
-        let s = match l.accept().await {
+        let accepted = match l.accept().await {
             Ok((s, peer)) => {
                 tracing::debug!(%peer, "nbd: connection");
                 s.into_std().await
             }
             Err(e) => Err(e),
         };
-        let s = match s {
-            Ok(s) => s,
-            Err(e) => {
-                // EMFILE and friends: log, back off a little, keep serving.
-                tracing::warn!("nbd: accept: {e}");
-                reactor::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
+        match accepted {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                d.dispatch(s, |s| TcpStream::from_std(s).map(Sock::Tcp));
             }
-        };
-        let export = export.clone();
-        let _ = s.set_nodelay(true);
-        // The std socket crosses threads; the connection task lives on the IoThread.
-        let _ = pick(&handles, &next).oneshot(move |r| match TcpStream::from_std(s) {
-            Ok(s) => r.spawn_local(connection(Sock::Tcp(s), export)).detach(),
-            Err(e) => tracing::warn!("nbd: connection setup: {e}"),
-        });
+            Err(e) => accept_failed(e).await,
+        }
     }
 }
 
-async fn accept_unix(
-    l: std::os::unix::net::UnixListener,
-    export: Arc<Export>,
-    handles: Arc<[reactor::Handle]>,
-    next: Arc<AtomicUsize>,
-) {
+async fn accept_unix(l: std::os::unix::net::UnixListener, d: Arc<Dispatch>) {
     let l = match UnixListener::from_std(l) {
         Ok(l) => l,
         Err(e) => return tracing::error!("nbd: Unix listener: {e}"),
     };
     loop {
-        let s = match l.accept().await {
+        let accepted = match l.accept().await {
             Ok(s) => s.into_std().await,
             Err(e) => Err(e),
         };
-        let s = match s {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("nbd: accept: {e}");
-                reactor::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let export = export.clone();
-        let _ = pick(&handles, &next).oneshot(move |r| match UnixStream::from_std(s) {
-            Ok(s) => r.spawn_local(connection(Sock::Unix(s), export)).detach(),
-            Err(e) => tracing::warn!("nbd: connection setup: {e}"),
-        });
+        match accepted {
+            Ok(s) => d.dispatch(s, |s| UnixStream::from_std(s).map(Sock::Unix)),
+            Err(e) => accept_failed(e).await,
+        }
     }
 }
 
 /// One client, from the greeting to the close.
-async fn connection(sock: Sock, export: Arc<Export>) {
+async fn connection(sock: Sock, export: Arc<Export>, limit: Option<Duration>) {
     let mut rd = Reader::new();
-    let res = match handshake::negotiate(&sock, &mut rd, &export).await {
+    let negotiation = handshake::negotiate(&sock, &mut rd, &export);
+    let outcome = match limit {
+        Some(limit) => reactor::time::timeout(limit, negotiation)
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no export chosen within {limit:?}"),
+                ))
+            }),
+        None => negotiation.await,
+    };
+    let res = match outcome {
         Ok(Outcome::Transmission) => transmission::serve(sock, rd, export).await,
         Ok(Outcome::Aborted) => Ok(()),
         Err(e) => Err(e),

@@ -23,6 +23,9 @@ pub const MAX_IN_FLIGHT: usize = 128;
 /// Payload bytes (write data being written, read data not yet sent) of one connection in
 /// flight at once; the reader waits beyond this unless nothing is in flight.
 const MAX_BYTES_IN_FLIGHT: usize = 64 << 20;
+/// Replies queued and not yet sent, beyond which the reader waits: a client that sends
+/// requests without reading replies is throttled instead of filling memory.
+const MAX_QUEUED_REPLIES: usize = 1024;
 /// Reply buffers kept for reuse per connection, and the largest kept.
 const POOL_BUFFERS: usize = 64;
 const POOL_MAX_CAPACITY: usize = 1 << 20;
@@ -37,7 +40,7 @@ struct Session {
     outbox: RefCell<VecDeque<(Vec<u8>, usize)>>,
     /// Requests admitted whose reply is not yet in the outbox.
     pending: Cell<usize>,
-    /// Payload bytes admitted and not yet sent.
+    /// Payload bytes admitted and not yet sent (each reply also counts its header).
     bytes: Cell<usize>,
     /// The reader has stopped: the writer ends once everything admitted is sent.
     closing: Cell<bool>,
@@ -84,15 +87,19 @@ impl Session {
     /// Queues a reply that needs no task (an error found while parsing, an empty request).
     fn reply_now(&self, error: u32, handle: u64) {
         let b = self.header(error, handle);
-        self.outbox.borrow_mut().push_back((b, 0));
+        self.bytes.set(self.bytes.get() + REPLY_LEN);
+        self.outbox.borrow_mut().push_back((b, REPLY_LEN));
         Self::wake(&self.writer_waker);
     }
 
-    /// Admits a request: waits until it fits the in-flight limits.
-    async fn admit(&self, bytes: usize) {
+    /// Waits until a request with `bytes` of payload fits the limits: requests in flight,
+    /// bytes in flight (always met when nothing is in flight, so any request can proceed),
+    /// replies queued.
+    async fn room(&self, bytes: usize) {
         poll_fn(|cx| {
             let full = self.pending.get() >= MAX_IN_FLIGHT
-                || (self.bytes.get() + bytes > MAX_BYTES_IN_FLIGHT && self.bytes.get() > 0);
+                || (self.bytes.get() + bytes > MAX_BYTES_IN_FLIGHT && self.bytes.get() > 0)
+                || self.outbox.borrow().len() >= MAX_QUEUED_REPLIES;
             if full {
                 self.reader_waker.set(Some(cx.waker().clone()));
                 Poll::Pending
@@ -101,14 +108,27 @@ impl Session {
             }
         })
         .await;
-        self.pending.set(self.pending.get() + 1);
-        self.bytes.set(self.bytes.get() + bytes);
     }
 
-    /// A task's reply is ready.
+    /// Admits a request that a task will serve: waits for room, then counts it.
+    async fn admit(&self, bytes: usize) {
+        self.room(bytes).await;
+        self.pending.set(self.pending.get() + 1);
+        self.bytes.set(self.bytes.get() + bytes + REPLY_LEN);
+    }
+
+    /// Releases an admitted request that will not be served.
+    fn release(&self, bytes: usize) {
+        self.pending.set(self.pending.get() - 1);
+        self.bytes.set(self.bytes.get() - bytes - REPLY_LEN);
+    }
+
+    /// A task's reply (for a request admitted with `bytes`) is ready.
     fn complete(&self, reply: Vec<u8>, bytes: usize) {
         self.pending.set(self.pending.get() - 1);
-        self.outbox.borrow_mut().push_back((reply, bytes));
+        self.outbox
+            .borrow_mut()
+            .push_back((reply, bytes + REPLY_LEN));
         Self::wake(&self.writer_waker);
     }
 
@@ -174,6 +194,7 @@ fn in_bounds(export: &Export, req: &Request) -> bool {
 async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
     let sock = &s.sock;
     loop {
+        s.room(0).await;
         let req = Request::parse(&rd.read_array::<{ proto::REQUEST_LEN }>(sock).await?)?;
         s.requests.set(s.requests.get() + 1);
         let ro = s.export.read_only();
@@ -207,8 +228,7 @@ async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
                     Ok(p) => p,
                     Err(e) => {
                         // Admitted but never started: release it, then end the connection.
-                        s.pending.set(s.pending.get() - 1);
-                        s.bytes.set(s.bytes.get() - len);
+                        s.release(len);
                         return Err(e);
                     }
                 };

@@ -299,6 +299,58 @@ backend_tests! {
         std::fs::remove_file(path).unwrap();
     }
 
+    fn a_client_that_never_reads_replies_is_throttled(r: &Reactor) {
+        let (srv, path) = start(r, "throttle", false);
+        let c = session(&srv);
+        // Requests that each get an error reply, sent without ever reading a reply: the
+        // server must stop reading (its queue of replies is bounded), so the sender blocks.
+        let junk: Vec<u8> = (0..1000u64)
+            .flat_map(|h| proto::Request { flags: 0, kind: 99, handle: h, offset: 0, length: 0 }.encode())
+            .collect();
+        let mut s = c.s.try_clone().unwrap();
+        s.set_write_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        let mut sent = 0u64;
+        let blocked = loop {
+            match std::io::Write::write_all(&mut s, &junk) {
+                Ok(()) => sent += 1000,
+                Err(e) => break e,
+            }
+            assert!(sent < 20_000_000, "the server kept reading: its memory is not bounded");
+        };
+        assert!(
+            matches!(blocked.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            "{blocked}"
+        );
+        drop(s);
+        drop(c);
+        // Everyone else is served.
+        let mut other = session(&srv);
+        assert_eq!(other.read(1, 0, 512), (0, pattern_of_file(&path, 0, 512)));
+        drop(srv);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    fn the_handshake_has_a_time_limit(r: &Reactor) {
+        let path = scratch_file(&format!("limit-{}", r.backend()), SIZE);
+        let mut cfg = Config::new(&path);
+        cfg.tcp = Some("127.0.0.1:0".parse().unwrap());
+        cfg.backend = r.backend();
+        cfg.handshake_limit = Some(std::time::Duration::from_millis(200));
+        let srv = Server::start(cfg).unwrap();
+        // Silent after connecting: disconnected once the limit passes.
+        let t0 = std::time::Instant::now();
+        let mut idle = client(&srv);
+        assert!(idle.closed_by_server());
+        assert!(t0.elapsed() >= std::time::Duration::from_millis(190), "{:?}", t0.elapsed());
+        // The limit is on negotiation only: a session may then stay idle.
+        let mut c = client(&srv);
+        c.go("");
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        assert_eq!(c.read(1, 0, 512), (0, pattern_of_file(&path, 0, 512)));
+        drop(srv);
+        std::fs::remove_file(path).unwrap();
+    }
+
     fn unix_socket_and_several_iothreads(r: &Reactor) {
         let path = scratch_file(&format!("unix-{}", r.backend()), SIZE);
         let sock = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
