@@ -85,7 +85,7 @@ pub fn render(rows: &[Summary]) -> String {
     let runs = rows.iter().map(|r| r.runs).max().unwrap_or(0);
     out.push_str(&format!(
         "\nCells: median (min–max) over {runs} runs; `sc/op`: system calls per operation where \
-         counted; `cpu/op`: CPU time of the server thread per request. Ratios divide medians: for ns/op below 1 means uring is faster, for ops/s \
+         counted; `cpu/op`: CPU time of the server per request (its thread; for `nbd-*` its whole process). Ratios divide medians: for ns/op below 1 means uring is faster, for ops/s \
          above 1 does.\n"
     ));
     out
