@@ -49,6 +49,19 @@ impl Export {
     /// # Errors
     /// The file cannot be opened, or its size cannot be found (`lseek`); an export `name`
     /// or `description` longer than the protocol's 4096 bytes (`InvalidInput`).
+    ///
+    /// ```
+    /// use nbd_server::Export;
+    /// use nbd_server::proto::tflag;
+    /// let path = std::env::temp_dir().join(format!("export-doc-{}", std::process::id()));
+    /// std::fs::write(&path, vec![0u8; 65536])?;
+    /// let e = Export::open(&path, "disk", "", true)?;
+    /// assert_eq!(e.size(), 65536);
+    /// assert!(e.answers_to(b"disk") && e.answers_to(b"") && !e.answers_to(b"other"));
+    /// assert_ne!(e.transmission_flags() & tflag::READ_ONLY, 0);
+    /// # std::fs::remove_file(&path)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn open(
         path: impl AsRef<Path>,
         name: &str,

@@ -145,6 +145,15 @@ pub const REQUEST_LEN: usize = 28;
 pub const REPLY_LEN: usize = 16;
 
 /// A transmission request header.
+///
+/// ```
+/// use nbd_server::proto::{cmd, Request};
+/// let r = Request { flags: 0, kind: cmd::READ, handle: 7, offset: 4096, length: 512 };
+/// let wire = r.encode();
+/// assert_eq!(&wire[..4], &[0x25, 0x60, 0x95, 0x13]);
+/// assert_eq!(Request::parse(&wire)?, r);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Request {
     /// `NBD_CMD_FLAG_*` bits.

@@ -21,6 +21,15 @@ use crate::handshake::{self, Outcome};
 use crate::transmission;
 
 /// How to run a [`Server`].
+///
+/// ```
+/// use nbd_server::Config;
+/// let mut cfg = Config::new("disk.raw");
+/// cfg.tcp = None;
+/// cfg.unix = Some("/run/disk.sock".into());
+/// cfg.read_only = true;
+/// assert_eq!(cfg.iothreads, 1);
+/// ```
 #[derive(Clone, Debug)]
 pub struct Config {
     /// The file (or block device) to export.
