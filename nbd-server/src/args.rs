@@ -186,7 +186,8 @@ pub fn main(args: impl IntoIterator<Item = String>) -> std::process::ExitCode {
     let mut sig = 0;
     // SAFETY: `set` is a valid signal set and `sig` a valid out-pointer.
     unsafe { libc::sigwait(&set, &mut sig) };
-    server.shutdown();
+    let stats = server.shutdown();
+    tracing::info!(?stats, "nbd-server: stopped");
     ExitCode::SUCCESS
 }
 

@@ -39,7 +39,8 @@ mod export;
 mod handshake;
 pub mod proto;
 mod server;
+mod stop;
 pub mod transmission;
 
 pub use export::{Export, ExportStats};
-pub use server::{Config, DEFAULT_HANDSHAKE_LIMIT, Server, Stopper};
+pub use server::{Config, DEFAULT_HANDSHAKE_LIMIT, SHUTDOWN_GRACE, Server, Stopper};

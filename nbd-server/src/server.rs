@@ -18,7 +18,11 @@ use reactor::{Backend, Builder, IoThread, PollParams};
 use crate::conn::{Reader, Sock};
 use crate::export::{Export, ExportStats};
 use crate::handshake::{self, Outcome};
+use crate::stop::{Live, Stop};
 use crate::transmission;
+
+/// How long a shutdown waits for connections to finish their requests in flight.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// How to run a [`Server`].
 ///
@@ -100,6 +104,7 @@ pub struct Server {
     acceptor: Option<IoThread>,
     workers: Vec<IoThread>,
     stopper: Stopper,
+    live: Arc<Live>,
 }
 
 /// Stops a [`Server`] from any thread (a signal-handling thread, a test): its
@@ -181,12 +186,14 @@ impl Server {
             acceptor: Some(acceptor),
             workers,
             stopper: Stopper::default(),
+            live: Arc::new(Live::default()),
         };
         let dispatch = Arc::new(Dispatch {
             export: export.clone(),
             workers: server.workers.iter().map(|w| w.handle().clone()).collect(),
             next: AtomicUsize::new(0),
             limit: config.handshake_limit,
+            live: server.live.clone(),
         });
         let h = server.acceptor.as_ref().expect("just started").handle();
         if let Some(l) = tcp {
@@ -228,21 +235,32 @@ impl Server {
     }
 
     /// Blocks until [`Stopper::stop`] is called, then shuts down as
-    /// [`shutdown`](Self::shutdown) does.
-    pub fn wait(mut self) {
+    /// [`shutdown`](Self::shutdown) does and returns the final counters.
+    pub fn wait(self) -> ExportStats {
         self.stopper.wait();
-        self.shutdown_now();
+        self.shutdown()
     }
 
-    /// Stops accepting, stops the IoThreads (connections still open are closed; requests in
-    /// flight are cancelled; every write already acknowledged is in the file) and removes
-    /// the Unix socket.
-    pub fn shutdown(mut self) {
+    /// Stops the server and returns its final counters. It stops accepting; every connection
+    /// stops reading at its next request boundary, finishes and answers the requests it has in
+    /// flight, and closes (what the protocol asks of a server shutting down); after
+    /// [`SHUTDOWN_GRACE`] the IoThreads stop regardless, cancelling what is left (a write
+    /// cancelled that way was never acknowledged). Then the Unix socket is removed.
+    pub fn shutdown(mut self) -> ExportStats {
         self.shutdown_now();
+        self.export.stats()
     }
 
     fn shutdown_now(&mut self) {
         drop(self.acceptor.take());
+        // Each connection stops at its next request boundary and finishes what is in flight;
+        // after the grace period the IoThreads go down regardless.
+        for w in &self.workers {
+            let _ = w.handle().oneshot(|_| Stop::trigger());
+        }
+        if !self.workers.is_empty() && !self.live.wait_idle(SHUTDOWN_GRACE) {
+            tracing::warn!("nbd: connections still busy after {SHUTDOWN_GRACE:?}; dropping them");
+        }
         self.workers.clear();
         if let Some(p) = self.unix.take() {
             let _ = std::fs::remove_file(p);
@@ -271,6 +289,7 @@ struct Dispatch {
     workers: Vec<reactor::Handle>,
     next: AtomicUsize,
     limit: Option<Duration>,
+    live: Arc<Live>,
 }
 
 impl Dispatch {
@@ -279,9 +298,14 @@ impl Dispatch {
     fn dispatch<S: Send + 'static>(&self, sock: S, wrap: fn(S) -> io::Result<Sock>) {
         // Relaxed: round-robin position; any interleaving spreads connections well enough.
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
-        let (export, limit) = (self.export.clone(), self.limit);
+        let (export, limit, live) = (self.export.clone(), self.limit, self.live.clone());
         let sent = self.workers[i].oneshot(move |r| match wrap(sock) {
-            Ok(sock) => r.spawn_local(connection(sock, export, limit)).detach(),
+            Ok(sock) => r
+                .spawn_local(async move {
+                    let _live = live.enter();
+                    connection(sock, export, limit).await
+                })
+                .detach(),
             Err(e) => tracing::warn!("nbd: connection setup: {e}"),
         });
         if sent.is_err() {
@@ -339,7 +363,13 @@ async fn accept_unix(l: std::os::unix::net::UnixListener, d: Arc<Dispatch>) {
 /// One client, from the greeting to the close.
 async fn connection(sock: Sock, export: Arc<Export>, limit: Option<Duration>) {
     let mut rd = Reader::new();
-    let negotiation = handshake::negotiate(&sock, &mut rd, &export);
+    // A shutdown during negotiation simply closes: nothing is in flight yet.
+    let negotiation = async {
+        Stop::current()
+            .unless_stopped(handshake::negotiate(&sock, &mut rd, &export))
+            .await
+            .unwrap_or(Ok(Outcome::Aborted))
+    };
     let outcome = match limit {
         Some(limit) => reactor::time::timeout(limit, negotiation)
             .await

@@ -17,6 +17,7 @@ use reactor::io::Slice;
 use crate::conn::{Reader, Sock};
 use crate::export::Export;
 use crate::proto::{self, REPLY_LEN, Request, cflag, cmd, err};
+use crate::stop::Stop;
 
 /// Requests of one connection in flight at once; the reader waits for a slot beyond this.
 pub const MAX_IN_FLIGHT: usize = 128;
@@ -193,9 +194,21 @@ fn in_bounds(export: &Export, req: &Request) -> bool {
 
 async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
     let sock = &s.sock;
+    let stop = Stop::current();
     loop {
-        s.room(0).await;
-        let req = Request::parse(&rd.read_array::<{ proto::REQUEST_LEN }>(sock).await?)?;
+        // Between requests, a server shutdown ends the connection like a DISC: what is in
+        // flight is finished and answered, nothing more is read.
+        let next = stop
+            .unless_stopped(async {
+                s.room(0).await;
+                rd.read_array::<{ proto::REQUEST_LEN }>(sock).await
+            })
+            .await;
+        let Some(header) = next else {
+            tracing::debug!("nbd: server shutting down; closing after the requests in flight");
+            return Ok(());
+        };
+        let req = Request::parse(&header?)?;
         s.requests.set(s.requests.get() + 1);
         let ro = s.export.read_only();
         let len = req.length as usize;

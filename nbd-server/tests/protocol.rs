@@ -351,6 +351,46 @@ backend_tests! {
         std::fs::remove_file(path).unwrap();
     }
 
+    fn shutdown_answers_what_is_in_flight(r: &Reactor) {
+        let (srv, path) = start(r, "shutdown", false);
+        let mut c = session(&srv);
+        // FUA writes (each waits for fdatasync) sent back to back, so that several are in
+        // flight when the shutdown comes.
+        let mut out = Vec::new();
+        for h in 0..64u64 {
+            out.extend_from_slice(&proto::Request { flags: cflag::FUA, kind: cmd::WRITE, handle: h, offset: h * 4096, length: 4096 }.encode());
+            out.extend_from_slice(&pattern(h as u8, 4096));
+        }
+        c.send(&out);
+        let (e, first) = c.reply();
+        assert_eq!(e, 0);
+        let stopper = std::thread::spawn(move || srv.shutdown());
+        // Every request the server read gets its reply, then the connection closes.
+        let mut answered = vec![first];
+        loop {
+            let mut h = [0u8; 16];
+            match std::io::Read::read_exact(&mut c.s, &mut h) {
+                Ok(()) => {
+                    assert_eq!(&h[..4], &proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+                    assert_eq!(&h[4..8], &[0, 0, 0, 0], "a reply before the close is a success");
+                    answered.push(u64::from_be_bytes(h[8..16].try_into().unwrap()));
+                }
+                Err(e) => {
+                    assert!(matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset), "{e}");
+                    break;
+                }
+            }
+        }
+        let stats = stopper.join().unwrap();
+        assert_eq!(answered.len() as u64, stats.requests, "every request read was answered");
+        let file = std::fs::read(&path).unwrap();
+        for h in answered {
+            let off = (h * 4096) as usize;
+            assert_eq!(&file[off..off + 4096], &pattern(h as u8, 4096)[..], "acknowledged write {h}");
+        }
+        std::fs::remove_file(path).unwrap();
+    }
+
     fn unix_socket_and_several_iothreads(r: &Reactor) {
         let path = scratch_file(&format!("unix-{}", r.backend()), SIZE);
         let sock = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
