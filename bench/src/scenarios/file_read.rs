@@ -125,7 +125,7 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
                     raw_uring_reads(&path, case)
                 }));
                 if pattern == Pattern::Sequential {
-                    match qemu_img_available() {
+                    match super::qemu::available("qemu-img") {
                         true => {
                             rows.push(ctx.row(&name, "qemu-img-bench", Metric::OpsPerSec, || {
                                 qemu_img_bench(&path, case)
@@ -351,41 +351,24 @@ fn raw_uring_reads(path: &Path, case: Case) -> Sample {
     })
 }
 
-fn qemu_img_available() -> bool {
-    std::process::Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 /// `qemu-img bench` on the same file: its sequential pattern, wrapping at the end.
 fn qemu_img_bench(path: &Path, case: Case) -> Sample {
-    let out = std::process::Command::new("qemu-img")
-        .args(["bench", "-f", "raw", "-i", "io_uring", "-s", "4096"])
-        .args(["-t", if case.direct { "none" } else { "writeback" }])
-        .args(["-d", &case.depth.to_string(), "-c", &case.reads.to_string()])
-        .arg(path)
-        .output()
-        .expect("run qemu-img bench");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "qemu-img bench failed: {text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let secs: f64 = text
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("Run completed in ")?
-                .strip_suffix(" seconds.")?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("unexpected qemu-img bench output: {text}"));
-    assert!(secs > 0.0, "qemu-img bench run too short to time: {text}");
-    Sample::timed(
-        Metric::OpsPerSec,
-        case.reads,
-        std::time::Duration::from_secs_f64(secs),
-    )
+    let (depth, reads) = (case.depth.to_string(), case.reads.to_string());
+    let cache = if case.direct { "none" } else { "writeback" };
+    let took = super::qemu::img_bench(&[
+        "-f",
+        "raw",
+        "-i",
+        "io_uring",
+        "-s",
+        "4096",
+        "-t",
+        cache,
+        "-d",
+        &depth,
+        "-c",
+        &reads,
+        path.to_str().expect("a UTF-8 path"),
+    ]);
+    Sample::timed(Metric::OpsPerSec, case.reads, took)
 }

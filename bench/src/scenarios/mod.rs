@@ -6,6 +6,7 @@ pub mod file_read;
 pub mod idle;
 pub mod nbd;
 pub mod pingpong;
+pub mod qemu;
 pub mod tcp_echo;
 pub mod timers;
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{Ctx, Row};
+use super::{Ctx, Row, qemu};
 use crate::measure::{Metric, Sample};
 
 /// The exported file's size: qemu-img bench's sequential offsets wrap at its end.
@@ -176,41 +176,18 @@ fn start(server: Server, file: &Path) -> Running {
 /// One `qemu-img bench` run against `srv`: requests/s and the server's CPU per request.
 fn client_run(srv: &Running, case: Case) -> Sample {
     let url = format!("nbd://{}/disk", srv.addr);
-    let cpu0 = srv.cpu_ns();
-    let mut cmd = Command::new("qemu-img");
-    cmd.args(["bench", "-f", "raw", "-s", "4096"]).args([
-        "-d",
-        &case.depth.to_string(),
-        "-c",
-        &case.requests.to_string(),
-    ]);
+    let (depth, requests) = (case.depth.to_string(), case.requests.to_string());
+    let pattern = format!("--pattern={PATTERN}");
+    let mut args = vec!["-f", "raw", "-s", "4096", "-d", &depth, "-c", &requests];
     if case.write {
-        cmd.args(["-w", &format!("--pattern={PATTERN}")]);
+        args.extend(["-w", &pattern]);
     }
-    let out = cmd.arg(&url).output().expect("run qemu-img bench");
+    args.push(&url);
+    let cpu0 = srv.cpu_ns();
+    let took = qemu::img_bench(&args);
     let cpu = srv.cpu_ns() - cpu0;
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "qemu-img bench against {url} failed: {text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let secs: f64 = text
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("Run completed in ")?
-                .strip_suffix(" seconds.")?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("unexpected qemu-img bench output: {text}"));
-    assert!(secs > 0.0, "qemu-img bench run too short to time: {text}");
-    Sample::timed(
-        Metric::OpsPerSec,
-        case.requests,
-        Duration::from_secs_f64(secs),
-    )
-    .with_cpu(cpu as f64 / case.requests as f64)
+    Sample::timed(Metric::OpsPerSec, case.requests, took)
+        .with_cpu(cpu as f64 / case.requests as f64)
 }
 
 /// The file, created (non-zero, so reads are not of holes) or reset, then read once into the
@@ -245,12 +222,7 @@ fn check_writes(path: &Path, system: &str, requests: u64) {
 pub fn available() -> bool {
     ["qemu-img", "qemu-storage-daemon", "qemu-nbd"]
         .iter()
-        .all(|t| {
-            Command::new(t)
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
+        .all(|t| qemu::available(t))
 }
 
 pub fn run(ctx: &Ctx) -> Vec<Row> {
