@@ -34,11 +34,13 @@
 //! ```
 
 pub mod args;
+mod commands;
 mod conn;
 mod export;
 mod handshake;
 pub mod proto;
 mod server;
+mod session;
 mod stop;
 pub mod transmission;
 

@@ -127,7 +127,7 @@ pub mod err {
     pub const EINVAL: u32 = 22;
     /// No space (also a write past the end).
     pub const ENOSPC: u32 = 28;
-    /// A fast zero that would be slow.
+    /// A fast zero that would be slow (only for `NBD_CMD_FLAG_FAST_ZERO`).
     pub const ENOTSUP: u32 = 95;
 }
 
@@ -226,7 +226,8 @@ pub fn errno(e: &io::Error) -> u32 {
         Some(libc::ENOMEM) => err::ENOMEM,
         Some(libc::EINVAL) => err::EINVAL,
         Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => err::ENOSPC,
-        Some(libc::EOPNOTSUPP) => err::ENOTSUP,
+        // ENOTSUP is reserved for a failed FAST_ZERO; anything else unsupported is invalid.
+        Some(libc::EOPNOTSUPP) => err::EINVAL,
         _ => err::EIO,
     }
 }
@@ -270,7 +271,7 @@ mod tests {
         let e = |n| errno(&io::Error::from_raw_os_error(n));
         assert_eq!(e(libc::EROFS), err::EPERM);
         assert_eq!(e(libc::EDQUOT), err::ENOSPC);
-        assert_eq!(e(libc::EOPNOTSUPP), err::ENOTSUP);
+        assert_eq!(e(libc::EOPNOTSUPP), err::EINVAL);
         assert_eq!(e(libc::EBADF), err::EIO);
         assert_eq!(errno(&io::Error::other("x")), err::EIO);
     }

@@ -167,10 +167,6 @@ impl Server {
         )?;
         let tcp = config.tcp.map(std::net::TcpListener::bind).transpose()?;
         let tcp_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
-        let unix = match &config.unix {
-            Some(p) => Some(bind_unix(p)?),
-            None => None,
-        };
         let builder = || {
             let b = Builder::new().backend(config.backend);
             b.poll(config.poll)
@@ -179,10 +175,10 @@ impl Server {
             .map(|i| IoThread::spawn(format!("nbd-io{i}"), builder()))
             .collect::<io::Result<Vec<_>>>()?;
         let acceptor = IoThread::spawn("nbd-accept", builder().poll(PollParams::OFF))?;
-        let server = Server {
+        let mut server = Server {
             export: export.clone(),
             tcp_addr,
-            unix: config.unix.clone(),
+            unix: None,
             acceptor: Some(acceptor),
             workers,
             stopper: Stopper::default(),
@@ -195,6 +191,16 @@ impl Server {
             limit: config.handshake_limit,
             live: server.live.clone(),
         });
+        // Bound last, once nothing else can fail before `server` owns (and on drop removes)
+        // the socket file.
+        let unix = match &config.unix {
+            Some(p) => {
+                let l = bind_unix(p)?;
+                server.unix = Some(p.clone());
+                Some(l)
+            }
+            None => None,
+        };
         let h = server.acceptor.as_ref().expect("just started").handle();
         if let Some(l) = tcp {
             let d = dispatch.clone();
@@ -326,15 +332,9 @@ async fn accept_tcp(l: std::net::TcpListener, d: Arc<Dispatch>) {
         Err(e) => return tracing::error!("nbd: TCP listener: {e}"),
     };
     loop {
-        let accepted = match l.accept().await {
+        match l.accept_std().await {
             Ok((s, peer)) => {
                 tracing::debug!(%peer, "nbd: connection");
-                s.into_std().await
-            }
-            Err(e) => Err(e),
-        };
-        match accepted {
-            Ok(s) => {
                 let _ = s.set_nodelay(true);
                 d.dispatch(s, |s| TcpStream::from_std(s).map(Sock::Tcp));
             }
@@ -349,11 +349,7 @@ async fn accept_unix(l: std::os::unix::net::UnixListener, d: Arc<Dispatch>) {
         Err(e) => return tracing::error!("nbd: Unix listener: {e}"),
     };
     loop {
-        let accepted = match l.accept().await {
-            Ok(s) => s.into_std().await,
-            Err(e) => Err(e),
-        };
-        match accepted {
+        match l.accept_std().await {
             Ok(s) => d.dispatch(s, |s| UnixStream::from_std(s).map(Sock::Unix)),
             Err(e) => accept_failed(e).await,
         }

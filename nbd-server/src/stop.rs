@@ -9,15 +9,32 @@ use std::sync::{Condvar, Mutex};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
+use slab::Slab;
+
 /// The stop signal of one IoThread's connections.
 #[derive(Default)]
 pub(crate) struct Stop {
     stopped: Cell<bool>,
-    waiters: RefCell<Vec<Waker>>,
+    /// The connections waiting now, each removed when its wait ends.
+    waiters: RefCell<Slab<Waker>>,
 }
 
 thread_local! {
     static STOP: Rc<Stop> = Rc::new(Stop::default());
+}
+
+/// A waiter's place in [`Stop::waiters`], given back when the wait ends (or is dropped).
+struct Slot<'a> {
+    stop: &'a Stop,
+    key: Cell<Option<usize>>,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if let Some(k) = self.key.take() {
+            self.stop.waiters.borrow_mut().remove(k);
+        }
+    }
 }
 
 impl Stop {
@@ -30,14 +47,18 @@ impl Stop {
     pub(crate) fn trigger() {
         STOP.with(|s| {
             s.stopped.set(true);
-            for w in s.waiters.borrow_mut().drain(..) {
-                w.wake();
+            for (_, w) in s.waiters.borrow().iter() {
+                w.wake_by_ref();
             }
         });
     }
 
     /// Runs `fut` unless the signal comes first: `None` then (and `fut` is dropped).
     pub(crate) async fn unless_stopped<F: Future>(&self, fut: F) -> Option<F::Output> {
+        let slot = Slot {
+            stop: self,
+            key: Cell::new(None),
+        };
         let mut fut = pin!(fut);
         poll_fn(|cx| {
             if self.stopped.get() {
@@ -47,12 +68,20 @@ impl Stop {
                 return Poll::Ready(Some(v));
             }
             let mut waiters = self.waiters.borrow_mut();
-            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                waiters.push(cx.waker().clone());
+            match slot.key.get() {
+                Some(k) if waiters[k].will_wake(cx.waker()) => {}
+                Some(k) => waiters[k] = cx.waker().clone(),
+                None => slot.key.set(Some(waiters.insert(cx.waker().clone()))),
             }
             Poll::Pending
         })
         .await
+    }
+
+    /// Connections waiting now (for tests).
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        self.waiters.borrow().len()
     }
 }
 
@@ -98,5 +127,31 @@ impl Drop for LiveGuard<'_> {
         if *n == 0 {
             self.0.zero.notify_all();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Context;
+
+    #[test]
+    fn waits_leave_no_trace_and_the_signal_ends_them() {
+        let stop = Stop::default();
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        // A wait that ends by itself, and one that is dropped: both give their slot back.
+        for _ in 0..1000 {
+            let mut done = pin!(stop.unless_stopped(std::future::ready(7)));
+            assert_eq!(done.as_mut().poll(&mut cx), Poll::Ready(Some(7)));
+            let mut pending = pin!(stop.unless_stopped(std::future::pending::<()>()));
+            assert_eq!(pending.as_mut().poll(&mut cx), Poll::Pending);
+            assert_eq!(stop.waiting(), 1);
+        }
+        assert_eq!(stop.waiting(), 0, "no waker kept after its wait");
+        let mut pending = pin!(stop.unless_stopped(std::future::pending::<()>()));
+        assert_eq!(pending.as_mut().poll(&mut cx), Poll::Pending);
+        stop.stopped.set(true);
+        assert_eq!(pending.as_mut().poll(&mut cx), Poll::Ready(None));
     }
 }

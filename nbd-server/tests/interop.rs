@@ -1,10 +1,13 @@
 //! The `nbd-server` binary against QEMU's own NBD client (`qemu-img`, `qemu-io`), on both
 //! backends. QEMU's tools must be installed (Debian/Ubuntu: `apt-get install qemu-utils`;
-//! `.ci/run` does it): without them these tests fail, they are not skipped.
+//! `.ci/run` does it): without them these tests fail, they are not skipped. (The reactor
+//! each test gets from `backend_tests!` only names the backend the binary is told to use.)
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
+use tests::backend_tests;
 
 /// The server binary, killed (SIGKILL) on drop unless it was stopped before.
 struct Served {
@@ -82,17 +85,9 @@ fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-macro_rules! both_backends {
-    ($($name:ident($b:ident) $body:block)*) => {
-        #[cfg(feature = "uring")]
-        mod uring { use super::*; $( #[test] fn $name() { let $b = "uring"; $body } )* }
-        #[cfg(feature = "epoll")]
-        mod epoll { use super::*; $( #[test] fn $name() { let $b = "epoll"; $body } )* }
-    };
-}
-
-both_backends! {
-    qemu_img_info_and_convert_round_trip(backend) {
+backend_tests! {
+    fn qemu_img_info_and_convert_round_trip(r: &Reactor) {
+        let backend = &*r.backend().to_string();
         let export = scratch("convert-export", backend);
         let src = scratch("convert-src", backend);
         let back = scratch("convert-back", backend);
@@ -115,7 +110,8 @@ both_backends! {
         }
     }
 
-    qemu_io_write_read_flush_zero_discard(backend) {
+    fn qemu_io_write_read_flush_zero_discard(r: &Reactor) {
+        let backend = &*r.backend().to_string();
         let export = scratch("qemu-io", backend);
         std::fs::write(&export, vec![0x11u8; 8 << 20]).unwrap();
         let srv = serve(backend, &export, &[]);
@@ -144,7 +140,8 @@ both_backends! {
         std::fs::remove_file(export).unwrap();
     }
 
-    unix_socket_and_read_only(backend) {
+    fn unix_socket_and_read_only(r: &Reactor) {
+        let backend = &*r.backend().to_string();
         let export = scratch("unix", backend);
         std::fs::write(&export, vec![0x5au8; 1 << 20]).unwrap();
         let sock = scratch("unix-sock", backend).with_extension("sock");
@@ -168,7 +165,8 @@ both_backends! {
         std::fs::remove_file(export).unwrap();
     }
 
-    acknowledged_writes_survive_sigkill_and_sigterm_exits_cleanly(backend) {
+    fn acknowledged_writes_survive_sigkill_and_sigterm_exits_cleanly(r: &Reactor) {
+        let backend = &*r.backend().to_string();
         let export = scratch("sigkill", backend);
         std::fs::write(&export, vec![0u8; 4 << 20]).unwrap();
         let mut srv = serve(backend, &export, &[]);

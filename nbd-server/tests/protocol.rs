@@ -99,7 +99,7 @@ backend_tests! {
         assert_eq!(u64::from_be_bytes(m[0..8].try_into().unwrap()), SIZE as u64);
         assert!(m[10..].iter().all(|&b| b == 0));
         let (e, data) = c.read(1, 0, 8);
-        assert_eq!((e, data), (0, pattern_of_file(&path, 0, 8)));
+        assert_eq!((e, data), (0, initial(0, 8)));
         // With NO_ZEROES: 10 bytes, then transmission.
         let mut c = client(&srv);
         c.handshake(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES);
@@ -146,13 +146,15 @@ backend_tests! {
         assert_eq!(c.simple(0, cmd::TRIM, 5, 8192, 4096), 0);
         assert_eq!(c.simple(0, cmd::WRITE_ZEROES, 6, 12288, 4096), 0);
         assert_eq!(c.simple(cflag::NO_HOLE, cmd::WRITE_ZEROES, 7, 16384, 4096), 0);
-        let e = c.simple(cflag::FAST_ZERO | cflag::FUA, cmd::WRITE_ZEROES, 8, 20480, 4096);
-        assert!(e == 0 || e == err::ENOTSUP, "fast zero: {e}");
+        let fast = c.simple(cflag::FAST_ZERO | cflag::FUA, cmd::WRITE_ZEROES, 8, 20480, 4096);
+        assert!(fast == 0 || fast == err::ENOTSUP, "fast zero: {fast}");
         let (e, back) = c.read(9, 8192, 4 * 4096);
         assert_eq!(e, 0);
         assert!(back[..3 * 4096].iter().all(|&b| b == 0), "trimmed and zeroed ranges read as zeros");
-        if e == 0 {
-            assert!(back[3 * 4096..].iter().all(|&b| b == 0));
+        if fast == 0 {
+            assert!(back[3 * 4096..].iter().all(|&b| b == 0), "a fast zero that succeeded zeroed");
+        } else {
+            assert_eq!(back[3 * 4096..], initial(20480, 4096), "a refused fast zero changed nothing");
         }
         // Zero-length requests succeed and do nothing.
         assert_eq!(c.read(10, 0, 0), (0, Vec::new()));
@@ -195,13 +197,15 @@ backend_tests! {
         assert_eq!(c.reply(), (0, 12));
         c.recv(4);
         // After all that the connection still works and nothing was written.
-        assert_eq!(c.read(13, 0, 4096).1, pattern_of_file(&path, 0, 4096));
+        assert_eq!(c.read(13, 0, 4096).1, initial(0, 4096));
+        assert_eq!(c.read(14, end - 4096, 4096).1, initial(end - 4096, 4096), "the refused tail write");
         let st = srv.stats();
         assert!(st.errors >= 11, "{st:?}");
         drop(c);
         drop(srv);
         let file = std::fs::read(&path).unwrap();
-        assert_eq!(file[..4096], pattern_of_file(&path, 0, 4096), "a refused write wrote nothing");
+        assert_eq!(file[..4096], initial(0, 4096), "a refused write wrote nothing");
+        assert_eq!(file[SIZE - 4096..], initial(end - 4096, 4096), "a write past the end wrote nothing");
         std::fs::remove_file(path).unwrap();
     }
 
@@ -214,8 +218,8 @@ backend_tests! {
         assert_eq!(c.simple(0, cmd::TRIM, 2, 0, 4096), err::EPERM);
         assert_eq!(c.simple(0, cmd::WRITE_ZEROES, 3, 0, 4096), err::EPERM);
         assert_eq!(c.simple(0, cmd::FLUSH, 4, 0, 0), 0);
-        assert_eq!(c.read(5, 0, 4096), (0, pattern_of_file(&path, 0, 4096)));
-        assert_eq!(std::fs::read(&path).unwrap()[..4096], pattern_of_file(&path, 0, 4096));
+        assert_eq!(c.read(5, 0, 4096), (0, initial(0, 4096)));
+        assert_eq!(std::fs::read(&path).unwrap()[..4096], initial(0, 4096));
         drop(srv);
         std::fs::remove_file(path).unwrap();
     }
@@ -249,7 +253,7 @@ backend_tests! {
             assert_eq!(good.read(100 + i, 65536 + i * 4096, 4096), (0, d));
         }
         let file = std::fs::read(&path).unwrap();
-        assert_eq!(file[..8192], pattern_of_file(&path, 0, 8192), "a partial payload is never written");
+        assert_eq!(file[..8192], initial(0, 8192), "a partial payload is never written");
         drop(srv);
         std::fs::remove_file(path).unwrap();
     }
@@ -270,7 +274,7 @@ backend_tests! {
                 expect.insert(h, None);
             } else {
                 out.extend_from_slice(&proto::Request { flags: 0, kind: cmd::READ, handle: h, offset: off, length: 4096 }.encode());
-                expect.insert(h, Some(pattern_of_file(&path, off, 4096)));
+                expect.insert(h, Some(initial(off, 4096)));
             }
         }
         // DISC right behind them: the server must still answer all 256 first.
@@ -325,7 +329,7 @@ backend_tests! {
         drop(c);
         // Everyone else is served.
         let mut other = session(&srv);
-        assert_eq!(other.read(1, 0, 512), (0, pattern_of_file(&path, 0, 512)));
+        assert_eq!(other.read(1, 0, 512), (0, initial(0, 512)));
         drop(srv);
         std::fs::remove_file(path).unwrap();
     }
@@ -346,7 +350,7 @@ backend_tests! {
         let mut c = client(&srv);
         c.go("");
         std::thread::sleep(std::time::Duration::from_millis(400));
-        assert_eq!(c.read(1, 0, 512), (0, pattern_of_file(&path, 0, 512)));
+        assert_eq!(c.read(1, 0, 512), (0, initial(0, 512)));
         drop(srv);
         std::fs::remove_file(path).unwrap();
     }
@@ -430,8 +434,8 @@ backend_tests! {
     }
 }
 
-fn pattern_of_file(path: &std::path::Path, off: u64, len: usize) -> Vec<u8> {
-    let _ = path;
+/// The bytes a fresh scratch file holds at `off..off + len` (see `scratch_file`).
+fn initial(off: u64, len: usize) -> Vec<u8> {
     (off as usize..off as usize + len)
         .map(|i| (i % 251) as u8 | 1)
         .collect()

@@ -379,12 +379,7 @@ impl TcpListener {
     /// # Errors
     /// `bind`/`listen`'s; no reactor on this thread.
     pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-        let l = std::net::TcpListener::bind(addr)?;
-        Ok(TcpListener {
-            inner: Listener {
-                io: Rc::new(Async::new(l)?),
-            },
-        })
+        TcpListener::from_std(std::net::TcpListener::bind(addr)?)
     }
 
     /// Wraps a bound, listening `std` listener (made non-blocking) on the reactor polling on
@@ -402,15 +397,22 @@ impl TcpListener {
 
     /// Accepts a connection.
     pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
-        let fd = self.inner.accept_fd().await?;
-        let s = std::net::TcpStream::from(fd);
-        let peer = s.peer_addr()?;
+        let (s, peer) = self.accept_std().await?;
         Ok((
             TcpStream {
                 inner: Stream::new(s)?,
             },
             peer,
         ))
+    }
+
+    /// Accepts a connection as a non-blocking `std` socket, registered with no reactor: for a
+    /// server that hands connections to reactors on other threads (each wraps its socket
+    /// with [`TcpStream::from_std`]).
+    pub async fn accept_std(&self) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+        let s = std::net::TcpStream::from(self.inner.accept_fd().await?);
+        let peer = s.peer_addr()?;
+        Ok((s, peer))
     }
 
     /// The local address (the port chosen for port 0).
@@ -477,12 +479,7 @@ pub struct UnixListener {
 impl UnixListener {
     /// Binds to `path` and listens.
     pub fn bind(path: impl AsRef<Path>) -> io::Result<UnixListener> {
-        let l = std::os::unix::net::UnixListener::bind(path)?;
-        Ok(UnixListener {
-            inner: Listener {
-                io: Rc::new(Async::new(l)?),
-            },
-        })
+        UnixListener::from_std(std::os::unix::net::UnixListener::bind(path)?)
     }
 
     /// Wraps a bound, listening `std` listener (made non-blocking) on the reactor polling on
@@ -500,10 +497,17 @@ impl UnixListener {
 
     /// Accepts a connection.
     pub async fn accept(&self) -> io::Result<UnixStream> {
-        let fd = self.inner.accept_fd().await?;
         Ok(UnixStream {
-            inner: Stream::new(std::os::unix::net::UnixStream::from(fd))?,
+            inner: Stream::new(self.accept_std().await?)?,
         })
+    }
+
+    /// Accepts a connection as a non-blocking `std` socket, registered with no reactor (see
+    /// [`TcpListener::accept_std`]).
+    pub async fn accept_std(&self) -> io::Result<std::os::unix::net::UnixStream> {
+        Ok(std::os::unix::net::UnixStream::from(
+            self.inner.accept_fd().await?,
+        ))
     }
 }
 

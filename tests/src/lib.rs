@@ -167,16 +167,5 @@ impl Signal {
     }
 }
 
-/// Yields once: wakes itself and returns `Pending` the first time it is polled.
-pub fn yield_now() -> impl std::future::Future<Output = ()> {
-    let mut yielded = false;
-    std::future::poll_fn(move |cx| {
-        if yielded {
-            std::task::Poll::Ready(())
-        } else {
-            yielded = true;
-            cx.waker().wake_by_ref();
-            std::task::Poll::Pending
-        }
-    })
-}
+/// Yields once to the reactor (the reactor's own [`reactor::yield_now`]).
+pub use reactor::yield_now;

@@ -205,8 +205,12 @@ backend_tests! {
                 c.read_exact(&mut back).unwrap();
                 back
             });
-            let (s, _) = l.accept().await.unwrap();
-            (client, s.into_std().await.unwrap())
+            let (s, peer) = l.accept_std().await.unwrap();
+            assert_eq!(peer, s.peer_addr().unwrap());
+            // SAFETY: F_GETFL on an open fd.
+            let fl = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&s), libc::F_GETFL) };
+            assert_ne!(fl & libc::O_NONBLOCK, 0, "accepted sockets are non-blocking");
+            (client, s)
         });
         let (client, std_s) = (addr, accepted);
         let other = std::thread::spawn(move || {

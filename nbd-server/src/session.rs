@@ -1,0 +1,356 @@
+//! One connection's shared state in transmission: admission of requests (bounded in count,
+//! bytes and queued replies), the tickets that guarantee each admitted request a reply,
+//! buffer reuse, and the writer that sends replies in completion order.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Poll, Waker};
+
+use crate::conn::Sock;
+use crate::export::Export;
+use crate::proto::{self, REPLY_LEN, err};
+
+/// Requests of one connection in flight at once; the reader waits for a slot beyond this.
+pub const MAX_IN_FLIGHT: usize = 128;
+/// Payload bytes (write data being written, read data not yet sent) of one connection in
+/// flight at once; the reader waits beyond this unless nothing is in flight.
+const MAX_BYTES_IN_FLIGHT: usize = 64 << 20;
+/// Replies queued and not yet sent, beyond which the reader waits: a client that sends
+/// requests without reading replies is throttled instead of filling memory.
+const MAX_QUEUED_REPLIES: usize = 1024;
+/// Buffers up to this capacity (reply headers) are pooled apart from data buffers.
+const SMALL_BUF: usize = 64;
+const SMALL_POOL: usize = 256;
+/// Data buffers kept for reuse: the largest kept, and the most bytes kept per connection.
+const POOL_MAX_CAPACITY: usize = (1 << 20) + REPLY_LEN;
+const POOL_BYTES: usize = 4 << 20;
+/// Replies are copied into one send up to this size; larger ones are sent as they are.
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// What one connection shares between its reader, its request tasks and its writer.
+pub(crate) struct Session {
+    pub(crate) sock: Sock,
+    pub(crate) export: Arc<Export>,
+    /// Replies ready to send, each with the bytes it accounts for.
+    outbox: RefCell<VecDeque<(Vec<u8>, usize)>>,
+    /// Requests admitted whose reply is not yet in the outbox.
+    pending: Cell<usize>,
+    /// Bytes admitted and not yet sent: payloads, and every reply's header.
+    bytes: Cell<usize>,
+    /// The reader has stopped: the writer ends once everything admitted is sent.
+    closing: Cell<bool>,
+    /// A send to the client failed: replies are dropped from now on.
+    broken: Cell<bool>,
+    writer_waker: Cell<Option<Waker>>,
+    reader_waker: Cell<Option<Waker>>,
+    small: RefCell<Vec<Vec<u8>>>,
+    large: RefCell<Vec<Vec<u8>>>,
+    large_bytes: Cell<usize>,
+    /// Requests read, added to the export's counter when the connection ends.
+    pub(crate) requests: Cell<u64>,
+}
+
+/// An admitted request's claim to a reply. [`finish`](Ticket::finish) queues the reply;
+/// a ticket dropped unfinished (its task panicked or was dropped) answers `EIO`, so the
+/// connection's count of requests in flight always returns to zero and it can close.
+pub(crate) struct Ticket {
+    s: Rc<Session>,
+    handle: u64,
+    bytes: usize,
+    done: bool,
+}
+
+impl Ticket {
+    pub(crate) fn session(&self) -> &Session {
+        &self.s
+    }
+
+    /// Queues `reply` (a header, and data for a READ).
+    pub(crate) fn finish(mut self, reply: Vec<u8>) {
+        self.done = true;
+        self.s.complete(reply, self.bytes);
+    }
+
+    /// Queues a reply without data: `error` 0 for success.
+    pub(crate) fn finish_with(self, error: u32) {
+        let reply = self.s.header(error, self.handle);
+        self.finish(reply);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.done {
+            let reply = self.s.header(err::EIO, self.handle);
+            self.s.complete(reply, self.bytes);
+        }
+    }
+}
+
+fn wake(slot: &Cell<Option<Waker>>) {
+    if let Some(w) = slot.take() {
+        w.wake();
+    }
+}
+
+impl Session {
+    pub(crate) fn new(sock: Sock, export: Arc<Export>) -> Session {
+        Session {
+            sock,
+            export,
+            outbox: RefCell::new(VecDeque::with_capacity(MAX_IN_FLIGHT)),
+            pending: Cell::new(0),
+            bytes: Cell::new(0),
+            closing: Cell::new(false),
+            broken: Cell::new(false),
+            writer_waker: Cell::new(None),
+            reader_waker: Cell::new(None),
+            small: RefCell::new(Vec::with_capacity(SMALL_POOL)),
+            large: RefCell::new(Vec::new()),
+            large_bytes: Cell::new(0),
+            requests: Cell::new(0),
+        }
+    }
+
+    /// An empty buffer with room for `capacity` bytes, reused when one is pooled.
+    pub(crate) fn take_buf(&self, capacity: usize) -> Vec<u8> {
+        let popped = if capacity <= SMALL_BUF {
+            self.small.borrow_mut().pop()
+        } else {
+            let b = self.large.borrow_mut().pop();
+            if let Some(b) = &b {
+                self.large_bytes.set(self.large_bytes.get() - b.capacity());
+            }
+            b
+        };
+        let mut b = popped.unwrap_or_default();
+        b.clear();
+        b.reserve(capacity);
+        b
+    }
+
+    /// Keeps `b` for reuse, within the pools' bounds.
+    pub(crate) fn recycle(&self, b: Vec<u8>) {
+        let cap = b.capacity();
+        if cap <= SMALL_BUF {
+            let mut small = self.small.borrow_mut();
+            if small.len() < SMALL_POOL {
+                small.push(b);
+            }
+        } else if cap <= POOL_MAX_CAPACITY && self.large_bytes.get() + cap <= POOL_BYTES {
+            self.large_bytes.set(self.large_bytes.get() + cap);
+            self.large.borrow_mut().push(b);
+        }
+    }
+
+    /// A reply header in a pooled buffer (room for data behind it is the caller's to add).
+    pub(crate) fn header(&self, error: u32, handle: u64) -> Vec<u8> {
+        let mut b = self.take_buf(REPLY_LEN);
+        b.resize(REPLY_LEN, 0);
+        proto::simple_reply(&mut b, error, handle);
+        if error != 0 {
+            // Relaxed: a statistics counter.
+            self.export.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        b
+    }
+
+    /// Queues a reply that needs no task (an error found while parsing, an empty request).
+    pub(crate) fn reply_now(&self, error: u32, handle: u64) {
+        let b = self.header(error, handle);
+        self.bytes.set(self.bytes.get() + REPLY_LEN);
+        self.outbox.borrow_mut().push_back((b, REPLY_LEN));
+        wake(&self.writer_waker);
+    }
+
+    /// Waits until a request with `bytes` of payload fits the limits: requests in flight,
+    /// bytes in flight (always met when nothing is in flight, so any request can proceed),
+    /// replies queued.
+    pub(crate) async fn room(&self, bytes: usize) {
+        poll_fn(|cx| {
+            let full = self.pending.get() >= MAX_IN_FLIGHT
+                || (self.bytes.get() + bytes > MAX_BYTES_IN_FLIGHT && self.bytes.get() > 0)
+                || self.outbox.borrow().len() >= MAX_QUEUED_REPLIES;
+            if full {
+                self.reader_waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+    }
+
+    /// Admits the request `handle` with `bytes` of payload: waits for room, counts it.
+    pub(crate) async fn admit(self: &Rc<Self>, handle: u64, bytes: usize) -> Ticket {
+        self.room(bytes).await;
+        self.pending.set(self.pending.get() + 1);
+        let bytes = bytes + REPLY_LEN;
+        self.bytes.set(self.bytes.get() + bytes);
+        Ticket {
+            s: self.clone(),
+            handle,
+            bytes,
+            done: false,
+        }
+    }
+
+    fn complete(&self, reply: Vec<u8>, bytes: usize) {
+        self.pending.set(self.pending.get() - 1);
+        self.outbox.borrow_mut().push_back((reply, bytes));
+        wake(&self.writer_waker);
+    }
+
+    /// `fdatasync` of the export, counted.
+    pub(crate) async fn sync(&self) -> io::Result<()> {
+        // Relaxed: a statistics counter.
+        self.export.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        self.export.file().fdatasync().await
+    }
+
+    /// The reader has stopped: the writer ends after the last admitted reply.
+    pub(crate) fn close(&self) {
+        self.closing.set(true);
+        wake(&self.writer_waker);
+    }
+
+    /// Sends `buf`; a failure marks the connection broken. Gives the buffer back, empty.
+    async fn send(&self, buf: Vec<u8>) -> Vec<u8> {
+        let (res, mut buf) = self.sock.write_all(buf).await;
+        if let Err(e) = res {
+            tracing::debug!("nbd: sending replies failed: {e}");
+            self.broken.set(true);
+        }
+        buf.clear();
+        buf
+    }
+}
+
+/// Sends replies until the reader has stopped and every admitted request has replied.
+/// Replies that are ready together go out in one send (small ones copied into one buffer,
+/// large ones on their own, order kept).
+pub(crate) async fn writer(s: Rc<Session>) {
+    let mut queue = VecDeque::with_capacity(MAX_IN_FLIGHT);
+    let mut batch: Vec<u8> = Vec::with_capacity(BATCH_BYTES);
+    loop {
+        poll_fn(|cx| {
+            let done = s.closing.get() && s.pending.get() == 0;
+            if !s.outbox.borrow().is_empty() || done {
+                Poll::Ready(())
+            } else {
+                s.writer_waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await;
+        std::mem::swap(&mut queue, &mut *s.outbox.borrow_mut());
+        if queue.is_empty() {
+            return;
+        }
+        let mut sent_bytes = 0;
+        while let Some((reply, bytes)) = queue.pop_front() {
+            sent_bytes += bytes;
+            if s.broken.get() {
+                s.recycle(reply);
+                continue;
+            }
+            if reply.len() >= BATCH_BYTES || (batch.is_empty() && queue.is_empty()) {
+                if !batch.is_empty() {
+                    batch = s.send(batch).await;
+                }
+                let reply = s.send(reply).await;
+                s.recycle(reply);
+                continue;
+            }
+            batch.extend_from_slice(&reply);
+            s.recycle(reply);
+            if batch.len() >= BATCH_BYTES || queue.is_empty() {
+                batch = s.send(batch).await;
+            }
+        }
+        batch.clear();
+        s.bytes.set(s.bytes.get() - sent_bytes);
+        wake(&s.reader_waker);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reactor::{Backend, Reactor};
+
+    fn backends() -> Vec<Backend> {
+        let mut v = Vec::new();
+        if cfg!(feature = "uring") {
+            v.push(Backend::Uring);
+        }
+        if cfg!(feature = "epoll") {
+            v.push(Backend::Epoll);
+        }
+        v
+    }
+
+    #[test]
+    fn a_ticket_dropped_unfinished_answers_eio_and_the_connection_still_ends() {
+        for backend in backends() {
+            let r = Reactor::builder().backend(backend).build().unwrap();
+            let path =
+                std::env::temp_dir().join(format!("ticket-{backend}-{}", std::process::id()));
+            std::fs::write(&path, [0u8; 4096]).unwrap();
+            let export = Export::open(&path, "", "", false).unwrap();
+            r.block_on(async {
+                let (a, b) = reactor::net::UnixStream::pair().unwrap();
+                let s = Rc::new(Session::new(Sock::Unix(a), export));
+                let w = Reactor::with_current(|r| r.spawn_local(writer(s.clone()))).unwrap();
+                let dropped = s.admit(42, 4096).await;
+                let finished = s.admit(43, 0).await;
+                finished.finish_with(0);
+                drop(dropped); // as when its task panics or is dropped
+                s.close();
+                // The writer ends: nothing is left in flight.
+                w.await.unwrap();
+                assert_eq!(
+                    (s.pending.get(), s.bytes.get()),
+                    (0, 0),
+                    "every byte accounted for"
+                );
+                let (res, got) = b.read(Vec::with_capacity(64)).await;
+                assert_eq!(res.unwrap(), 32, "two replies");
+                assert_eq!(&got[4..16], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 43]);
+                assert_eq!(&got[20..32], &[0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 42], "EIO");
+            });
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+
+    #[test]
+    fn pools_are_bounded_and_sorted_by_size() {
+        let r = Reactor::new().unwrap();
+        let path = std::env::temp_dir().join(format!("pools-{}", std::process::id()));
+        std::fs::write(&path, [0u8; 16]).unwrap();
+        let export = Export::open(&path, "", "", false).unwrap();
+        r.block_on(async {
+            let (a, _b) = reactor::net::UnixStream::pair().unwrap();
+            let s = Session::new(Sock::Unix(a), export);
+            for _ in 0..100 {
+                s.recycle(Vec::with_capacity(1 << 20));
+                s.recycle(Vec::with_capacity(16));
+            }
+            assert!(s.large_bytes.get() <= POOL_BYTES);
+            assert_eq!(s.large.borrow().len(), 4, "4 MiB of 1 MiB buffers");
+            assert_eq!(s.small.borrow().len(), 100);
+            assert!(
+                s.take_buf(16).capacity() < 1 << 20,
+                "a header never takes a data buffer"
+            );
+            s.recycle(Vec::with_capacity(32 << 20));
+            assert_eq!(s.large.borrow().len(), 4, "huge buffers are not kept");
+        });
+        std::fs::remove_file(path).unwrap();
+    }
+}
