@@ -251,7 +251,8 @@ impl Server {
     /// stops reading at its next request boundary, finishes and answers the requests it has in
     /// flight, and closes (what the protocol asks of a server shutting down); after
     /// [`SHUTDOWN_GRACE`] the IoThreads stop regardless, cancelling what is left (a write
-    /// cancelled that way was never acknowledged). Then the Unix socket is removed.
+    /// cancelled that way was never acknowledged; on epoll a thread-pool job it started may
+    /// still complete after this returns). Then the Unix socket is removed.
     pub fn shutdown(mut self) -> ExportStats {
         self.shutdown_now();
         self.export.stats()
