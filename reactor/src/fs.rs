@@ -500,7 +500,7 @@ mod uring {
     //! The io_uring versions of the file operations.
 
     use super::*;
-    use crate::io::uring_op::UringOp;
+    use crate::io::uring_op::{UringOp, drain, fill};
     use crate::ops::Completion;
     use fdmon_uring::io_uring::{opcode, types};
 
@@ -542,31 +542,15 @@ mod uring {
         buf: B,
         offset: u64,
     ) -> (io::Result<usize>, B) {
-        // SAFETY: the SQE refers to the fd and the buffer, which the operation owns.
-        let op = unsafe {
-            UringOp::submit(
-                (fd, buf),
-                |(fd, b)| {
-                    let len = u32::try_from(b.bytes_total()).unwrap_or(u32::MAX);
-                    opcode::Read::new(types::Fd(fd.as_raw_fd()), b.stable_mut_ptr(), len)
-                        .offset(offset)
-                        .build()
-                },
-                None,
-            )
-        };
-        match op {
-            Ok(op) => {
-                let (c, (_fd, mut buf)) = op.await;
-                let res = result(c);
-                if let Ok(n) = res {
-                    // SAFETY: the kernel initialised `n` bytes.
-                    unsafe { buf.set_init(n) };
-                }
-                (res, buf)
-            }
-            Err((e, (_fd, buf))) => (Err(e), buf),
+        // SAFETY: a READ of at most `len` bytes at `ptr`, on the fd the Arc keeps open.
+        unsafe {
+            fill(fd, buf, |fd, ptr, len| {
+                opcode::Read::new(types::Fd(fd.as_raw_fd()), ptr, len)
+                    .offset(offset)
+                    .build()
+            })
         }
+        .await
     }
 
     pub(super) async fn write_at<B: IoBuf>(
@@ -574,26 +558,15 @@ mod uring {
         buf: B,
         offset: u64,
     ) -> (io::Result<usize>, B) {
-        // SAFETY: the SQE refers to the fd and the buffer, which the operation owns.
-        let op = unsafe {
-            UringOp::submit(
-                (fd, buf),
-                |(fd, b)| {
-                    let len = u32::try_from(b.bytes_init()).unwrap_or(u32::MAX);
-                    opcode::Write::new(types::Fd(fd.as_raw_fd()), b.stable_ptr(), len)
-                        .offset(offset)
-                        .build()
-                },
-                None,
-            )
-        };
-        match op {
-            Ok(op) => {
-                let (c, (_fd, buf)) = op.await;
-                (result(c), buf)
-            }
-            Err((e, (_fd, buf))) => (Err(e), buf),
+        // SAFETY: a WRITE of at most `len` bytes at `ptr`, on the fd the Arc keeps open.
+        unsafe {
+            drain(fd, buf, |fd, ptr, len| {
+                opcode::Write::new(types::Fd(fd.as_raw_fd()), ptr, len)
+                    .offset(offset)
+                    .build()
+            })
         }
+        .await
     }
 
     pub(super) async fn readv_at<B: IoBufMut>(

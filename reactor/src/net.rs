@@ -558,7 +558,7 @@ mod uring {
     //! The io_uring completion versions of the socket operations.
 
     use super::*;
-    use crate::io::uring_op::UringOp;
+    use crate::io::uring_op::{UringOp, drain, fill};
     use crate::ops::Completion;
     use fdmon_uring::io_uring::{opcode, types};
 
@@ -570,56 +570,28 @@ mod uring {
         io: Rc<Async<T>>,
         buf: B,
     ) -> (io::Result<usize>, B) {
-        // SAFETY: the SQE refers to the socket and the buffer, which the operation owns.
-        let op = unsafe {
-            UringOp::submit(
-                (io, buf),
-                |(io, b)| {
-                    let len = u32::try_from(b.bytes_total()).unwrap_or(u32::MAX);
-                    opcode::Recv::new(types::Fd(io.as_fd().as_raw_fd()), b.stable_mut_ptr(), len)
-                        .build()
-                },
-                None,
-            )
-        };
-        match op {
-            Ok(op) => {
-                let (c, (_io, mut buf)) = op.await;
-                let res = result(c);
-                if let Ok(n) = res {
-                    // SAFETY: the kernel received `n` bytes into the buffer.
-                    unsafe { buf.set_init(n) };
-                }
-                (res, buf)
-            }
-            Err((e, (_io, buf))) => (Err(e), buf),
+        // SAFETY: a RECV of at most `len` bytes at `ptr`, on the socket the Rc keeps open.
+        unsafe {
+            fill(io, buf, |io, ptr, len| {
+                opcode::Recv::new(types::Fd(io.as_fd().as_raw_fd()), ptr, len).build()
+            })
         }
+        .await
     }
 
     pub(super) async fn send<T: AsFd + 'static, B: IoBuf>(
         io: Rc<Async<T>>,
         buf: B,
     ) -> (io::Result<usize>, B) {
-        // SAFETY: the SQE refers to the socket and the buffer, which the operation owns.
-        let op = unsafe {
-            UringOp::submit(
-                (io, buf),
-                |(io, b)| {
-                    let len = u32::try_from(b.bytes_init()).unwrap_or(u32::MAX);
-                    opcode::Send::new(types::Fd(io.as_fd().as_raw_fd()), b.stable_ptr(), len)
-                        .flags(libc::MSG_NOSIGNAL)
-                        .build()
-                },
-                None,
-            )
-        };
-        match op {
-            Ok(op) => {
-                let (c, (_io, buf)) = op.await;
-                (result(c), buf)
-            }
-            Err((e, (_io, buf))) => (Err(e), buf),
+        // SAFETY: a SEND of at most `len` bytes at `ptr`, on the socket the Rc keeps open.
+        unsafe {
+            drain(io, buf, |io, ptr, len| {
+                opcode::Send::new(types::Fd(io.as_fd().as_raw_fd()), ptr, len)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+            })
         }
+        .await
     }
 
     /// Closes the socket a cancelled accept produced.
