@@ -2,8 +2,10 @@
 
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 /// What a figure counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Metric {
     /// Nanoseconds per operation (lower is better).
     NsPerOp,
@@ -60,8 +62,8 @@ impl Sample {
     }
 }
 
-/// The summary of several runs of one system in one scenario.
-#[derive(Debug, Clone)]
+/// The summary of several runs of one system in one scenario, or why it could not be measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub scenario: String,
     pub system: String,
@@ -72,9 +74,32 @@ pub struct Summary {
     pub runs: usize,
     pub syscalls_per_op: Option<f64>,
     pub cpu_ns_per_op: Option<f64>,
+    /// Set when the row failed (a panic, a crash, a time-out, an unmet precondition): the
+    /// reason. The figures of a failed row are zero and are never shown.
+    pub failed: Option<String>,
 }
 
 impl Summary {
+    /// A row that could not be measured, with the reason.
+    pub fn failed(scenario: &str, system: &str, metric: Metric, reason: String) -> Summary {
+        Summary {
+            scenario: scenario.to_string(),
+            system: system.to_string(),
+            metric,
+            median: 0.0,
+            min: 0.0,
+            max: 0.0,
+            runs: 0,
+            syscalls_per_op: None,
+            cpu_ns_per_op: None,
+            failed: Some(reason),
+        }
+    }
+
+    pub fn ok(&self) -> bool {
+        self.failed.is_none()
+    }
+
     pub fn of(scenario: &str, system: &str, metric: Metric, samples: &[Sample]) -> Summary {
         assert!(!samples.is_empty());
         let mut v: Vec<f64> = samples.iter().map(|s| s.value).collect();
@@ -99,6 +124,7 @@ impl Summary {
             runs: v.len(),
             syscalls_per_op: median_of(|s| s.syscalls_per_op),
             cpu_ns_per_op: median_of(|s| s.cpu_ns_per_op),
+            failed: None,
         }
     }
 }

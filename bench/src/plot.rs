@@ -32,8 +32,10 @@ fn best_other<'a>(rows: &'a [Summary], scenario: &str) -> Option<&'a Summary> {
         })
 }
 
-/// Writes the chart to `path`.
+/// Writes the chart to `path` (failed rows are left out).
 pub fn svg(rows: &[Summary], path: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let rows: Vec<Summary> = rows.iter().filter(|r| r.ok()).cloned().collect();
+    let rows = &rows[..];
     let mut scenarios: Vec<&str> = Vec::new();
     for r in rows {
         if !scenarios.contains(&r.scenario.as_str()) && r.system == "reactor-uring" {

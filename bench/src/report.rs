@@ -26,9 +26,18 @@ struct Result<'a> {
 }
 
 #[derive(Serialize)]
+struct Failure<'a> {
+    scenario: &'a str,
+    system: &'a str,
+    reason: &'a str,
+}
+
+#[derive(Serialize)]
 struct Report<'a> {
     machine: Machine,
     results: Vec<Result<'a>>,
+    /// Rows that could not be measured, with the reason.
+    failures: Vec<Failure<'a>>,
 }
 
 fn first_line_with(path: &str, key: &str) -> Option<String> {
@@ -58,8 +67,19 @@ fn machine() -> Machine {
 
 /// The JSON document for `rows`.
 pub fn json(rows: &[Summary]) -> String {
+    let failures = rows
+        .iter()
+        .filter_map(|r| {
+            Some(Failure {
+                scenario: &r.scenario,
+                system: &r.system,
+                reason: r.failed.as_deref()?,
+            })
+        })
+        .collect();
     let results = rows
         .iter()
+        .filter(|r| r.ok())
         .map(|r| Result {
             scenario: &r.scenario,
             system: &r.system,
@@ -79,6 +99,7 @@ pub fn json(rows: &[Summary]) -> String {
     serde_json::to_string_pretty(&Report {
         machine: machine(),
         results,
+        failures,
     })
     .expect("plain data serialises")
 }

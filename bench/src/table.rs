@@ -18,6 +18,9 @@ fn human(metric: Metric, v: f64) -> String {
 }
 
 fn cell(s: &Summary) -> String {
+    if !s.ok() {
+        return "**failed** (see below)".into();
+    }
     let mut c = format!(
         "{} ({}–{})",
         human(s.metric, s.median),
@@ -35,7 +38,9 @@ fn cell(s: &Summary) -> String {
 
 fn ratio(a: Option<&Summary>, b: Option<&Summary>) -> String {
     match (a, b) {
-        (Some(a), Some(b)) if b.median > 0.0 => format!("{:.2}", a.median / b.median),
+        (Some(a), Some(b)) if a.ok() && b.ok() && b.median > 0.0 => {
+            format!("{:.2}", a.median / b.median)
+        }
         _ => "—".into(),
     }
 }
@@ -55,7 +60,8 @@ pub fn render(rows: &[Summary]) -> String {
         let of = |sys: &str| rows.iter().find(|r| r.scenario == sc && r.system == sys);
         let metric = rows
             .iter()
-            .find(|r| r.scenario == sc)
+            .find(|r| r.scenario == sc && r.ok())
+            .or_else(|| rows.iter().find(|r| r.scenario == sc))
             .expect("scenario has rows")
             .metric;
         let main: Vec<String> = MAIN
@@ -81,6 +87,18 @@ pub fn render(rows: &[Summary]) -> String {
             ratio(of(MAIN[0]), of(MAIN[1])),
             ratio(of(MAIN[0]), of(MAIN[2])),
         ));
+    }
+    let failed: Vec<&Summary> = rows.iter().filter(|r| !r.ok()).collect();
+    if !failed.is_empty() {
+        out.push_str("\nFailed rows:\n");
+        for r in failed {
+            out.push_str(&format!(
+                "- {} / {}: {}\n",
+                r.scenario,
+                r.system,
+                r.failed.as_deref().unwrap_or("")
+            ));
+        }
     }
     let runs = rows.iter().map(|r| r.runs).max().unwrap_or(0);
     out.push_str(&format!(

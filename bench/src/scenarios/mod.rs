@@ -10,24 +10,52 @@ pub mod qemu;
 pub mod tcp_echo;
 pub mod timers;
 
+use std::cell::{Cell, RefCell};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use crate::failure::{self, Inject};
 use crate::measure::{Metric, Sample, Summary, repeat};
 
 /// One measured system of one scenario.
 pub type Row = Summary;
 
-/// Settings shared by the scenarios.
+/// Settings shared by the scenarios, and the rows measured so far.
 pub struct Ctx {
     pub runs: usize,
     pub full: bool,
+    /// How this scenario must fail on purpose (`--inject-failure`), if it must.
+    pub inject: Option<Inject>,
+    /// Called with each row as soon as it is measured (or has failed).
+    pub on_row: Box<dyn Fn(&Row)>,
+    started: Cell<usize>,
+    measured: RefCell<Vec<Row>>,
 }
 
 impl Ctx {
+    pub fn new(runs: usize, full: bool, inject: Option<Inject>, on_row: Box<dyn Fn(&Row)>) -> Ctx {
+        Ctx {
+            runs,
+            full,
+            inject,
+            on_row,
+            started: Cell::new(0),
+            measured: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The rows measured so far (failed ones included).
+    pub fn measured(&self) -> Vec<Row> {
+        self.measured.borrow().clone()
+    }
+
     /// `full` operations per run in `--full` mode, `quick` otherwise.
     pub fn scale(&self, full: u64, quick: u64) -> u64 {
         if self.full { full } else { quick }
     }
 
-    /// Measures one system: `runs` runs of `f`, with a progress line.
+    /// Measures one system: `runs` runs of `f`, with a progress line. A panic in `f` (a
+    /// result check, an unmet precondition, a helper thread's death) fails this row only: it
+    /// comes back as a failed row with the panic's message, and the scenario goes on.
     pub fn row(
         &self,
         scenario: &str,
@@ -36,7 +64,22 @@ impl Ctx {
         f: impl FnMut() -> Sample,
     ) -> Row {
         eprintln!("  {scenario:<12} {system}");
-        repeat(scenario, system, metric, self.runs, f)
+        let n = self.started.replace(self.started.get() + 1);
+        let mark = failure::mark();
+        let res = catch_unwind(AssertUnwindSafe(|| {
+            if let Some(inject) = self.inject {
+                inject.at_row(n);
+            }
+            repeat(scenario, system, metric, self.runs, f)
+        }));
+        let row = res.unwrap_or_else(|p| {
+            let why = failure::reason(mark, p.as_ref());
+            eprintln!("  {scenario:<12} {system}: FAILED: {why}");
+            Row::failed(scenario, system, metric, why)
+        });
+        (self.on_row)(&row);
+        self.measured.borrow_mut().push(row.clone());
+        row
     }
 }
 

@@ -9,6 +9,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -138,6 +139,17 @@ fn start(server: Server, file: &Path) -> Running {
             c
         }
     };
+    // SAFETY: prctl is async-signal-safe and touches no memory of this process. The server dies
+    // with the process that started it: a scenario that crashes or is killed for its time
+    // limit leaves no server behind.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -1,0 +1,150 @@
+//! No scenario can lose the run: a scenario made to fail on purpose (`--inject-failure`) shows
+//! up as a failed row with its reason, the other scenarios' rows are all there, the table,
+//! JSON and plot are written, and the exit status is 1.
+
+use std::process::Command;
+
+struct Run {
+    status: Option<i32>,
+    table: String,
+    json: serde_json::Value,
+    svg: String,
+}
+
+fn bench(inject: &str, extra: &[&str]) -> Run {
+    let dir = std::env::temp_dir().join(format!(
+        "bench-failures-{}-{}",
+        std::process::id(),
+        inject.replace(':', "-")
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, svg) = (dir.join("b.json"), dir.join("b.svg"));
+    let out = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args([
+            "--scenario",
+            "bh-local",
+            "--scenario",
+            "idle-cpu",
+            "--runs",
+            "1",
+        ])
+        .args(["--inject-failure", inject])
+        .args(extra)
+        .arg("--json")
+        .arg(&json)
+        .arg("--plot")
+        .arg(&svg)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run the bench");
+    let run = Run {
+        status: out.status.code(),
+        table: String::from_utf8_lossy(&out.stdout).into_owned(),
+        json: serde_json::from_str(&std::fs::read_to_string(&json).expect("JSON written"))
+            .expect("valid JSON"),
+        svg: std::fs::read_to_string(&svg).expect("plot written"),
+    };
+    std::fs::remove_dir_all(&dir).unwrap();
+    run
+}
+
+fn rows<'a>(run: &'a Run, key: &str, scenario: &str) -> Vec<&'a serde_json::Value> {
+    run.json[key]
+        .as_array()
+        .expect("an array")
+        .iter()
+        .filter(|r| r["scenario"] == scenario)
+        .collect()
+}
+
+/// The other scenario (idle-cpu) is complete, whatever happened to bh-local.
+fn others_present(run: &Run) {
+    let idle = rows(run, "results", "idle-cpu-poll");
+    let systems: Vec<&str> = idle.iter().map(|r| r["system"].as_str().unwrap()).collect();
+    assert_eq!(systems, ["reactor-uring", "reactor-epoll"], "{}", run.table);
+    assert!(run.table.contains("| idle-cpu-poll |"), "{}", run.table);
+    assert!(run.svg.contains("<svg"));
+    assert_eq!(run.status, Some(1), "a failed row makes the exit status 1");
+}
+
+#[test]
+fn a_panicking_row_fails_alone() {
+    let run = bench("bh-local:panic", &[]);
+    let failed = rows(&run, "failures", "bh-local");
+    assert_eq!(failed.len(), 1, "{:?}", run.json);
+    assert_eq!(failed[0]["system"], "reactor-uring");
+    assert!(
+        failed[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("injected failure"),
+        "{:?}",
+        failed[0]
+    );
+    // The scenario's other rows were still measured.
+    let ok: Vec<&str> = rows(&run, "results", "bh-local")
+        .iter()
+        .map(|r| r["system"].as_str().unwrap())
+        .collect();
+    assert_eq!(ok, ["reactor-epoll", "tokio"]);
+    assert!(run.table.contains("Failed rows:"), "{}", run.table);
+    others_present(&run);
+}
+
+#[test]
+fn a_failed_precondition_fails_the_scenario_only() {
+    let run = bench("bh-local:setup", &[]);
+    let failed = rows(&run, "failures", "bh-local");
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["system"], "(scenario)");
+    others_present(&run);
+}
+
+#[test]
+fn an_aborted_scenario_keeps_the_rows_it_measured() {
+    let run = bench("bh-local:abort", &[]);
+    let failed = rows(&run, "failures", "bh-local");
+    assert_eq!(failed.len(), 1);
+    assert!(
+        failed[0]["reason"].as_str().unwrap().contains("SIGABRT"),
+        "{:?}",
+        failed[0]
+    );
+    // The first row was reported before the abort.
+    let ok = rows(&run, "results", "bh-local");
+    assert_eq!(ok.len(), 1);
+    assert_eq!(ok[0]["system"], "reactor-uring");
+    others_present(&run);
+}
+
+#[test]
+fn a_hanging_scenario_is_killed_at_its_time_limit() {
+    let t0 = std::time::Instant::now();
+    let run = bench("bh-local:hang", &["--timeout", "3"]);
+    let failed = rows(&run, "failures", "bh-local");
+    assert_eq!(failed.len(), 1);
+    assert!(
+        failed[0]["reason"].as_str().unwrap().contains("timed out"),
+        "{:?}",
+        failed[0]
+    );
+    assert!(t0.elapsed() < std::time::Duration::from_secs(60));
+    others_present(&run);
+}
+
+#[test]
+fn bad_flags_are_refused_with_a_message() {
+    for args in [
+        &["--inject-failure", "bh-local"][..],
+        &["--inject-failure", "bh-local:melt"],
+        &["--inject-failure", "nope:panic"],
+        &["--timeout", "0"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_bench"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!out.stderr.is_empty(), "{args:?}");
+    }
+}
