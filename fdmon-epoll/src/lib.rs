@@ -79,6 +79,8 @@ pub struct Epoll {
     buf: Vec<libc::epoll_event>,
     /// `false` once `epoll_pwait2` returned `ENOSYS`; then `epoll_wait` is used.
     has_pwait2: bool,
+    /// Errors injected by [`inject_errors`](Epoll::inject_errors): (errno, calls left).
+    faults: (i32, u32),
 }
 
 /// The largest event buffer [`Epoll::wait`] grows to; further ready fds wait for the next call.
@@ -98,6 +100,7 @@ impl Epoll {
         Ok(Epoll {
             // SAFETY: `fd` is a fresh descriptor that nothing else owns.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            faults: (0, 0),
             buf: Vec::with_capacity(64),
             has_pwait2: true,
         })
@@ -186,8 +189,29 @@ impl Epoll {
         Ok(n)
     }
 
+    /// Makes the next `count` `epoll_pwait2`/`epoll_wait` calls made by [`wait`](Self::wait)
+    /// fail with `errno` without reaching the kernel, as if the kernel had returned it: for
+    /// testing how a caller lives with a failing kernel. `count` 0 ends an injection.
+    ///
+    /// ```
+    /// # use fdmon_epoll::Epoll;
+    /// let mut ep = Epoll::new()?;
+    /// ep.inject_errors(libc::ENOMEM, 1);
+    /// let e = ep.wait(None, |_| {}).unwrap_err();
+    /// assert_eq!(e.raw_os_error(), Some(libc::ENOMEM));
+    /// assert_eq!(ep.wait(Some(std::time::Duration::ZERO), |_| {})?, 0);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn inject_errors(&mut self, errno: i32, count: u32) {
+        self.faults = (errno, count);
+    }
+
     /// One `epoll_pwait2` (or `epoll_wait`) call; returns the number of filled events.
     fn wait_once(&mut self, timeout: Option<Duration>) -> io::Result<usize> {
+        if self.faults.1 > 0 {
+            self.faults.1 -= 1;
+            return Err(io::Error::from_raw_os_error(self.faults.0));
+        }
         let cap = self.buf.capacity().min(MAX_BUF) as libc::c_int;
         let epfd = self.fd.as_raw_fd();
         let out = self.buf.as_mut_ptr();

@@ -24,7 +24,10 @@
 //!   could dangle), and `EINTR` is retried with the time that remains;
 //! - a short submission (the kernel stopped at a failing SQE) is retried, a full submission
 //!   queue is submitted to make room, and completions the kernel kept aside when the completion
-//!   queue overflowed are flushed back (`IORING_FEAT_NODROP` is required).
+//!   queue overflowed are flushed back (`IORING_FEAT_NODROP` is required);
+//! - a busy kernel (`EAGAIN`/`EBUSY` from `io_uring_enter`) is cured by reaping completions,
+//!   or, when there are none, waited out with short pauses (50 µs doubling, 12.75 ms in all)
+//!   before the error is returned, as liburing's callers are told to.
 //!
 //! Close an fd only after removing its registration: an armed `POLL_ADD` holds the file, and a
 //! re-arm after the close would poll whatever file the number names by then (epoll's `dup`
@@ -46,6 +49,7 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+mod busy;
 mod registry;
 mod user_data;
 
@@ -56,6 +60,7 @@ use std::time::{Duration, Instant};
 pub use io_uring;
 use io_uring::{IoUring, opcode, squeue, types};
 
+use busy::{Backoff, Faults};
 use registry::{Op, Registry, Target};
 pub use user_data::MAX_USER_TOKEN;
 use user_data::Tag;
@@ -138,6 +143,10 @@ pub struct Uring {
     backlog: Vec<squeue::Entry>,
     /// Free slots of the ring's fixed-file table (empty if the kernel has none to give).
     free_files: Vec<u32>,
+    /// Errors injected by [`inject_errors`](Self::inject_errors).
+    faults: Faults,
+    /// How often `io_uring_enter` was busy with nothing to reap, and paused before a retry.
+    busy_pauses: u64,
     _single_thread: std::marker::PhantomData<*const ()>,
 }
 
@@ -196,6 +205,8 @@ impl Uring {
             registry: Registry::default(),
             backlog: Vec::new(),
             free_files,
+            faults: Faults::default(),
+            busy_pauses: 0,
             _single_thread: std::marker::PhantomData,
         })
     }
@@ -316,6 +327,37 @@ impl Uring {
         self.registry.slots()
     }
 
+    /// Makes the next `count` calls to `io_uring_enter` made by [`wait`](Self::wait) fail with
+    /// `errno` without reaching the kernel, as if the kernel had returned it: for testing how
+    /// a caller lives with a failing or busy kernel. `count` 0 ends an injection.
+    ///
+    /// ```
+    /// # use fdmon_uring::Uring;
+    /// # use std::time::Duration;
+    /// let mut ring = Uring::new(8)?;
+    /// let (a, _b) = std::os::unix::net::UnixStream::pair()?;
+    /// use std::os::fd::AsRawFd;
+    /// ring.update(a.as_raw_fd(), 1, 0, fdmon_uring::POLLOUT)?;
+    /// // A busy kernel twice: paused out and retried, the caller sees nothing.
+    /// ring.inject_errors(libc::EAGAIN, 2);
+    /// assert_eq!(ring.wait(Some(Duration::from_secs(1)), |_| {})?, 1);
+    /// assert_eq!(ring.busy_pauses(), 2);
+    /// // A broken ring: the error reaches the caller.
+    /// ring.inject_errors(libc::EBADF, 1);
+    /// ring.update(a.as_raw_fd(), 1, fdmon_uring::POLLOUT, fdmon_uring::POLLIN)?;
+    /// assert_eq!(ring.wait(None, |_| {}).unwrap_err().raw_os_error(), Some(libc::EBADF));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn inject_errors(&mut self, errno: i32, count: u32) {
+        self.faults.set(errno, count);
+    }
+
+    /// How many times `io_uring_enter` was busy (`EAGAIN`/`EBUSY`) with no completion to
+    /// reap, so that [`wait`](Self::wait) paused before retrying.
+    pub fn busy_pauses(&self) -> u64 {
+        self.busy_pauses
+    }
+
     /// The underlying ring, for registering buffers or files, or probing opcodes.
     pub fn ring(&self) -> &IoUring {
         &self.ring
@@ -402,21 +444,30 @@ impl Uring {
         Ok(reported)
     }
 
-    /// Submits without waiting; on a busy kernel, reaps completions so that it can go on.
+    /// Submits without waiting; on a busy kernel, reaps completions so that it can go on, or
+    /// pauses when there are none (see `busy.rs`).
     fn enter_nowait(
         &mut self,
         on_event: &mut impl FnMut(Event),
         reported: &mut usize,
     ) -> io::Result<()> {
+        let mut backoff = Backoff::default();
         loop {
-            match self.ring.submit() {
+            let res = match self.faults.take() {
+                Some(e) => Err(e),
+                None => self.ring.submit(),
+            };
+            match res {
                 Ok(_) => return Ok(()),
                 Err(e) if errno(&e) == libc::EINTR => continue,
                 Err(e) if matches!(errno(&e), libc::EBUSY | libc::EAGAIN) => {
                     let n = self.reap(on_event);
                     *reported += n;
                     if n == 0 {
-                        return Err(e);
+                        self.busy_pauses += 1;
+                        if !backoff.pause() {
+                            return Err(e);
+                        }
                     }
                 }
                 Err(e) => return Err(e),
@@ -432,7 +483,14 @@ impl Uring {
         reported: &mut usize,
     ) -> io::Result<()> {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let mut backoff = Backoff::default();
         loop {
+            if let Some(e) = self.faults.take() {
+                if self.busy(e, deadline, &mut backoff, on_event, reported)? {
+                    return Ok(());
+                }
+                continue;
+            }
             let res = match (timeout, deadline) {
                 (None, _) | (Some(_), None) => self.ring.submit_and_wait(1),
                 (Some(_), Some(dl)) => {
@@ -459,18 +517,45 @@ impl Uring {
                             return Ok(());
                         }
                     }
-                    libc::EBUSY | libc::EAGAIN => {
-                        let n = self.reap(on_event);
-                        *reported += n;
-                        if n == 0 {
-                            return Err(e);
+                    _ => {
+                        if self.busy(e, deadline, &mut backoff, on_event, reported)? {
+                            return Ok(());
                         }
-                        return Ok(());
                     }
-                    _ => return Err(e),
                 },
             }
         }
+    }
+
+    /// After `io_uring_enter` failed with `e` in a wait: a busy kernel (`EAGAIN`/`EBUSY`) is
+    /// cured by reaping (`Ok(true)`: the wait is over, it found events), else waited out with
+    /// a pause (`Ok(false)`: try again), until the pauses are used up or the deadline passed
+    /// (`Ok(true)`: the wait timed out). Any other error, and a kernel busy for too long, is
+    /// returned.
+    fn busy(
+        &mut self,
+        e: io::Error,
+        deadline: Option<Instant>,
+        backoff: &mut Backoff,
+        on_event: &mut impl FnMut(Event),
+        reported: &mut usize,
+    ) -> io::Result<bool> {
+        if !matches!(errno(&e), libc::EBUSY | libc::EAGAIN) {
+            return Err(e);
+        }
+        let n = self.reap(on_event);
+        *reported += n;
+        if n > 0 {
+            return Ok(true);
+        }
+        if deadline.is_some_and(|dl| Instant::now() >= dl) {
+            return Ok(true);
+        }
+        self.busy_pauses += 1;
+        if !backoff.pause() {
+            return Err(e);
+        }
+        Ok(false)
     }
 
     /// Reports every completion in the ring. Returns how many events were reported.

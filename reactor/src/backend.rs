@@ -351,6 +351,16 @@ impl Monitor {
         }
     }
 
+    /// See [`Reactor::inject_monitor_errors`](crate::Reactor::inject_monitor_errors).
+    pub(crate) fn inject_errors(&mut self, errno: i32, count: u32) {
+        match self {
+            #[cfg(feature = "uring")]
+            Monitor::Uring(u) => u.inject_errors(errno, count),
+            #[cfg(feature = "epoll")]
+            Monitor::Epoll(e) => e.inject_errors(errno, count),
+        }
+    }
+
     pub(crate) fn wait(
         &mut self,
         timeout: Option<Duration>,

@@ -67,7 +67,14 @@ impl ExternalTimer {
             it_value: value,
         };
         // SAFETY: `spec` is valid for the call; the old value is not asked for.
-        unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        let rc =
+            unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        if rc < 0 {
+            // Not armed: forget the target so that the next call tries again. The foreign
+            // loop still has the timeout `prepare_external_wait` returned.
+            self.armed_for.set(u64::MAX - 1);
+            tracing::warn!(error = %io::Error::last_os_error(), "reactor: timerfd_settime failed");
+        }
     }
 
     /// Clears its readiness after it fired.

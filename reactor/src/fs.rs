@@ -228,7 +228,12 @@ impl File {
 
     /// Reads up to `buf.bytes_total()` bytes at `offset` into the start of `buf`; on success
     /// `buf` holds the `n` bytes read (a `Vec`'s length becomes `n`). 0 means end of file.
+    /// An `offset` past `i64::MAX` is `InvalidInput` (on every `*_at` method), never a read
+    /// at some other position.
     pub async fn read_at<B: IoBufMut + Send>(&self, buf: B, offset: u64) -> (io::Result<usize>, B) {
+        if let Err(e) = check_offset(offset) {
+            return (Err(e), buf);
+        }
         match backend() {
             #[cfg(feature = "uring")]
             Ok(Backend::Uring) => uring::read_at(self.fd.clone(), buf, offset).await,
@@ -263,6 +268,9 @@ impl File {
 
     /// Writes `buf`'s initialised bytes at `offset`; returns how many were written.
     pub async fn write_at<B: IoBuf + Send>(&self, buf: B, offset: u64) -> (io::Result<usize>, B) {
+        if let Err(e) = check_offset(offset) {
+            return (Err(e), buf);
+        }
         match backend() {
             #[cfg(feature = "uring")]
             Ok(Backend::Uring) => uring::write_at(self.fd.clone(), buf, offset).await,
@@ -289,13 +297,18 @@ impl File {
     }
 
     /// Writes all of `buf` at `offset`, looping over short writes.
+    ///
+    /// # Errors
+    /// As [`write_at`](Self::write_at); `InvalidInput` if the range would end past
+    /// `i64::MAX`; `WriteZero` if the kernel wrote nothing.
     pub async fn write_all_at(&self, buf: Vec<u8>, offset: u64) -> (io::Result<()>, Vec<u8>) {
         let mut done = 0;
         let mut buf = buf;
         while done < buf.len() {
-            let (res, slice) = self
-                .write_at(Slice::new(buf, done), offset + done as u64)
-                .await;
+            let Some(at) = offset.checked_add(done as u64) else {
+                return (Err(offset_error(offset)), buf);
+            };
+            let (res, slice) = self.write_at(Slice::new(buf, done), at).await;
             buf = slice.into_inner();
             match res {
                 Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
@@ -312,6 +325,9 @@ impl File {
         bufs: Vec<B>,
         offset: u64,
     ) -> (io::Result<usize>, Vec<B>) {
+        if let Err(e) = check_offset(offset).and_then(|()| check_iovecs(bufs.len())) {
+            return (Err(e), bufs);
+        }
         match backend() {
             #[cfg(feature = "uring")]
             Ok(Backend::Uring) => uring::readv_at(self.fd.clone(), bufs, offset).await,
@@ -355,6 +371,9 @@ impl File {
         bufs: Vec<B>,
         offset: u64,
     ) -> (io::Result<usize>, Vec<B>) {
+        if let Err(e) = check_offset(offset).and_then(|()| check_iovecs(bufs.len())) {
+            return (Err(e), bufs);
+        }
         match backend() {
             #[cfg(feature = "uring")]
             Ok(Backend::Uring) => uring::writev_at(self.fd.clone(), bufs, offset).await,
@@ -678,4 +697,35 @@ mod uring {
         let (c, _fd) = op.map_err(|(e, _)| e)?.await;
         result(c).map(drop)
     }
+}
+
+/// The largest file offset (`off_t` is signed; io_uring reads `u64::MAX` as "the file
+/// position", so a larger value must never reach either backend).
+const MAX_OFFSET: u64 = i64::MAX as u64;
+
+fn offset_error(offset: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("file offset {offset} is past the largest offset a file can have (2^63 - 1)"),
+    )
+}
+
+/// `InvalidInput` for an offset no file can have.
+fn check_offset(offset: u64) -> io::Result<()> {
+    if offset > MAX_OFFSET {
+        return Err(offset_error(offset));
+    }
+    Ok(())
+}
+
+/// `InvalidInput` for more buffers than one vectored call takes (`IOV_MAX`, 1024 on Linux).
+fn check_iovecs(n: usize) -> io::Result<()> {
+    const IOV_MAX: usize = 1024;
+    if n > IOV_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{n} buffers in one vectored call; at most {IOV_MAX}"),
+        ));
+    }
+    Ok(())
 }

@@ -60,6 +60,7 @@ mod handlers;
 mod interest;
 pub mod io;
 mod iothread;
+mod monitor_errors;
 pub mod net;
 mod notify;
 mod ops;

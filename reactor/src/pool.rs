@@ -119,7 +119,9 @@ impl ThreadPool {
     }
 
     /// Runs `job` on a pool thread. Jobs start in submission order; when all `max` threads are
-    /// busy, jobs wait in a queue.
+    /// busy, jobs wait in a queue. If no thread can be started (the process is out of threads)
+    /// and none is alive, the calling thread runs the oldest queued job itself, so that no job
+    /// waits forever.
     pub fn execute(&self, job: impl FnOnce() + Send + 'static) {
         let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         st.queue.push_back(Box::new(job));
@@ -150,11 +152,21 @@ impl ThreadPool {
             .name(format!("{}-{id}", inner.name))
             .spawn(move || worker(&inner));
         if let Err(e) = spawned {
-            // Out of threads: the queued job waits for a running thread, or for the next
-            // `execute` to try again.
+            // Out of threads. With another thread alive, the queued job waits for it; with
+            // none, nothing would ever run the queue, so the caller runs it (the queue's
+            // oldest job: order is kept) rather than leave its waiter hanging.
             tracing::warn!(error = %e, "reactor: could not start a blocking-pool thread");
             let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
             st.threads -= 1;
+            if st.threads == 0 {
+                if let Some(job) = st.queue.pop_front() {
+                    drop(st);
+                    tracing::warn!(
+                        "reactor: no blocking-pool thread; running the job on the caller's thread"
+                    );
+                    job();
+                }
+            }
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::embed::ExternalTimer;
 use crate::handle::{self, Handle};
 use crate::handlers::{FdHandler, FdId, Handlers};
 use crate::interest::Interest;
+use crate::monitor_errors::MonitorErrors;
 use crate::net::SocketIo;
 use crate::notify::{self, Notifier};
 use crate::ops::Ops;
@@ -175,6 +176,7 @@ impl Builder {
             skipped_waits: Cell::new(0),
             external_timer: RefCell::new(None),
             stats: LocalStats::default(),
+            monitor_errors: MonitorErrors::default(),
             _not_send: PhantomData,
         })
     }
@@ -222,10 +224,21 @@ pub struct Reactor {
     /// Makes the reactor's fd readable at the nearest timer, for foreign loops.
     external_timer: RefCell<Option<ExternalTimer>>,
     stats: LocalStats,
+    /// Failures of the fd monitor: their count, log rate limit and pause.
+    monitor_errors: MonitorErrors,
     _not_send: PhantomData<*const ()>,
 }
 
 /// Marks this reactor current on the thread and counts the nesting depth, for one `poll`.
+/// What an iteration does with an error of the fd monitor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnError {
+    /// Return it ([`Reactor::try_poll`]).
+    Return,
+    /// Count, log, pause and go on ([`Reactor::poll`]).
+    Survive,
+}
+
 pub(crate) struct Enter<'a> {
     r: &'a Reactor,
     prev: *const Reactor,
@@ -588,11 +601,45 @@ impl Reactor {
     /// `poll` may be called from inside any callback (nested); the nested call first runs what
     /// the outer call had already collected.
     ///
+    /// # Errors of the fd monitor
+    /// `poll` never panics on an OS error and never gives up: the monitor's own retries
+    /// cover what is transient (`EINTR`, a busy io_uring), and an error that remains is
+    /// counted in [`Stats::monitor_errors`], logged (at most once a second), and the
+    /// iteration still runs its BHs, timers and tasks; a blocking one first pauses (1 ms,
+    /// doubling to 100 ms while the failures go on) so that a broken monitor costs no CPU
+    /// spin. A daemon that wants to see the error uses [`try_poll`](Self::try_poll).
+    ///
     /// # Panics
     /// A panic in a callback propagates out of `poll`; the reactor stays usable and the next
-    /// `poll` goes on with the work that remained. `poll` also panics if the fd monitor fails
-    /// in a way that cannot be retried (its fd closed behind the reactor's back).
+    /// `poll` goes on with the work that remained.
     pub fn poll(&self, blocking: bool) -> bool {
+        match self.iterate(blocking, OnError::Survive) {
+            Ok(progress) => progress,
+            Err(e) => unreachable!("a surviving iteration returned {e}"),
+        }
+    }
+
+    /// [`poll`](Self::poll), but an error of the fd monitor that remains after its own
+    /// retries is returned instead of survived: the iteration stops there, runs nothing, and
+    /// leaves the reactor as it was (a later `poll` or `try_poll` goes on normally).
+    ///
+    /// ```
+    /// let r = reactor::Reactor::new()?;
+    /// r.handle().oneshot(|_| {}).unwrap();
+    /// assert!(r.try_poll(true)?);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// The fd monitor's error: for example `EBADF` if its fd was closed behind the reactor's
+    /// back, or `EAGAIN`/`EBUSY` from an io_uring that stayed busy through every retry.
+    pub fn try_poll(&self, blocking: bool) -> io::Result<bool> {
+        self.iterate(blocking, OnError::Return)
+    }
+
+    /// One iteration; see [`poll`](Self::poll) and [`try_poll`](Self::try_poll) for what
+    /// `on_error` chooses.
+    fn iterate(&self, blocking: bool, on_error: OnError) -> io::Result<bool> {
         let _enter = Enter::new(self);
         self.stats.iterations.set(self.stats.iterations.get() + 1);
         let notifier = &self.shared.notifier;
@@ -612,7 +659,7 @@ impl Reactor {
         };
         let mut skip_wait = false;
         let mut polled_hit = false;
-        if adaptive && timeout != Some(Duration::ZERO) && self.busy_poll(timeout) {
+        if adaptive && timeout != Some(Duration::ZERO) && self.busy_poll(timeout, on_error)? {
             polled_hit = true;
             timeout = Some(Duration::ZERO);
             // Spinning found the work: a zero wait would only look at fds again (a system call
@@ -648,8 +695,21 @@ impl Reactor {
                 .adjust(self.shared.clock.now_ns().saturating_sub(start));
         }
         let events = match res {
-            Ok(n) => n,
-            Err(e) => panic!("reactor: the {} fd monitor failed: {e}", self.backend()),
+            Ok(n) => {
+                self.monitor_errors.succeeded();
+                n
+            }
+            Err(e) => {
+                let pause = self.monitor_failed(&e, on_error)?;
+                // A wait that was to block pauses instead (up to its own bound); a zero
+                // wait does not: work is due.
+                match timeout {
+                    Some(t) if t.is_zero() => {}
+                    Some(t) => std::thread::sleep(pause.min(t)),
+                    None => std::thread::sleep(pause),
+                }
+                0
+            }
         };
         notifier.accept();
 
@@ -667,7 +727,20 @@ impl Reactor {
             progress,
             "reactor: iteration done"
         );
-        progress
+        Ok(progress)
+    }
+
+    /// The fd monitor failed with `e`: returned as is if `on_error` says so, else counted and
+    /// logged (see `monitor_errors.rs`), with the pause a blocking iteration should make.
+    fn monitor_failed(&self, e: &io::Error, on_error: OnError) -> io::Result<Duration> {
+        let pause = self.monitor_errors.failed(e, self.backend());
+        match on_error {
+            OnError::Return => Err(io::Error::new(
+                e.kind(),
+                format!("reactor: the {} fd monitor failed: {e}", self.backend()),
+            )),
+            OnError::Survive => Ok(pause),
+        }
     }
 
     /// Waits on the fd monitor and files what it reports: the notifier's eventfd is drained,
@@ -698,19 +771,24 @@ impl Reactor {
 
     /// Adaptive polling: spins for up to the current poll time (and at most `timeout`),
     /// checking without system calls for work. Returns `true` if some was found.
-    fn busy_poll(&self, timeout: Option<Duration>) -> bool {
+    /// A failed zero wait ends the spin: the blocking wait that follows meets the error again
+    /// and handles it.
+    fn busy_poll(&self, timeout: Option<Duration>, on_error: OnError) -> io::Result<bool> {
         // Staged changes (re-arms after events) go to the kernel first, so that what they
         // watch can be seen while spinning; a zero wait also collects what is already there.
         if self.monitor.borrow_mut().need_wait() {
             match self.wait(Some(Duration::ZERO)) {
-                Ok(n) if n > 0 => return true,
+                Ok(n) if n > 0 => return Ok(true),
                 Ok(_) => {}
-                Err(e) => panic!("reactor: the {} fd monitor failed: {e}", self.backend()),
+                Err(e) => {
+                    self.monitor_failed(&e, on_error)?;
+                    return Ok(false);
+                }
             }
         }
         let window = self.adaptive.window(timeout);
         if window == 0 {
-            return false;
+            return Ok(false);
         }
         if !self.poll_mode.replace(true) {
             self.handlers.set_poll_mode(self, true);
@@ -726,7 +804,7 @@ impl Reactor {
                 || self.monitor.borrow_mut().has_events_hint();
             if found {
                 self.stats.poll_hits.set(self.stats.poll_hits.get() + 1);
-                return true;
+                return Ok(true);
             }
             spins = spins.wrapping_add(1);
             // On epoll, fds can only be seen with a system call: one zero wait every 64 spins
@@ -735,16 +813,19 @@ impl Reactor {
                 match self.wait(Some(Duration::ZERO)) {
                     Ok(n) if n > 0 => {
                         self.stats.poll_hits.set(self.stats.poll_hits.get() + 1);
-                        return true;
+                        return Ok(true);
                     }
                     Ok(_) => {}
-                    Err(e) => panic!("reactor: the {} fd monitor failed: {e}", self.backend()),
+                    Err(e) => {
+                        self.monitor_failed(&e, on_error)?;
+                        return Ok(false);
+                    }
                 }
             }
             // The clock (a vDSO call) is read every 16 spins only.
             if spins % 16 == 0 && clock.now_ns() >= deadline {
                 self.stats.poll_misses.set(self.stats.poll_misses.get() + 1);
-                return false;
+                return Ok(false);
             }
             std::hint::spin_loop();
         }
@@ -804,7 +885,10 @@ impl Reactor {
         }
         if self.monitor.borrow_mut().need_wait() {
             if let Err(e) = self.wait(Some(Duration::ZERO)) {
-                panic!("reactor: the {} fd monitor failed: {e}", self.backend());
+                // Survived as `poll` does: the caller comes back after the pause (or sooner,
+                // for work that is due) and the next `poll(false)` meets the monitor again.
+                let pause = self.monitor_errors.failed(&e, self.backend());
+                return Some(self.timeout().map_or(pause, |t| t.min(pause)));
             }
         }
         let t = self.timeout();
@@ -882,7 +966,8 @@ impl Reactor {
     }
 
     /// Polls (blocking) until [`stop`](Self::stop) or [`Handle::stop`] is called. The stop
-    /// request is consumed, so `run` can be called again.
+    /// request is consumed, so `run` can be called again. Errors of the fd monitor are
+    /// survived as [`poll`](Self::poll) says; [`try_run`](Self::try_run) returns them.
     pub fn run(&self) {
         // Acquire: pairs with the release store in `stop`/`Handle::stop`.
         while !self.shared.stop.swap(false, Ordering::Acquire) {
@@ -890,11 +975,64 @@ impl Reactor {
         }
     }
 
+    /// [`run`](Self::run) with [`try_poll`](Self::try_poll): returns the first error of the fd
+    /// monitor (the stop request, if any, is left for the next `run`).
+    ///
+    /// ```
+    /// let r = reactor::Reactor::new()?;
+    /// r.handle().oneshot(|r| r.stop()).unwrap();
+    /// r.try_run()?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`try_poll`](Self::try_poll).
+    pub fn try_run(&self) -> io::Result<()> {
+        // Acquire: pairs with the release store in `stop`/`Handle::stop`.
+        while !self.shared.stop.swap(false, Ordering::Acquire) {
+            self.try_poll(true)?;
+        }
+        Ok(())
+    }
+
     /// Polls (blocking) until `done()` returns `true`; checks it before every iteration.
+    /// Errors of the fd monitor are survived as [`poll`](Self::poll) says.
     pub fn run_until(&self, mut done: impl FnMut() -> bool) {
         while !done() {
             self.poll(true);
         }
+    }
+
+    /// [`run_until`](Self::run_until) with [`try_poll`](Self::try_poll): returns the first
+    /// error of the fd monitor.
+    ///
+    /// # Errors
+    /// As [`try_poll`](Self::try_poll).
+    pub fn try_run_until(&self, mut done: impl FnMut() -> bool) -> io::Result<()> {
+        while !done() {
+            self.try_poll(true)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the next `count` waits of the fd monitor fail with `errno`, as if the kernel had
+    /// returned it from `epoll_wait` or `io_uring_enter`: for fault tests of a daemon built on
+    /// the reactor (and of the reactor itself). On io_uring, `EAGAIN` and `EBUSY` are first
+    /// retried by the backend (each counts one wait), so a few of them never reach the loop.
+    /// `count` 0 ends an injection.
+    ///
+    /// ```
+    /// let r = reactor::Reactor::new()?;
+    /// r.inject_monitor_errors(libc::EBADF, 1);
+    /// assert!(r.try_poll(true).is_err());
+    /// r.inject_monitor_errors(libc::EBADF, 1);
+    /// r.handle().oneshot(|_| {}).unwrap();
+    /// assert!(r.poll(true), "survived: the one-shot still ran");
+    /// assert_eq!(r.stats().monitor_errors, 2);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn inject_monitor_errors(&self, errno: i32, count: u32) {
+        self.monitor.borrow_mut().inject_errors(errno, count);
     }
 
     /// Asks [`run`](Self::run) to return after the current iteration.
@@ -906,7 +1044,8 @@ impl Reactor {
     /// Counters since the reactor was created.
     pub fn stats(&self) -> Stats {
         let (eventfd_writes, notify_skipped) = self.shared.notifier.counts();
-        self.stats.snapshot(eventfd_writes, notify_skipped)
+        self.stats
+            .snapshot(eventfd_writes, notify_skipped, self.monitor_errors.total())
     }
 
     /// Number of live fd registrations.

@@ -33,6 +33,9 @@ pub struct Stats {
     pub poll_hits: u64,
     /// Busy polls that spun their whole window and then waited.
     pub poll_misses: u64,
+    /// Waits of the fd monitor that failed with an OS error after the backend's own retries
+    /// (see [`Reactor::poll`](crate::Reactor::poll) for what the loop does then).
+    pub monitor_errors: u64,
 }
 
 /// The home thread's counters.
@@ -49,7 +52,12 @@ pub(crate) struct LocalStats {
 }
 
 impl LocalStats {
-    pub(crate) fn snapshot(&self, eventfd_writes: u64, notify_skipped: u64) -> Stats {
+    pub(crate) fn snapshot(
+        &self,
+        eventfd_writes: u64,
+        notify_skipped: u64,
+        monitor_errors: u64,
+    ) -> Stats {
         Stats {
             iterations: self.iterations.get(),
             blocking_waits: self.blocking_waits.get(),
@@ -61,6 +69,7 @@ impl LocalStats {
             timers_fired: self.timers_fired.get(),
             poll_hits: self.poll_hits.get(),
             poll_misses: self.poll_misses.get(),
+            monitor_errors,
         }
     }
 }

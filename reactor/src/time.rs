@@ -32,11 +32,17 @@ use crate::timer::Timer;
 
 /// Completes `duration` after it was created.
 pub fn sleep(duration: Duration) -> Sleep {
-    let now = Instant::now();
-    sleep_until(
-        now.checked_add(duration)
-            .unwrap_or(now + Duration::from_secs(100 * 365 * 86400)),
-    )
+    sleep_until(after(Instant::now(), duration))
+}
+
+/// A century: what "later than any instant can say" becomes.
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 86400);
+
+/// `t + d`, or a century after `t` where that cannot be represented.
+fn after(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d)
+        .or_else(|| t.checked_add(FAR_FUTURE))
+        .unwrap_or(t)
 }
 
 /// Completes at `deadline` (at once if it has passed).
@@ -189,7 +195,8 @@ impl<F: Future> Future for Timeout<F> {
 }
 
 /// Ticks every `period`, the first tick at once. When the consumer falls behind by more than
-/// a period, the missed ticks are skipped rather than delivered in a burst.
+/// a period, the missed ticks are skipped rather than delivered in a burst. A period too long
+/// for an `Instant` to reach (`Duration::MAX`) ticks once and then not for a century.
 ///
 /// # Panics
 /// If `period` is zero.
@@ -224,11 +231,12 @@ impl Interval {
         }
         let tick = self.next;
         let now = Instant::now();
-        let mut next = tick + self.period;
+        let mut next = after(tick, self.period);
         if next <= now {
             // Skip the ticks that are already late.
             let behind = now.duration_since(tick).as_nanos() / self.period.as_nanos();
-            next = tick + self.period * u32::try_from(behind + 1).unwrap_or(u32::MAX);
+            let skip = u32::try_from(behind + 1).unwrap_or(u32::MAX);
+            next = after(tick, self.period.checked_mul(skip).unwrap_or(Duration::MAX));
         }
         self.next = next;
         self.sleep.reset(next);

@@ -12,6 +12,41 @@ fn scratch(name: &str, r: &reactor::Reactor) -> PathBuf {
 }
 
 backend_tests! {
+    fn offsets_no_file_can_have_are_invalid_input(r: &Reactor) {
+        let path = scratch("offsets", r);
+        r.block_on(async {
+            let f = File::create(&path).await.unwrap();
+            let (res, _) = f.write_at(b"x".to_vec(), 0).await;
+            assert_eq!(res.unwrap(), 1);
+            for offset in [i64::MAX as u64 + 1, u64::MAX] {
+                // u64::MAX would mean "the file position" to io_uring: it must never get there.
+                let (res, buf) = f.read_at(Vec::with_capacity(8), offset).await;
+                let e = res.unwrap_err();
+                assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+                assert!(buf.is_empty());
+                let (res, _) = f.write_at(b"y".to_vec(), offset).await;
+                assert_eq!(res.unwrap_err().kind(), std::io::ErrorKind::InvalidInput);
+                let (res, _) = f.readv_at(vec![Vec::<u8>::with_capacity(4)], offset).await;
+                assert_eq!(res.unwrap_err().kind(), std::io::ErrorKind::InvalidInput);
+                let (res, _) = f.writev_at(vec![b"z".to_vec()], offset).await;
+                assert_eq!(res.unwrap_err().kind(), std::io::ErrorKind::InvalidInput);
+            }
+            // A range that starts in bounds but would end past the largest offset.
+            let (res, _) = f.write_all_at(vec![0u8; 16], i64::MAX as u64 - 4).await;
+            assert!(res.is_err());
+            // Too many buffers for one vectored call.
+            let many: Vec<Vec<u8>> = (0..1025).map(|_| vec![0u8; 1]).collect();
+            let (res, back) = f.writev_at(many, 0).await;
+            assert_eq!(res.unwrap_err().kind(), std::io::ErrorKind::InvalidInput);
+            assert_eq!(back.len(), 1025, "the buffers come back");
+            // The file was not touched.
+            let (res, buf) = f.read_at(Vec::with_capacity(8), 0).await;
+            assert_eq!(res.unwrap(), 1);
+            assert_eq!(buf, b"x");
+        });
+        std::fs::remove_file(&path).unwrap();
+    }
+
     fn write_read_fsync_round_trip(r: &Reactor) {
         let path = scratch("roundtrip", r);
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();

@@ -29,6 +29,17 @@ backend_tests! {
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
     }
 
+    fn an_interval_too_long_for_an_instant_does_not_panic(r: &Reactor) {
+        r.block_on(async {
+            let mut iv = time::interval(Duration::MAX);
+            let first = iv.tick().await;
+            assert!(first <= std::time::Instant::now());
+            // The next tick is a century away: it must not be due now.
+            let next = time::timeout(Duration::from_millis(20), iv.tick()).await;
+            assert!(next.is_err());
+        });
+    }
+
     fn interval_ticks_once_per_period(r: &Reactor) {
         let ticks = r.block_on(async {
             let mut iv = time::interval(Duration::from_millis(4));

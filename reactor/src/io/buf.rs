@@ -4,6 +4,7 @@
 
 use std::alloc::{self, Layout};
 use std::fmt;
+use std::io;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
@@ -120,11 +121,11 @@ impl AlignedBuf {
     /// A zeroed buffer of `len` bytes (its capacity too), aligned to `align`.
     ///
     /// # Panics
-    /// If `align` is not a power of two or `len` is 0 or too large for the address space.
+    /// If `align` is not a power of two or `len` is 0 or too large for the address space
+    /// (for sizes and alignments that come from outside, use [`try_new`](Self::try_new)).
+    /// Like `Vec`, it aborts if the allocator has no memory to give.
     pub fn new(len: usize, align: usize) -> AlignedBuf {
-        assert!(len > 0, "AlignedBuf needs a non-zero size");
-        let layout =
-            Layout::from_size_align(len, align).expect("power-of-two alignment and a sane size");
+        let layout = Self::layout(len, align).unwrap_or_else(|e| panic!("{e}"));
         // SAFETY: the layout has a non-zero size.
         let p = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(p).unwrap_or_else(|| alloc::handle_alloc_error(layout));
@@ -134,6 +135,58 @@ impl AlignedBuf {
             cap: len,
             align,
         }
+    }
+
+    /// [`new`](Self::new) for a size or alignment the caller does not control: a bad one is
+    /// an `InvalidInput` error, and a failed allocation an `OutOfMemory` error, never a panic
+    /// or an abort.
+    ///
+    /// ```
+    /// use reactor::AlignedBuf;
+    /// use std::io::ErrorKind;
+    /// assert_eq!(AlignedBuf::try_new(4096, 3).unwrap_err().kind(), ErrorKind::InvalidInput);
+    /// assert_eq!(AlignedBuf::try_new(0, 512).unwrap_err().kind(), ErrorKind::InvalidInput);
+    /// assert_eq!(AlignedBuf::try_new(1 << 62, 512).unwrap_err().kind(), ErrorKind::OutOfMemory);
+    /// assert_eq!(AlignedBuf::try_new(8192, 512)?.len(), 8192);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// `InvalidInput` if `align` is not a power of two, `len` is 0, or `len` rounded up to
+    /// `align` exceeds `isize::MAX`; `OutOfMemory` if the allocator returns nothing.
+    pub fn try_new(len: usize, align: usize) -> io::Result<AlignedBuf> {
+        let layout = Self::layout(len, align)?;
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(p).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!("no memory for an aligned buffer of {len} bytes"),
+            )
+        })?;
+        Ok(AlignedBuf {
+            ptr,
+            len,
+            cap: len,
+            align,
+        })
+    }
+
+    fn layout(len: usize, align: usize) -> io::Result<Layout> {
+        if len == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "AlignedBuf needs a non-zero size",
+            ));
+        }
+        Layout::from_size_align(len, align).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "AlignedBuf: alignment {align} is not a power of two, or {len} bytes is too large"
+                ),
+            )
+        })
     }
 
     /// Capacity in bytes.
