@@ -8,17 +8,30 @@ use reactor::io::Slice;
 use crate::proto::{self, REPLY_LEN, Request, cflag, cmd, err};
 use crate::session::Ticket;
 
+/// A READ is read in pieces of at most this size, so that one for a client that went away
+/// stops early.
+const READ_CHUNK: usize = 1 << 20;
+
 /// READ: the data goes straight into the reply buffer, behind the header.
 pub(crate) async fn read(t: Ticket, req: Request) {
     let s = t.session();
     let end = REPLY_LEN + req.length as usize;
+    if s.broken() {
+        // Nobody will read the reply: don't do the work.
+        return t.finish_with(err::EIO);
+    }
     let mut buf = s.take_buf(end);
     buf.resize(REPLY_LEN, 0);
     let mut error = 0;
     while buf.len() < end {
+        if s.broken() {
+            error = err::EIO;
+            break;
+        }
         let done = buf.len() - REPLY_LEN;
+        // In bounds: the request was checked against the export's size.
         let at = req.offset + done as u64;
-        let range = Slice::range(buf, REPLY_LEN + done, end);
+        let range = Slice::range(buf, REPLY_LEN + done, end.min(REPLY_LEN + done + READ_CHUNK));
         let (res, b) = s.export.file().read_at(range, at).await;
         buf = b.into_inner();
         match res {
@@ -41,6 +54,12 @@ pub(crate) async fn read(t: Ticket, req: Request) {
 /// WRITE: acknowledged once the kernel took all of it, and with FUA once it is on disk.
 pub(crate) async fn write(t: Ticket, req: Request, payload: Vec<u8>) {
     let s = t.session();
+    if s.broken() {
+        // Never acknowledged, so never promised: a write for a client that is gone is
+        // dropped like any request not yet started.
+        s.recycle(payload);
+        return t.finish_with(err::EIO);
+    }
     let (res, payload) = s.export.file().write_all_at(payload, req.offset).await;
     s.recycle(payload);
     let mut error = res.err().map_or(0, |e| proto::errno(&e));
@@ -52,6 +71,9 @@ pub(crate) async fn write(t: Ticket, req: Request, payload: Vec<u8>) {
 
 /// FLUSH: `fdatasync`, which covers every write acknowledged before it.
 pub(crate) async fn flush(t: Ticket) {
+    if t.session().broken() {
+        return t.finish_with(err::EIO);
+    }
     let error = t
         .session()
         .sync()
@@ -66,6 +88,9 @@ pub(crate) async fn flush(t: Ticket) {
 /// the file cannot — unless FAST_ZERO asks for a quick `ENOTSUP` instead.
 pub(crate) async fn discard_or_zero(t: Ticket, req: Request) {
     let s = t.session();
+    if s.broken() {
+        return t.finish_with(err::EIO);
+    }
     let file = s.export.file();
     let (offset, len) = (req.offset, u64::from(req.length));
     let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;

@@ -31,6 +31,14 @@ impl Sock {
         }
     }
 
+    /// Writes what it can of `s`; returns the count.
+    pub(crate) async fn write(&self, s: Slice<Vec<u8>>) -> (io::Result<usize>, Slice<Vec<u8>>) {
+        match self {
+            Sock::Tcp(t) => t.write(s).await,
+            Sock::Unix(u) => u.write(s).await,
+        }
+    }
+
     /// Writes all of `buf`.
     pub(crate) async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
         match self {

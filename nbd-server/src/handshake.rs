@@ -65,8 +65,8 @@ pub(crate) async fn negotiate(
             opt::EXPORT_NAME => {
                 if !export.answers_to(&data) {
                     return Err(invalid(format!(
-                        "NBD_OPT_EXPORT_NAME for unknown export {:?}",
-                        String::from_utf8_lossy(&data)
+                        "NBD_OPT_EXPORT_NAME for unknown export {}",
+                        crate::log::client_str(&data)
                     )));
                 }
                 out.extend_from_slice(&export.size().to_be_bytes());
@@ -127,7 +127,7 @@ fn info_or_go(out: &mut Vec<u8>, option: u32, data: &[u8], export: &Export) -> b
         return false;
     };
     if !export.answers_to(name) {
-        let msg = format!("no export named {:?}", String::from_utf8_lossy(name));
+        let msg = format!("no export named {}", crate::log::client_str(name));
         proto::option_reply(out, option, rep::ERR_UNKNOWN, msg.as_bytes());
         return false;
     }

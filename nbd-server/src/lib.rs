@@ -34,10 +34,12 @@
 //! ```
 
 pub mod args;
+mod budget;
 mod commands;
 mod conn;
 mod export;
 mod handshake;
+mod log;
 pub mod proto;
 mod server;
 mod session;
@@ -45,4 +47,7 @@ mod stop;
 pub mod transmission;
 
 pub use export::{Export, ExportStats};
-pub use server::{Config, DEFAULT_HANDSHAKE_LIMIT, SHUTDOWN_GRACE, Server, Stopper};
+pub use budget::{DEFAULT_MAX_MEMORY, MIN_MAX_MEMORY};
+pub use server::{
+    Config, DEFAULT_HANDSHAKE_LIMIT, DEFAULT_IDLE_TIMEOUT, RESERVED_FDS, SHUTDOWN_GRACE, Server, Stopper,
+};

@@ -5,17 +5,27 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 /// The default [`Config::handshake_limit`].
 pub const DEFAULT_HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+/// The default [`Config::idle_timeout`].
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// File descriptors kept free of connections by the default [`Config::max_connections`]:
+/// for the export, the listeners, the reactors, the thread pool and the log.
+pub const RESERVED_FDS: usize = 64;
 
 use reactor::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use reactor::{Backend, Builder, IoThread, PollParams};
 
+use crate::budget::{self, Budget};
 use crate::conn::{Reader, Sock};
+use crate::log::RateLimit;
+use crate::session::Limits;
 use crate::export::{Export, ExportStats};
 use crate::handshake::{self, Outcome};
 use crate::stop::{Live, Stop};
@@ -55,6 +65,19 @@ pub struct Config {
     /// disconnected after that (so idle half-open connections cannot pile up). `None`: no
     /// limit. Default 10 s.
     pub handshake_limit: Option<Duration>,
+    /// Payload bytes of all connections' requests in flight at once (write data being
+    /// written, read data not yet sent), on top of each connection's own 64 MiB cap.
+    /// Admission waits, never fails, while it is spent. Default
+    /// [`DEFAULT_MAX_MEMORY`](crate::DEFAULT_MAX_MEMORY) (512 MiB); at least
+    /// [`MIN_MAX_MEMORY`](crate::MIN_MAX_MEMORY) (64 MiB).
+    pub max_memory: usize,
+    /// Connections served at once; one more is closed as soon as it is accepted. `None`:
+    /// the process's fd limit less [`RESERVED_FDS`], read at start.
+    pub max_connections: Option<usize>,
+    /// Longest time a client may leave its replies unread (a send makes no progress) before
+    /// it is disconnected, so that clients holding their share of the memory budget cannot
+    /// keep the others waiting longer than that. `None`: no limit. Default 60 s.
+    pub idle_timeout: Option<Duration>,
     /// The reactor backend of every thread.
     pub backend: Backend,
     /// Adaptive polling of the IoThreads: off by default ([`PollParams::OFF`]), unlike a
@@ -79,6 +102,9 @@ impl Config {
             unix: None,
             iothreads: 1,
             handshake_limit: Some(DEFAULT_HANDSHAKE_LIMIT),
+            max_memory: budget::DEFAULT_MAX_MEMORY,
+            max_connections: None,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             backend: Backend::Auto,
             poll: PollParams::OFF,
         }
@@ -105,6 +131,7 @@ pub struct Server {
     workers: Vec<IoThread>,
     stopper: Stopper,
     live: Arc<Live>,
+    budget: Arc<Budget>,
 }
 
 /// Stops a [`Server`] from any thread (a signal-handling thread, a test): its
@@ -144,9 +171,26 @@ impl Server {
     /// Opens the export, binds the listeners, starts the IoThreads and the accept thread.
     ///
     /// # Errors
-    /// No listener configured, 0 IoThreads (`InvalidInput`); the file cannot be opened; a
-    /// listener cannot be bound; a reactor cannot be built with the chosen backend.
+    /// No listener configured, 0 IoThreads, 0 connections, a memory budget under 64 MiB
+    /// (`InvalidInput`); the file cannot be opened; a listener cannot be bound; a reactor
+    /// cannot be built with the chosen backend.
     pub fn start(config: Config) -> io::Result<Server> {
+        if config.max_memory < budget::MIN_MAX_MEMORY {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "nbd-server: the memory budget must be at least {} MiB (two of the largest requests)",
+                    budget::MIN_MAX_MEMORY >> 20
+                ),
+            ));
+        }
+        let max_connections = config.max_connections.unwrap_or_else(default_max_connections);
+        if max_connections == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "nbd-server: at least one connection must be allowed",
+            ));
+        }
         if config.tcp.is_none() && config.unix.is_none() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -183,6 +227,7 @@ impl Server {
             workers,
             stopper: Stopper::default(),
             live: Arc::new(Live::default()),
+            budget: Budget::new(config.max_memory),
         };
         let dispatch = Arc::new(Dispatch {
             export: export.clone(),
@@ -190,6 +235,13 @@ impl Server {
             next: AtomicUsize::new(0),
             limit: config.handshake_limit,
             live: server.live.clone(),
+            limits: Limits {
+                budget: server.budget.clone(),
+                idle: config.idle_timeout,
+            },
+            max_connections,
+            connections: AtomicUsize::new(0),
+            freed: Freed::default(),
         });
         // Bound last, once nothing else can fail before `server` owns (and on drop removes)
         // the socket file.
@@ -228,6 +280,11 @@ impl Server {
     /// The export's counters so far (requests are added when their connection ends).
     pub fn stats(&self) -> ExportStats {
         self.export.stats()
+    }
+
+    /// Payload bytes held against [`Config::max_memory`] now, by every connection.
+    pub fn memory_in_use(&self) -> usize {
+        self.budget.used()
     }
 
     /// The exported file's size in bytes.
@@ -290,6 +347,21 @@ fn bind_unix(p: &Path) -> io::Result<std::os::unix::net::UnixListener> {
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))
 }
 
+/// The default [`Config::max_connections`]: the fd limit less [`RESERVED_FDS`].
+fn default_max_connections() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit to write.
+    let cur = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+    } else {
+        1024
+    };
+    cur.saturating_sub(RESERVED_FDS).max(1)
+}
+
 /// Hands accepted connections to the IoThreads, round robin.
 struct Dispatch {
     export: Arc<Export>,
@@ -297,20 +369,69 @@ struct Dispatch {
     next: AtomicUsize,
     limit: Option<Duration>,
     live: Arc<Live>,
+    limits: Limits,
+    max_connections: usize,
+    /// Connections being served (from dispatch to close).
+    connections: AtomicUsize,
+    /// Told when a connection closes: an accept loop backing off after running out of fds
+    /// resumes at once.
+    freed: Freed,
+}
+
+/// Refused connections (over `max_connections`): logged at most once a second.
+static REFUSED: RateLimit = RateLimit::new(Duration::from_secs(1));
+/// Accept failures: logged at most once a second.
+static ACCEPT_FAILED: RateLimit = RateLimit::new(Duration::from_secs(1));
+
+/// A connection-count slot; given back (and the accept loop told) when dropped.
+struct Slot(Arc<Dispatch>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // Relaxed: a count checked against a limit; nothing else is published through it.
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.freed.notify();
+    }
 }
 
 impl Dispatch {
+    /// Takes a connection slot, or `None` when `max_connections` are served.
+    fn slot(self: &Arc<Self>) -> Option<Slot> {
+        // Relaxed: only the count matters (see `Slot::drop`).
+        let n = self.connections.fetch_add(1, Ordering::Relaxed);
+        if n >= self.max_connections {
+            // Relaxed: as above.
+            self.connections.fetch_sub(1, Ordering::Relaxed);
+            REFUSED.log(|suppressed| {
+                tracing::warn!(
+                    max = self.max_connections,
+                    suppressed,
+                    "nbd: connection refused: the server is at --max-connections"
+                )
+            });
+            return None;
+        }
+        Some(Slot(self.clone()))
+    }
+
     /// Sends `sock` (a `std` socket: it crosses threads) to the next IoThread, where `wrap`
-    /// registers it with that thread's reactor and the connection task starts.
-    fn dispatch<S: Send + 'static>(&self, sock: S, wrap: fn(S) -> io::Result<Sock>) {
+    /// registers it with that thread's reactor and the connection task starts. Over
+    /// `max_connections`, `sock` is closed at once instead.
+    fn dispatch<S: Send + 'static>(self: &Arc<Self>, sock: S, wrap: fn(S) -> io::Result<Sock>) {
+        let Some(slot) = self.slot() else {
+            drop(sock);
+            return;
+        };
         // Relaxed: round-robin position; any interleaving spreads connections well enough.
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
         let (export, limit, live) = (self.export.clone(), self.limit, self.live.clone());
+        let limits = self.limits.clone();
         let sent = self.workers[i].oneshot(move |r| match wrap(sock) {
             Ok(sock) => r
                 .spawn_local(async move {
+                    let _slot = slot;
                     let _live = live.enter();
-                    connection(sock, export, limit).await
+                    connection(sock, export, limit, limits).await
                 })
                 .detach(),
             Err(e) => tracing::warn!("nbd: connection setup: {e}"),
@@ -321,10 +442,54 @@ impl Dispatch {
     }
 }
 
-/// After an accept error (EMFILE, ENFILE, ENOBUFS, ...): log it, back off a little, go on.
-async fn accept_failed(e: io::Error) {
-    tracing::warn!("nbd: accept: {e}");
-    reactor::time::sleep(Duration::from_millis(10)).await;
+/// A flag set from any thread that an accept loop on its reactor can wait for.
+#[derive(Default)]
+struct Freed {
+    set: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Freed {
+    fn notify(&self) {
+        // Relaxed: the mutex below orders it with `wait` (set, then lock; lock, then load).
+        self.set.store(true, Ordering::Relaxed);
+        if let Some(w) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            w.wake();
+        }
+    }
+
+    /// Waits for a `notify` (one since the last wait counts), at most `limit`.
+    async fn wait(&self, limit: Duration) {
+        let notified = poll_fn(|cx| {
+            // Relaxed: ordered by the mutex (see `notify`).
+            if self.set.swap(false, Ordering::Relaxed) {
+                return Poll::Ready(());
+            }
+            *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+            // Relaxed: a notify that took the lock before us set the flag before it; one that
+            // takes it after us finds the waker.
+            if self.set.swap(false, Ordering::Relaxed) {
+                return Poll::Ready(());
+            }
+            Poll::Pending
+        });
+        let _ = reactor::time::timeout(limit, notified).await;
+    }
+}
+
+/// Accept errors back off from 10 ms, doubling to 1 s while they go on; a closing connection
+/// ends the pause at once (it freed an fd).
+const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// After an accept error (EMFILE, ENFILE, ENOMEM, ENOBUFS, ...): log it (rate-limited), back
+/// off, go on. Returns the next pause.
+async fn accept_failed(e: io::Error, d: &Dispatch, pause: Duration) -> Duration {
+    ACCEPT_FAILED.log(|suppressed| {
+        tracing::warn!(suppressed, "nbd: accept: {e} (retrying; pausing up to {pause:?})")
+    });
+    d.freed.wait(pause).await;
+    (pause * 2).min(ACCEPT_BACKOFF_MAX)
 }
 
 async fn accept_tcp(l: std::net::TcpListener, d: Arc<Dispatch>) {
@@ -332,14 +497,16 @@ async fn accept_tcp(l: std::net::TcpListener, d: Arc<Dispatch>) {
         Ok(l) => l,
         Err(e) => return tracing::error!("nbd: TCP listener: {e}"),
     };
+    let mut pause = ACCEPT_BACKOFF_FIRST;
     loop {
         match l.accept_std().await {
             Ok((s, peer)) => {
+                pause = ACCEPT_BACKOFF_FIRST;
                 tracing::debug!(%peer, "nbd: connection");
                 let _ = s.set_nodelay(true);
                 d.dispatch(s, |s| TcpStream::from_std(s).map(Sock::Tcp));
             }
-            Err(e) => accept_failed(e).await,
+            Err(e) => pause = accept_failed(e, &d, pause).await,
         }
     }
 }
@@ -349,16 +516,20 @@ async fn accept_unix(l: std::os::unix::net::UnixListener, d: Arc<Dispatch>) {
         Ok(l) => l,
         Err(e) => return tracing::error!("nbd: Unix listener: {e}"),
     };
+    let mut pause = ACCEPT_BACKOFF_FIRST;
     loop {
         match l.accept_std().await {
-            Ok(s) => d.dispatch(s, |s| UnixStream::from_std(s).map(Sock::Unix)),
-            Err(e) => accept_failed(e).await,
+            Ok(s) => {
+                pause = ACCEPT_BACKOFF_FIRST;
+                d.dispatch(s, |s| UnixStream::from_std(s).map(Sock::Unix));
+            }
+            Err(e) => pause = accept_failed(e, &d, pause).await,
         }
     }
 }
 
 /// One client, from the greeting to the close.
-async fn connection(sock: Sock, export: Arc<Export>, limit: Option<Duration>) {
+async fn connection(sock: Sock, export: Arc<Export>, limit: Option<Duration>, limits: Limits) {
     let mut rd = Reader::new();
     // A shutdown during negotiation simply closes: nothing is in flight yet.
     let negotiation = async {
@@ -379,7 +550,7 @@ async fn connection(sock: Sock, export: Arc<Export>, limit: Option<Duration>) {
         None => negotiation.await,
     };
     let res = match outcome {
-        Ok(Outcome::Transmission) => transmission::serve(sock, rd, export).await,
+        Ok(Outcome::Transmission) => transmission::serve(sock, rd, export, limits).await,
         Ok(Outcome::Aborted) => Ok(()),
         Err(e) => Err(e),
     };

@@ -10,7 +10,11 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Poll, Waker};
+use std::time::Duration;
 
+use reactor::io::Slice;
+
+use crate::budget::{Budget, Grant};
 use crate::conn::Sock;
 use crate::export::Export;
 use crate::proto::{self, REPLY_LEN, err};
@@ -32,19 +36,34 @@ const POOL_BYTES: usize = 4 << 20;
 /// Replies are copied into one send up to this size; larger ones are sent as they are.
 const BATCH_BYTES: usize = 256 * 1024;
 
+/// What bounds a connection beyond its own caps: the server-wide memory budget, and how long
+/// a client may leave its replies unread.
+#[derive(Clone, Debug)]
+pub(crate) struct Limits {
+    pub(crate) budget: Arc<Budget>,
+    /// A send that makes no progress for this long disconnects the client (`None`: never).
+    pub(crate) idle: Option<Duration>,
+}
+
+/// A reply ready to send: its bytes, the bytes it accounts for on the connection, and its
+/// hold on the server's budget (given back once it is sent).
+type Ready = (Vec<u8>, usize, Option<Grant>);
+
 /// What one connection shares between its reader, its request tasks and its writer.
 pub(crate) struct Session {
     pub(crate) sock: Sock,
     pub(crate) export: Arc<Export>,
-    /// Replies ready to send, each with the bytes it accounts for.
-    outbox: RefCell<VecDeque<(Vec<u8>, usize)>>,
+    limits: Limits,
+    /// Replies ready to send.
+    outbox: RefCell<VecDeque<Ready>>,
     /// Requests admitted whose reply is not yet in the outbox.
     pending: Cell<usize>,
     /// Bytes admitted and not yet sent: payloads, and every reply's header.
     bytes: Cell<usize>,
     /// The reader has stopped: the writer ends once everything admitted is sent.
     closing: Cell<bool>,
-    /// A send to the client failed: replies are dropped from now on.
+    /// A send to the client failed or timed out: replies are dropped from now on, no more
+    /// requests are read, and requests not yet started are not started.
     broken: Cell<bool>,
     writer_waker: Cell<Option<Waker>>,
     reader_waker: Cell<Option<Waker>>,
@@ -62,6 +81,7 @@ pub(crate) struct Ticket {
     s: Rc<Session>,
     handle: u64,
     bytes: usize,
+    grant: Option<Grant>,
     done: bool,
 }
 
@@ -73,7 +93,7 @@ impl Ticket {
     /// Queues `reply` (a header, and data for a READ).
     pub(crate) fn finish(mut self, reply: Vec<u8>) {
         self.done = true;
-        self.s.complete(reply, self.bytes);
+        self.s.complete(reply, self.bytes, self.grant.take());
     }
 
     /// Queues a reply without data: `error` 0 for success.
@@ -87,7 +107,7 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         if !self.done {
             let reply = self.s.header(err::EIO, self.handle);
-            self.s.complete(reply, self.bytes);
+            self.s.complete(reply, self.bytes, self.grant.take());
         }
     }
 }
@@ -99,10 +119,11 @@ fn wake(slot: &Cell<Option<Waker>>) {
 }
 
 impl Session {
-    pub(crate) fn new(sock: Sock, export: Arc<Export>) -> Session {
+    pub(crate) fn new(sock: Sock, export: Arc<Export>, limits: Limits) -> Session {
         Session {
             sock,
             export,
+            limits,
             outbox: RefCell::new(VecDeque::with_capacity(MAX_IN_FLIGHT)),
             pending: Cell::new(0),
             bytes: Cell::new(0),
@@ -164,16 +185,17 @@ impl Session {
     pub(crate) fn reply_now(&self, error: u32, handle: u64) {
         let b = self.header(error, handle);
         self.bytes.set(self.bytes.get() + REPLY_LEN);
-        self.outbox.borrow_mut().push_back((b, REPLY_LEN));
+        self.outbox.borrow_mut().push_back((b, REPLY_LEN, None));
         wake(&self.writer_waker);
     }
 
     /// Waits until a request with `bytes` of payload fits the limits: requests in flight,
     /// bytes in flight (always met when nothing is in flight, so any request can proceed),
-    /// replies queued.
+    /// replies queued. Returns at once when the connection is broken.
     pub(crate) async fn room(&self, bytes: usize) {
         poll_fn(|cx| {
-            let full = self.pending.get() >= MAX_IN_FLIGHT
+            let full = !self.broken.get()
+                && self.pending.get() >= MAX_IN_FLIGHT
                 || (self.bytes.get() + bytes > MAX_BYTES_IN_FLIGHT && self.bytes.get() > 0)
                 || self.outbox.borrow().len() >= MAX_QUEUED_REPLIES;
             if full {
@@ -186,9 +208,21 @@ impl Session {
         .await;
     }
 
-    /// Admits the request `handle` with `bytes` of payload: waits for room, counts it.
+    /// Whether the client is gone or has stopped taking replies: nothing more is read, and a
+    /// request not yet started is not started.
+    pub(crate) fn broken(&self) -> bool {
+        self.broken.get()
+    }
+
+    /// Admits the request `handle` with `bytes` of payload: waits for room on the connection,
+    /// then for the payload's share of the server's budget, and counts it.
     pub(crate) async fn admit(self: &Rc<Self>, handle: u64, bytes: usize) -> Ticket {
         self.room(bytes).await;
+        let grant = if bytes > 0 {
+            Some(self.limits.budget.acquire(bytes).await)
+        } else {
+            None
+        };
         self.pending.set(self.pending.get() + 1);
         let bytes = bytes + REPLY_LEN;
         self.bytes.set(self.bytes.get() + bytes);
@@ -196,13 +230,14 @@ impl Session {
             s: self.clone(),
             handle,
             bytes,
+            grant,
             done: false,
         }
     }
 
-    fn complete(&self, reply: Vec<u8>, bytes: usize) {
+    fn complete(&self, reply: Vec<u8>, bytes: usize, grant: Option<Grant>) {
         self.pending.set(self.pending.get() - 1);
-        self.outbox.borrow_mut().push_back((reply, bytes));
+        self.outbox.borrow_mut().push_back((reply, bytes, grant));
         wake(&self.writer_waker);
     }
 
@@ -219,15 +254,52 @@ impl Session {
         wake(&self.writer_waker);
     }
 
-    /// Sends `buf`; a failure marks the connection broken. Gives the buffer back, empty.
+    /// Sends `buf`; a failure, or no progress for the idle limit, marks the connection broken
+    /// (and a stalled client is disconnected). Gives the buffer back, empty.
     async fn send(&self, buf: Vec<u8>) -> Vec<u8> {
-        let (res, mut buf) = self.sock.write_all(buf).await;
-        if let Err(e) = res {
-            tracing::debug!("nbd: sending replies failed: {e}");
-            self.broken.set(true);
+        let mut buf = buf;
+        let mut done = 0;
+        while done < buf.len() && !self.broken.get() {
+            let end = buf.len();
+            let write = self.sock.write(Slice::range(buf, done, end));
+            let (res, slice) = match self.limits.idle {
+                None => write.await,
+                Some(limit) => match reactor::time::timeout(limit, write).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        // The buffer went with the cancelled write.
+                        tracing::info!(
+                            "nbd: the client read no reply for {limit:?}; disconnecting it"
+                        );
+                        self.mark_broken();
+                        return Vec::new();
+                    }
+                },
+            };
+            buf = slice.into_inner();
+            match res {
+                Ok(0) => {
+                    tracing::debug!("nbd: sending replies failed: the socket took nothing");
+                    self.mark_broken();
+                }
+                Ok(n) => done += n,
+                Err(e) => {
+                    tracing::debug!("nbd: sending replies failed: {e}");
+                    self.mark_broken();
+                }
+            }
         }
         buf.clear();
         buf
+    }
+
+    /// The client is gone or stalled: stop reading from it, drop its replies, and wake the
+    /// reader (waiting for room) so that it sees this and ends the connection.
+    fn mark_broken(&self) {
+        if !self.broken.replace(true) {
+            self.sock.shutdown();
+            wake(&self.reader_waker);
+        }
     }
 }
 
@@ -253,7 +325,8 @@ pub(crate) async fn writer(s: Rc<Session>) {
             return;
         }
         let mut sent_bytes = 0;
-        while let Some((reply, bytes)) = queue.pop_front() {
+        // Grants are given back once what they account for is sent (or dropped).
+        while let Some((reply, bytes, _grant)) = queue.pop_front() {
             sent_bytes += bytes;
             if s.broken.get() {
                 s.recycle(reply);
@@ -284,6 +357,13 @@ mod tests {
     use super::*;
     use reactor::{Backend, Reactor};
 
+    fn test_limits() -> Limits {
+        Limits {
+            budget: Budget::new(crate::budget::DEFAULT_MAX_MEMORY),
+            idle: None,
+        }
+    }
+
     fn backends() -> Vec<Backend> {
         let mut v = Vec::new();
         if cfg!(feature = "uring") {
@@ -305,7 +385,7 @@ mod tests {
             let export = Export::open(&path, "", "", false).unwrap();
             r.block_on(async {
                 let (a, b) = reactor::net::UnixStream::pair().unwrap();
-                let s = Rc::new(Session::new(Sock::Unix(a), export));
+                let s = Rc::new(Session::new(Sock::Unix(a), export, test_limits()));
                 let w = Reactor::with_current(|r| r.spawn_local(writer(s.clone()))).unwrap();
                 let dropped = s.admit(42, 4096).await;
                 let finished = s.admit(43, 0).await;
@@ -336,7 +416,7 @@ mod tests {
         let export = Export::open(&path, "", "", false).unwrap();
         r.block_on(async {
             let (a, _b) = reactor::net::UnixStream::pair().unwrap();
-            let s = Session::new(Sock::Unix(a), export);
+            let s = Session::new(Sock::Unix(a), export, test_limits());
             for _ in 0..100 {
                 s.recycle(Vec::with_capacity(1 << 20));
                 s.recycle(Vec::with_capacity(16));

@@ -13,22 +13,30 @@ use crate::commands;
 use crate::conn::{Reader, Sock};
 use crate::export::Export;
 use crate::proto::{self, Request, cflag, cmd, err};
-use crate::session::{Session, writer};
+use crate::session::{Limits, Session, writer};
 use crate::stop::Stop;
 
 pub use crate::session::MAX_IN_FLIGHT;
 
 /// Serves requests on `sock` until the client disconnects (`NBD_CMD_DISC` or end of stream)
 /// or the server shuts down, then finishes every request in flight and sends its reply
-/// before returning.
+/// before returning. Once the client is gone or stops taking replies (a send fails, or makes
+/// no progress for the idle limit), nothing more is read, requests not yet started are
+/// dropped, and a READ in flight stops at its next chunk: a vanished client costs at most the
+/// I/O already running.
 ///
 /// # Errors
 /// A protocol violation that ends the connection (bad request magic, an oversized WRITE) or
 /// a socket error; the requests already admitted are finished first either way.
-pub(crate) async fn serve(sock: Sock, rd: Reader, export: Arc<Export>) -> io::Result<()> {
+pub(crate) async fn serve(
+    sock: Sock,
+    rd: Reader,
+    export: Arc<Export>,
+    limits: Limits,
+) -> io::Result<()> {
     // Relaxed: a statistics counter.
     export.stats.connections.fetch_add(1, Ordering::Relaxed);
-    let s = Rc::new(Session::new(sock, export));
+    let s = Rc::new(Session::new(sock, export, limits));
     let writer = spawn(writer(s.clone()));
     let res = read_requests(&s, rd).await;
     s.close();
@@ -74,6 +82,12 @@ async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
             tracing::debug!("nbd: server shutting down; closing after the requests in flight");
             return Ok(());
         };
+        if s.broken() {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the client stopped taking replies; its remaining requests are dropped",
+            ));
+        }
         let req = Request::parse(&header?)?;
         s.requests.set(s.requests.get() + 1);
         let ro = s.export.read_only();
