@@ -42,6 +42,8 @@ warn). Runs until SIGINT or SIGTERM. Prints one line per listener on stdout once
 
 /// What the command line asks for.
 #[derive(Debug)]
+// Made once per run: the size of `Serve` costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Serve with this configuration.
     Serve(Config),
@@ -119,12 +121,10 @@ where
             }
             "--max-connections" => {
                 let v = value(&a)?;
-                cfg.max_connections = Some(
-                    v.parse()
-                        .ok()
-                        .filter(|&n: &usize| n > 0)
-                        .ok_or_else(|| bad(format!("--max-connections {v}: want a number above 0")))?,
-                );
+                cfg.max_connections =
+                    Some(v.parse().ok().filter(|&n: &usize| n > 0).ok_or_else(|| {
+                        bad(format!("--max-connections {v}: want a number above 0"))
+                    })?);
             }
             "--poll-max-ns" => {
                 let v = value(&a)?;

@@ -136,17 +136,23 @@ mod tests {
             let g2 = b.acquire(40).await;
             assert_eq!(b.used(), 100);
             let b2 = b.clone();
-            let waiter = Reactor::with_current(|r| r.spawn_local(async move {
-                let g = b2.acquire(50).await;
-                g.bytes
-            }))
+            let waiter = Reactor::with_current(|r| {
+                r.spawn_local(async move {
+                    let g = b2.acquire(50).await;
+                    g.bytes
+                })
+            })
             .unwrap();
             reactor::yield_now().await;
             assert_eq!(b.used(), 100, "the third waits");
             drop(g1);
             assert_eq!(waiter.await.unwrap(), 50);
             drop(g2);
-            assert_eq!(b.used(), 0, "the waiter's grant went back when it was dropped");
+            assert_eq!(
+                b.used(),
+                0,
+                "the waiter's grant went back when it was dropped"
+            );
             // Larger than the whole budget: admitted when nothing else is held.
             let big = b.acquire(1000).await;
             assert_eq!(b.used(), 1000);

@@ -31,7 +31,11 @@ pub(crate) async fn read(t: Ticket, req: Request) {
         let done = buf.len() - REPLY_LEN;
         // In bounds: the request was checked against the export's size.
         let at = req.offset + done as u64;
-        let range = Slice::range(buf, REPLY_LEN + done, end.min(REPLY_LEN + done + READ_CHUNK));
+        let range = Slice::range(
+            buf,
+            REPLY_LEN + done,
+            end.min(REPLY_LEN + done + READ_CHUNK),
+        );
         let (res, b) = s.export.file().read_at(range, at).await;
         buf = b.into_inner();
         match res {

@@ -22,6 +22,14 @@
 //!   requests in flight finish. Other connections are never affected.
 //! - A write is acknowledged only after the kernel accepted all of it (so it survives the
 //!   server's death), and with FUA only after `fdatasync` (so it survives the machine's).
+//! - No client can take the server's memory, CPU or log: payload bytes in flight are capped
+//!   per connection (64 MiB) and server-wide ([`Config::max_memory`]; admission waits, never
+//!   fails); a client that leaves its replies unread for [`Config::idle_timeout`] is
+//!   disconnected; once a client is gone or stalled, its requests not yet started are
+//!   dropped and a READ in flight stops at its next 1 MiB piece; connections beyond
+//!   [`Config::max_connections`] are closed at once; `accept` errors back off and resume as
+//!   soon as a connection closes; client strings are escaped and cut short in logs, and
+//!   repeating conditions are logged at most once per interval.
 //!
 //! ```no_run
 //! use nbd_server::{Config, Server};
@@ -46,8 +54,9 @@ mod session;
 mod stop;
 pub mod transmission;
 
-pub use export::{Export, ExportStats};
 pub use budget::{DEFAULT_MAX_MEMORY, MIN_MAX_MEMORY};
+pub use export::{Export, ExportStats};
 pub use server::{
-    Config, DEFAULT_HANDSHAKE_LIMIT, DEFAULT_IDLE_TIMEOUT, RESERVED_FDS, SHUTDOWN_GRACE, Server, Stopper,
+    Config, DEFAULT_HANDSHAKE_LIMIT, DEFAULT_IDLE_TIMEOUT, RESERVED_FDS, SHUTDOWN_GRACE, Server,
+    Stopper,
 };

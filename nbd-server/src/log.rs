@@ -16,8 +16,7 @@ pub(crate) const MAX_CLIENT_CHARS: usize = 64;
 /// ```
 pub(crate) fn client_str(bytes: &[u8]) -> String {
     let mut out = String::from("\"");
-    let mut shown = 0;
-    for &b in bytes {
+    for (shown, &b) in bytes.iter().enumerate() {
         if shown == MAX_CLIENT_CHARS {
             out.push_str(&format!("\"… ({} bytes)", bytes.len()));
             return out;
@@ -29,7 +28,6 @@ pub(crate) fn client_str(bytes: &[u8]) -> String {
             b'\n' => out.push_str("\\n"),
             _ => out.push_str(&format!("\\x{b:02x}")),
         }
-        shown += 1;
     }
     out.push('"');
     out
@@ -74,7 +72,10 @@ mod tests {
     #[test]
     fn client_strings_are_escaped_and_bounded() {
         assert_eq!(client_str(b"disk"), "\"disk\"");
-        assert_eq!(client_str(b"a\"b\\c\n\x00\xff"), "\"a\\\"b\\\\c\\n\\x00\\xff\"");
+        assert_eq!(
+            client_str(b"a\"b\\c\n\x00\xff"),
+            "\"a\\\"b\\\\c\\n\\x00\\xff\""
+        );
         let long = client_str(&[0xffu8; 65536]);
         assert!(long.len() < 300, "{}", long.len());
         assert!(long.ends_with("… (65536 bytes)"), "{long}");

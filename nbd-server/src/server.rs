@@ -1,11 +1,11 @@
 //! The server: listeners on an accept thread, connections spread over IoThreads.
 
 use std::fmt;
+use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::task::{Poll, Waker};
@@ -24,10 +24,10 @@ use reactor::{Backend, Builder, IoThread, PollParams};
 
 use crate::budget::{self, Budget};
 use crate::conn::{Reader, Sock};
-use crate::log::RateLimit;
-use crate::session::Limits;
 use crate::export::{Export, ExportStats};
 use crate::handshake::{self, Outcome};
+use crate::log::RateLimit;
+use crate::session::Limits;
 use crate::stop::{Live, Stop};
 use crate::transmission;
 
@@ -184,7 +184,9 @@ impl Server {
                 ),
             ));
         }
-        let max_connections = config.max_connections.unwrap_or_else(default_max_connections);
+        let max_connections = config
+            .max_connections
+            .unwrap_or_else(default_max_connections);
         if max_connections == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -380,8 +382,8 @@ struct Dispatch {
 
 /// Refused connections (over `max_connections`): logged at most once a second.
 static REFUSED: RateLimit = RateLimit::new(Duration::from_secs(1));
-/// Accept failures: logged at most once a second.
-static ACCEPT_FAILED: RateLimit = RateLimit::new(Duration::from_secs(1));
+/// Accept failures: logged at most once every 5 s (a full fd table can last).
+static ACCEPT_FAILED: RateLimit = RateLimit::new(Duration::from_secs(5));
 
 /// A connection-count slot; given back (and the accept loop told) when dropped.
 struct Slot(Arc<Dispatch>);
@@ -486,7 +488,10 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// off, go on. Returns the next pause.
 async fn accept_failed(e: io::Error, d: &Dispatch, pause: Duration) -> Duration {
     ACCEPT_FAILED.log(|suppressed| {
-        tracing::warn!(suppressed, "nbd: accept: {e} (retrying; pausing up to {pause:?})")
+        tracing::warn!(
+            suppressed,
+            "nbd: accept: {e} (retrying; pausing up to {pause:?})"
+        )
     });
     d.freed.wait(pause).await;
     (pause * 2).min(ACCEPT_BACKOFF_MAX)

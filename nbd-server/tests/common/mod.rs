@@ -1,7 +1,7 @@
 //! A raw NBD client for the tests: each message spelled out, so the tests can also send what
 //! a well-behaved client never would.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
