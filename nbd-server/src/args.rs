@@ -176,19 +176,6 @@ fn size(v: &str) -> Option<usize> {
     digits.parse::<usize>().ok()?.checked_mul(1 << shift)
 }
 
-/// Memory of large buffers goes back to the system when they are freed. glibc serves
-/// allocations above a threshold with their own mappings, but raises the threshold to the
-/// size of any such block freed (up to 32 MiB), after which 21–32 MiB reply buffers come
-/// from the heap and their memory stays with the process after the clients leave (measured:
-/// 3 GB resident at idle). A fixed threshold keeps every buffer of 128 KiB or more mapped on
-/// its own; the connections' pools keep the common sizes for reuse.
-fn tune_allocator() {
-    // SAFETY: mallopt only changes allocator parameters.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-    }
-}
-
 /// The whole `nbd-server` program: parses `args` (without the program name), serves until
 /// SIGINT or SIGTERM, and returns the exit status (2 for a bad command line, 1 when the
 /// server cannot start). The binary is this function; the bench runs it too (in a child
@@ -208,7 +195,7 @@ pub fn main(args: impl IntoIterator<Item = String>) -> std::process::ExitCode {
         }
     };
     init_logging();
-    tune_allocator();
+    crate::tune_allocator();
     // Block SIGINT and SIGTERM before any thread starts, so every thread inherits the mask
     // and this thread alone takes them, with sigwait.
     // SAFETY: sigset manipulation on a local set; pthread_sigmask on this thread.

@@ -60,3 +60,24 @@ pub use server::{
     Config, DEFAULT_HANDSHAKE_LIMIT, DEFAULT_IDLE_TIMEOUT, RESERVED_FDS, SHUTDOWN_GRACE, Server,
     Stopper,
 };
+
+/// Makes the memory of large buffers go back to the system when they are freed, so that a
+/// server's resident memory returns near its baseline after clients with large requests
+/// leave. The `nbd-server` program calls it at start; a daemon embedding [`Server`] may too
+/// (it changes the allocator for the whole process, so it is the program's choice).
+///
+/// Why: glibc serves allocations above a threshold with mappings of their own, but raises the
+/// threshold to the size of any such block freed (up to 32 MiB); after that, 21–32 MiB reply
+/// buffers come from the heap, and their memory stays with the process after the clients
+/// leave (measured: 3 GB resident at idle after 48 clients with 21 MiB READs). A fixed
+/// threshold of 128 KiB keeps every such buffer mapped on its own (an `munmap` when freed);
+/// the connections' pools keep buffers of common sizes for reuse. Measured with the hostile
+/// tests: 4–23 MB resident at idle afterwards, from a 3 MB baseline. Elsewhere than glibc it
+/// does nothing.
+pub fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}

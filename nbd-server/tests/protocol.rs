@@ -258,6 +258,73 @@ backend_tests! {
         std::fs::remove_file(path).unwrap();
     }
 
+    fn a_client_that_stops_reading_is_disconnected_after_the_idle_timeout(r: &Reactor) {
+        let path = scratch_file(&format!("idle-{}", r.backend()), SIZE);
+        let mut cfg = Config::new(&path);
+        cfg.export_name = "disk".into();
+        cfg.tcp = Some("127.0.0.1:0".parse().unwrap());
+        cfg.backend = r.backend();
+        cfg.idle_timeout = Some(std::time::Duration::from_secs(1));
+        cfg.max_memory = nbd_server::MIN_MAX_MEMORY;
+        let srv = Server::start(cfg).unwrap();
+        // 32 READs of 4 MiB, never read: far more than the socket buffers hold.
+        let mut stalled = session(&srv);
+        for h in 0..32 {
+            stalled.request(0, cmd::READ, h, 0, SIZE as u32);
+        }
+        let t0 = std::time::Instant::now();
+        while srv.memory_in_use() < 32 << 20 {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(10), "not admitted");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(srv.memory_in_use() <= nbd_server::MIN_MAX_MEMORY, "within the budget");
+        // Cut off after the idle timeout (1 s without reading): what it holds goes back.
+        std::thread::sleep(std::time::Duration::from_millis(2500));
+        assert!(stalled.closed_by_server(), "what was sent, then the end");
+        let mut other = session(&srv);
+        assert_eq!(other.read(1000, 0, 4096), (0, initial(0, 4096)));
+        while srv.memory_in_use() > 0 {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(20), "budget not given back");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(srv);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    fn connections_over_the_limit_are_closed_at_once(r: &Reactor) {
+        let path = scratch_file(&format!("maxconn-{}", r.backend()), SIZE);
+        let mut cfg = Config::new(&path);
+        cfg.tcp = Some("127.0.0.1:0".parse().unwrap());
+        cfg.backend = r.backend();
+        cfg.max_connections = Some(2);
+        let srv = Server::start(cfg).unwrap();
+        let mut a = client(&srv);
+        a.go("");
+        let mut b = client(&srv);
+        b.go("");
+        let mut c = client(&srv);
+        assert!(c.closed_by_server(), "the third is closed without a greeting");
+        assert_eq!(b.read(1, 0, 512), (0, initial(0, 512)));
+        // A slot frees when a connection ends.
+        drop(a);
+        let t0 = std::time::Instant::now();
+        let mut d = loop {
+            let mut d = client(&srv);
+            let mut greeting = [0u8; 18];
+            if std::io::Read::read_exact(&mut d.s, &mut greeting).is_ok() {
+                d.send(&(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES).to_be_bytes());
+                break d;
+            }
+            assert!(t0.elapsed() < std::time::Duration::from_secs(5), "the slot never freed");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let replies = d.info_or_go(opt::GO, "", &[]);
+        assert_eq!(replies.last().unwrap().kind, rep::ACK);
+        assert_eq!(d.read(2, 0, 512), (0, initial(0, 512)));
+        drop(srv);
+        std::fs::remove_file(path).unwrap();
+    }
+
     fn many_requests_in_flight_and_disc_finishes_them(r: &Reactor) {
         let (srv, path) = start(r, "inflight", false);
         let mut c = session(&srv);
@@ -452,6 +519,17 @@ fn start_errors_are_clear() {
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
     cfg.tcp = Some("127.0.0.1:0".parse().unwrap());
     cfg.iothreads = 0;
+    assert_eq!(
+        Server::start(cfg.clone()).unwrap_err().kind(),
+        std::io::ErrorKind::InvalidInput
+    );
+    cfg.iothreads = 1;
+    cfg.max_memory = nbd_server::MIN_MAX_MEMORY - 1;
+    let e = Server::start(cfg.clone()).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("memory budget"), "{e}");
+    cfg.max_memory = nbd_server::DEFAULT_MAX_MEMORY;
+    cfg.max_connections = Some(0);
     assert_eq!(
         Server::start(cfg).unwrap_err().kind(),
         std::io::ErrorKind::InvalidInput
