@@ -6,7 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::task::{Poll, Waker};
 use std::time::Duration;
@@ -444,38 +444,49 @@ impl Dispatch {
     }
 }
 
-/// A flag set from any thread that an accept loop on its reactor can wait for.
+/// News from any thread that a connection closed, which the accept loops (TCP and Unix, on
+/// the accept thread's reactor) can wait for.
 #[derive(Default)]
 struct Freed {
-    set: AtomicBool,
-    waker: Mutex<Option<Waker>>,
+    /// Counts the closes; a waiter returns once it differs from what it saw first.
+    closes: AtomicU64,
+    /// At most one waker per waiting accept loop.
+    wakers: Mutex<Vec<Waker>>,
 }
 
 impl Freed {
     fn notify(&self) {
-        // Relaxed: the mutex below orders it with `wait` (set, then lock; lock, then load).
-        self.set.store(true, Ordering::Relaxed);
-        if let Some(w) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        // Relaxed: the mutex below orders it with `wait` (add, then lock; lock, then load).
+        self.closes.fetch_add(1, Ordering::Relaxed);
+        let woken = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in woken {
             w.wake();
         }
     }
 
-    /// Waits for a `notify` (one since the last wait counts), at most `limit`.
+    /// Waits for a connection to close, at most `limit`.
     async fn wait(&self, limit: Duration) {
-        let notified = poll_fn(|cx| {
-            // Relaxed: ordered by the mutex (see `notify`).
-            if self.set.swap(false, Ordering::Relaxed) {
+        // Relaxed: ordered by the mutex (see `notify`).
+        let seen = self.closes.load(Ordering::Relaxed);
+        let closed = poll_fn(|cx| {
+            // Relaxed: as above.
+            if self.closes.load(Ordering::Relaxed) != seen {
                 return Poll::Ready(());
             }
-            *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
-            // Relaxed: a notify that took the lock before us set the flag before it; one that
+            {
+                let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+                if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    wakers.push(cx.waker().clone());
+                }
+            }
+            // Relaxed: a notify that took the lock before us counted before it; one that
             // takes it after us finds the waker.
-            if self.set.swap(false, Ordering::Relaxed) {
+            if self.closes.load(Ordering::Relaxed) != seen {
                 return Poll::Ready(());
             }
             Poll::Pending
         });
-        let _ = reactor::time::timeout(limit, notified).await;
+        let _ = reactor::time::timeout(limit, closed).await;
     }
 }
 

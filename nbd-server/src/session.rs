@@ -10,7 +10,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reactor::io::Slice;
 
@@ -65,6 +65,8 @@ pub(crate) struct Session {
     /// A send to the client failed or timed out: replies are dropped from now on, no more
     /// requests are read, and requests not yet started are not started.
     broken: Cell<bool>,
+    /// When the write in progress started (`None`: none is); the idle watchdog reads it.
+    writing_since: Cell<Option<Instant>>,
     writer_waker: Cell<Option<Waker>>,
     reader_waker: Cell<Option<Waker>>,
     small: RefCell<Vec<Vec<u8>>>,
@@ -129,6 +131,7 @@ impl Session {
             bytes: Cell::new(0),
             closing: Cell::new(false),
             broken: Cell::new(false),
+            writing_since: Cell::new(None),
             writer_waker: Cell::new(None),
             reader_waker: Cell::new(None),
             small: RefCell::new(Vec::with_capacity(SMALL_POOL)),
@@ -253,28 +256,16 @@ impl Session {
         wake(&self.writer_waker);
     }
 
-    /// Sends `buf`; a failure, or no progress for the idle limit, marks the connection broken
-    /// (and a stalled client is disconnected). Gives the buffer back, empty.
+    /// Sends `buf`; a failure marks the connection broken (as does the idle watchdog, for a
+    /// write that makes no progress). Gives the buffer back, empty.
     async fn send(&self, buf: Vec<u8>) -> Vec<u8> {
         let mut buf = buf;
         let mut done = 0;
         while done < buf.len() && !self.broken.get() {
             let end = buf.len();
-            let write = self.sock.write(Slice::range(buf, done, end));
-            let (res, slice) = match self.limits.idle {
-                None => write.await,
-                Some(limit) => match reactor::time::timeout(limit, write).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        // The buffer went with the cancelled write.
-                        tracing::info!(
-                            "nbd: the client read no reply for {limit:?}; disconnecting it"
-                        );
-                        self.mark_broken();
-                        return Vec::new();
-                    }
-                },
-            };
+            self.writing_since.set(Some(Instant::now()));
+            let (res, slice) = self.sock.write(Slice::range(buf, done, end)).await;
+            self.writing_since.set(None);
             buf = slice.into_inner();
             match res {
                 Ok(0) => {
@@ -290,6 +281,27 @@ impl Session {
         }
         buf.clear();
         buf
+    }
+
+    /// Watches the writer: a write that makes no progress for the idle limit (the client
+    /// reads nothing while replies wait) disconnects the client, so that the write fails and
+    /// what the connection holds is given back. One timer per connection, not one per send.
+    pub(crate) async fn idle_watchdog(self: Rc<Self>) {
+        let Some(limit) = self.limits.idle else {
+            return;
+        };
+        let tick = (limit / 4).max(Duration::from_millis(10));
+        while !self.broken.get() {
+            reactor::time::sleep(tick).await;
+            if self
+                .writing_since
+                .get()
+                .is_some_and(|t| t.elapsed() >= limit)
+            {
+                tracing::info!("nbd: the client read no reply for {limit:?}; disconnecting it");
+                self.mark_broken();
+            }
+        }
     }
 
     /// The client is gone or stalled: stop reading from it, drop its replies, and wake the

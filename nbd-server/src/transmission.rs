@@ -38,10 +38,12 @@ pub(crate) async fn serve(
     export.stats.connections.fetch_add(1, Ordering::Relaxed);
     let s = Rc::new(Session::new(sock, export, limits));
     let writer = spawn(writer(s.clone()));
+    let watchdog = spawn(s.clone().idle_watchdog());
     let res = read_requests(&s, rd).await;
     s.close();
     // The writer ends when every admitted request has replied and the replies are sent.
     let _ = writer.await;
+    watchdog.abort();
     // Counted before the close, so a client that saw the close sees the count.
     // Relaxed: a statistics counter.
     s.export
