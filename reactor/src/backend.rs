@@ -334,20 +334,23 @@ impl Monitor {
     ///
     /// # Safety
     /// What the SQE refers to must stay valid until its completion has been reported.
-    #[cfg(feature = "uring")]
     pub(crate) unsafe fn push(
         &mut self,
-        sqe: fdmon_uring::io_uring::squeue::Entry,
+        sqe: io_uring::squeue::Entry,
         token: u64,
     ) -> io::Result<()> {
         match self {
             // SAFETY: the caller's guarantee is passed on.
+            #[cfg(feature = "uring")]
             Monitor::Uring(u) => unsafe { u.push(sqe, token) },
             #[cfg(feature = "epoll")]
-            Monitor::Epoll(_) => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "io_uring operations need the io_uring backend; this reactor runs on epoll",
-            )),
+            Monitor::Epoll(_) => {
+                let _ = (sqe, token);
+                Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "io_uring operations need the io_uring backend; this reactor runs on epoll",
+                ))
+            }
         }
     }
 

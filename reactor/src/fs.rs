@@ -30,35 +30,14 @@
 use std::ffi::CString;
 use std::fmt;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::backend::Backend;
-use crate::io::{IoBuf, IoBufMut, Slice, no_reactor};
-use crate::pool::spawn_blocking;
-use crate::reactor::Reactor;
-
-/// The backend of the reactor polling on this thread.
-fn backend() -> io::Result<Backend> {
-    Reactor::with_current(|r| r.backend()).ok_or_else(no_reactor)
-}
-
-fn cvt(n: isize) -> io::Result<usize> {
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-fn joined<T>(r: Result<T, crate::JoinError>) -> T {
-    r.unwrap_or_else(|e| match e.into_panic() {
-        Some(p) => std::panic::resume_unwind(p),
-        None => unreachable!("blocking work is never cancelled"),
-    })
-}
+use crate::io::{IoBuf, IoBufMut, Slice};
+use crate::op::file::{Fallocate, Open, ReadAt, ReadvAt, Sync, WriteAt, WritevAt};
+use crate::op::run;
 
 /// How to open a file (like `std::fs::OpenOptions`, plus raw `open(2)` flags such as
 /// `O_DIRECT`).
@@ -170,20 +149,12 @@ impl OpenOptions {
         let flags = self.flags()?;
         let path = CString::new(path.as_ref().as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
-        let mode = self.mode;
-        let fd = match backend()? {
-            #[cfg(feature = "uring")]
-            Backend::Uring => uring::open(path, flags, mode).await?,
-            _ => joined(
-                spawn_blocking(move || {
-                    // SAFETY: `path` is a valid C string for the call.
-                    let fd = unsafe { libc::open(path.as_ptr(), flags, mode) };
-                    // SAFETY: a fresh descriptor owned by nobody else.
-                    cvt(fd as isize).map(|fd| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-                })
-                .await,
-            )?,
-        };
+        let fd = run(Open {
+            path,
+            flags,
+            mode: self.mode,
+        })
+        .await?;
         Ok(File { fd: Arc::new(fd) })
     }
 }
@@ -234,36 +205,8 @@ impl File {
         if let Err(e) = check_offset(offset) {
             return (Err(e), buf);
         }
-        match backend() {
-            #[cfg(feature = "uring")]
-            Ok(Backend::Uring) => uring::read_at(self.fd.clone(), buf, offset).await,
-            Ok(_) => {
-                let fd = self.fd.clone();
-                joined(
-                    spawn_blocking(move || {
-                        let mut buf = buf;
-                        let len = buf.bytes_total();
-                        // SAFETY: the kernel writes at most `len` bytes into the buffer's room.
-                        let n = unsafe {
-                            libc::pread(
-                                fd.as_raw_fd(),
-                                buf.stable_mut_ptr().cast(),
-                                len,
-                                offset as i64,
-                            )
-                        };
-                        let res = cvt(n);
-                        if let Ok(n) = res {
-                            // SAFETY: the kernel initialised `n` bytes.
-                            unsafe { buf.set_init(n) };
-                        }
-                        (res, buf)
-                    })
-                    .await,
-                )
-            }
-            Err(e) => (Err(e), buf),
-        }
+        let fd = self.fd.clone();
+        run(ReadAt { fd, buf, offset }).await
     }
 
     /// Writes `buf`'s initialised bytes at `offset`; returns how many were written.
@@ -271,29 +214,8 @@ impl File {
         if let Err(e) = check_offset(offset) {
             return (Err(e), buf);
         }
-        match backend() {
-            #[cfg(feature = "uring")]
-            Ok(Backend::Uring) => uring::write_at(self.fd.clone(), buf, offset).await,
-            Ok(_) => {
-                let fd = self.fd.clone();
-                joined(
-                    spawn_blocking(move || {
-                        // SAFETY: the kernel reads `bytes_init` initialised bytes.
-                        let n = unsafe {
-                            libc::pwrite(
-                                fd.as_raw_fd(),
-                                buf.stable_ptr().cast(),
-                                buf.bytes_init(),
-                                offset as i64,
-                            )
-                        };
-                        (cvt(n), buf)
-                    })
-                    .await,
-                )
-            }
-            Err(e) => (Err(e), buf),
-        }
+        let fd = self.fd.clone();
+        run(WriteAt { fd, buf, offset }).await
     }
 
     /// Writes all of `buf` at `offset`, looping over short writes.
@@ -328,41 +250,14 @@ impl File {
         if let Err(e) = check_offset(offset).and_then(|()| check_iovecs(bufs.len())) {
             return (Err(e), bufs);
         }
-        match backend() {
-            #[cfg(feature = "uring")]
-            Ok(Backend::Uring) => uring::readv_at(self.fd.clone(), bufs, offset).await,
-            Ok(_) => {
-                let fd = self.fd.clone();
-                joined(
-                    spawn_blocking(move || {
-                        let mut bufs = bufs;
-                        let iov: Vec<libc::iovec> = bufs
-                            .iter_mut()
-                            .map(|b| libc::iovec {
-                                iov_base: b.stable_mut_ptr().cast(),
-                                iov_len: b.bytes_total(),
-                            })
-                            .collect();
-                        // SAFETY: each iovec covers a buffer's writable room.
-                        let n = unsafe {
-                            libc::preadv(
-                                fd.as_raw_fd(),
-                                iov.as_ptr(),
-                                iov.len() as i32,
-                                offset as i64,
-                            )
-                        };
-                        let res = cvt(n);
-                        if let Ok(n) = res {
-                            spread(&mut bufs, n);
-                        }
-                        (res, bufs)
-                    })
-                    .await,
-                )
-            }
-            Err(e) => (Err(e), bufs),
-        }
+        let fd = self.fd.clone();
+        run(ReadvAt {
+            fd,
+            bufs,
+            offset,
+            iov: Vec::new(),
+        })
+        .await
     }
 
     /// Writes several buffers at `offset` (`pwritev`).
@@ -374,30 +269,14 @@ impl File {
         if let Err(e) = check_offset(offset).and_then(|()| check_iovecs(bufs.len())) {
             return (Err(e), bufs);
         }
-        match backend() {
-            #[cfg(feature = "uring")]
-            Ok(Backend::Uring) => uring::writev_at(self.fd.clone(), bufs, offset).await,
-            Ok(_) => {
-                let fd = self.fd.clone();
-                joined(
-                    spawn_blocking(move || {
-                        let iov = iovecs(&bufs);
-                        // SAFETY: each iovec covers a buffer's initialised bytes.
-                        let n = unsafe {
-                            libc::pwritev(
-                                fd.as_raw_fd(),
-                                iov.as_ptr(),
-                                iov.len() as i32,
-                                offset as i64,
-                            )
-                        };
-                        (cvt(n), bufs)
-                    })
-                    .await,
-                )
-            }
-            Err(e) => (Err(e), bufs),
-        }
+        let fd = self.fd.clone();
+        run(WritevAt {
+            fd,
+            bufs,
+            offset,
+            iov: Vec::new(),
+        })
+        .await
     }
 
     /// Flushes data and metadata to the device (`fsync`).
@@ -438,67 +317,19 @@ impl File {
                 "fallocate: offset or length past i64::MAX",
             ));
         }
-        match backend()? {
-            #[cfg(feature = "uring")]
-            Backend::Uring => uring::fallocate(self.fd.clone(), mode, offset, len).await,
-            _ => {
-                let fd = self.fd.clone();
-                joined(
-                    spawn_blocking(move || {
-                        // SAFETY: a plain system call on an open fd.
-                        let rc = unsafe {
-                            libc::fallocate(fd.as_raw_fd(), mode, offset as i64, len as i64)
-                        };
-                        cvt(rc as isize).map(drop)
-                    })
-                    .await,
-                )
-            }
-        }
+        let fd = self.fd.clone();
+        run(Fallocate {
+            fd,
+            mode,
+            offset,
+            len,
+        })
+        .await
     }
 
     async fn sync(&self, data_only: bool) -> io::Result<()> {
-        match backend()? {
-            #[cfg(feature = "uring")]
-            Backend::Uring => uring::sync(self.fd.clone(), data_only).await,
-            _ => {
-                let fd = self.fd.clone();
-                joined(
-                    spawn_blocking(move || {
-                        // SAFETY: plain system calls on an open fd.
-                        let rc = unsafe {
-                            if data_only {
-                                libc::fdatasync(fd.as_raw_fd())
-                            } else {
-                                libc::fsync(fd.as_raw_fd())
-                            }
-                        };
-                        cvt(rc as isize).map(drop)
-                    })
-                    .await,
-                )
-            }
-        }
-    }
-}
-
-/// The iovecs of `bufs`' initialised bytes.
-fn iovecs<B: IoBuf>(bufs: &[B]) -> Vec<libc::iovec> {
-    bufs.iter()
-        .map(|b| libc::iovec {
-            iov_base: b.stable_ptr().cast_mut().cast(),
-            iov_len: b.bytes_init(),
-        })
-        .collect()
-}
-
-/// Records `n` bytes read across `bufs`, in order.
-fn spread<B: IoBufMut>(bufs: &mut [B], mut n: usize) {
-    for b in bufs {
-        let k = n.min(b.bytes_total());
-        // SAFETY: the kernel filled the buffers in order, `k` bytes of this one.
-        unsafe { b.set_init(k) };
-        n -= k;
+        let fd = self.fd.clone();
+        run(Sync { fd, data_only }).await
     }
 }
 
@@ -511,191 +342,6 @@ impl AsFd for File {
 impl AsRawFd for File {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
-    }
-}
-
-#[cfg(feature = "uring")]
-mod uring {
-    //! The io_uring versions of the file operations.
-
-    use super::*;
-    use crate::io::uring_op::{UringOp, drain, fill};
-    use crate::ops::Completion;
-    use fdmon_uring::io_uring::{opcode, types};
-
-    fn result(c: Completion) -> io::Result<usize> {
-        c.into_result().map(|n| n as usize)
-    }
-
-    /// Closes the fd a cancelled open produced.
-    fn close_opened(_path: CString, c: Completion) {
-        if c.result >= 0 {
-            // SAFETY: the kernel gave this fd to an operation nobody collected; nothing else
-            // owns it.
-            drop(unsafe { OwnedFd::from_raw_fd(c.result) });
-        }
-    }
-
-    pub(super) async fn open(path: CString, flags: i32, mode: u32) -> io::Result<OwnedFd> {
-        // SAFETY: the SQE refers to the path, which the operation owns.
-        let op = unsafe {
-            UringOp::submit(
-                path,
-                |p| {
-                    opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), p.as_ptr())
-                        .flags(flags)
-                        .mode(mode)
-                        .build()
-                },
-                Some(close_opened),
-            )
-        };
-        let (c, _path) = op.map_err(|(e, _)| e)?.await;
-        let fd = result(c)?;
-        // SAFETY: a fresh descriptor from the kernel, owned by nobody else.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-    }
-
-    pub(super) async fn read_at<B: IoBufMut>(
-        fd: Arc<OwnedFd>,
-        buf: B,
-        offset: u64,
-    ) -> (io::Result<usize>, B) {
-        // SAFETY: a READ of at most `len` bytes at `ptr`, on the fd the Arc keeps open.
-        unsafe {
-            fill(fd, buf, |fd, ptr, len| {
-                opcode::Read::new(types::Fd(fd.as_raw_fd()), ptr, len)
-                    .offset(offset)
-                    .build()
-            })
-        }
-        .await
-    }
-
-    pub(super) async fn write_at<B: IoBuf>(
-        fd: Arc<OwnedFd>,
-        buf: B,
-        offset: u64,
-    ) -> (io::Result<usize>, B) {
-        // SAFETY: a WRITE of at most `len` bytes at `ptr`, on the fd the Arc keeps open.
-        unsafe {
-            drain(fd, buf, |fd, ptr, len| {
-                opcode::Write::new(types::Fd(fd.as_raw_fd()), ptr, len)
-                    .offset(offset)
-                    .build()
-            })
-        }
-        .await
-    }
-
-    pub(super) async fn readv_at<B: IoBufMut>(
-        fd: Arc<OwnedFd>,
-        bufs: Vec<B>,
-        offset: u64,
-    ) -> (io::Result<usize>, Vec<B>) {
-        // SAFETY: the SQE refers to the fd, the iovec array and the buffers, all owned by the
-        // operation (a Vec's heap block does not move with the Vec).
-        let op = unsafe {
-            UringOp::submit(
-                (fd, bufs, Vec::<libc::iovec>::new()),
-                |(fd, bufs, iov)| {
-                    *iov = bufs
-                        .iter_mut()
-                        .map(|b| libc::iovec {
-                            iov_base: b.stable_mut_ptr().cast(),
-                            iov_len: b.bytes_total(),
-                        })
-                        .collect();
-                    opcode::Readv::new(types::Fd(fd.as_raw_fd()), iov.as_ptr(), iov.len() as u32)
-                        .offset(offset)
-                        .build()
-                },
-                None,
-            )
-        };
-        match op {
-            Ok(op) => {
-                let (c, (_fd, mut bufs, _iov)) = op.await;
-                let res = result(c);
-                if let Ok(n) = res {
-                    spread(&mut bufs, n);
-                }
-                (res, bufs)
-            }
-            Err((e, (_fd, bufs, _))) => (Err(e), bufs),
-        }
-    }
-
-    pub(super) async fn writev_at<B: IoBuf>(
-        fd: Arc<OwnedFd>,
-        bufs: Vec<B>,
-        offset: u64,
-    ) -> (io::Result<usize>, Vec<B>) {
-        // SAFETY: as in `readv_at`.
-        let op = unsafe {
-            UringOp::submit(
-                (fd, bufs, Vec::<libc::iovec>::new()),
-                |(fd, bufs, iov)| {
-                    *iov = iovecs(bufs);
-                    opcode::Writev::new(types::Fd(fd.as_raw_fd()), iov.as_ptr(), iov.len() as u32)
-                        .offset(offset)
-                        .build()
-                },
-                None,
-            )
-        };
-        match op {
-            Ok(op) => {
-                let (c, (_fd, bufs, _iov)) = op.await;
-                (result(c), bufs)
-            }
-            Err((e, (_fd, bufs, _))) => (Err(e), bufs),
-        }
-    }
-
-    pub(super) async fn sync(fd: Arc<OwnedFd>, data_only: bool) -> io::Result<()> {
-        let flags = if data_only {
-            types::FsyncFlags::DATASYNC
-        } else {
-            types::FsyncFlags::empty()
-        };
-        // SAFETY: the SQE refers to the fd, which the operation owns.
-        let op = unsafe {
-            UringOp::submit(
-                fd,
-                |fd| {
-                    opcode::Fsync::new(types::Fd(fd.as_raw_fd()))
-                        .flags(flags)
-                        .build()
-                },
-                None,
-            )
-        };
-        let (c, _fd) = op.map_err(|(e, _)| e)?.await;
-        result(c).map(drop)
-    }
-
-    pub(super) async fn fallocate(
-        fd: Arc<OwnedFd>,
-        mode: i32,
-        offset: u64,
-        len: u64,
-    ) -> io::Result<()> {
-        // SAFETY: the SQE refers to the fd, which the operation owns.
-        let op = unsafe {
-            UringOp::submit(
-                fd,
-                |fd| {
-                    opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), len)
-                        .offset(offset)
-                        .mode(mode)
-                        .build()
-                },
-                None,
-            )
-        };
-        let (c, _fd) = op.map_err(|(e, _)| e)?.await;
-        result(c).map(drop)
     }
 }
 

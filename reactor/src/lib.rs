@@ -63,6 +63,7 @@ mod iothread;
 mod monitor_errors;
 pub mod net;
 mod notify;
+mod op;
 mod ops;
 mod polling;
 mod pool;
@@ -70,6 +71,7 @@ mod protocol;
 mod reactor;
 mod stats;
 mod sync;
+mod sys;
 mod task;
 pub mod time;
 mod timer;
@@ -89,8 +91,7 @@ pub use reactor::{Builder, DEFAULT_TASK_BUDGET, DEFAULT_URING_ENTRIES, Reactor};
 pub use stats::Stats;
 
 /// The io_uring crate, for building SQEs for [`Reactor::submit_sqe`].
-#[cfg(feature = "uring")]
-pub use fdmon_uring::io_uring;
+pub use io_uring;
 pub use task::{JoinError, JoinHandle, yield_now};
 pub use timer::Timer;
 

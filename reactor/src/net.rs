@@ -40,9 +40,10 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
-use crate::backend::Backend;
-use crate::io::{Async, IoBuf, IoBufMut, Slice, no_reactor};
-use crate::reactor::Reactor;
+use crate::io::{Async, IoBuf, IoBufMut, Slice};
+use crate::op::socket::{Accept, Recv, Send};
+use crate::op::{Ready, run_when_ready};
+use crate::sys::cvt;
 
 /// How sockets do their owned-buffer I/O and `accept` on the io_uring backend.
 ///
@@ -69,22 +70,6 @@ pub enum SocketIo {
     Completion,
 }
 
-/// Whether the current reactor does socket I/O with io_uring completion operations.
-fn use_completion() -> io::Result<bool> {
-    Reactor::with_current(|r| {
-        r.backend() == Backend::Uring && r.socket_io() == SocketIo::Completion
-    })
-    .ok_or_else(no_reactor)
-}
-
-fn cvt(n: isize) -> io::Result<usize> {
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
 /// The socket machinery shared by TCP and Unix streams.
 struct Stream<T: AsFd + 'static> {
     io: Rc<Async<T>>,
@@ -102,46 +87,13 @@ impl<T: AsFd + 'static> Stream<T> {
     }
 
     async fn read<B: IoBufMut>(&self, buf: B) -> (io::Result<usize>, B) {
-        match use_completion() {
-            #[cfg(feature = "uring")]
-            Ok(true) => uring::recv(self.io.clone(), buf).await,
-            Ok(_) => {
-                let mut buf = buf;
-                let fd = self.fd();
-                let (ptr, len) = (buf.stable_mut_ptr(), buf.bytes_total());
-                // SAFETY: the kernel writes at most `len` bytes into the buffer's room.
-                let res = self
-                    .io
-                    .read_with(|_| cvt(unsafe { libc::recv(fd, ptr.cast(), len, 0) }))
-                    .await;
-                if let Ok(n) = res {
-                    // SAFETY: `n` bytes were received into the buffer.
-                    unsafe { buf.set_init(n) };
-                }
-                (res, buf)
-            }
-            Err(e) => (Err(e), buf),
-        }
+        let io = self.io.clone();
+        run_when_ready(&self.io, Ready::Read, Recv { io, buf }).await
     }
 
     async fn write<B: IoBuf>(&self, buf: B) -> (io::Result<usize>, B) {
-        match use_completion() {
-            #[cfg(feature = "uring")]
-            Ok(true) => uring::send(self.io.clone(), buf).await,
-            Ok(_) => {
-                let fd = self.fd();
-                let (ptr, len) = (buf.stable_ptr(), buf.bytes_init());
-                let res = self
-                    .io
-                    // SAFETY: the kernel reads `len` initialised bytes.
-                    .write_with(|_| {
-                        cvt(unsafe { libc::send(fd, ptr.cast(), len, libc::MSG_NOSIGNAL) })
-                    })
-                    .await;
-                (res, buf)
-            }
-            Err(e) => (Err(e), buf),
-        }
+        let io = self.io.clone();
+        run_when_ready(&self.io, Ready::Write, Send { io, buf }).await
     }
 
     async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
@@ -166,7 +118,7 @@ impl<T: AsFd + 'static> Stream<T> {
             Shutdown::Both => libc::SHUT_RDWR,
         };
         // SAFETY: a plain system call on an open socket.
-        cvt(unsafe { libc::shutdown(self.fd(), how) } as isize).map(drop)
+        cvt(unsafe { libc::shutdown(self.fd(), how) }).map(drop)
     }
 }
 
@@ -177,26 +129,8 @@ struct Listener<T: AsFd + 'static> {
 
 impl<T: AsFd + 'static> Listener<T> {
     async fn accept_fd(&self) -> io::Result<OwnedFd> {
-        if use_completion()? {
-            #[cfg(feature = "uring")]
-            return uring::accept(self.io.clone()).await;
-        }
-        let fd = self.io.as_fd().as_raw_fd();
-        self.io
-            .read_with(|_| {
-                // SAFETY: accept4 without an address buffer.
-                let s = unsafe {
-                    libc::accept4(
-                        fd,
-                        std::ptr::null_mut(),
-                        std::ptr::null_mut(),
-                        libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                    )
-                };
-                // SAFETY: a fresh descriptor owned by nobody else.
-                cvt(s as isize).map(|s| unsafe { OwnedFd::from_raw_fd(s as RawFd) })
-            })
-            .await
+        let io = self.io.clone();
+        run_when_ready(&self.io, Ready::Read, Accept { io }).await
     }
 }
 
@@ -324,7 +258,7 @@ impl TcpStream {
             )
         };
         // SAFETY: a fresh descriptor owned by nobody else.
-        let fd = cvt(s as isize).map(|s| unsafe { OwnedFd::from_raw_fd(s as RawFd) })?;
+        let fd = cvt(s).map(|s| unsafe { OwnedFd::from_raw_fd(s as RawFd) })?;
         let (storage, len) = sockaddr(&addr);
         // SAFETY: `storage` holds a valid address of `len` bytes.
         let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const storage).cast(), len) };
@@ -551,77 +485,4 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
         }
     };
     (storage, len as libc::socklen_t)
-}
-
-#[cfg(feature = "uring")]
-mod uring {
-    //! The io_uring completion versions of the socket operations.
-
-    use super::*;
-    use crate::io::uring_op::{UringOp, drain, fill};
-    use crate::ops::Completion;
-    use fdmon_uring::io_uring::{opcode, types};
-
-    fn result(c: Completion) -> io::Result<usize> {
-        c.into_result().map(|n| n as usize)
-    }
-
-    pub(super) async fn recv<T: AsFd + 'static, B: IoBufMut>(
-        io: Rc<Async<T>>,
-        buf: B,
-    ) -> (io::Result<usize>, B) {
-        // SAFETY: a RECV of at most `len` bytes at `ptr`, on the socket the Rc keeps open.
-        unsafe {
-            fill(io, buf, |io, ptr, len| {
-                opcode::Recv::new(types::Fd(io.as_fd().as_raw_fd()), ptr, len).build()
-            })
-        }
-        .await
-    }
-
-    pub(super) async fn send<T: AsFd + 'static, B: IoBuf>(
-        io: Rc<Async<T>>,
-        buf: B,
-    ) -> (io::Result<usize>, B) {
-        // SAFETY: a SEND of at most `len` bytes at `ptr`, on the socket the Rc keeps open.
-        unsafe {
-            drain(io, buf, |io, ptr, len| {
-                opcode::Send::new(types::Fd(io.as_fd().as_raw_fd()), ptr, len)
-                    .flags(libc::MSG_NOSIGNAL)
-                    .build()
-            })
-        }
-        .await
-    }
-
-    /// Closes the socket a cancelled accept produced.
-    fn close_accepted<T>(_io: T, c: Completion) {
-        if c.result >= 0 {
-            // SAFETY: the kernel gave this fd to an operation nobody collected.
-            drop(unsafe { OwnedFd::from_raw_fd(c.result) });
-        }
-    }
-
-    pub(super) async fn accept<T: AsFd + 'static>(io: Rc<Async<T>>) -> io::Result<OwnedFd> {
-        // SAFETY: the SQE refers to the listening socket, which the operation owns.
-        let op = unsafe {
-            UringOp::submit(
-                io,
-                |io| {
-                    opcode::Accept::new(
-                        types::Fd(io.as_fd().as_raw_fd()),
-                        std::ptr::null_mut(),
-                        std::ptr::null_mut(),
-                    )
-                    .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
-                    .build()
-                },
-                Some(close_accepted::<Rc<Async<T>>>),
-            )
-        };
-        let (c, _io) = op.map_err(|(e, _)| e)?.await;
-        let fd = result(c)?;
-        // SAFETY: a fresh descriptor from the kernel, owned by nobody else.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-    }
 }

@@ -1,10 +1,7 @@
-//! Asynchronous I/O: owned buffers, fd readiness ([`Async`]), and the io_uring operation
-//! future that files and sockets use.
+//! Asynchronous I/O: owned buffers and fd readiness ([`Async`]).
 
 mod async_fd;
 mod buf;
-#[cfg(feature = "uring")]
-pub(crate) mod uring_op;
 
 pub use async_fd::{Async, Readable, Writable};
 pub use buf::{AlignedBuf, IoBuf, IoBufMut, Slice};

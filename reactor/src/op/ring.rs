@@ -1,5 +1,5 @@
-//! [`UringOp`]: a future for one io_uring operation whose resources live until the kernel is
-//! done with them.
+//! The io_uring path of an [`Op`]: [`UringOp`], a future for one io_uring operation whose
+//! resources live until the kernel is done with them, and [`run`].
 //!
 //! The resources (buffers, the fd, a path) move into a cell shared with the completion
 //! callback before the SQE is built from them, and come back with the completion. If the
@@ -14,11 +14,13 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
+use io_uring::squeue::Entry;
+
+use super::Op;
 use crate::io::no_reactor;
 use crate::ops::{Completion, OpId};
 use crate::reactor::{Reactor, Shared};
 use crate::sync::Arc;
-use fdmon_uring::io_uring::squeue::Entry;
 
 struct State<T> {
     done: Cell<Option<Completion>>,
@@ -143,71 +145,23 @@ impl<T: 'static> Drop for UringOp<T> {
     }
 }
 
-/// Runs an operation that fills `buf`'s room (a read, a recv) while `owner` (the fd's
-/// keeper) stays alive with it: the byte count, and the buffer with that many bytes
-/// recorded as initialised.
-///
-/// # Safety
-/// `build(owner, ptr, len)` must return an SQE that writes at most `len` bytes at `ptr` and
-/// otherwise refers only to what `owner` keeps alive.
-pub(crate) async unsafe fn fill<O: 'static, B: crate::io::IoBufMut>(
-    owner: O,
-    buf: B,
-    build: impl FnOnce(&O, *mut u8, u32) -> Entry,
-) -> (io::Result<usize>, B) {
-    // SAFETY: the SQE refers to the buffer's room, which the operation owns (stable when
-    // moved, by IoBufMut's contract), and to what `owner` keeps alive (the caller's promise).
-    let op = unsafe {
-        UringOp::submit(
-            (owner, buf),
-            |(o, b)| {
-                let len = u32::try_from(b.bytes_total()).unwrap_or(u32::MAX);
-                build(o, b.stable_mut_ptr(), len)
-            },
-            None,
-        )
-    };
-    match op {
-        Ok(op) => {
-            let (c, (_owner, mut buf)) = op.await;
-            let res = c.into_result().map(|n| n as usize);
-            if let Ok(n) = res {
-                // SAFETY: the kernel wrote `n` bytes into the room.
-                unsafe { buf.set_init(n) };
-            }
-            (res, buf)
+/// Runs `op` as an io_uring operation on the current reactor's ring.
+pub(super) async fn run<O: Op>(op: O) -> O::Output {
+    // SAFETY: `Op`'s contract: the SQE refers only to what the operation owns (stable when
+    // moved) or to memory that outlives it.
+    let submitted = unsafe { UringOp::submit(op, |op| op.sqe(), Some(orphan::<O>)) };
+    match submitted {
+        Ok(fut) => {
+            let (c, op) = fut.await;
+            op.complete(c.into_result().map(|n| n as usize))
         }
-        Err((e, (_owner, buf))) => (Err(e), buf),
+        Err((e, op)) => op.complete(Err(e)),
     }
 }
 
-/// Runs an operation that reads `buf`'s initialised bytes (a write, a send) while `owner`
-/// stays alive with it: the byte count, and the buffer.
-///
-/// # Safety
-/// `build(owner, ptr, len)` must return an SQE that reads at most `len` bytes at `ptr` and
-/// otherwise refers only to what `owner` keeps alive.
-pub(crate) async unsafe fn drain<O: 'static, B: crate::io::IoBuf>(
-    owner: O,
-    buf: B,
-    build: impl FnOnce(&O, *const u8, u32) -> Entry,
-) -> (io::Result<usize>, B) {
-    // SAFETY: as in `fill`, for the buffer's initialised bytes.
-    let op = unsafe {
-        UringOp::submit(
-            (owner, buf),
-            |(o, b)| {
-                let len = u32::try_from(b.bytes_init()).unwrap_or(u32::MAX);
-                build(o, b.stable_ptr(), len)
-            },
-            None,
-        )
-    };
-    match op {
-        Ok(op) => {
-            let (c, (_owner, buf)) = op.await;
-            (c.into_result().map(|n| n as usize), buf)
-        }
-        Err((e, (_owner, buf))) => (Err(e), buf),
+/// Disposes of what a completed operation nobody collected produced.
+fn orphan<O: Op>(op: O, c: Completion) {
+    if c.result >= 0 {
+        op.orphan(c.result as usize);
     }
 }

@@ -1,0 +1,331 @@
+//! The file operations: one type each, with its io_uring SQE and its blocking call.
+//!
+//! Each keeps the file open with an `Arc<OwnedFd>` and owns its buffers until it completes.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+use io_uring::squeue::Entry;
+use io_uring::{opcode, types};
+
+use super::Op;
+use crate::io::{IoBuf, IoBufMut};
+use crate::sys::cvt;
+
+/// An io_uring length: a buffer larger than 4 GiB is read or written in part (a short
+/// transfer), as a system call may also do.
+fn len32(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
+/// `openat(AT_FDCWD, path, flags, mode)`.
+pub(crate) struct Open {
+    pub(crate) path: CString,
+    pub(crate) flags: i32,
+    pub(crate) mode: u32,
+}
+
+// SAFETY: the SQE and the call refer to the path, which the operation owns (a CString's bytes
+// do not move with it).
+unsafe impl Op for Open {
+    type Output = io::Result<OwnedFd>;
+
+    fn sqe(&mut self) -> Entry {
+        opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), self.path.as_ptr())
+            .flags(self.flags)
+            .mode(self.mode)
+            .build()
+    }
+
+    fn call(&mut self) -> io::Result<usize> {
+        // SAFETY: a valid C string for the call.
+        cvt(unsafe { libc::open(self.path.as_ptr(), self.flags, self.mode) }).map(|fd| fd as usize)
+    }
+
+    fn complete(self, res: io::Result<usize>) -> io::Result<OwnedFd> {
+        // SAFETY: a fresh descriptor from the kernel, owned by nobody else.
+        res.map(|fd| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+
+    fn orphan(self, fd: usize) {
+        // SAFETY: the kernel gave this fd to an operation nobody collected; nothing else owns
+        // it.
+        drop(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+    }
+}
+
+/// `pread`: into the room of `buf`.
+pub(crate) struct ReadAt<B> {
+    pub(crate) fd: Arc<OwnedFd>,
+    pub(crate) buf: B,
+    pub(crate) offset: u64,
+}
+
+// SAFETY: at most `bytes_total` bytes are written at the buffer's stable pointer; the Arc keeps
+// the fd open.
+unsafe impl<B: IoBufMut> Op for ReadAt<B> {
+    type Output = (io::Result<usize>, B);
+
+    fn sqe(&mut self) -> Entry {
+        let len = len32(self.buf.bytes_total());
+        opcode::Read::new(
+            types::Fd(self.fd.as_raw_fd()),
+            self.buf.stable_mut_ptr(),
+            len,
+        )
+        .offset(self.offset)
+        .build()
+    }
+
+    fn call(&mut self) -> io::Result<usize> {
+        let (ptr, len) = (self.buf.stable_mut_ptr(), self.buf.bytes_total());
+        // SAFETY: the kernel writes at most `len` bytes into the buffer's room; the offset was
+        // checked to fit an off_t.
+        cvt(unsafe { libc::pread(self.fd.as_raw_fd(), ptr.cast(), len, self.offset as i64) })
+            .map(|n| n as usize)
+    }
+
+    fn complete(mut self, res: io::Result<usize>) -> Self::Output {
+        if let Ok(n) = res {
+            // SAFETY: the kernel initialised `n` bytes of the room.
+            unsafe { self.buf.set_init(n) };
+        }
+        (res, self.buf)
+    }
+}
+
+/// `pwrite`: the initialised bytes of `buf`.
+pub(crate) struct WriteAt<B> {
+    pub(crate) fd: Arc<OwnedFd>,
+    pub(crate) buf: B,
+    pub(crate) offset: u64,
+}
+
+// SAFETY: at most `bytes_init` bytes are read at the buffer's stable pointer; the Arc keeps the
+// fd open.
+unsafe impl<B: IoBuf> Op for WriteAt<B> {
+    type Output = (io::Result<usize>, B);
+
+    fn sqe(&mut self) -> Entry {
+        let len = len32(self.buf.bytes_init());
+        opcode::Write::new(types::Fd(self.fd.as_raw_fd()), self.buf.stable_ptr(), len)
+            .offset(self.offset)
+            .build()
+    }
+
+    fn call(&mut self) -> io::Result<usize> {
+        let (ptr, len) = (self.buf.stable_ptr(), self.buf.bytes_init());
+        // SAFETY: the kernel reads `len` initialised bytes; the offset fits an off_t.
+        cvt(unsafe { libc::pwrite(self.fd.as_raw_fd(), ptr.cast(), len, self.offset as i64) })
+            .map(|n| n as usize)
+    }
+
+    fn complete(self, res: io::Result<usize>) -> Self::Output {
+        (res, self.buf)
+    }
+}
+
+/// `preadv`: into the rooms of `bufs`, in order.
+pub(crate) struct ReadvAt<B> {
+    pub(crate) fd: Arc<OwnedFd>,
+    pub(crate) bufs: Vec<B>,
+    pub(crate) offset: u64,
+    /// Built from `bufs` when the operation starts; its heap block is what the kernel reads.
+    pub(crate) iov: Vec<libc::iovec>,
+}
+
+impl<B: IoBufMut> ReadvAt<B> {
+    fn fill_iov(&mut self) {
+        self.iov = self
+            .bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.stable_mut_ptr().cast(),
+                iov_len: b.bytes_total(),
+            })
+            .collect();
+    }
+}
+
+// SAFETY: the iovecs only point into the buffers this operation owns, which move with it.
+unsafe impl<B: Send> Send for ReadvAt<B> {}
+
+// SAFETY: the iovecs (owned, in a Vec's heap block) cover the buffers' rooms, which the
+// operation owns; the Arc keeps the fd open. The caller checked the count against IOV_MAX.
+unsafe impl<B: IoBufMut> Op for ReadvAt<B> {
+    type Output = (io::Result<usize>, Vec<B>);
+
+    fn sqe(&mut self) -> Entry {
+        self.fill_iov();
+        opcode::Readv::new(
+            types::Fd(self.fd.as_raw_fd()),
+            self.iov.as_ptr(),
+            self.iov.len() as u32,
+        )
+        .offset(self.offset)
+        .build()
+    }
+
+    fn call(&mut self) -> io::Result<usize> {
+        self.fill_iov();
+        // SAFETY: as above.
+        cvt(unsafe {
+            libc::preadv(
+                self.fd.as_raw_fd(),
+                self.iov.as_ptr(),
+                self.iov.len() as i32,
+                self.offset as i64,
+            )
+        })
+        .map(|n| n as usize)
+    }
+
+    fn complete(mut self, res: io::Result<usize>) -> Self::Output {
+        if let Ok(mut n) = res {
+            for b in &mut self.bufs {
+                let k = n.min(b.bytes_total());
+                // SAFETY: the kernel filled the buffers in order, `k` bytes of this one.
+                unsafe { b.set_init(k) };
+                n -= k;
+            }
+        }
+        (res, self.bufs)
+    }
+}
+
+/// `pwritev`: the initialised bytes of `bufs`, in order.
+pub(crate) struct WritevAt<B> {
+    pub(crate) fd: Arc<OwnedFd>,
+    pub(crate) bufs: Vec<B>,
+    pub(crate) offset: u64,
+    /// Built from `bufs` when the operation starts.
+    pub(crate) iov: Vec<libc::iovec>,
+}
+
+impl<B: IoBuf> WritevAt<B> {
+    fn fill_iov(&mut self) {
+        self.iov = self
+            .bufs
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.stable_ptr().cast_mut().cast(),
+                iov_len: b.bytes_init(),
+            })
+            .collect();
+    }
+}
+
+// SAFETY: as for `ReadvAt`.
+unsafe impl<B: Send> Send for WritevAt<B> {}
+
+// SAFETY: as for `ReadvAt`, for the buffers' initialised bytes (only read).
+unsafe impl<B: IoBuf> Op for WritevAt<B> {
+    type Output = (io::Result<usize>, Vec<B>);
+
+    fn sqe(&mut self) -> Entry {
+        self.fill_iov();
+        opcode::Writev::new(
+            types::Fd(self.fd.as_raw_fd()),
+            self.iov.as_ptr(),
+            self.iov.len() as u32,
+        )
+        .offset(self.offset)
+        .build()
+    }
+
+    fn call(&mut self) -> io::Result<usize> {
+        self.fill_iov();
+        // SAFETY: as above.
+        cvt(unsafe {
+            libc::pwritev(
+                self.fd.as_raw_fd(),
+                self.iov.as_ptr(),
+                self.iov.len() as i32,
+                self.offset as i64,
+            )
+        })
+        .map(|n| n as usize)
+    }
+
+    fn complete(self, res: io::Result<usize>) -> Self::Output {
+        (res, self.bufs)
+    }
+}
+
+/// `fsync`, or `fdatasync` when `data_only`.
+pub(crate) struct Sync {
+    pub(crate) fd: Arc<OwnedFd>,
+    pub(crate) data_only: bool,
+}
+
+// SAFETY: refers to no memory; the Arc keeps the fd open.
+unsafe impl Op for Sync {
+    type Output = io::Result<()>;
+
+    fn sqe(&mut self) -> Entry {
+        let flags = if self.data_only {
+            types::FsyncFlags::DATASYNC
+        } else {
+            types::FsyncFlags::empty()
+        };
+        opcode::Fsync::new(types::Fd(self.fd.as_raw_fd()))
+            .flags(flags)
+            .build()
+    }
+
+    fn call(&mut self) -> io::Result<usize> {
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: plain system calls on an open fd.
+        let rc = unsafe {
+            if self.data_only {
+                libc::fdatasync(fd)
+            } else {
+                libc::fsync(fd)
+            }
+        };
+        cvt(rc).map(|_| 0)
+    }
+
+    fn complete(self, res: io::Result<usize>) -> io::Result<()> {
+        res.map(drop)
+    }
+}
+
+/// `fallocate(fd, mode, offset, len)`.
+pub(crate) struct Fallocate {
+    pub(crate) fd: Arc<OwnedFd>,
+    pub(crate) mode: i32,
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+}
+
+// SAFETY: refers to no memory; the Arc keeps the fd open.
+unsafe impl Op for Fallocate {
+    type Output = io::Result<()>;
+
+    fn sqe(&mut self) -> Entry {
+        opcode::Fallocate::new(types::Fd(self.fd.as_raw_fd()), self.len)
+            .offset(self.offset)
+            .mode(self.mode)
+            .build()
+    }
+
+    fn call(&mut self) -> io::Result<usize> {
+        // SAFETY: a plain system call on an open fd; offset and length were checked to fit.
+        let rc = unsafe {
+            libc::fallocate(
+                self.fd.as_raw_fd(),
+                self.mode,
+                self.offset as i64,
+                self.len as i64,
+            )
+        };
+        cvt(rc).map(|_| 0)
+    }
+
+    fn complete(self, res: io::Result<usize>) -> io::Result<()> {
+        res.map(drop)
+    }
+}

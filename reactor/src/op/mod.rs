@@ -1,0 +1,124 @@
+//! One type per I/O operation, and the two ways to run one.
+//!
+//! An operation ([`Op`]) owns what the kernel reads or writes (buffers, the fd's keeper, a
+//! path) and says once how to describe itself to io_uring ([`Op::sqe`]) and how to make the
+//! system call itself ([`Op::call`]). Files and sockets (`fs.rs`, `net.rs`) only build
+//! operations and hand them to a driver; the drivers here are the only code in the async
+//! layer that asks which backend runs:
+//!
+//! - [`run`] (files): an io_uring operation on the uring backend; the blocking call on the
+//!   reactor's thread pool on epoll;
+//! - [`run_when_ready`] (sockets): an io_uring operation when the reactor does socket I/O by
+//!   completion ([`SocketIo::Completion`](crate::net::SocketIo) on io_uring); otherwise the
+//!   non-blocking call, made when the socket is ready.
+//!
+//! A new operation is one new type in `file.rs` or `socket.rs`.
+
+pub(crate) mod file;
+mod ring;
+pub(crate) mod socket;
+
+use std::io;
+use std::os::fd::AsFd;
+
+use io_uring::squeue::Entry;
+
+use crate::backend::Backend;
+use crate::io::{Async, no_reactor};
+use crate::net::SocketIo;
+use crate::pool::spawn_blocking;
+use crate::reactor::Reactor;
+
+/// One I/O operation with everything it needs.
+///
+/// # Safety
+/// The SQE [`sqe`](Op::sqe) builds, and the system call [`call`](Op::call) makes, must refer
+/// only to memory that `self` owns and that stays where it is when `self` moves (a `Vec`'s or
+/// a `Box`'s heap block, what an `Arc` or `Rc` points to), or to memory that outlives the
+/// operation; and every fd they name must be kept open by `self`. The io_uring driver keeps
+/// `self` alive until the kernel has completed the SQE, even when the caller's future is
+/// dropped first.
+pub(crate) unsafe trait Op: 'static {
+    /// What the caller gets: typically the result with the resources handed back.
+    type Output;
+
+    /// The io_uring SQE of this operation (its `user_data` is the reactor's to set).
+    fn sqe(&mut self) -> Entry;
+
+    /// The system call: blocking for files (run on the thread pool), non-blocking for sockets
+    /// (run when the socket is ready). Returns the kernel's non-negative result.
+    fn call(&mut self) -> io::Result<usize>;
+
+    /// The caller's output from the kernel's result (from either backend).
+    fn complete(self, res: io::Result<usize>) -> Self::Output;
+
+    /// Disposes of what the operation produced when nobody collects it (its future was dropped
+    /// after the kernel completed it): an `open` or `accept` closes the fd `result` names.
+    fn orphan(self, result: usize)
+    where
+        Self: Sized,
+    {
+        let _ = result;
+    }
+}
+
+/// The backend of the reactor polling on this thread.
+fn backend() -> io::Result<Backend> {
+    Reactor::with_current(|r| r.backend()).ok_or_else(no_reactor)
+}
+
+/// Runs a file operation: on the io_uring backend an io_uring operation; on epoll the blocking
+/// call on the reactor's thread pool, where the output is also made, so that what an
+/// uncollected operation produced (an opened fd) is dropped there, not leaked.
+pub(crate) async fn run<O: Op + Send>(op: O) -> O::Output
+where
+    O::Output: Send,
+{
+    match backend() {
+        Ok(Backend::Uring) => ring::run(op).await,
+        Ok(_) => {
+            let job = spawn_blocking(move || {
+                let mut op = op;
+                let res = op.call();
+                op.complete(res)
+            });
+            job.await.unwrap_or_else(|e| match e.into_panic() {
+                Some(p) => std::panic::resume_unwind(p),
+                None => unreachable!("blocking work is never cancelled"),
+            })
+        }
+        Err(e) => op.complete(Err(e)),
+    }
+}
+
+/// Which readiness a socket operation waits for when it runs by readiness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ready {
+    Read,
+    Write,
+}
+
+/// Runs a socket operation on `io`: an io_uring operation when the current reactor does
+/// socket I/O by completion, else the non-blocking call each time `io` is ready for `ready`,
+/// until it does not return `WouldBlock`.
+pub(crate) async fn run_when_ready<O: Op, T: AsFd>(
+    io: &Async<T>,
+    ready: Ready,
+    op: O,
+) -> O::Output {
+    let completion = Reactor::with_current(|r| {
+        r.backend() == Backend::Uring && r.socket_io() == SocketIo::Completion
+    });
+    match completion {
+        Some(true) => ring::run(op).await,
+        Some(false) => {
+            let mut op = op;
+            let res = match ready {
+                Ready::Read => io.read_with(|_| op.call()).await,
+                Ready::Write => io.write_with(|_| op.call()).await,
+            };
+            op.complete(res)
+        }
+        None => op.complete(Err(no_reactor())),
+    }
+}

@@ -1,0 +1,135 @@
+//! The socket operations: one type each, with its io_uring SQE and its non-blocking call.
+//!
+//! Each keeps the socket open with the `Rc<Async<_>>` it shares with its stream or listener,
+//! and owns its buffer until it completes.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+
+use io_uring::squeue::Entry;
+use io_uring::{opcode, types};
+
+use super::Op;
+use crate::io::{Async, IoBuf, IoBufMut};
+use crate::sys::cvt;
+
+fn len32(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
+/// `recv` into the room of `buf`.
+pub(crate) struct Recv<T: AsFd + 'static, B> {
+    pub(crate) io: Rc<Async<T>>,
+    pub(crate) buf: B,
+}
+
+impl<T: AsFd + 'static, B> Recv<T, B> {
+    fn fd(&self) -> RawFd {
+        self.io.as_fd().as_raw_fd()
+    }
+}
+
+// SAFETY: at most `bytes_total` bytes are written at the buffer's stable pointer; the Rc keeps
+// the socket open.
+unsafe impl<T: AsFd + 'static, B: IoBufMut> Op for Recv<T, B> {
+    type Output = (io::Result<usize>, B);
+
+    fn sqe(&mut self) -> Entry {
+        let len = len32(self.buf.bytes_total());
+        opcode::Recv::new(types::Fd(self.fd()), self.buf.stable_mut_ptr(), len).build()
+    }
+
+    fn call(&mut self) -> io::Result<usize> {
+        let (ptr, len) = (self.buf.stable_mut_ptr(), self.buf.bytes_total());
+        // SAFETY: the kernel writes at most `len` bytes into the buffer's room.
+        cvt(unsafe { libc::recv(self.fd(), ptr.cast(), len, 0) }).map(|n| n as usize)
+    }
+
+    fn complete(mut self, res: io::Result<usize>) -> Self::Output {
+        if let Ok(n) = res {
+            // SAFETY: `n` bytes were received into the room.
+            unsafe { self.buf.set_init(n) };
+        }
+        (res, self.buf)
+    }
+}
+
+/// `send` of the initialised bytes of `buf` (never raising `SIGPIPE`).
+pub(crate) struct Send<T: AsFd + 'static, B> {
+    pub(crate) io: Rc<Async<T>>,
+    pub(crate) buf: B,
+}
+
+impl<T: AsFd + 'static, B> Send<T, B> {
+    fn fd(&self) -> RawFd {
+        self.io.as_fd().as_raw_fd()
+    }
+}
+
+// SAFETY: at most `bytes_init` bytes are read at the buffer's stable pointer; the Rc keeps the
+// socket open.
+unsafe impl<T: AsFd + 'static, B: IoBuf> Op for Send<T, B> {
+    type Output = (io::Result<usize>, B);
+
+    fn sqe(&mut self) -> Entry {
+        let len = len32(self.buf.bytes_init());
+        opcode::Send::new(types::Fd(self.fd()), self.buf.stable_ptr(), len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+    }
+
+    fn call(&mut self) -> io::Result<usize> {
+        let (ptr, len) = (self.buf.stable_ptr(), self.buf.bytes_init());
+        // SAFETY: the kernel reads `len` initialised bytes.
+        cvt(unsafe { libc::send(self.fd(), ptr.cast(), len, libc::MSG_NOSIGNAL) })
+            .map(|n| n as usize)
+    }
+
+    fn complete(self, res: io::Result<usize>) -> Self::Output {
+        (res, self.buf)
+    }
+}
+
+/// `accept4` of a connection as a non-blocking, close-on-exec socket (its address unasked).
+pub(crate) struct Accept<T: AsFd + 'static> {
+    pub(crate) io: Rc<Async<T>>,
+}
+
+// SAFETY: refers to no memory (no address buffer); the Rc keeps the listener open.
+unsafe impl<T: AsFd + 'static> Op for Accept<T> {
+    type Output = io::Result<OwnedFd>;
+
+    fn sqe(&mut self) -> Entry {
+        opcode::Accept::new(
+            types::Fd(self.io.as_fd().as_raw_fd()),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+        .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+        .build()
+    }
+
+    fn call(&mut self) -> io::Result<usize> {
+        // SAFETY: accept4 without an address buffer.
+        cvt(unsafe {
+            libc::accept4(
+                self.io.as_fd().as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            )
+        })
+        .map(|fd| fd as usize)
+    }
+
+    fn complete(self, res: io::Result<usize>) -> io::Result<OwnedFd> {
+        // SAFETY: a fresh descriptor from the kernel, owned by nobody else.
+        res.map(|fd| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+
+    fn orphan(self, fd: usize) {
+        // SAFETY: the kernel gave this fd to an operation nobody collected.
+        drop(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+    }
+}
