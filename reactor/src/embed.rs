@@ -17,15 +17,12 @@ pub(crate) struct ExternalTimer {
 impl ExternalTimer {
     pub(crate) fn new() -> io::Result<Self> {
         // SAFETY: timerfd_create takes no pointers; the result is checked.
-        let fd = unsafe {
+        let fd = crate::sys::cvt(unsafe {
             libc::timerfd_create(
                 libc::CLOCK_MONOTONIC,
                 libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
             )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        })?;
         // SAFETY: a fresh descriptor owned by nobody else.
         Ok(ExternalTimer {
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
@@ -69,11 +66,11 @@ impl ExternalTimer {
         // SAFETY: `spec` is valid for the call; the old value is not asked for.
         let rc =
             unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
-        if rc < 0 {
+        if let Err(e) = crate::sys::cvt(rc) {
             // Not armed: forget the target so that the next call tries again. The foreign
             // loop still has the timeout `prepare_external_wait` returned.
             self.armed_for.set(u64::MAX - 1);
-            tracing::warn!(error = %io::Error::last_os_error(), "reactor: timerfd_settime failed");
+            tracing::warn!(error = %e, "reactor: timerfd_settime failed");
         }
     }
 

@@ -42,10 +42,8 @@ impl EventNotifier {
     /// The error of `eventfd`, for example `EMFILE`.
     pub fn new() -> io::Result<Self> {
         // SAFETY: eventfd takes no pointers; the result is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let fd =
+            crate::sys::cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
         // SAFETY: `fd` is a fresh descriptor owned by nobody else.
         Ok(EventNotifier {
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
@@ -62,14 +60,14 @@ impl EventNotifier {
         loop {
             // SAFETY: writes 8 bytes from a live u64.
             let n = unsafe { libc::write(self.fd.as_raw_fd(), (&raw const one).cast(), 8) };
-            if n == 8 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN) => return Ok(()), // saturated: set already
-                _ => return Err(e),
+            match crate::sys::cvt(n) {
+                // An eventfd write is all 8 bytes or an error.
+                Ok(_) => return Ok(()),
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) => return Ok(()), // saturated: set already
+                    _ => return Err(e),
+                },
             }
         }
     }
@@ -85,13 +83,12 @@ impl EventNotifier {
         loop {
             // SAFETY: reads 8 bytes into a live u64.
             let n = unsafe { libc::read(self.fd.as_raw_fd(), (&raw mut v).cast(), 8) };
-            if n == 8 {
-                return v;
+            match crate::sys::cvt(n) {
+                // An eventfd read is all 8 bytes or an error.
+                Ok(_) => return v,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(_) => return 0, // EAGAIN: not set
             }
-            if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return 0; // EAGAIN: not set
         }
     }
 }

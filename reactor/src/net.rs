@@ -265,8 +265,7 @@ impl TcpStream {
         let stream = TcpStream {
             inner: Stream::new(std::net::TcpStream::from(fd))?,
         };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
+        if let Err(e) = cvt(rc) {
             if e.raw_os_error() != Some(libc::EINPROGRESS) {
                 return Err(e);
             }

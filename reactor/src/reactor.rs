@@ -1090,9 +1090,7 @@ fn file_identity(fd: RawFd) -> io::Result<(u64, u64)> {
     // SAFETY: an all-zero `stat` is a valid value of the plain C struct.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `st` is a valid, writable stat buffer for the duration of the call.
-    if unsafe { libc::fstat(fd, &mut st) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    crate::sys::cvt(unsafe { libc::fstat(fd, &mut st) })?;
     match st.st_mode & libc::S_IFMT {
         libc::S_IFREG | libc::S_IFDIR => Err(io::Error::from_raw_os_error(libc::EPERM)),
         _ => Ok((st.st_dev, st.st_ino)),

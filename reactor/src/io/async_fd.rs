@@ -16,6 +16,7 @@ use crate::interest::Interest;
 use crate::io::no_reactor;
 use crate::reactor::{Reactor, Shared};
 use crate::sync::Arc;
+use crate::sys::cvt;
 
 #[derive(Default)]
 struct Dir {
@@ -266,10 +267,10 @@ impl<T: AsFd + 'static> Async<T> {
             }
             // SAFETY: writes at most `buf.len()` bytes into `buf`.
             let n = unsafe { libc::read(self.fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n >= 0 {
-                return Poll::Ready(Ok(n as usize));
-            }
-            let e = io::Error::last_os_error();
+            let e = match cvt(n) {
+                Ok(n) => return Poll::Ready(Ok(n as usize)),
+                Err(e) => e,
+            };
             match e.kind() {
                 io::ErrorKind::WouldBlock => self.reg.read.ready.set(false),
                 io::ErrorKind::Interrupted => {}
@@ -290,10 +291,10 @@ impl<T: AsFd + 'static> Async<T> {
             }
             // SAFETY: reads at most `buf.len()` bytes from `buf`.
             let n = unsafe { libc::write(self.fd(), buf.as_ptr().cast(), buf.len()) };
-            if n >= 0 {
-                return Poll::Ready(Ok(n as usize));
-            }
-            let e = io::Error::last_os_error();
+            let e = match cvt(n) {
+                Ok(n) => return Poll::Ready(Ok(n as usize)),
+                Err(e) => e,
+            };
             match e.kind() {
                 io::ErrorKind::WouldBlock => self.reg.write.ready.set(false),
                 io::ErrorKind::Interrupted => {}
@@ -306,10 +307,8 @@ impl<T: AsFd + 'static> Async<T> {
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     // SAFETY: F_GETFL/F_SETFL on a borrowed fd, no pointers.
     unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let flags = cvt(libc::fcntl(fd, libc::F_GETFL))?;
+        cvt(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK))?;
     }
     Ok(())
 }
