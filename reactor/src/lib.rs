@@ -8,7 +8,24 @@
 //! The wakeup protocol is QEMU's `notify_me`/`notified`: while the reactor is busy, scheduling
 //! work from another thread makes no system call at all; only a reactor that may be asleep gets
 //! its eventfd written. The protocol and its synchronisation points are documented in the
-//! source (`notify.rs`).
+//! source (`lockfree/protocol.rs`).
+//!
+//! ## Map of the source, by layer (each may call the layers listed after it)
+//!
+//! - `rt/`: the async runtime: `io` (owned buffers, [`Async`] readiness), `op` (one type per
+//!   I/O operation; the drivers that run them on the ring, the thread pool or readiness),
+//!   `fs`, `net`, `time`, `blocking` ([`spawn_blocking`]), `iothread` ([`IoThread`]);
+//! - `reactor/`: the loop: `mod.rs` ([`Reactor`], [`Builder`], iteration, fd registration,
+//!   SQEs), `embed` (the timerfd of foreign loops), `polling` (adaptive busy polling),
+//!   `monitor_errors` (the failure policy), `stats`;
+//! - `sched/`: home-thread scheduling: `bh` ([`Bh`]), `timer` ([`Timer`]), `task` (tasks,
+//!   wakers, [`JoinHandle`]), `handle` ([`Handle`]), `pool` ([`ThreadPool`]);
+//! - `fd/`: fds and the backend: `backend` (the only place that knows which fd monitors exist),
+//!   `handlers` ([`FdHandler`]), `interest` ([`Interest`]), `ops` (completions of SQEs);
+//! - `lockfree/`: what other threads touch: `protocol` (BH list, flags, `notify_me`/`notified`;
+//!   model-checked), `sync` (the atomics loom replaces), `notify` (the protocol over an
+//!   eventfd), `event_notifier` ([`EventNotifier`]);
+//! - `sys.rs`: the one errno check of raw system calls.
 //!
 //! ```
 //! use reactor::{FdHandler, Reactor};
@@ -50,50 +67,33 @@
 //! io_uring is refused; the environment variable `REACTOR_BACKEND=uring|epoll` overrides
 //! `Auto`, and [`Builder::backend`] forces one. [`Reactor::backend`] says which one runs.
 
-mod backend;
-mod bh;
-mod embed;
-mod event_notifier;
-pub mod fs;
-mod handle;
-mod handlers;
-mod interest;
-pub mod io;
-mod iothread;
-mod monitor_errors;
-pub mod net;
-mod notify;
-mod op;
-mod ops;
-mod polling;
-mod pool;
-mod protocol;
+mod fd;
+mod lockfree;
 mod reactor;
-mod stats;
-mod sync;
+mod rt;
+mod sched;
 mod sys;
-mod task;
-pub mod time;
-mod timer;
 
-pub use backend::{BACKEND_ENV, Backend};
-pub use bh::Bh;
-pub use event_notifier::EventNotifier;
-pub use handle::{Closed, Handle};
-pub use handlers::{FdHandler, FdId};
-pub use interest::Interest;
+pub use rt::{fs, io, net, time};
+
+pub use fd::backend::{BACKEND_ENV, Backend};
+pub use fd::handlers::{FdHandler, FdId};
+pub use fd::interest::Interest;
+pub use fd::ops::{Completion, OpId};
 pub use io::{AlignedBuf, Async, IoBuf, IoBufMut};
-pub use iothread::IoThread;
-pub use ops::{Completion, OpId};
-pub use polling::{POLL_START, PollParams};
-pub use pool::{Blocking, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_THREADS, ThreadPool, spawn_blocking};
-pub use reactor::{Builder, DEFAULT_TASK_BUDGET, DEFAULT_URING_ENTRIES, Reactor};
-pub use stats::Stats;
-
 /// The io_uring crate, for building SQEs for [`Reactor::submit_sqe`].
 pub use io_uring;
-pub use task::{JoinError, JoinHandle, yield_now};
-pub use timer::Timer;
+pub use lockfree::event_notifier::EventNotifier;
+pub use reactor::polling::{POLL_START, PollParams};
+pub use reactor::stats::Stats;
+pub use reactor::{Builder, DEFAULT_TASK_BUDGET, DEFAULT_URING_ENTRIES, Reactor};
+pub use rt::blocking::{Blocking, spawn_blocking};
+pub use rt::iothread::IoThread;
+pub use sched::bh::Bh;
+pub use sched::handle::{Closed, Handle};
+pub use sched::pool::{DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_THREADS, ThreadPool};
+pub use sched::task::{JoinError, JoinHandle, yield_now};
+pub use sched::timer::Timer;
 
 /// The README's embedding example, compiled and run as a doctest so that it stays true.
 #[cfg(doctest)]

@@ -20,7 +20,7 @@ mod sync {
 }
 
 #[allow(dead_code)]
-#[path = "../src/protocol.rs"]
+#[path = "../src/lockfree/protocol.rs"]
 mod protocol;
 
 use std::sync::atomic::{AtomicUsize, Ordering as StdOrdering};

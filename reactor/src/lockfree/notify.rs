@@ -7,8 +7,8 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
-use crate::event_notifier::EventNotifier;
-use crate::protocol::{self, Wake};
+use crate::lockfree::event_notifier::EventNotifier;
+use crate::lockfree::protocol::{self, Wake};
 
 /// The notifier of a reactor.
 pub(crate) type Notifier = protocol::Notifier<EventNotifier>;

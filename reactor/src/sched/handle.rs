@@ -4,10 +4,10 @@ use std::fmt;
 use std::io;
 use std::time::{Duration, Instant};
 
-use crate::bh::{self, BhNode, Callback, ONESHOT, SCHEDULED};
+use crate::lockfree::sync::{Arc, Ordering};
 use crate::reactor::{Reactor, Shared};
-use crate::sync::{Arc, Ordering};
-use crate::timer::ns_after;
+use crate::sched::bh::{self, BhNode, Callback, ONESHOT, SCHEDULED};
+use crate::sched::timer::ns_after;
 
 /// The reactor behind a [`Handle`] has been dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

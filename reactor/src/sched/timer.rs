@@ -16,9 +16,9 @@ use std::cmp::Ordering as CmpOrdering;
 use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
-use crate::bh::{self, BhNode, DELETED, DISARMED, SCHEDULED};
+use crate::lockfree::sync::{Arc, Ordering};
 use crate::reactor::Reactor;
-use crate::sync::{Arc, Ordering};
+use crate::sched::bh::{self, BhNode, DELETED, DISARMED, SCHEDULED};
 
 /// Nanoseconds since the reactor's clock base, saturating below [`DISARMED`].
 pub(crate) fn ns_after(now: u64, d: Duration) -> u64 {

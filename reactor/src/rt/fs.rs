@@ -36,8 +36,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::io::{IoBuf, IoBufMut, Slice};
-use crate::op::file::{Fallocate, Open, ReadAt, ReadvAt, Sync, WriteAt, WritevAt};
-use crate::op::run;
+use crate::rt::op::file::{Fallocate, Open, ReadAt, ReadvAt, Sync, WriteAt, WritevAt};
+use crate::rt::op::run;
 
 /// How to open a file (like `std::fs::OpenOptions`, plus raw `open(2)` flags such as
 /// `O_DIRECT`).

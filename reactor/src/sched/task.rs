@@ -15,10 +15,10 @@ use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 
-use crate::bh::{BhNode, Callback, SCHEDULED, TASK};
-use crate::handle::Closed;
+use crate::lockfree::sync::{Arc, AtomicBool, Ordering};
 use crate::reactor::Reactor;
-use crate::sync::{Arc, AtomicBool, Ordering};
+use crate::sched::bh::{BhNode, Callback, SCHEDULED, TASK};
+use crate::sched::handle::Closed;
 
 static VTABLE: RawWakerVTable = RawWakerVTable::new(clone_waker, wake, wake_by_ref, drop_waker);
 

@@ -4,8 +4,8 @@ use std::fmt;
 use std::io;
 use std::thread;
 
-use crate::handle::Handle;
 use crate::reactor::Builder;
+use crate::sched::handle::Handle;
 
 /// A reactor on its own named thread, driven by [`Reactor::run`](crate::Reactor::run).
 /// Reach it through [`handle`](Self::handle): spawn `Send` tasks, post one-shots, arm timers.

@@ -16,7 +16,7 @@ use std::os::fd::RawFd;
 
 use slab::Slab;
 
-use crate::interest::{self, Interest};
+use crate::fd::interest::{self, Interest};
 use crate::reactor::Reactor;
 
 /// Identifies one fd registration of one reactor.

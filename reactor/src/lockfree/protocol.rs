@@ -1,7 +1,7 @@
 //! The lock-free core of the reactor: the BH flags, the BH list, and the `notify_me`/`notified`
 //! wakeup protocol, with every synchronisation point (SP) of it.
 //!
-//! This file uses atomics only through `crate::sync`, and nothing else from the crate, so that
+//! This file uses atomics only through `super::sync`, and nothing else from the crate, so that
 //! the loom model checker compiles this very file against its own atomics (`reactor/tests/
 //! loom.rs` includes it with a `sync` module of loom types). Each SP's ordering can be weakened
 //! with `--cfg reactor_weaken="spN"`, which the loom models use to show that each one matters.
@@ -56,7 +56,7 @@
 
 use std::ptr;
 
-use crate::sync::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering, fence};
+use super::sync::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering, fence};
 
 /// On the shared list or the home run queue. Set by the scheduler (SP1), cleared at dequeue.
 pub(crate) const PENDING: u32 = 1;

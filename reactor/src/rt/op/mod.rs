@@ -23,11 +23,11 @@ use std::os::fd::AsFd;
 
 use io_uring::squeue::Entry;
 
-use crate::backend::Backend;
+use crate::fd::backend::Backend;
 use crate::io::{Async, no_reactor};
-use crate::net::SocketIo;
-use crate::pool::spawn_blocking;
 use crate::reactor::Reactor;
+use crate::reactor::SocketIo;
+use crate::rt::blocking::spawn_blocking;
 
 /// One I/O operation with everything it needs.
 ///

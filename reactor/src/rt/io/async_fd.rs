@@ -10,12 +10,12 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
-use crate::handle::post_oneshot;
-use crate::handlers::{FdHandler, FdId};
-use crate::interest::Interest;
+use crate::fd::handlers::{FdHandler, FdId};
+use crate::fd::interest::Interest;
 use crate::io::no_reactor;
+use crate::lockfree::sync::Arc;
 use crate::reactor::{Reactor, Shared};
-use crate::sync::Arc;
+use crate::sched::handle::post_oneshot;
 use crate::sys::cvt;
 
 #[derive(Default)]
@@ -330,8 +330,8 @@ impl<T: AsFd + 'static> Drop for Async<T> {
             let _ = post_oneshot(
                 &self.shared,
                 0,
-                crate::bh::DISARMED,
-                crate::bh::Callback::Once(Box::new(deferred)),
+                crate::sched::bh::DISARMED,
+                crate::sched::bh::Callback::Once(Box::new(deferred)),
             );
             return;
         }

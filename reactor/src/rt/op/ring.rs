@@ -17,10 +17,10 @@ use std::task::{Context, Poll, Waker};
 use io_uring::squeue::Entry;
 
 use super::Op;
+use crate::fd::ops::{Completion, OpId};
 use crate::io::no_reactor;
-use crate::ops::{Completion, OpId};
+use crate::lockfree::sync::Arc;
 use crate::reactor::{Reactor, Shared};
-use crate::sync::Arc;
 
 struct State<T> {
     done: Cell<Option<Completion>>,

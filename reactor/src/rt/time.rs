@@ -26,9 +26,9 @@ use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use crate::lockfree::sync::{Arc, AtomicBool, Ordering};
 use crate::reactor::Reactor;
-use crate::sync::{Arc, AtomicBool, Ordering};
-use crate::timer::Timer;
+use crate::sched::timer::Timer;
 
 /// Completes `duration` after it was created.
 pub fn sleep(duration: Duration) -> Sleep {

@@ -18,17 +18,19 @@
 //! at each push). The `next` link of a node is only written by whoever set its PENDING bit (SP1)
 //! and only read by the home thread before it clears PENDING again (SP8).
 //!
-//! The flags, the list and the synchronisation points SP1–SP8 live in `protocol.rs`.
+//! The flags, the list and the synchronisation points SP1–SP8 live in `lockfree/protocol.rs`.
 
 use std::cell::{Cell, RefCell, UnsafeCell};
 use std::ptr;
 
 use slab::Slab;
 
-pub(crate) use crate::protocol::{DELETED, IDLE, ONESHOT, PENDING, SCHEDULED, TASK, TIMER};
-use crate::protocol::{Link, List};
+pub(crate) use crate::lockfree::protocol::{
+    DELETED, IDLE, ONESHOT, PENDING, SCHEDULED, TASK, TIMER,
+};
+use crate::lockfree::protocol::{Link, List};
+use crate::lockfree::sync::{Arc, AtomicU64};
 use crate::reactor::{Reactor, Shared};
-use crate::sync::{Arc, AtomicU64};
 
 /// The wait bound while only idle BHs are scheduled.
 pub(crate) const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(10);
@@ -380,7 +382,7 @@ impl BhHome {
         match &mut fin.cb {
             Callback::Many(f) => f(r),
             Callback::Task(fut) => {
-                let waker = crate::task::waker_ref(node);
+                let waker = crate::sched::task::waker_ref(node);
                 let mut cx = std::task::Context::from_waker(&waker);
                 fin.done = fut.as_mut().poll(&mut cx).is_ready();
             }

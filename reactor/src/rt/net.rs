@@ -41,34 +41,11 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 
 use crate::io::{Async, IoBuf, IoBufMut, Slice};
-use crate::op::socket::{Accept, Recv, Send};
-use crate::op::{Ready, run_when_ready};
+use crate::rt::op::socket::{Accept, Recv, Send};
+use crate::rt::op::{Ready, run_when_ready};
 use crate::sys::cvt;
 
-/// How sockets do their owned-buffer I/O and `accept` on the io_uring backend.
-///
-/// Chosen by measurement (the bench's `tcp-echo` scenario: 64 loopback connections, one
-/// request in flight each, a raw epoll client on the other core; the server thread is
-/// saturated, so its CPU time per request is the figure that decides). Four runs of 5–7:
-///
-/// | message | `Completion` requests/s, server CPU | `Readiness` requests/s, server CPU |
-/// |---|---|---|
-/// | 64 B | 196.9k–210.0k, 4.7–5.0 µs/req | 187.9k–191.2k, 5.2–5.3 µs/req |
-/// | 1 KiB | 190.0k–195.4k, 5.1–5.2 µs/req | 186.0k–188.8k, 5.3–5.4 µs/req |
-///
-/// Completion operations won every run by 3–10%: a `RECV` that finds no data is parked by the
-/// kernel's internal poll and completes with the data in one step, where readiness pays for a
-/// one-shot `POLL_ADD` re-arm plus a separate `recv(2)`/`send(2)` system call. So
-/// [`Completion`](SocketIo::Completion) is the default; [`Readiness`](SocketIo::Readiness)
-/// remains selectable. On epoll both mean readiness.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SocketIo {
-    /// Readiness (a poll on the fd) and non-blocking system calls, on both backends.
-    Readiness,
-    /// io_uring `RECV`/`SEND`/`ACCEPT` operations (readiness on epoll).
-    #[default]
-    Completion,
-}
+pub use crate::reactor::SocketIo;
 
 /// The socket machinery shared by TCP and Unix streams.
 struct Stream<T: AsFd + 'static> {
@@ -163,7 +140,7 @@ macro_rules! stream_common {
                         Ok(a) => return a.into_inner(),
                         Err(shared) => {
                             io = shared;
-                            crate::task::yield_now().await;
+                            crate::sched::task::yield_now().await;
                         }
                     }
                 }
@@ -374,9 +351,11 @@ impl UnixStream {
     /// listener's backlog is full).
     pub async fn connect(path: impl AsRef<Path>) -> io::Result<UnixStream> {
         let path = path.as_ref().to_owned();
-        let s = crate::pool::spawn_blocking(move || std::os::unix::net::UnixStream::connect(path))
-            .await
-            .map_err(|e| io::Error::other(e.to_string()))??;
+        let s = crate::rt::blocking::spawn_blocking(move || {
+            std::os::unix::net::UnixStream::connect(path)
+        })
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))??;
         Ok(UnixStream {
             inner: Stream::new(s)?,
         })

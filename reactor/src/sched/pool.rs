@@ -1,21 +1,13 @@
-//! The blocking thread pool, and [`spawn_blocking`].
-//!
-//! Work that would block the reactor thread (file I/O on the epoll backend, `getaddrinfo`, a
-//! slow computation) runs here. Threads are started on demand up to a maximum and exit after
-//! an idle timeout down to a minimum; results come back to the reactor by waking the awaiting
-//! task, which is a BH schedule.
+//! The blocking thread pool: threads for work that would block the reactor thread (file I/O on
+//! the epoll backend, `getaddrinfo`, a slow computation), started on demand up to a maximum and
+//! exiting after an idle timeout down to a minimum. It knows nothing of reactors; a reactor
+//! holds one, and [`spawn_blocking`](crate::spawn_blocking) hands it work.
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
-
-use crate::reactor::Reactor;
-use crate::task::JoinError;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
@@ -197,71 +189,4 @@ fn worker(inner: &Inner) {
             return;
         }
     }
-}
-
-struct Slot<T> {
-    result: Option<std::thread::Result<T>>,
-    waker: Option<Waker>,
-}
-
-/// The future of [`spawn_blocking`]: the closure's result, or `JoinError::Panic` if it
-/// panicked. Dropping it does not stop the closure (a blocking call cannot be interrupted);
-/// its result is then dropped on the pool thread.
-#[must_use = "futures do nothing unless polled"]
-pub struct Blocking<T> {
-    slot: Arc<Mutex<Slot<T>>>,
-}
-
-impl<T> Future for Blocking<T> {
-    type Output = Result<T, JoinError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut s = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        match s.result.take() {
-            Some(Ok(v)) => Poll::Ready(Ok(v)),
-            Some(Err(p)) => Poll::Ready(Err(JoinError::Panic(p))),
-            None => {
-                s.waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        }
-    }
-}
-
-/// Runs `f` on the thread pool of the reactor polling on this thread when it is called (the
-/// default pool outside a reactor) and returns a future of its result; the awaiting task is
-/// woken, by a BH schedule, when it is ready. `f` starts at once, not when the future is first
-/// polled.
-///
-/// ```
-/// use reactor::{Reactor, spawn_blocking};
-/// let r = Reactor::new()?;
-/// let sum = r.block_on(spawn_blocking(|| (1..=10).sum::<u32>())).unwrap();
-/// assert_eq!(sum, 55);
-/// # Ok::<(), std::io::Error>(())
-/// ```
-pub fn spawn_blocking<T, F>(f: F) -> Blocking<T>
-where
-    F: FnOnce() -> T + Send + 'static,
-    T: Send + 'static,
-{
-    let pool =
-        Reactor::with_current(|r| r.thread_pool().clone()).unwrap_or_else(ThreadPool::default_pool);
-    let slot = Arc::new(Mutex::new(Slot {
-        result: None,
-        waker: None,
-    }));
-    let s2 = slot.clone();
-    pool.execute(move || {
-        let result = catch_unwind(AssertUnwindSafe(f));
-        let waker = {
-            let mut s = s2.lock().unwrap_or_else(|e| e.into_inner());
-            s.result = Some(result);
-            s.waker.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
-        }
-    });
-    Blocking { slot }
 }
