@@ -1,0 +1,122 @@
+//! Caller-built io_uring SQEs on the reactor's own ring ([`Reactor::submit_sqe`]), their
+//! cancellation, and the wait for those in flight when the reactor is dropped.
+
+use std::io;
+use std::time::Duration;
+
+use super::*;
+
+impl Reactor {
+    /// Submits a caller-built io_uring SQE on this reactor's own ring; `on_complete` runs on
+    /// this thread for its completion (for each of them while `Completion::more()` is set, for
+    /// multishot operations). The SQE's `user_data` is the reactor's. The SQE reaches the
+    /// kernel at the next iteration's wait. Completions are run before BHs.
+    ///
+    /// # Safety
+    /// Every buffer, fd and pointer the SQE refers to must stay valid until `on_complete` has
+    /// run for its last completion. Keeping them in `on_complete`'s captures is the simple way:
+    /// the reactor drops the callback only after the final completion, and when the reactor
+    /// itself is dropped it cancels and waits for every operation in flight first.
+    ///
+    /// # Errors
+    /// `Unsupported` on the epoll backend; the ring's error if the SQE cannot be queued.
+    ///
+    /// ```
+    /// use reactor::{Reactor, io_uring::opcode};
+    /// let r = Reactor::new()?; // io_uring where the kernel allows it
+    /// let done = std::rc::Rc::new(std::cell::Cell::new(None));
+    /// let d2 = done.clone();
+    /// // SAFETY: a NOP refers to no memory.
+    /// match unsafe { r.submit_sqe(opcode::Nop::new().build(), move |_, c| d2.set(Some(c.result))) } {
+    ///     Ok(_) => {
+    ///         r.run_until(|| done.get().is_some());
+    ///         assert_eq!(done.get(), Some(0));
+    ///     }
+    ///     // An epoll reactor has no ring.
+    ///     Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::Unsupported),
+    /// }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub unsafe fn submit_sqe(
+        &self,
+        sqe: io_uring::squeue::Entry,
+        on_complete: impl FnMut(&Reactor, Completion) + 'static,
+    ) -> io::Result<OpId> {
+        let id = self.ops.insert(Box::new(on_complete));
+        // SAFETY: the caller's guarantee is passed on.
+        let res = unsafe { self.monitor.borrow_mut().push(sqe, id.token()) };
+        if let Err(e) = res {
+            self.ops.forget(id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Asks the kernel to cancel the operation `id` (`IORING_OP_ASYNC_CANCEL`). Its callback
+    /// still runs, with `-ECANCELED` or with the result it completed with first.
+    ///
+    /// # Errors
+    /// `NotFound` if `id` is not in flight; the ring's error if the cancellation cannot be
+    /// queued.
+    pub fn cancel_sqe(&self, id: OpId) -> io::Result<()> {
+        if !self.ops.contains(id) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{id:?} is not in flight"),
+            ));
+        }
+        let sqe = io_uring::opcode::AsyncCancel::new(id.token()).build();
+        // SAFETY: a cancellation refers to no memory.
+        unsafe {
+            self.monitor
+                .borrow_mut()
+                .push(sqe, crate::fd::ops::IGNORED_TOKEN)
+        }
+    }
+
+    /// Number of io_uring operations in flight.
+    pub fn ops_in_flight(&self) -> usize {
+        self.ops.in_flight()
+    }
+
+    /// Cancels every operation in flight and waits for their completions, dropping their
+    /// callbacks unrun (reactor drop). Bounded: after 10 s, the rest are leaked rather than
+    /// freed under the kernel's feet.
+    pub(super) fn quiesce_ops(&self) {
+        // (On epoll nothing is ever in flight: the loop below does not run.)
+        {
+            let ids: Vec<OpId> = self.ops.ids();
+            for id in ids {
+                let _ = self.cancel_sqe(id);
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while self.ops.in_flight() > 0 && std::time::Instant::now() < deadline {
+                let res = self
+                    .monitor
+                    .borrow_mut()
+                    .wait(Some(Duration::from_millis(10)), |ev| {
+                        if let Ev::Complete {
+                            token,
+                            result,
+                            flags,
+                        } = ev
+                        {
+                            self.ops.complete(token, result, flags);
+                        }
+                    });
+                self.ops.retire_queued();
+                if res.is_err() {
+                    break;
+                }
+            }
+            if self.ops.in_flight() > 0 {
+                tracing::error!(
+                    in_flight = self.ops.in_flight(),
+                    "reactor: io_uring operations still in flight at drop; leaking their memory"
+                );
+                self.ops.leak();
+            }
+        }
+        self.ops.clear();
+    }
+}
