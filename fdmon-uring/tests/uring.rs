@@ -274,10 +274,8 @@ fn a_registration_follows_its_file_not_its_number() {
     fn pipe() -> (OwnedFd, OwnedFd) {
         let mut fds = [0; 2];
         // SAFETY: `fds` has room for two descriptors.
-        assert_eq!(
-            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) },
-            0
-        );
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        assert_eq!(rc, 0);
         // SAFETY: fresh descriptors owned by nobody else.
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
     }
@@ -299,10 +297,8 @@ fn a_registration_follows_its_file_not_its_number() {
     // SAFETY: `n` now owns a duplicate of B's read end.
     let b_dup = unsafe { OwnedFd::from_raw_fd(n) };
     // SAFETY: writes one byte from a live buffer.
-    assert_eq!(
-        unsafe { libc::write(b_wr.as_raw_fd(), b"x".as_ptr().cast(), 1) },
-        1
-    );
+    let written = unsafe { libc::write(b_wr.as_raw_fd(), b"x".as_ptr().cast(), 1) };
+    assert_eq!(written, 1);
     for _ in 0..3 {
         let evs = collect(&mut r, Some(Duration::from_millis(5)));
         assert!(

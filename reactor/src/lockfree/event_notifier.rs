@@ -44,8 +44,8 @@ impl EventNotifier {
         // SAFETY: eventfd takes no pointers; the result is checked.
         let fd =
             crate::sys::cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
-        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
         Ok(EventNotifier {
+            // SAFETY: `fd` is a fresh descriptor owned by nobody else.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
         })
     }

@@ -23,8 +23,8 @@ impl ExternalTimer {
                 libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
             )
         })?;
-        // SAFETY: a fresh descriptor owned by nobody else.
         Ok(ExternalTimer {
+            // SAFETY: a fresh descriptor owned by nobody else.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
             armed_for: Cell::new(u64::MAX),
         })
