@@ -9,10 +9,6 @@
 //! before its callback (and whatever memory it owns) is dropped, so the kernel never writes
 //! into freed memory.
 
-// Without the io_uring backend nothing submits operations; the (empty) queue stays in place so
-// that the loop has one shape for every build.
-#![cfg_attr(not(feature = "uring"), allow(dead_code))]
-
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt;
@@ -205,7 +201,6 @@ impl Ops {
     }
 
     /// The ids of the operations in flight.
-    #[cfg_attr(not(feature = "uring"), allow(dead_code))]
     pub(crate) fn ids(&self) -> Vec<OpId> {
         self.slots
             .borrow()
@@ -219,7 +214,6 @@ impl Ops {
 
     /// Forgets every callback without dropping it: memory the kernel may still write to stays
     /// allocated for good (last resort at teardown).
-    #[cfg_attr(not(feature = "uring"), allow(dead_code))]
     pub(crate) fn leak(&self) {
         for s in self.slots.borrow_mut().drain() {
             std::mem::forget(s);
