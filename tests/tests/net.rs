@@ -290,6 +290,16 @@ mod uring_readiness {
     }
 
     #[test]
+    fn connect_refused_with_readiness() {
+        let r = readiness_reactor();
+        r.block_on(async {
+            let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+            let e = TcpStream::connect(addr).await.unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+        });
+    }
+
+    #[test]
     fn the_default_on_io_uring_is_completion() {
         let r = tests::reactor_on(reactor::Backend::Uring);
         assert_eq!(r.socket_io(), SocketIo::Completion);

@@ -36,7 +36,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::io::{IoBuf, IoBufMut, Slice};
-use crate::rt::op::file::{Fallocate, Open, ReadAt, ReadvAt, Sync, WriteAt, WritevAt};
+use crate::rt::op::file::{Fallocate, Fsync, Open, ReadAt, ReadvAt, WriteAt, WritevAt};
 use crate::rt::op::run;
 
 /// How to open a file (like `std::fs::OpenOptions`, plus raw `open(2)` flags such as
@@ -329,7 +329,7 @@ impl File {
 
     async fn sync(&self, data_only: bool) -> io::Result<()> {
         let fd = self.fd.clone();
-        run(Sync { fd, data_only }).await
+        run(Fsync { fd, data_only }).await
     }
 }
 

@@ -41,7 +41,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 
 use crate::io::{Async, IoBuf, IoBufMut, Slice};
-use crate::rt::op::socket::{Accept, Recv, Send};
+use crate::rt::op::socket::{Accept, Connect, Recv, SendOp};
 use crate::rt::op::{Ready, run_when_ready};
 use crate::sys::cvt;
 
@@ -70,7 +70,7 @@ impl<T: AsFd + 'static> Stream<T> {
 
     async fn write<B: IoBuf>(&self, buf: B) -> (io::Result<usize>, B) {
         let io = self.io.clone();
-        run_when_ready(&self.io, Ready::Write, Send { io, buf }).await
+        run_when_ready(&self.io, Ready::Write, SendOp { io, buf }).await
     }
 
     async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
@@ -216,7 +216,8 @@ pub struct TcpStream {
 stream_common!(TcpStream, std::net::TcpStream);
 
 impl TcpStream {
-    /// Connects to `addr` (non-blocking connect, then a wait for writability).
+    /// Connects to `addr`: an io_uring `CONNECT` operation, or a non-blocking connect and a
+    /// wait for writability (readiness, and on epoll).
     ///
     /// # Errors
     /// The connection's error (`ConnectionRefused`, ...); no reactor on this thread.
@@ -236,21 +237,12 @@ impl TcpStream {
         };
         // SAFETY: a fresh descriptor owned by nobody else.
         let fd = cvt(s).map(|s| unsafe { OwnedFd::from_raw_fd(s as RawFd) })?;
-        let (storage, len) = sockaddr(&addr);
-        // SAFETY: `storage` holds a valid address of `len` bytes.
-        let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const storage).cast(), len) };
         let stream = TcpStream {
             inner: Stream::new(std::net::TcpStream::from(fd))?,
         };
-        if let Err(e) = cvt(rc) {
-            if e.raw_os_error() != Some(libc::EINPROGRESS) {
-                return Err(e);
-            }
-            stream.inner.io.writable().await?;
-            if let Some(e) = stream.inner.io.get_ref().take_error()? {
-                return Err(e);
-            }
-        }
+        let (storage, len) = sockaddr(&addr);
+        let op = Connect::new(stream.inner.io.clone(), storage, len);
+        run_when_ready(&stream.inner.io, Ready::Write, op).await?;
         Ok(stream)
     }
 

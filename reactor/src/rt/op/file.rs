@@ -255,13 +255,13 @@ unsafe impl<B: IoBuf> Op for WritevAt<B> {
 }
 
 /// `fsync`, or `fdatasync` when `data_only`.
-pub(crate) struct Sync {
+pub(crate) struct Fsync {
     pub(crate) fd: Arc<OwnedFd>,
     pub(crate) data_only: bool,
 }
 
 // SAFETY: refers to no memory; the Arc keeps the fd open.
-unsafe impl Op for Sync {
+unsafe impl Op for Fsync {
     type Output = io::Result<()>;
 
     fn sqe(&mut self) -> Entry {

@@ -55,13 +55,14 @@ unsafe impl<T: AsFd + 'static, B: IoBufMut> Op for Recv<T, B> {
     }
 }
 
-/// `send` of the initialised bytes of `buf` (never raising `SIGPIPE`).
-pub(crate) struct Send<T: AsFd + 'static, B> {
+/// `send` of the initialised bytes of `buf` (never raising `SIGPIPE`). (Not `Send`: that
+/// name is the marker trait's.)
+pub(crate) struct SendOp<T: AsFd + 'static, B> {
     pub(crate) io: Rc<Async<T>>,
     pub(crate) buf: B,
 }
 
-impl<T: AsFd + 'static, B> Send<T, B> {
+impl<T: AsFd + 'static, B> SendOp<T, B> {
     fn fd(&self) -> RawFd {
         self.io.as_fd().as_raw_fd()
     }
@@ -69,7 +70,7 @@ impl<T: AsFd + 'static, B> Send<T, B> {
 
 // SAFETY: at most `bytes_init` bytes are read at the buffer's stable pointer; the Rc keeps the
 // socket open.
-unsafe impl<T: AsFd + 'static, B: IoBuf> Op for Send<T, B> {
+unsafe impl<T: AsFd + 'static, B: IoBuf> Op for SendOp<T, B> {
     type Output = (io::Result<usize>, B);
 
     fn sqe(&mut self) -> Entry {
@@ -131,5 +132,101 @@ unsafe impl<T: AsFd + 'static> Op for Accept<T> {
     fn orphan(self, fd: usize) {
         // SAFETY: the kernel gave this fd to an operation nobody collected.
         drop(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+    }
+}
+
+/// `connect` of a non-blocking socket. On io_uring, one `CONNECT` operation; by readiness, the
+/// first call starts the connection (`EINPROGRESS` reads as "not ready yet") and the calls
+/// made when the socket is writable collect its outcome.
+pub(crate) struct Connect<T: AsFd + 'static> {
+    io: Rc<Async<T>>,
+    /// Boxed: the kernel reads the address where it is.
+    addr: Box<libc::sockaddr_storage>,
+    len: libc::socklen_t,
+    started: bool,
+}
+
+impl<T: AsFd + 'static> Connect<T> {
+    pub(crate) fn new(
+        io: Rc<Async<T>>,
+        addr: libc::sockaddr_storage,
+        len: libc::socklen_t,
+    ) -> Self {
+        Connect {
+            io,
+            addr: Box::new(addr),
+            len,
+            started: false,
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        self.io.as_fd().as_raw_fd()
+    }
+
+    /// After writability: the connection's outcome, or `WouldBlock` if it is still under way
+    /// (a spurious wakeup).
+    fn outcome(&self) -> io::Result<usize> {
+        let mut err: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `err` and `len` are valid for the call and sized for SO_ERROR's int.
+        cvt(unsafe {
+            libc::getsockopt(
+                self.fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                (&raw mut err).cast(),
+                &mut len,
+            )
+        })?;
+        if err != 0 {
+            return Err(io::Error::from_raw_os_error(err));
+        }
+        // SAFETY: an all-zero sockaddr_storage is a valid out-buffer.
+        let mut peer: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut plen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: `peer` has room for `plen` bytes.
+        match cvt(unsafe { libc::getpeername(self.fd(), (&raw mut peer).cast(), &mut plen) }) {
+            Ok(_) => Ok(0),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+// SAFETY: the SQE and the call read the boxed address (`len` bytes of it), which the operation
+// owns; the Rc keeps the socket open.
+unsafe impl<T: AsFd + 'static> Op for Connect<T> {
+    type Output = io::Result<()>;
+
+    fn sqe(&mut self) -> Entry {
+        opcode::Connect::new(
+            types::Fd(self.fd()),
+            (&raw const *self.addr).cast(),
+            self.len,
+        )
+        .build()
+    }
+
+    fn call(&mut self) -> io::Result<usize> {
+        if self.started {
+            return self.outcome();
+        }
+        self.started = true;
+        // SAFETY: the address holds `len` valid bytes.
+        let rc = unsafe { libc::connect(self.fd(), (&raw const *self.addr).cast(), self.len) };
+        match cvt(rc) {
+            Ok(_) => Ok(0),
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn complete(self, res: io::Result<usize>) -> io::Result<()> {
+        res.map(drop)
     }
 }
