@@ -293,7 +293,10 @@ mod uring_readiness {
     fn connect_refused_with_readiness() {
         let r = readiness_reactor();
         r.block_on(async {
-            let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+            let addr = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap();
             let e = TcpStream::connect(addr).await.unwrap_err();
             assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
         });
