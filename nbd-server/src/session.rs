@@ -220,7 +220,8 @@ impl Session {
     /// then for the payload's share of the server's budget, and counts it.
     pub(crate) async fn admit(self: &Rc<Self>, handle: u64, bytes: usize) -> Ticket {
         self.room(bytes).await;
-        let grant = if bytes > 0 {
+        // A broken connection's request is never run: it takes none of the budget.
+        let grant = if bytes > 0 && !self.broken.get() {
             Some(self.limits.budget.acquire(bytes).await)
         } else {
             None
