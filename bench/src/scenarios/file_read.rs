@@ -397,10 +397,10 @@ fn tuned_uring_reads(path: &Path, case: Case) -> Sample {
             unsafe { sq.push(&e).expect("room: one SQE per slot") };
         };
         let (mut issued, mut done) = (0u64, 0u64);
-        for slot in 0..case.depth.min(case.reads as usize) {
-            offs[slot] = case.offset(issued);
+        for (slot, off) in offs.iter_mut().enumerate().take(case.reads as usize) {
+            *off = case.offset(issued);
             issued += 1;
-            push(&mut sq, offs[slot], slot);
+            push(&mut sq, *off, slot);
         }
         sq.sync();
         while done < case.reads {
