@@ -12,6 +12,7 @@
 //! reason; the other scenarios still run, the table, JSON and plot are always written, and the
 //! exit status is 1 when any row failed.
 
+mod allocs;
 mod failure;
 mod isolate;
 mod measure;
@@ -23,6 +24,10 @@ mod table;
 use std::process::ExitCode;
 
 use std::time::Duration;
+
+/// Counts allocations per thread (see `allocs.rs`); otherwise the system allocator.
+#[global_allocator]
+static ALLOCATOR: allocs::Counting = allocs::Counting;
 
 use failure::Inject;
 use scenarios::ALL;

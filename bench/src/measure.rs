@@ -32,6 +32,8 @@ pub struct Sample {
     pub syscalls_per_op: Option<f64>,
     /// CPU time of the system under test (the server thread), per operation.
     pub cpu_ns_per_op: Option<f64>,
+    /// Heap allocations per operation on the thread that runs the system under test.
+    pub allocs_per_op: Option<f64>,
 }
 
 impl Sample {
@@ -48,6 +50,7 @@ impl Sample {
             value,
             syscalls_per_op: None,
             cpu_ns_per_op: None,
+            allocs_per_op: None,
         }
     }
 
@@ -58,6 +61,11 @@ impl Sample {
 
     pub fn with_cpu(mut self, cpu_ns_per_op: f64) -> Sample {
         self.cpu_ns_per_op = Some(cpu_ns_per_op);
+        self
+    }
+
+    pub fn with_allocs(mut self, per_op: f64) -> Sample {
+        self.allocs_per_op = Some(per_op);
         self
     }
 }
@@ -74,6 +82,9 @@ pub struct Summary {
     pub runs: usize,
     pub syscalls_per_op: Option<f64>,
     pub cpu_ns_per_op: Option<f64>,
+    /// Heap allocations per operation, where counted.
+    #[serde(default)]
+    pub allocs_per_op: Option<f64>,
     /// Set when the row failed (a panic, a crash, a time-out, an unmet precondition): the
     /// reason. The figures of a failed row are zero and are never shown.
     pub failed: Option<String>,
@@ -92,6 +103,7 @@ impl Summary {
             runs: 0,
             syscalls_per_op: None,
             cpu_ns_per_op: None,
+            allocs_per_op: None,
             failed: Some(reason),
         }
     }
@@ -124,6 +136,7 @@ impl Summary {
             runs: v.len(),
             syscalls_per_op: median_of(|s| s.syscalls_per_op),
             cpu_ns_per_op: median_of(|s| s.cpu_ns_per_op),
+            allocs_per_op: median_of(|s| s.allocs_per_op),
             failed: None,
         }
     }

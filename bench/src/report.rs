@@ -23,6 +23,7 @@ struct Result<'a> {
     runs: usize,
     syscalls_per_op: Option<f64>,
     cpu_ns_per_op: Option<f64>,
+    allocs_per_op: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -94,6 +95,7 @@ pub fn json(rows: &[Summary]) -> String {
             runs: r.runs,
             syscalls_per_op: r.syscalls_per_op,
             cpu_ns_per_op: r.cpu_ns_per_op,
+            allocs_per_op: r.allocs_per_op,
         })
         .collect();
     serde_json::to_string_pretty(&Report {

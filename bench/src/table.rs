@@ -30,6 +30,9 @@ fn cell(s: &Summary) -> String {
     if let Some(sc) = s.syscalls_per_op {
         c.push_str(&format!(" [{sc:.2} sc/op]"));
     }
+    if let Some(a) = s.allocs_per_op {
+        c.push_str(&format!(" [{a:.2} allocs/op]"));
+    }
     if let Some(cpu) = s.cpu_ns_per_op {
         c.push_str(&format!(" [cpu {}/op]", human(Metric::NsPerOp, cpu)));
     }
@@ -103,7 +106,7 @@ pub fn render(rows: &[Summary]) -> String {
     let runs = rows.iter().map(|r| r.runs).max().unwrap_or(0);
     out.push_str(&format!(
         "\nCells: median (min–max) over {runs} runs; `sc/op`: system calls per operation where \
-         counted; `cpu/op`: CPU time of the server per request (its thread; for `nbd-*` its whole process). Ratios divide medians: for ns/op below 1 means uring is faster, for ops/s \
+         counted; `allocs/op`: heap allocations per operation on the reactor's thread where counted; `cpu/op`: CPU time of the server per request (its thread; for `nbd-*` its whole process). Ratios divide medians: for ns/op below 1 means uring is faster, for ops/s \
          above 1 does.\n"
     ));
     out

@@ -98,5 +98,6 @@ fn idle_cpu(backend: Backend, idle: Duration) -> Sample {
         value: pct,
         syscalls_per_op: None,
         cpu_ns_per_op: None,
+        allocs_per_op: None,
     }
 }
