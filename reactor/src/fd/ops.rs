@@ -73,7 +73,32 @@ impl OpId {
 /// The token of internal operations (cancellations) whose completions carry nothing.
 pub(crate) const IGNORED_TOKEN: u64 = (1 << 63) - 1;
 
-pub(crate) type OpCallback = Box<dyn FnMut(&Reactor, Completion)>;
+/// A caller's completion closure ([`Reactor::submit_sqe`]).
+type BoxedCallback = Box<dyn FnMut(&Reactor, Completion)>;
+
+/// What runs for an operation's completions.
+pub(crate) enum OpCallback {
+    /// A caller's closure ([`Reactor::submit_sqe`]).
+    Boxed(BoxedCallback),
+    /// A runtime operation whose state, resources and completion handling share one
+    /// allocation (`rt/op/ring.rs`): no second allocation for a callback.
+    Shared(std::rc::Rc<dyn OnComplete>),
+}
+
+impl OpCallback {
+    fn call(&mut self, r: &Reactor, c: Completion) {
+        match self {
+            OpCallback::Boxed(f) => f(r, c),
+            OpCallback::Shared(s) => s.on_complete(r, c),
+        }
+    }
+}
+
+/// The completion handling of a [`OpCallback::Shared`] operation.
+pub(crate) trait OnComplete {
+    /// Called once per completion of the operation, on the reactor's thread.
+    fn on_complete(&self, r: &Reactor, c: Completion);
+}
 
 struct Slot {
     generation: u32,
@@ -195,7 +220,7 @@ impl Ops {
                 more: c.more(),
             };
             if let Some(cb) = done.cb.as_mut() {
-                cb(r, c);
+                cb.call(r, c);
             }
         }
     }

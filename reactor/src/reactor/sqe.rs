@@ -5,6 +5,7 @@ use std::io;
 use std::time::Duration;
 
 use super::*;
+use crate::fd::ops::OpCallback;
 
 impl Reactor {
     /// Submits a caller-built io_uring SQE on this reactor's own ring; `on_complete` runs on
@@ -42,7 +43,22 @@ impl Reactor {
         sqe: io_uring::squeue::Entry,
         on_complete: impl FnMut(&Reactor, Completion) + 'static,
     ) -> io::Result<OpId> {
-        let id = self.ops.insert(Box::new(on_complete));
+        // SAFETY: the caller's guarantee is passed on.
+        unsafe { self.submit_op(sqe, OpCallback::Boxed(Box::new(on_complete))) }
+    }
+
+    /// [`submit_sqe`](Self::submit_sqe) with the callback already made (for the runtime's
+    /// operations, whose callback is their shared state).
+    ///
+    /// # Safety
+    /// As for `submit_sqe`: what the SQE refers to stays valid until `callback` has seen the
+    /// last completion.
+    pub(crate) unsafe fn submit_op(
+        &self,
+        sqe: io_uring::squeue::Entry,
+        callback: OpCallback,
+    ) -> io::Result<OpId> {
+        let id = self.ops.insert(callback);
         // SAFETY: the caller's guarantee is passed on.
         let res = unsafe { self.monitor.borrow_mut().push(sqe, id.token()) };
         if let Err(e) = res {

@@ -17,7 +17,7 @@ use std::task::{Context, Poll, Waker};
 use io_uring::squeue::Entry;
 
 use super::Op;
-use crate::fd::ops::{Completion, OpId};
+use crate::fd::ops::{Completion, OnComplete, OpCallback, OpId};
 use crate::io::no_reactor;
 use crate::lockfree::sync::Arc;
 use crate::reactor::{Reactor, Shared};
@@ -68,22 +68,12 @@ impl<T: 'static> UringOp<T> {
             orphan,
         });
         let sqe = build(state.resources.borrow_mut().as_mut().expect("just stored"));
-        let s2 = state.clone();
-        let callback = move |_: &Reactor, c: Completion| {
-            if s2.abandoned.get() {
-                s2.orphan(c);
-                return;
-            }
-            s2.done.set(Some(c));
-            let w = s2.waker.borrow_mut().take();
-            if let Some(w) = w {
-                w.wake();
-            }
-        };
+        // The state is the callback too: one allocation per operation.
+        let callback = OpCallback::Shared(state.clone());
         let submitted = Reactor::with_current(|r| {
-            // SAFETY: the SQE refers to the resources, which the callback keeps (through the
-            // shared cell) until the final completion.
-            unsafe { r.submit_sqe(sqe, callback) }.map(|id| (id, r.shared().clone()))
+            // SAFETY: the SQE refers to the resources, which the state keeps until the final
+            // completion (the reactor holds the state until then).
+            unsafe { r.submit_op(sqe, callback) }.map(|id| (id, r.shared().clone()))
         })
         .unwrap_or_else(|| Err(no_reactor()));
         match submitted {
@@ -98,6 +88,20 @@ impl<T: 'static> UringOp<T> {
                 let res = state.resources.borrow_mut().take().expect("not taken");
                 Err((e, res))
             }
+        }
+    }
+}
+
+impl<T: 'static> OnComplete for State<T> {
+    fn on_complete(&self, _: &Reactor, c: Completion) {
+        if self.abandoned.get() {
+            self.orphan(c);
+            return;
+        }
+        self.done.set(Some(c));
+        let w = self.waker.borrow_mut().take();
+        if let Some(w) = w {
+            w.wake();
         }
     }
 }
