@@ -144,9 +144,12 @@ fn cancelled_open(r: &Reactor) {
         jh.abort();
         r.poll(false);
     }
+    // On epoll the opens run on the pool, where a cancelled one opens and then closes its fd
+    // whenever the job gets to run: wait for every job, not just for a moment when the count
+    // happens to match (a job still queued would change it under the next test).
     settle(r, || {
         flush(r);
-        open_fds() == before
+        r.thread_pool().pending() == 0 && open_fds() == before
     });
 }
 

@@ -138,6 +138,23 @@ impl ThreadPool {
             .threads
     }
 
+    /// Jobs not finished yet: queued, or running on a thread (a thread between jobs counts
+    /// as running). Zero once every job handed to the pool so far has returned.
+    ///
+    /// ```
+    /// let pool = reactor::ThreadPool::new(0, 2, std::time::Duration::from_secs(1));
+    /// let (tx, rx) = std::sync::mpsc::channel();
+    /// pool.execute(move || tx.send(()).unwrap());
+    /// rx.recv().unwrap();
+    /// while pool.pending() > 0 {
+    ///     std::thread::yield_now();
+    /// }
+    /// ```
+    pub fn pending(&self) -> usize {
+        let st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.queue.len() + (st.threads - st.idle)
+    }
+
     fn start_thread(&self, id: usize) {
         let inner = self.inner.clone();
         let spawned = std::thread::Builder::new()
