@@ -10,15 +10,9 @@ use std::sync::Arc;
 use io_uring::squeue::Entry;
 use io_uring::{opcode, types};
 
-use super::Op;
+use super::{Op, len32};
 use crate::io::{IoBuf, IoBufMut};
 use crate::sys::cvt;
-
-/// An io_uring length: a buffer larger than 4 GiB is read or written in part (a short
-/// transfer), as a system call may also do.
-fn len32(len: usize) -> u32 {
-    u32::try_from(len).unwrap_or(u32::MAX)
-}
 
 /// `openat(AT_FDCWD, path, flags, mode)`.
 pub(crate) struct Open {

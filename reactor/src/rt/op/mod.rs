@@ -62,6 +62,12 @@ pub(crate) unsafe trait Op: 'static {
     }
 }
 
+/// An io_uring length: a buffer larger than 4 GiB is read or written in part (a short
+/// transfer), as a system call may also do.
+fn len32(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
 /// The backend of the reactor polling on this thread.
 fn backend() -> io::Result<Backend> {
     Reactor::with_current(|r| r.backend()).ok_or_else(no_reactor)

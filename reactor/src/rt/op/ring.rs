@@ -1,20 +1,17 @@
-//! The io_uring path of an [`Op`]: [`UringOp`], a future for one io_uring operation whose
-//! resources live until the kernel is done with them, and [`run`].
+//! The io_uring path of an [`Op`]: [`run`], and the future it awaits.
 //!
-//! The resources (buffers, the fd, a path) move into a cell shared with the completion
-//! callback before the SQE is built from them, and come back with the completion. If the
-//! future is dropped first, the operation is cancelled (`ASYNC_CANCEL`) and the resources stay
-//! in the cell until the completion arrives; an optional `orphan` function then disposes of
-//! what the operation produced (for example closes the fd an accept or open returned).
+//! The operation (its buffers, the fd's keeper, a path) moves into a state shared with the
+//! reactor before its SQE is built, and comes back with the completion. That state is also the
+//! operation's completion callback, so an operation costs one allocation. If the future is
+//! dropped first, the operation is cancelled (`ASYNC_CANCEL`) and stays in the state until the
+//! completion arrives; then [`Op::orphan`] disposes of what it produced (for example closes
+//! the fd an accept or open returned).
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
-
-use io_uring::squeue::Entry;
 
 use super::Op;
 use crate::fd::ops::{Completion, OnComplete, OpCallback, OpId};
@@ -22,77 +19,26 @@ use crate::io::no_reactor;
 use crate::lockfree::sync::Arc;
 use crate::reactor::{Reactor, Shared};
 
-struct State<T> {
+struct State<O> {
     done: Cell<Option<Completion>>,
     waker: RefCell<Option<Waker>>,
-    resources: RefCell<Option<T>>,
+    op: RefCell<Option<O>>,
     abandoned: Cell<bool>,
-    orphan: Option<fn(T, Completion)>,
 }
 
-impl<T> State<T> {
-    /// Disposes of the resources and result of an operation nobody will collect.
+impl<O: Op> State<O> {
+    /// Disposes of the operation, and of what it produced, when nobody will collect it.
     fn orphan(&self, c: Completion) {
-        let res = self.resources.borrow_mut().take();
-        if let (Some(res), Some(orphan)) = (res, self.orphan) {
-            orphan(res, c);
-        }
-    }
-}
-
-/// The future of one io_uring operation; resolves to its completion and its resources.
-pub(crate) struct UringOp<T: 'static> {
-    state: Rc<State<T>>,
-    id: OpId,
-    shared: Arc<Shared>,
-    finished: bool,
-}
-
-impl<T: 'static> UringOp<T> {
-    /// Moves `resources` into the operation, builds its SQE from them and submits it on the
-    /// current reactor. On failure the resources come back with the error.
-    ///
-    /// # Safety
-    /// The SQE `build` returns must refer only to memory owned by the resources (and stable
-    /// when they move, like a Vec's heap block) or to memory that outlives the operation.
-    pub(crate) unsafe fn submit(
-        resources: T,
-        build: impl FnOnce(&mut T) -> Entry,
-        orphan: Option<fn(T, Completion)>,
-    ) -> Result<UringOp<T>, (io::Error, T)> {
-        let state = Rc::new(State {
-            done: Cell::new(None),
-            waker: RefCell::new(None),
-            resources: RefCell::new(Some(resources)),
-            abandoned: Cell::new(false),
-            orphan,
-        });
-        let sqe = build(state.resources.borrow_mut().as_mut().expect("just stored"));
-        // The state is the callback too: one allocation per operation.
-        let callback = OpCallback::Shared(state.clone());
-        let submitted = Reactor::with_current(|r| {
-            // SAFETY: the SQE refers to the resources, which the state keeps until the final
-            // completion (the reactor holds the state until then).
-            unsafe { r.submit_op(sqe, callback) }.map(|id| (id, r.shared().clone()))
-        })
-        .unwrap_or_else(|| Err(no_reactor()));
-        match submitted {
-            Ok((id, shared)) => Ok(UringOp {
-                state,
-                id,
-                shared,
-                finished: false,
-            }),
-            Err(e) => {
-                // Not submitted: the callback (and its share of the state) is gone.
-                let res = state.resources.borrow_mut().take().expect("not taken");
-                Err((e, res))
+        let op = self.op.borrow_mut().take();
+        if let Some(op) = op {
+            if c.result >= 0 {
+                op.orphan(c.result as usize);
             }
         }
     }
 }
 
-impl<T: 'static> OnComplete for State<T> {
+impl<O: Op> OnComplete for State<O> {
     fn on_complete(&self, _: &Reactor, c: Completion) {
         if self.abandoned.get() {
             self.orphan(c);
@@ -106,20 +52,28 @@ impl<T: 'static> OnComplete for State<T> {
     }
 }
 
-impl<T: 'static> Future for UringOp<T> {
-    type Output = (Completion, T);
+/// The future of one submitted operation: its completion, with the operation back.
+struct Submitted<O: Op> {
+    state: Rc<State<O>>,
+    id: OpId,
+    shared: Arc<Shared>,
+    finished: bool,
+}
+
+impl<O: Op> Future for Submitted<O> {
+    type Output = (Completion, O);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.state.done.take() {
             Some(c) => {
                 self.finished = true;
-                let res = self
+                let op = self
                     .state
-                    .resources
+                    .op
                     .borrow_mut()
                     .take()
-                    .expect("resources come back once");
-                Poll::Ready((c, res))
+                    .expect("the operation comes back once");
+                Poll::Ready((c, op))
             }
             None => {
                 *self.state.waker.borrow_mut() = Some(cx.waker().clone());
@@ -129,7 +83,7 @@ impl<T: 'static> Future for UringOp<T> {
     }
 }
 
-impl<T: 'static> Drop for UringOp<T> {
+impl<O: Op> Drop for Submitted<O> {
     fn drop(&mut self) {
         if self.finished {
             return;
@@ -140,7 +94,7 @@ impl<T: 'static> Drop for UringOp<T> {
             return;
         }
         self.state.abandoned.set(true);
-        // Cancel it; the callback disposes of the resources when the completion arrives. Off
+        // Cancel it; the state disposes of the operation when the completion arrives. Off
         // the reactor's poll (rare), the operation just runs to completion.
         let id = self.id;
         Reactor::with_current_for(&self.shared, |r| {
@@ -151,21 +105,37 @@ impl<T: 'static> Drop for UringOp<T> {
 
 /// Runs `op` as an io_uring operation on the current reactor's ring.
 pub(super) async fn run<O: Op>(op: O) -> O::Output {
-    // SAFETY: `Op`'s contract: the SQE refers only to what the operation owns (stable when
-    // moved) or to memory that outlives it.
-    let submitted = unsafe { UringOp::submit(op, |op| op.sqe(), Some(orphan::<O>)) };
+    let state = Rc::new(State {
+        done: Cell::new(None),
+        waker: RefCell::new(None),
+        op: RefCell::new(Some(op)),
+        abandoned: Cell::new(false),
+    });
+    // Built where the operation now stays until its completion.
+    let sqe = state.op.borrow_mut().as_mut().expect("just stored").sqe();
+    let callback = OpCallback::Shared(state.clone());
+    let submitted = Reactor::with_current(|r| {
+        // SAFETY: `Op`'s contract: the SQE refers only to what the operation owns (stable when
+        // moved) or to memory that outlives it, and the reactor holds the state, hence the
+        // operation, until the final completion.
+        unsafe { r.submit_op(sqe, callback) }.map(|id| (id, r.shared().clone()))
+    })
+    .unwrap_or_else(|| Err(no_reactor()));
     match submitted {
-        Ok(fut) => {
+        Ok((id, shared)) => {
+            let fut = Submitted {
+                state,
+                id,
+                shared,
+                finished: false,
+            };
             let (c, op) = fut.await;
             op.complete(c.into_result().map(|n| n as usize))
         }
-        Err((e, op)) => op.complete(Err(e)),
-    }
-}
-
-/// Disposes of what a completed operation nobody collected produced.
-fn orphan<O: Op>(op: O, c: Completion) {
-    if c.result >= 0 {
-        op.orphan(c.result as usize);
+        Err(e) => {
+            // Not submitted: the reactor kept no share of the state.
+            let op = state.op.borrow_mut().take().expect("not taken");
+            op.complete(Err(e))
+        }
     }
 }

@@ -10,13 +10,9 @@ use std::rc::Rc;
 use io_uring::squeue::Entry;
 use io_uring::{opcode, types};
 
-use super::Op;
+use super::{Op, len32};
 use crate::io::{Async, IoBuf, IoBufMut};
 use crate::sys::cvt;
-
-fn len32(len: usize) -> u32 {
-    u32::try_from(len).unwrap_or(u32::MAX)
-}
 
 /// `recv` into the room of `buf`.
 pub(crate) struct Recv<T: AsFd + 'static, B> {
