@@ -272,6 +272,10 @@ impl Reactor {
         self.stats.bh_runs.set(self.stats.bh_runs.get() + 1);
     }
 
+    pub(crate) fn count_inline_io(&self) {
+        self.stats.inline_io.set(self.stats.inline_io.get() + 1);
+    }
+
     pub(crate) fn count_task(&self) {
         self.stats.task_polls.set(self.stats.task_polls.get() + 1);
     }

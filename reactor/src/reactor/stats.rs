@@ -36,6 +36,9 @@ pub struct Stats {
     /// Waits of the fd monitor that failed with an OS error after the backend's own retries
     /// (see [`Reactor::poll`](crate::Reactor::poll) for what the loop does then).
     pub monitor_errors: u64,
+    /// File reads and writes that the epoll backend completed on the loop thread from the page
+    /// cache (`RWF_NOWAIT`) instead of sending them to the thread pool. Always 0 on io_uring.
+    pub inline_io: u64,
 }
 
 /// The home thread's counters.
@@ -49,6 +52,7 @@ pub(crate) struct LocalStats {
     pub(crate) timers_fired: Cell<u64>,
     pub(crate) poll_hits: Cell<u64>,
     pub(crate) poll_misses: Cell<u64>,
+    pub(crate) inline_io: Cell<u64>,
 }
 
 impl LocalStats {
@@ -70,6 +74,7 @@ impl LocalStats {
             poll_hits: self.poll_hits.get(),
             poll_misses: self.poll_misses.get(),
             monitor_errors,
+            inline_io: self.inline_io.get(),
         }
     }
 }

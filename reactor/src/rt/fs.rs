@@ -36,7 +36,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::io::{IoBuf, IoBufMut, Slice};
-use crate::rt::op::file::{Fallocate, Fsync, Open, ReadAt, ReadvAt, WriteAt, WritevAt};
+use crate::rt::op::file::{Fallocate, FileFd, Fsync, Open, ReadAt, ReadvAt, WriteAt, WritevAt};
 use crate::rt::op::run;
 
 /// How to open a file (like `std::fs::OpenOptions`, plus raw `open(2)` flags such as
@@ -155,14 +155,16 @@ impl OpenOptions {
             mode: self.mode,
         })
         .await?;
-        Ok(File { fd: Arc::new(fd) })
+        Ok(File {
+            fd: Arc::new(FileFd::new(fd)),
+        })
     }
 }
 
 /// An open file. Operations may run concurrently; each keeps the file open until it is done.
 #[derive(Clone)]
 pub struct File {
-    fd: Arc<OwnedFd>,
+    fd: Arc<FileFd>,
 }
 
 impl fmt::Debug for File {
@@ -193,7 +195,7 @@ impl File {
     /// Wraps an open `std::fs::File`.
     pub fn from_std(f: std::fs::File) -> File {
         File {
-            fd: Arc::new(OwnedFd::from(f)),
+            fd: Arc::new(FileFd::new(OwnedFd::from(f))),
         }
     }
 

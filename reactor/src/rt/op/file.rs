@@ -1,11 +1,14 @@
 //! The file operations: one type each, with its io_uring SQE and its blocking call.
 //!
-//! Each keeps the file open with an `Arc<OwnedFd>` and owns its buffers until it completes.
+//! Each keeps the file open with an `Arc<FileFd>` and owns its buffers until it completes.
+//! Reads and writes also have a non-blocking form ([`Op::call_nowait`], `RWF_NOWAIT`), which
+//! the epoll backend tries on the loop thread before it hands the call to the thread pool.
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use io_uring::squeue::Entry;
 use io_uring::{opcode, types};
@@ -13,6 +16,91 @@ use io_uring::{opcode, types};
 use super::{Op, len32};
 use crate::io::{IoBuf, IoBufMut};
 use crate::sys::cvt;
+
+/// An open file as its operations hold it: the descriptor, and whether reads and writes are
+/// worth trying with `RWF_NOWAIT` on it.
+///
+/// Not on an `O_DIRECT` file (the flags are read once, when the file is wrapped): a direct
+/// read with `RWF_NOWAIT` still waits for the device. A kind of call the file does not support
+/// with `RWF_NOWAIT` (`EOPNOTSUPP`: buffered writes on ext4, devices without it) is not tried
+/// again on the file.
+pub(crate) struct FileFd {
+    fd: OwnedFd,
+    nowait_read: AtomicBool,
+    nowait_write: AtomicBool,
+}
+
+impl FileFd {
+    pub(crate) fn new(fd: OwnedFd) -> FileFd {
+        // SAFETY: F_GETFL on an fd we own reads its status flags and touches no memory.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        let buffered = flags >= 0 && flags & libc::O_DIRECT == 0;
+        FileFd {
+            fd,
+            nowait_read: AtomicBool::new(buffered),
+            nowait_write: AtomicBool::new(buffered),
+        }
+    }
+}
+
+impl AsRawFd for FileFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl AsFd for FileFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// `preadv2`/`pwritev2` with `RWF_NOWAIT` for `want` bytes, made only while `enabled`: the
+/// result when the page cache served all of it (or the call failed for a reason the blocking
+/// call would share), `None` when the blocking call must do it.
+///
+/// A partial transfer is `None` too: the blocking call then does the whole range again (the
+/// same bytes at the same offset), so callers never see a short read that is not at the end
+/// of the file.
+fn nowait(
+    enabled: &AtomicBool,
+    want: usize,
+    call: impl FnOnce() -> io::Result<usize>,
+) -> Option<io::Result<usize>> {
+    // Relaxed: a hint that only ever goes from true to false; no other memory is published
+    // with it (the store below pairs with nothing).
+    if !enabled.load(Ordering::Relaxed) {
+        return None;
+    }
+    match call() {
+        Ok(n) if n == want || n == 0 => Some(Ok(n)),
+        Ok(_) => None,
+        Err(e) => match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINVAL) => None,
+            Some(libc::EOPNOTSUPP) => {
+                // Relaxed: see the load above.
+                enabled.store(false, Ordering::Relaxed);
+                None
+            }
+            _ => Some(Err(e)),
+        },
+    }
+}
+
+/// `preadv2`/`pwritev2` of `iov` at `offset` with `RWF_NOWAIT`.
+fn rw_nowait(fd: RawFd, iov: &[libc::iovec], offset: u64, write: bool) -> io::Result<usize> {
+    let cnt = iov.len() as i32;
+    // SAFETY: the iovecs cover memory the operation owns (rooms to fill for a read,
+    // initialised bytes for a write); the offset was checked to fit an off_t.
+    let rc = unsafe {
+        if write {
+            libc::pwritev2(fd, iov.as_ptr(), cnt, offset as i64, libc::RWF_NOWAIT)
+        } else {
+            libc::preadv2(fd, iov.as_ptr(), cnt, offset as i64, libc::RWF_NOWAIT)
+        }
+    };
+    cvt(rc).map(|n| n as usize)
+}
 
 /// `openat(AT_FDCWD, path, flags, mode)`.
 pub(crate) struct Open {
@@ -52,7 +140,7 @@ unsafe impl Op for Open {
 
 /// `pread`: into the room of `buf`.
 pub(crate) struct ReadAt<B> {
-    pub(crate) fd: Arc<OwnedFd>,
+    pub(crate) fd: Arc<FileFd>,
     pub(crate) buf: B,
     pub(crate) offset: u64,
 }
@@ -81,6 +169,18 @@ unsafe impl<B: IoBufMut> Op for ReadAt<B> {
             .map(|n| n as usize)
     }
 
+    fn call_nowait(&mut self) -> Option<io::Result<usize>> {
+        let len = self.buf.bytes_total();
+        let iov = [libc::iovec {
+            iov_base: self.buf.stable_mut_ptr().cast(),
+            iov_len: len,
+        }];
+        let fd = self.fd.as_raw_fd();
+        nowait(&self.fd.nowait_read, len, || {
+            rw_nowait(fd, &iov, self.offset, false)
+        })
+    }
+
     fn complete(mut self, res: io::Result<usize>) -> Self::Output {
         if let Ok(n) = res {
             // SAFETY: the kernel initialised `n` bytes of the room.
@@ -92,7 +192,7 @@ unsafe impl<B: IoBufMut> Op for ReadAt<B> {
 
 /// `pwrite`: the initialised bytes of `buf`.
 pub(crate) struct WriteAt<B> {
-    pub(crate) fd: Arc<OwnedFd>,
+    pub(crate) fd: Arc<FileFd>,
     pub(crate) buf: B,
     pub(crate) offset: u64,
 }
@@ -116,6 +216,18 @@ unsafe impl<B: IoBuf> Op for WriteAt<B> {
             .map(|n| n as usize)
     }
 
+    fn call_nowait(&mut self) -> Option<io::Result<usize>> {
+        let len = self.buf.bytes_init();
+        let iov = [libc::iovec {
+            iov_base: self.buf.stable_ptr().cast_mut().cast(),
+            iov_len: len,
+        }];
+        let fd = self.fd.as_raw_fd();
+        nowait(&self.fd.nowait_write, len, || {
+            rw_nowait(fd, &iov, self.offset, true)
+        })
+    }
+
     fn complete(self, res: io::Result<usize>) -> Self::Output {
         (res, self.buf)
     }
@@ -123,7 +235,7 @@ unsafe impl<B: IoBuf> Op for WriteAt<B> {
 
 /// `preadv`: into the rooms of `bufs`, in order.
 pub(crate) struct ReadvAt<B> {
-    pub(crate) fd: Arc<OwnedFd>,
+    pub(crate) fd: Arc<FileFd>,
     pub(crate) bufs: Vec<B>,
     pub(crate) offset: u64,
     /// Built from `bufs` when the operation starts; its heap block is what the kernel reads.
@@ -176,6 +288,15 @@ unsafe impl<B: IoBufMut> Op for ReadvAt<B> {
         .map(|n| n as usize)
     }
 
+    fn call_nowait(&mut self) -> Option<io::Result<usize>> {
+        self.fill_iov();
+        let want = self.iov.iter().map(|v| v.iov_len).sum();
+        let (fd, iov, offset) = (self.fd.as_raw_fd(), &self.iov, self.offset);
+        nowait(&self.fd.nowait_read, want, || {
+            rw_nowait(fd, iov, offset, false)
+        })
+    }
+
     fn complete(mut self, res: io::Result<usize>) -> Self::Output {
         if let Ok(mut n) = res {
             for b in &mut self.bufs {
@@ -191,7 +312,7 @@ unsafe impl<B: IoBufMut> Op for ReadvAt<B> {
 
 /// `pwritev`: the initialised bytes of `bufs`, in order.
 pub(crate) struct WritevAt<B> {
-    pub(crate) fd: Arc<OwnedFd>,
+    pub(crate) fd: Arc<FileFd>,
     pub(crate) bufs: Vec<B>,
     pub(crate) offset: u64,
     /// Built from `bufs` when the operation starts.
@@ -243,6 +364,15 @@ unsafe impl<B: IoBuf> Op for WritevAt<B> {
         .map(|n| n as usize)
     }
 
+    fn call_nowait(&mut self) -> Option<io::Result<usize>> {
+        self.fill_iov();
+        let want = self.iov.iter().map(|v| v.iov_len).sum();
+        let (fd, iov, offset) = (self.fd.as_raw_fd(), &self.iov, self.offset);
+        nowait(&self.fd.nowait_write, want, || {
+            rw_nowait(fd, iov, offset, true)
+        })
+    }
+
     fn complete(self, res: io::Result<usize>) -> Self::Output {
         (res, self.bufs)
     }
@@ -250,7 +380,7 @@ unsafe impl<B: IoBuf> Op for WritevAt<B> {
 
 /// `fsync`, or `fdatasync` when `data_only`.
 pub(crate) struct Fsync {
-    pub(crate) fd: Arc<OwnedFd>,
+    pub(crate) fd: Arc<FileFd>,
     pub(crate) data_only: bool,
 }
 
@@ -289,7 +419,7 @@ unsafe impl Op for Fsync {
 
 /// `fallocate(fd, mode, offset, len)`.
 pub(crate) struct Fallocate {
-    pub(crate) fd: Arc<OwnedFd>,
+    pub(crate) fd: Arc<FileFd>,
     pub(crate) mode: i32,
     pub(crate) offset: u64,
     pub(crate) len: u64,

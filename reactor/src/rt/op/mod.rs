@@ -49,6 +49,14 @@ pub(crate) unsafe trait Op: 'static {
     /// (run when the socket is ready). Returns the kernel's non-negative result.
     fn call(&mut self) -> io::Result<usize>;
 
+    /// The call made without blocking, where the operation has such a form (`RWF_NOWAIT`
+    /// reads and writes served by the page cache): its result, or `None` when only the
+    /// blocking [`call`](Op::call) can do it. The epoll backend tries it on the loop thread
+    /// before it hands the operation to the thread pool.
+    fn call_nowait(&mut self) -> Option<io::Result<usize>> {
+        None
+    }
+
     /// The caller's output from the kernel's result (from either backend).
     fn complete(self, res: io::Result<usize>) -> Self::Output;
 
@@ -73,7 +81,8 @@ fn backend() -> io::Result<Backend> {
     Reactor::with_current(|r| r.backend()).ok_or_else(no_reactor)
 }
 
-/// Runs a file operation: on the io_uring backend an io_uring operation; on epoll the blocking
+/// Runs a file operation: on the io_uring backend an io_uring operation; on epoll its
+/// non-blocking form on the loop thread if it has one and that succeeds, else the blocking
 /// call on the reactor's thread pool, where the output is also made, so that what an
 /// uncollected operation produced (an opened fd) is dropped there, not leaked.
 pub(crate) async fn run<O: Op + Send>(op: O) -> O::Output
@@ -83,8 +92,12 @@ where
     match backend() {
         Ok(Backend::Uring) => ring::run(op).await,
         Ok(_) => {
+            let mut op = op;
+            if let Some(res) = op.call_nowait() {
+                Reactor::with_current(|r| r.count_inline_io());
+                return op.complete(res);
+            }
             let job = spawn_blocking(move || {
-                let mut op = op;
                 let res = op.call();
                 op.complete(res)
             });

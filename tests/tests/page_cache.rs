@@ -1,0 +1,145 @@
+//! Reads the page cache can serve: on epoll they complete on the loop thread (`RWF_NOWAIT`)
+//! instead of a thread-pool round trip, never short and never on an `O_DIRECT` file; on
+//! io_uring they are ring operations as before.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+use reactor::AlignedBuf;
+use reactor::fs::File;
+use tests::backend_tests;
+
+fn scratch(name: &str, r: &reactor::Reactor) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    dir.join(format!("pc-{name}-{}-{}", r.backend(), std::process::id()))
+}
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(seed) % 251) as u8)
+        .collect()
+}
+
+/// The file at `path` with `data`, written and read through std so its pages are cached.
+fn cached_file(path: &PathBuf, data: &[u8]) -> File {
+    std::fs::write(path, data).unwrap();
+    assert_eq!(std::fs::read(path).unwrap().len(), data.len());
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    File::from_std(f)
+}
+
+/// Drops the clean cached pages of `len` bytes at `offset` (after `fsync`).
+fn evict(f: &File, offset: i64, len: i64) {
+    let fd = f.as_raw_fd();
+    // SAFETY: plain calls on an open fd; they touch no memory of ours.
+    unsafe {
+        assert_eq!(libc::fsync(fd), 0);
+        assert_eq!(
+            libc::posix_fadvise(fd, offset, len, libc::POSIX_FADV_DONTNEED),
+            0
+        );
+    }
+}
+
+backend_tests! {
+    fn cached_reads_complete_on_the_loop_thread_on_epoll(r: &Reactor) {
+        let path = scratch("cached", r);
+        let data = pattern(1 << 20, 7);
+        let f = cached_file(&path, &data);
+        let before = r.stats().inline_io;
+        r.block_on(async {
+            for off in [0usize, 4096, 12288, (1 << 20) - 4096] {
+                let (res, buf) = f.read_at(Vec::with_capacity(4096), off as u64).await;
+                assert_eq!(res.unwrap(), 4096);
+                assert_eq!(buf[..], data[off..off + 4096]);
+            }
+            let (res, bufs) = f
+                .readv_at(vec![Vec::with_capacity(100), Vec::with_capacity(5000)], 333)
+                .await;
+            assert_eq!(res.unwrap(), 5100);
+            assert_eq!(bufs[0][..], data[333..433]);
+            assert_eq!(bufs[1][..], data[433..5433]);
+            // At the end of the file: 0, whichever way it ran.
+            let (res, _) = f.read_at(Vec::with_capacity(10), 1 << 20).await;
+            assert_eq!(res.unwrap(), 0);
+        });
+        let inline = r.stats().inline_io - before;
+        match r.backend() {
+            reactor::Backend::Epoll => assert!(inline >= 5, "cached reads ran inline: {inline}"),
+            _ => assert_eq!(inline, 0, "io_uring reads are ring operations"),
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    fn a_partly_cached_range_is_read_whole(r: &Reactor) {
+        let path = scratch("partly", r);
+        let len = 8 << 20;
+        let data = pattern(len, 13);
+        let f = cached_file(&path, &data);
+        // The second half leaves the page cache: a non-blocking read could only return the
+        // first half, which the caller must never see as a short read.
+        evict(&f, (len / 2) as i64, (len / 2) as i64);
+        r.block_on(async {
+            let (res, buf) = f.read_at(Vec::with_capacity(len), 0).await;
+            assert_eq!(res.unwrap(), len, "never short before the end of the file");
+            assert!(buf == data, "the bytes of the whole range");
+            evict(&f, 4096, (len - 4096) as i64);
+            let (res, bufs) = f
+                .readv_at(vec![Vec::with_capacity(4096), Vec::with_capacity(len - 4096)], 0)
+                .await;
+            assert_eq!(res.unwrap(), len, "never short before the end of the file");
+            assert!(bufs[0] == data[..4096] && bufs[1] == data[4096..]);
+        });
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    fn writes_land_whichever_way_they_ran(r: &Reactor) {
+        let path = scratch("writes", r);
+        let f = cached_file(&path, &pattern(64 << 10, 3));
+        let new = pattern(64 << 10, 11);
+        r.block_on(async {
+            // Twice: the first write may find that the file system has no non-blocking buffered
+            // writes (ext4), the second must then go straight to the pool.
+            for round in 0..2 {
+                let (res, _) = f.write_at(new[..8192].to_vec(), 4096).await;
+                assert_eq!(res.unwrap(), 8192, "round {round}");
+            }
+            let (res, _) = f
+                .writev_at(vec![new[..100].to_vec(), new[100..4096].to_vec()], 60 << 10)
+                .await;
+            assert_eq!(res.unwrap(), 4096);
+        });
+        let back = std::fs::read(&path).unwrap();
+        assert_eq!(back.len(), 64 << 10);
+        assert!(back[4096..12288] == new[..8192]);
+        assert!(back[60 << 10..] == new[..4096]);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    fn direct_files_are_never_read_inline(r: &Reactor) {
+        let path = scratch("direct", r);
+        let data = pattern(64 << 10, 5);
+        std::fs::write(&path, &data).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .expect("O_DIRECT open (the target directory's filesystem must support it)");
+        let f = File::from_std(f);
+        let before = r.stats().inline_io;
+        r.block_on(async {
+            for _ in 0..4 {
+                let (res, buf) = f.read_at(AlignedBuf::new(16 << 10, 4096), 8192).await;
+                assert_eq!(res.unwrap(), 16 << 10);
+                assert_eq!(buf[..], data[8192..8192 + (16 << 10)]);
+            }
+        });
+        assert_eq!(r.stats().inline_io, before, "a direct read waits for the device");
+        std::fs::remove_file(&path).unwrap();
+    }
+}
