@@ -1,6 +1,6 @@
-//! Reads the page cache can serve: on epoll they complete on the loop thread (`RWF_NOWAIT`)
-//! instead of a thread-pool round trip, never short and never on an `O_DIRECT` file; on
-//! io_uring they are ring operations as before.
+//! Reads the page cache can serve complete on the loop thread (`RWF_NOWAIT`) on both backends,
+//! instead of a ring operation or a thread-pool round trip: never short, and never on an
+//! `O_DIRECT` file.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -47,7 +47,7 @@ fn evict(f: &File, offset: i64, len: i64) {
 }
 
 backend_tests! {
-    fn cached_reads_complete_on_the_loop_thread_on_epoll(r: &Reactor) {
+    fn cached_reads_complete_on_the_loop_thread(r: &Reactor) {
         let path = scratch("cached", r);
         let data = pattern(1 << 20, 7);
         let f = cached_file(&path, &data);
@@ -69,10 +69,7 @@ backend_tests! {
             assert_eq!(res.unwrap(), 0);
         });
         let inline = r.stats().inline_io - before;
-        match r.backend() {
-            reactor::Backend::Epoll => assert!(inline >= 5, "cached reads ran inline: {inline}"),
-            _ => assert_eq!(inline, 0, "io_uring reads are ring operations"),
-        }
+        assert!(inline >= 5, "cached reads ran inline: {inline}");
         std::fs::remove_file(&path).unwrap();
     }
 

@@ -2,7 +2,7 @@
 
 pub mod bh;
 pub mod fd_pingpong;
-pub mod file_read;
+pub mod file_io;
 pub mod idle;
 pub mod nbd;
 pub mod pingpong;
@@ -125,7 +125,12 @@ pub const ALL: &[Scenario] = &[
     Scenario {
         name: "file-read",
         about: "4 KiB reads over 256 MiB, random and sequential, QD1/QD32, cached and O_DIRECT (IOPS)",
-        run: file_read::run,
+        run: file_io::run_reads,
+    },
+    Scenario {
+        name: "file-write",
+        about: "4 KiB writes over 256 MiB, random and sequential, QD1/QD32, cached and O_DIRECT (IOPS)",
+        run: file_io::run_writes,
     },
     Scenario {
         name: "nbd",

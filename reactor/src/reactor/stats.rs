@@ -36,8 +36,8 @@ pub struct Stats {
     /// Waits of the fd monitor that failed with an OS error after the backend's own retries
     /// (see [`Reactor::poll`](crate::Reactor::poll) for what the loop does then).
     pub monitor_errors: u64,
-    /// File reads and writes that the epoll backend completed on the loop thread from the page
-    /// cache (`RWF_NOWAIT`) instead of sending them to the thread pool. Always 0 on io_uring.
+    /// File reads and writes completed on the loop thread from the page cache (`RWF_NOWAIT`)
+    /// instead of going to the ring (io_uring) or the thread pool (epoll).
     pub inline_io: u64,
 }
 

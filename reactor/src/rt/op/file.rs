@@ -2,13 +2,14 @@
 //!
 //! Each keeps the file open with an `Arc<FileFd>` and owns its buffers until it completes.
 //! Reads and writes also have a non-blocking form ([`Op::call_nowait`], `RWF_NOWAIT`), which
-//! the epoll backend tries on the loop thread before it hands the call to the thread pool.
+//! both backends try on the loop thread first: what the page cache holds is copied at once,
+//! and only the rest goes to the ring or the thread pool.
 
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use io_uring::squeue::Entry;
 use io_uring::{opcode, types};
@@ -17,17 +18,17 @@ use super::{Op, len32};
 use crate::io::{IoBuf, IoBufMut};
 use crate::sys::cvt;
 
-/// An open file as its operations hold it: the descriptor, and whether reads and writes are
-/// worth trying with `RWF_NOWAIT` on it.
+/// An open file as its operations hold it: the descriptor, and for reads and writes whether
+/// `RWF_NOWAIT` is worth trying on it.
 ///
 /// Not on an `O_DIRECT` file (the flags are read once, when the file is wrapped): a direct
 /// read with `RWF_NOWAIT` still waits for the device. A kind of call the file does not support
-/// with `RWF_NOWAIT` (`EOPNOTSUPP`: buffered writes on ext4, devices without it) is not tried
-/// again on the file.
+/// with `RWF_NOWAIT` (`EOPNOTSUPP`: buffered writes on ext4 and tmpfs, devices without it) is
+/// not tried again on the file.
 pub(crate) struct FileFd {
     fd: OwnedFd,
-    nowait_read: AtomicBool,
-    nowait_write: AtomicBool,
+    read: NoWait,
+    write: NoWait,
 }
 
 impl FileFd {
@@ -37,8 +38,8 @@ impl FileFd {
         let buffered = flags >= 0 && flags & libc::O_DIRECT == 0;
         FileFd {
             fd,
-            nowait_read: AtomicBool::new(buffered),
-            nowait_write: AtomicBool::new(buffered),
+            read: NoWait::new(buffered),
+            write: NoWait::new(buffered),
         }
     }
 }
@@ -55,31 +56,100 @@ impl AsFd for FileFd {
     }
 }
 
-/// `preadv2`/`pwritev2` with `RWF_NOWAIT` for `want` bytes, made only while `enabled`: the
-/// result when the page cache served all of it (or the call failed for a reason the blocking
-/// call would share), `None` when the blocking call must do it.
+/// Whether to try one kind of call with `RWF_NOWAIT`, and a backoff for files the page cache
+/// does not hold: after a miss the next 1, then 3, 7, ... up to 64 calls go straight to the
+/// blocking path, and a hit starts over. A file that is never cached thus pays the failed
+/// attempt (`EAGAIN`, well under a microsecond) on at most one call in 65.
+///
+/// Every field is a hint: no other memory is published through them, so each access is
+/// `Relaxed`, and racing updates from threads sharing the file only shift the counts.
+struct NoWait {
+    enabled: AtomicBool,
+    /// Calls left to send to the blocking path before the next attempt.
+    skip: AtomicU32,
+    /// How many calls the next miss skips.
+    next_skip: AtomicU32,
+}
+
+const MAX_SKIP: u32 = 64;
+
+impl NoWait {
+    fn new(enabled: bool) -> NoWait {
+        NoWait {
+            enabled: AtomicBool::new(enabled),
+            skip: AtomicU32::new(0),
+            next_skip: AtomicU32::new(1),
+        }
+    }
+
+    fn should_try(&self) -> bool {
+        // Relaxed: a hint (see the type's doc); pairs with nothing.
+        if !self.enabled.load(Ordering::Relaxed) {
+            return false;
+        }
+        // Relaxed: as above.
+        let skip = self.skip.load(Ordering::Relaxed);
+        if skip > 0 {
+            // Relaxed: as above.
+            self.skip.store(skip - 1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    fn hit(&self) {
+        // Relaxed: as above.
+        self.next_skip.store(1, Ordering::Relaxed);
+    }
+
+    fn miss(&self) {
+        // Relaxed: as above.
+        let n = self.next_skip.load(Ordering::Relaxed);
+        // Relaxed: as above.
+        self.skip.store(n, Ordering::Relaxed);
+        // Relaxed: as above.
+        self.next_skip
+            .store((n * 2 + 1).min(MAX_SKIP), Ordering::Relaxed);
+    }
+
+    fn unsupported(&self) {
+        // Relaxed: as above.
+        self.enabled.store(false, Ordering::Relaxed);
+    }
+}
+
+/// `call` (`preadv2`/`pwritev2` with `RWF_NOWAIT` for `want` bytes), made if `nw` says it is
+/// worth trying: the result when the page cache served all of it (or the call failed for a
+/// reason the blocking call would share), `None` when the blocking call must do it.
 ///
 /// A partial transfer is `None` too: the blocking call then does the whole range again (the
 /// same bytes at the same offset), so callers never see a short read that is not at the end
 /// of the file.
 fn nowait(
-    enabled: &AtomicBool,
+    nw: &NoWait,
     want: usize,
     call: impl FnOnce() -> io::Result<usize>,
 ) -> Option<io::Result<usize>> {
-    // Relaxed: a hint that only ever goes from true to false; no other memory is published
-    // with it (the store below pairs with nothing).
-    if !enabled.load(Ordering::Relaxed) {
+    if !nw.should_try() {
         return None;
     }
     match call() {
-        Ok(n) if n == want || n == 0 => Some(Ok(n)),
-        Ok(_) => None,
+        Ok(n) if n == want || n == 0 => {
+            nw.hit();
+            Some(Ok(n))
+        }
+        Ok(_) => {
+            nw.miss();
+            None
+        }
         Err(e) => match e.raw_os_error() {
-            Some(libc::EAGAIN) | Some(libc::EINVAL) => None,
+            Some(libc::EAGAIN) => {
+                nw.miss();
+                None
+            }
+            Some(libc::EINVAL) => None,
             Some(libc::EOPNOTSUPP) => {
-                // Relaxed: see the load above.
-                enabled.store(false, Ordering::Relaxed);
+                nw.unsupported();
                 None
             }
             _ => Some(Err(e)),
@@ -176,7 +246,7 @@ unsafe impl<B: IoBufMut> Op for ReadAt<B> {
             iov_len: len,
         }];
         let fd = self.fd.as_raw_fd();
-        nowait(&self.fd.nowait_read, len, || {
+        nowait(&self.fd.read, len, || {
             rw_nowait(fd, &iov, self.offset, false)
         })
     }
@@ -223,7 +293,7 @@ unsafe impl<B: IoBuf> Op for WriteAt<B> {
             iov_len: len,
         }];
         let fd = self.fd.as_raw_fd();
-        nowait(&self.fd.nowait_write, len, || {
+        nowait(&self.fd.write, len, || {
             rw_nowait(fd, &iov, self.offset, true)
         })
     }
@@ -292,9 +362,7 @@ unsafe impl<B: IoBufMut> Op for ReadvAt<B> {
         self.fill_iov();
         let want = self.iov.iter().map(|v| v.iov_len).sum();
         let (fd, iov, offset) = (self.fd.as_raw_fd(), &self.iov, self.offset);
-        nowait(&self.fd.nowait_read, want, || {
-            rw_nowait(fd, iov, offset, false)
-        })
+        nowait(&self.fd.read, want, || rw_nowait(fd, iov, offset, false))
     }
 
     fn complete(mut self, res: io::Result<usize>) -> Self::Output {
@@ -368,9 +436,7 @@ unsafe impl<B: IoBuf> Op for WritevAt<B> {
         self.fill_iov();
         let want = self.iov.iter().map(|v| v.iov_len).sum();
         let (fd, iov, offset) = (self.fd.as_raw_fd(), &self.iov, self.offset);
-        nowait(&self.fd.nowait_write, want, || {
-            rw_nowait(fd, iov, offset, true)
-        })
+        nowait(&self.fd.write, want, || rw_nowait(fd, iov, offset, true))
     }
 
     fn complete(self, res: io::Result<usize>) -> Self::Output {
@@ -451,5 +517,41 @@ unsafe impl Op for Fallocate {
 
     fn complete(self, res: io::Result<usize>) -> io::Result<()> {
         res.map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn misses_back_off_up_to_one_try_in_65_and_a_hit_starts_over() {
+        let nw = NoWait::new(true);
+        let tries = |n: usize| (0..n).filter(|_| nw.should_try()).count();
+        assert_eq!(tries(10), 10, "no miss yet: every call tries");
+        // A file that is never cached: every try misses, and the calls skipped between tries
+        // grow 1, 3, 7, ... up to 64.
+        let mut skipped = Vec::new();
+        let mut k = 0;
+        for _ in 0..2000 {
+            if nw.should_try() {
+                nw.miss();
+                skipped.push(k);
+                k = 0;
+            } else {
+                k += 1;
+            }
+        }
+        assert_eq!(skipped[..9], [0, 1, 3, 7, 15, 31, 63, 64, 64]);
+        assert!(skipped[7..].iter().all(|&k| k == 64));
+        nw.hit();
+        nw.miss();
+        assert!(
+            !nw.should_try(),
+            "a hit resets the backoff to its first step"
+        );
+        assert!(nw.should_try());
+        nw.unsupported();
+        assert_eq!(tries(100), 0, "never again once unsupported");
     }
 }

@@ -6,8 +6,9 @@
 //! operations and hand them to a driver; the drivers here are the only code in the async
 //! layer that asks which backend runs:
 //!
-//! - [`run`] (files): an io_uring operation on the uring backend; the blocking call on the
-//!   reactor's thread pool on epoll;
+//! - [`run`] (files): what the page cache can serve at once, on the loop thread; the rest an
+//!   io_uring operation on the uring backend, the blocking call on the reactor's thread pool
+//!   on epoll;
 //! - [`run_when_ready`] (sockets): an io_uring operation when the reactor does socket I/O by
 //!   completion ([`SocketIo::Completion`](crate::net::SocketIo) on io_uring); otherwise the
 //!   non-blocking call, made when the socket is ready.
@@ -51,8 +52,8 @@ pub(crate) unsafe trait Op: 'static {
 
     /// The call made without blocking, where the operation has such a form (`RWF_NOWAIT`
     /// reads and writes served by the page cache): its result, or `None` when only the
-    /// blocking [`call`](Op::call) can do it. The epoll backend tries it on the loop thread
-    /// before it hands the operation to the thread pool.
+    /// blocking [`call`](Op::call) or the ring can do it. Both backends try it on the loop
+    /// thread before they hand the operation to the ring or the thread pool.
     fn call_nowait(&mut self) -> Option<io::Result<usize>> {
         None
     }
@@ -81,33 +82,35 @@ fn backend() -> io::Result<Backend> {
     Reactor::with_current(|r| r.backend()).ok_or_else(no_reactor)
 }
 
-/// Runs a file operation: on the io_uring backend an io_uring operation; on epoll its
-/// non-blocking form on the loop thread if it has one and that succeeds, else the blocking
-/// call on the reactor's thread pool, where the output is also made, so that what an
+/// Runs a file operation: first its non-blocking form on the loop thread, if it has one and
+/// the page cache can serve it (`RWF_NOWAIT`: one system call, no ring entry and no thread
+/// hand-over); otherwise on the io_uring backend an io_uring operation, and on epoll the
+/// blocking call on the reactor's thread pool, where the output is also made, so that what an
 /// uncollected operation produced (an opened fd) is dropped there, not leaked.
 pub(crate) async fn run<O: Op + Send>(op: O) -> O::Output
 where
     O::Output: Send,
 {
-    match backend() {
-        Ok(Backend::Uring) => ring::run(op).await,
-        Ok(_) => {
-            let mut op = op;
-            if let Some(res) = op.call_nowait() {
-                Reactor::with_current(|r| r.count_inline_io());
-                return op.complete(res);
-            }
-            let job = spawn_blocking(move || {
-                let res = op.call();
-                op.complete(res)
-            });
-            job.await.unwrap_or_else(|e| match e.into_panic() {
-                Some(p) => std::panic::resume_unwind(p),
-                None => unreachable!("blocking work is never cancelled"),
-            })
-        }
-        Err(e) => op.complete(Err(e)),
+    let backend = match backend() {
+        Ok(b) => b,
+        Err(e) => return op.complete(Err(e)),
+    };
+    let mut op = op;
+    if let Some(res) = op.call_nowait() {
+        Reactor::with_current(|r| r.count_inline_io());
+        return op.complete(res);
     }
+    if backend == Backend::Uring {
+        return ring::run(op).await;
+    }
+    let job = spawn_blocking(move || {
+        let res = op.call();
+        op.complete(res)
+    });
+    job.await.unwrap_or_else(|e| match e.into_panic() {
+        Some(p) => std::panic::resume_unwind(p),
+        None => unreachable!("blocking work is never cancelled"),
+    })
 }
 
 /// Which readiness a socket operation waits for when it runs by readiness.

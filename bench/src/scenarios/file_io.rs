@@ -1,9 +1,13 @@
-//! `file-read`: 4 KiB reads over a 256 MiB file, random and sequential (wrapping at the end,
-//! the pattern of `qemu-img bench`), at queue depth 1 and 32, page-cached and `O_DIRECT`
-//! (IOPS). Beside the reactor: two raw io_uring loops (the floors: a plain ring, and a tuned one
-//! with `SINGLE_ISSUER | DEFER_TASKRUN`, a registered file and registered buffers), compio,
-//! tokio (positional reads go through its blocking pool) and, for the sequential rows, `qemu-img bench` itself
-//! when it is on the PATH.
+//! `file-read` and `file-write`: 4 KiB reads or writes over a 256 MiB file, random and
+//! sequential (wrapping at the end, the pattern of `qemu-img bench`), at queue depth 1 and 32,
+//! page-cached and `O_DIRECT` (IOPS). Beside the reactor: two raw io_uring loops (the floors: a
+//! plain ring, and a tuned one with `SINGLE_ISSUER | DEFER_TASKRUN`, a registered file and
+//! registered buffers), for the cached rows a plain `pread`/`pwrite` loop on one thread (the
+//! synchronous floor), compio, tokio (positional I/O goes through its blocking pool) and, for
+//! the sequential rows, `qemu-img bench` itself when it is on the PATH.
+//!
+//! Reads check every block's bytes. Writes go to a file of their own (the reads' file stays
+//! as it was written) and write one constant block, so that no system pays for filling it.
 
 use std::cell::Cell;
 use std::os::fd::AsRawFd;
@@ -18,6 +22,8 @@ use crate::scenarios::{Ctx, Row};
 
 const FILE_SIZE: u64 = 256 << 20;
 const BLOCK: usize = 4096;
+/// The byte every written block is made of.
+const WRITTEN: u8 = 0x5a;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Pattern {
@@ -27,16 +33,18 @@ enum Pattern {
 
 #[derive(Clone, Copy)]
 struct Case {
+    write: bool,
     pattern: Pattern,
     depth: usize,
     direct: bool,
-    reads: u64,
+    ops: u64,
 }
 
 impl Case {
     fn name(&self) -> String {
         format!(
-            "file-{}-4k-qd{}-{}",
+            "file-{}{}-4k-qd{}-{}",
+            if self.write { "write-" } else { "" },
             if self.pattern == Pattern::Random {
                 "rand"
             } else {
@@ -47,7 +55,7 @@ impl Case {
         )
     }
 
-    /// Offset of read number `i` (random: a hash of `i`; sequential: wrapping).
+    /// Offset of operation number `i` (random: a hash of `i`; sequential: wrapping).
     fn offset(&self, i: u64) -> u64 {
         let blocks = FILE_SIZE / BLOCK as u64;
         let b = match self.pattern {
@@ -61,14 +69,33 @@ impl Case {
         };
         b * BLOCK as u64
     }
+
+    /// A buffer for one operation: zeroed for a read, the written block for a write.
+    fn buf(&self) -> AlignedBuf {
+        let mut b = AlignedBuf::new(BLOCK, BLOCK);
+        if self.write {
+            b.fill(WRITTEN);
+        }
+        b
+    }
+
+    /// Checks what one operation at `off` did: a read's bytes are the ones `data_file` wrote
+    /// there; a write wrote the whole block.
+    fn check(&self, n: usize, buf: &[u8], off: u64) {
+        assert_eq!(n, BLOCK, "short transfer at {off}");
+        if !self.write {
+            check(buf, off);
+        }
+    }
 }
 
-/// The test file, created once under `target/bench-data` (a real filesystem: `O_DIRECT` needs
-/// one) with non-zero data, so that reads are not served from holes.
-fn data_file() -> PathBuf {
+/// A file of `FILE_SIZE` bytes under `target/bench-data` (a real filesystem: `O_DIRECT` needs
+/// one) with non-zero data, so that reads are not served from holes and writes overwrite
+/// allocated blocks; created once.
+fn data_file(name: &str) -> PathBuf {
     let dir = Path::new("target").join("bench-data");
     std::fs::create_dir_all(&dir).expect("create target/bench-data");
-    let path = dir.join("file-read-256M.img");
+    let path = dir.join(name);
     if std::fs::metadata(&path).map(|m| m.len()).ok() != Some(FILE_SIZE) {
         eprintln!("  creating {} ({} MiB)", path.display(), FILE_SIZE >> 20);
         let mut chunk = vec![0u8; 1 << 20];
@@ -90,55 +117,78 @@ fn warm(path: &Path) {
     std::io::copy(&mut f, &mut std::io::sink()).unwrap();
 }
 
-pub fn run(ctx: &Ctx) -> Vec<Row> {
-    let path = data_file();
+/// `file-read`.
+pub fn run_reads(ctx: &Ctx) -> Vec<Row> {
+    run(ctx, false)
+}
+
+/// `file-write`.
+pub fn run_writes(ctx: &Ctx) -> Vec<Row> {
+    run(ctx, true)
+}
+
+fn run(ctx: &Ctx, write: bool) -> Vec<Row> {
+    let path = data_file(if write {
+        "file-write-256M.img"
+    } else {
+        "file-read-256M.img"
+    });
     warm(&path);
     let mut rows = Vec::new();
     for pattern in [Pattern::Random, Pattern::Sequential] {
         for direct in [false, true] {
             for depth in [1usize, 32] {
-                let reads = match (direct, depth) {
+                let ops = match (direct, depth) {
                     (false, _) => ctx.scale(200_000, 25_000),
                     (true, 1) => ctx.scale(10_000, 1_000),
                     (true, _) => ctx.scale(60_000, 6_000),
                 };
                 let case = Case {
+                    write,
                     pattern,
                     depth,
                     direct,
-                    reads,
+                    ops,
                 };
-                let name = case.name();
-                for b in [Backend::Uring, Backend::Epoll] {
-                    rows.push(
-                        ctx.row(&name, &format!("reactor-{b}"), Metric::OpsPerSec, || {
-                            reactor_reads(&path, case, b)
-                        }),
-                    );
-                }
-                rows.push(ctx.row(&name, "tokio", Metric::OpsPerSec, || {
-                    tokio_reads(&path, case)
-                }));
-                rows.push(ctx.row(&name, "compio", Metric::OpsPerSec, || {
-                    compio_reads(&path, case)
-                }));
-                rows.push(ctx.row(&name, "floor-raw-uring", Metric::OpsPerSec, || {
-                    raw_uring_reads(&path, case)
-                }));
-                rows.push(ctx.row(&name, "floor-tuned-uring", Metric::OpsPerSec, || {
-                    tuned_uring_reads(&path, case)
-                }));
-                if pattern == Pattern::Sequential {
-                    match super::qemu::available("qemu-img") {
-                        true => {
-                            rows.push(ctx.row(&name, "qemu-img-bench", Metric::OpsPerSec, || {
-                                qemu_img_bench(&path, case)
-                            }))
-                        }
-                        false => eprintln!("  qemu-img is not on the PATH: no QEMU row for {name}"),
-                    }
-                }
+                rows.extend(case_rows(ctx, &path, case));
             }
+        }
+    }
+    rows
+}
+
+fn case_rows(ctx: &Ctx, path: &Path, case: Case) -> Vec<Row> {
+    let name = case.name();
+    let mut rows = Vec::new();
+    for b in [Backend::Uring, Backend::Epoll] {
+        rows.push(
+            ctx.row(&name, &format!("reactor-{b}"), Metric::OpsPerSec, || {
+                reactor_io(path, case, b)
+            }),
+        );
+    }
+    rows.push(ctx.row(&name, "tokio", Metric::OpsPerSec, || tokio_io(path, case)));
+    rows.push(ctx.row(&name, "compio", Metric::OpsPerSec, || compio_io(path, case)));
+    rows.push(ctx.row(&name, "floor-raw-uring", Metric::OpsPerSec, || {
+        raw_uring_io(path, case)
+    }));
+    rows.push(ctx.row(&name, "floor-tuned-uring", Metric::OpsPerSec, || {
+        tuned_uring_io(path, case)
+    }));
+    if !case.direct {
+        let floor = if case.write {
+            "floor-pwrite"
+        } else {
+            "floor-pread"
+        };
+        rows.push(ctx.row(&name, floor, Metric::OpsPerSec, || sync_io(path, case)));
+    }
+    if case.pattern == Pattern::Sequential {
+        match super::qemu::available("qemu-img") {
+            true => rows.push(ctx.row(&name, "qemu-img-bench", Metric::OpsPerSec, || {
+                qemu_img_bench(path, case)
+            })),
+            false => eprintln!("  qemu-img is not on the PATH: no QEMU row for {name}"),
         }
     }
     rows
@@ -159,38 +209,42 @@ fn check(buf: &[u8], off: u64) {
     }
 }
 
-fn std_open(path: &Path, direct: bool) -> std::fs::File {
+fn std_open(path: &Path, case: Case) -> std::fs::File {
     std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+        .write(case.write)
+        .custom_flags(if case.direct { libc::O_DIRECT } else { 0 })
         .open(path)
         .expect("open the data file")
 }
 
-fn reactor_reads(path: &Path, case: Case, backend: Backend) -> Sample {
+fn reactor_io(path: &Path, case: Case, backend: Backend) -> Sample {
     let r = Reactor::builder().backend(backend).build().unwrap();
     assert_eq!(r.backend(), backend);
-    let file = reactor::fs::File::from_std(std_open(path, case.direct));
+    let file = reactor::fs::File::from_std(std_open(path, case));
     let next = Rc::new(Cell::new(0u64));
     let allocs = crate::allocs::thread_allocs();
-    let sample = time(Metric::OpsPerSec, case.reads, || {
+    let sample = time(Metric::OpsPerSec, case.ops, || {
         r.block_on(async {
             let workers: Vec<_> = (0..case.depth)
                 .map(|_| {
                     let (f, next) = (file.clone(), next.clone());
                     Reactor::with_current(|r| {
                         r.spawn_local(async move {
-                            let mut buf = AlignedBuf::new(BLOCK, BLOCK);
+                            let mut buf = case.buf();
                             loop {
                                 let i = next.get();
-                                if i >= case.reads {
+                                if i >= case.ops {
                                     return;
                                 }
                                 next.set(i + 1);
                                 let off = case.offset(i);
-                                let (res, b) = f.read_at(buf, off).await;
-                                assert_eq!(res.expect("read"), BLOCK);
-                                check(&b, off);
+                                let (res, b) = if case.write {
+                                    f.write_at(buf, off).await
+                                } else {
+                                    f.read_at(buf, off).await
+                                };
+                                case.check(res.expect("file I/O"), &b, off);
                                 buf = b;
                             }
                         })
@@ -203,41 +257,49 @@ fn reactor_reads(path: &Path, case: Case, backend: Backend) -> Sample {
             }
         })
     });
-    // (On epoll the reads run on pool threads, which this thread's count does not see.)
-    let per_op = (crate::allocs::thread_allocs() - allocs) as f64 / case.reads as f64;
+    // (Operations that ran on pool threads allocate there, which this thread's count does
+    // not see.)
+    let per_op = (crate::allocs::thread_allocs() - allocs) as f64 / case.ops as f64;
     sample.with_allocs(per_op)
 }
 
-fn tokio_reads(path: &Path, case: Case) -> Sample {
+/// One positional transfer with std: a read or a write of the whole block.
+fn std_io(f: &std::fs::File, case: Case, buf: &mut AlignedBuf, off: u64) -> usize {
     use std::os::unix::fs::FileExt;
+    if case.write {
+        f.write_at(buf, off).expect("pwrite")
+    } else {
+        f.read_at(buf, off).expect("pread")
+    }
+}
+
+fn tokio_io(path: &Path, case: Case) -> Sample {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let file = std::sync::Arc::new(std_open(path, case.direct));
+    let file = std::sync::Arc::new(std_open(path, case));
     let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    time(Metric::OpsPerSec, case.reads, || {
+    time(Metric::OpsPerSec, case.ops, || {
         rt.block_on(async {
             let workers: Vec<_> = (0..case.depth)
                 .map(|_| {
                     let (f, next) = (file.clone(), next.clone());
                     tokio::spawn(async move {
-                        let mut buf = Some(AlignedBuf::new(BLOCK, BLOCK));
+                        let mut buf = Some(case.buf());
                         loop {
                             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            if i >= case.reads {
+                            if i >= case.ops {
                                 return;
                             }
                             let off = case.offset(i);
                             let (f2, mut b) = (f.clone(), buf.take().unwrap());
-                            let b = tokio::task::spawn_blocking(move || {
-                                let n = f2.read_at(&mut b, off).expect("read");
-                                assert_eq!(n, BLOCK);
-                                b
+                            let (n, b) = tokio::task::spawn_blocking(move || {
+                                (std_io(&f2, case, &mut b, off), b)
                             })
                             .await
                             .unwrap();
-                            check(&b, off);
+                            case.check(n, &b, off);
                             buf = Some(b);
                         }
                     })
@@ -250,7 +312,21 @@ fn tokio_reads(path: &Path, case: Case) -> Sample {
     })
 }
 
-/// `AlignedBuf` in compio's buffer traits, for its `O_DIRECT` reads.
+/// The synchronous floor: `pread`/`pwrite` in a loop on one thread (the queue depth does not
+/// apply: one call at a time).
+fn sync_io(path: &Path, case: Case) -> Sample {
+    let file = std_open(path, case);
+    let mut buf = case.buf();
+    time(Metric::OpsPerSec, case.ops, || {
+        for i in 0..case.ops {
+            let off = case.offset(i);
+            let n = std_io(&file, case, &mut buf, off);
+            case.check(n, &buf, off);
+        }
+    })
+}
+
+/// `AlignedBuf` in compio's buffer traits, for its `O_DIRECT` I/O.
 struct CompioBuf(AlignedBuf);
 
 impl compio::buf::IoBuf for CompioBuf {
@@ -273,14 +349,14 @@ impl compio::buf::IoBufMut for CompioBuf {
     }
 }
 
-fn compio_reads(path: &Path, case: Case) -> Sample {
-    use compio::io::AsyncReadAt;
+fn compio_io(path: &Path, case: Case) -> Sample {
+    use compio::io::{AsyncReadAt, AsyncWriteAt};
     let rt = compio::runtime::Runtime::new().unwrap();
     let path = path.to_owned();
-    time(Metric::OpsPerSec, case.reads, || {
+    time(Metric::OpsPerSec, case.ops, || {
         rt.block_on(async {
             let mut opts = compio::fs::OpenOptions::new();
-            opts.read(true);
+            opts.read(true).write(case.write);
             if case.direct {
                 opts.custom_flags(libc::O_DIRECT);
             }
@@ -290,18 +366,21 @@ fn compio_reads(path: &Path, case: Case) -> Sample {
                 .map(|_| {
                     let (f, next) = (file.clone(), next.clone());
                     compio::runtime::spawn(async move {
-                        let mut buf = CompioBuf(AlignedBuf::new(BLOCK, BLOCK));
+                        let mut buf = CompioBuf(case.buf());
                         loop {
                             let i = next.get();
-                            if i >= case.reads {
+                            if i >= case.ops {
                                 return;
                             }
                             next.set(i + 1);
                             let off = case.offset(i);
-                            buf.0.resize(0);
-                            let compio::BufResult(res, b) = f.read_at(buf, off).await;
-                            assert_eq!(res.expect("compio read"), BLOCK);
-                            check(&b.0, off);
+                            let compio::BufResult(res, b) = if case.write {
+                                (&*f).write_at(buf, off).await
+                            } else {
+                                buf.0.resize(0);
+                                f.read_at(buf, off).await
+                            };
+                            case.check(res.expect("compio I/O"), &b.0, off);
                             buf = b;
                         }
                     })
@@ -314,42 +393,58 @@ fn compio_reads(path: &Path, case: Case) -> Sample {
     })
 }
 
-/// The floor: a bare io_uring loop keeping `depth` reads in flight.
-fn raw_uring_reads(path: &Path, case: Case) -> Sample {
-    use io_uring::{IoUring, opcode, types};
-    let file = std_open(path, case.direct);
+/// The SQE of one plain transfer of `buf` at `off`.
+fn plain_sqe(
+    case: Case,
+    fd: io_uring::types::Fd,
+    buf: *mut u8,
+    off: u64,
+) -> io_uring::squeue::Entry {
+    use io_uring::opcode;
+    if case.write {
+        opcode::Write::new(fd, buf, BLOCK as u32)
+            .offset(off)
+            .build()
+    } else {
+        opcode::Read::new(fd, buf, BLOCK as u32).offset(off).build()
+    }
+}
+
+/// The floor: a bare io_uring loop keeping `depth` operations in flight.
+fn raw_uring_io(path: &Path, case: Case) -> Sample {
+    use io_uring::{IoUring, types};
+    let file = std_open(path, case);
     let mut ring = IoUring::new(64).unwrap();
-    let mut bufs: Vec<AlignedBuf> = (0..case.depth)
-        .map(|_| AlignedBuf::new(BLOCK, BLOCK))
-        .collect();
+    let mut bufs: Vec<AlignedBuf> = (0..case.depth).map(|_| case.buf()).collect();
     let mut offs = vec![0u64; case.depth];
     let fd = types::Fd(file.as_raw_fd());
     let push = |ring: &mut IoUring, buf: &mut AlignedBuf, off: u64, slot: usize| {
-        let e = opcode::Read::new(fd, buf.stable_mut_ptr(), BLOCK as u32)
-            .offset(off)
-            .build()
-            .user_data(slot as u64);
-        // SAFETY: the buffer of `slot` is not touched until this read completes.
+        let e = plain_sqe(case, fd, buf.stable_mut_ptr(), off).user_data(slot as u64);
+        // SAFETY: the buffer of `slot` is not touched until this operation completes.
         unsafe { ring.submission().push(&e).unwrap() };
     };
-    time(Metric::OpsPerSec, case.reads, || {
+    time(Metric::OpsPerSec, case.ops, || {
         let (mut issued, mut done) = (0u64, 0u64);
-        for slot in 0..case.depth.min(case.reads as usize) {
+        for slot in 0..case.depth.min(case.ops as usize) {
             offs[slot] = case.offset(issued);
             issued += 1;
             push(&mut ring, &mut bufs[slot], offs[slot], slot);
         }
-        while done < case.reads {
+        while done < case.ops {
             ring.submit_and_wait(1).unwrap();
             let cqes: Vec<(usize, i32)> = ring
                 .completion()
                 .map(|c| (c.user_data() as usize, c.result()))
                 .collect();
             for (slot, res) in cqes {
-                assert_eq!(res, BLOCK as i32, "raw read");
-                check(&bufs[slot], offs[slot]);
+                assert!(
+                    res >= 0,
+                    "raw I/O: {}",
+                    std::io::Error::from_raw_os_error(-res)
+                );
+                case.check(res as usize, &bufs[slot], offs[slot]);
                 done += 1;
-                if issued < case.reads {
+                if issued < case.ops {
                     offs[slot] = case.offset(issued);
                     issued += 1;
                     push(&mut ring, &mut bufs[slot], offs[slot], slot);
@@ -359,16 +454,19 @@ fn raw_uring_reads(path: &Path, case: Case) -> Sample {
     })
 }
 
-/// The tuned floor: the same reads on a ring set up as well as the kernel allows for one
+/// The tuned floor: the same operations on a ring set up as well as the kernel allows for one
 /// thread (`SINGLE_ISSUER | DEFER_TASKRUN`), with the file registered (fixed file 0) and every
-/// buffer registered (`READ_FIXED`), completions reaped in place in batches (no allocation).
-/// What the reactor's io_uring path could reach at best.
-fn tuned_uring_reads(path: &Path, case: Case) -> Sample {
+/// buffer registered (`READ_FIXED`/`WRITE_FIXED`), completions reaped in place in batches (no
+/// allocation). What the reactor's io_uring path could reach at best.
+fn tuned_uring_io(path: &Path, case: Case) -> Sample {
     use io_uring::{IoUring, opcode, types};
-    let file = std_open(path, case.direct);
+    let file = std_open(path, case);
     // One aligned region, a block per slot, registered as one buffer each. Declared before the
     // ring, so that the ring goes first even when a check panics.
     let mut region = AlignedBuf::new(BLOCK * case.depth, BLOCK);
+    if case.write {
+        region.fill(WRITTEN);
+    }
     let base = region.stable_mut_ptr();
     let mut ring: IoUring = IoUring::builder()
         .setup_single_issuer()
@@ -388,36 +486,50 @@ fn tuned_uring_reads(path: &Path, case: Case) -> Sample {
     // SAFETY: the region outlives the ring (declared before it, dropped after it).
     unsafe { ring.submitter().register_buffers(&iovs) }.expect("register the buffers");
     let mut offs = vec![0u64; case.depth];
-    let sample = time(Metric::OpsPerSec, case.reads, || {
+    let sample = time(Metric::OpsPerSec, case.ops, || {
         let (submitter, mut sq, mut cq) = ring.split();
         let push = |sq: &mut io_uring::SubmissionQueue<'_>, off: u64, slot: usize| {
-            // SAFETY: slot's block is not touched until this read completes.
+            // SAFETY: slot's block is not touched until this operation completes.
             let ptr = unsafe { base.add(slot * BLOCK) };
-            let e = opcode::ReadFixed::new(types::Fixed(0), ptr, BLOCK as u32, slot as u16)
-                .offset(off)
-                .build()
-                .user_data(slot as u64);
-            // SAFETY: the block is registered and stays valid until the read completes.
-            unsafe { sq.push(&e).expect("room: one SQE per slot") };
+            let (fd, len, idx) = (types::Fixed(0), BLOCK as u32, slot as u16);
+            let e = if case.write {
+                opcode::WriteFixed::new(fd, ptr, len, idx)
+                    .offset(off)
+                    .build()
+            } else {
+                opcode::ReadFixed::new(fd, ptr, len, idx)
+                    .offset(off)
+                    .build()
+            };
+            // SAFETY: the block is registered and stays valid until the operation completes.
+            unsafe {
+                sq.push(&e.user_data(slot as u64))
+                    .expect("room: one SQE per slot")
+            };
         };
         let (mut issued, mut done) = (0u64, 0u64);
-        for (slot, off) in offs.iter_mut().enumerate().take(case.reads as usize) {
+        for (slot, off) in offs.iter_mut().enumerate().take(case.ops as usize) {
             *off = case.offset(issued);
             issued += 1;
             push(&mut sq, *off, slot);
         }
         sq.sync();
-        while done < case.reads {
+        while done < case.ops {
             submitter.submit_and_wait(1).expect("io_uring_enter");
             cq.sync();
             for c in &mut cq {
                 let slot = c.user_data() as usize;
-                assert_eq!(c.result(), BLOCK as i32, "tuned read");
-                // SAFETY: the read into slot's block has completed; nothing else writes it.
+                let res = c.result();
+                assert!(
+                    res >= 0,
+                    "tuned I/O: {}",
+                    std::io::Error::from_raw_os_error(-res)
+                );
+                // SAFETY: the operation on slot's block has completed; nothing else writes it.
                 let block = unsafe { std::slice::from_raw_parts(base.add(slot * BLOCK), BLOCK) };
-                check(block, offs[slot]);
+                case.check(res as usize, block, offs[slot]);
                 done += 1;
-                if issued < case.reads {
+                if issued < case.ops {
                     offs[slot] = case.offset(issued);
                     issued += 1;
                     push(&mut sq, offs[slot], slot);
@@ -433,22 +545,15 @@ fn tuned_uring_reads(path: &Path, case: Case) -> Sample {
 
 /// `qemu-img bench` on the same file: its sequential pattern, wrapping at the end.
 fn qemu_img_bench(path: &Path, case: Case) -> Sample {
-    let (depth, reads) = (case.depth.to_string(), case.reads.to_string());
+    let (depth, ops) = (case.depth.to_string(), case.ops.to_string());
     let cache = if case.direct { "none" } else { "writeback" };
-    let took = super::qemu::img_bench(&[
-        "-f",
-        "raw",
-        "-i",
-        "io_uring",
-        "-s",
-        "4096",
-        "-t",
-        cache,
-        "-d",
-        &depth,
-        "-c",
-        &reads,
-        path.to_str().expect("a UTF-8 path"),
-    ]);
-    Sample::timed(Metric::OpsPerSec, case.reads, took)
+    let mut args = vec!["-f", "raw", "-i", "io_uring", "-s", "4096", "-t", cache];
+    if case.write {
+        // Writes, and no flush at the end (the other systems do not flush either).
+        args.extend(["-w", "--pattern", "90"]);
+    }
+    args.extend(["-d", &depth, "-c", &ops]);
+    args.push(path.to_str().expect("a UTF-8 path"));
+    let took = super::qemu::img_bench(&args);
+    Sample::timed(Metric::OpsPerSec, case.ops, took)
 }
