@@ -27,6 +27,8 @@ use crate::sys::cvt;
 /// not tried again on the file.
 pub(crate) struct FileFd {
     fd: OwnedFd,
+    /// Not `O_DIRECT`.
+    buffered: bool,
     read: NoWait,
     write: NoWait,
 }
@@ -38,9 +40,21 @@ impl FileFd {
         let buffered = flags >= 0 && flags & libc::O_DIRECT == 0;
         FileFd {
             fd,
+            buffered,
             read: NoWait::new(buffered),
             write: NoWait::new(buffered),
         }
+    }
+}
+
+impl FileFd {
+    /// Whether io_uring would hand a write to this file to one of its io-wq workers every
+    /// time: a buffered write on a file system that cannot do one without blocking (it
+    /// refused `RWF_NOWAIT` with `EOPNOTSUPP`: ext4, tmpfs). io-wq also runs the buffered
+    /// writes of one file one at a time, on one worker.
+    fn writes_punted_by_the_ring(&self) -> bool {
+        // Relaxed: a hint (see `NoWait`).
+        self.buffered && !self.write.enabled.load(Ordering::Relaxed)
     }
 }
 
@@ -298,6 +312,10 @@ unsafe impl<B: IoBuf> Op for WriteAt<B> {
         })
     }
 
+    fn prefers_pool(&self) -> bool {
+        self.fd.writes_punted_by_the_ring()
+    }
+
     fn complete(self, res: io::Result<usize>) -> Self::Output {
         (res, self.buf)
     }
@@ -437,6 +455,10 @@ unsafe impl<B: IoBuf> Op for WritevAt<B> {
         let want = self.iov.iter().map(|v| v.iov_len).sum();
         let (fd, iov, offset) = (self.fd.as_raw_fd(), &self.iov, self.offset);
         nowait(&self.fd.write, want, || rw_nowait(fd, iov, offset, true))
+    }
+
+    fn prefers_pool(&self) -> bool {
+        self.fd.writes_punted_by_the_ring()
     }
 
     fn complete(self, res: io::Result<usize>) -> Self::Output {

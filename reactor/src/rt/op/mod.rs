@@ -58,6 +58,14 @@ pub(crate) unsafe trait Op: 'static {
         None
     }
 
+    /// Whether the reactor's thread pool runs this operation better than io_uring on the uring
+    /// backend: a buffered write that the file system cannot do without blocking, which
+    /// io_uring would hand to an io-wq worker, one write of the file at a time (measured in
+    /// the bench's `file-write` scenario).
+    fn prefers_pool(&self) -> bool {
+        false
+    }
+
     /// The caller's output from the kernel's result (from either backend).
     fn complete(self, res: io::Result<usize>) -> Self::Output;
 
@@ -84,9 +92,10 @@ fn backend() -> io::Result<Backend> {
 
 /// Runs a file operation: first its non-blocking form on the loop thread, if it has one and
 /// the page cache can serve it (`RWF_NOWAIT`: one system call, no ring entry and no thread
-/// hand-over); otherwise on the io_uring backend an io_uring operation, and on epoll the
-/// blocking call on the reactor's thread pool, where the output is also made, so that what an
-/// uncollected operation produced (an opened fd) is dropped there, not leaked.
+/// hand-over); otherwise on the io_uring backend an io_uring operation (unless it
+/// [prefers the pool](Op::prefers_pool)), and on epoll the blocking call on the reactor's
+/// thread pool, where the output is also made, so that what an uncollected operation produced
+/// (an opened fd) is dropped there, not leaked.
 pub(crate) async fn run<O: Op + Send>(op: O) -> O::Output
 where
     O::Output: Send,
@@ -100,7 +109,7 @@ where
         Reactor::with_current(|r| r.count_inline_io());
         return op.complete(res);
     }
-    if backend == Backend::Uring {
+    if backend == Backend::Uring && !op.prefers_pool() {
         return ring::run(op).await;
     }
     let job = spawn_blocking(move || {
