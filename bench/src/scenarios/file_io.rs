@@ -70,6 +70,16 @@ impl Case {
         b * BLOCK as u64
     }
 
+    /// The offset of the next operation of a run that counts them in `next`, or `None` when
+    /// all were issued.
+    fn next_offset(&self, next: &Cell<u64>) -> Option<u64> {
+        let i = next.get();
+        (i < self.ops).then(|| {
+            next.set(i + 1);
+            self.offset(i)
+        })
+    }
+
     /// A buffer for one operation: zeroed for a read, the written block for a write.
     fn buf(&self) -> AlignedBuf {
         let mut b = AlignedBuf::new(BLOCK, BLOCK);
@@ -232,13 +242,7 @@ fn reactor_io(path: &Path, case: Case, backend: Backend) -> Sample {
                     Reactor::with_current(|r| {
                         r.spawn_local(async move {
                             let mut buf = case.buf();
-                            loop {
-                                let i = next.get();
-                                if i >= case.ops {
-                                    return;
-                                }
-                                next.set(i + 1);
-                                let off = case.offset(i);
+                            while let Some(off) = case.next_offset(&next) {
                                 let (res, b) = if case.write {
                                     f.write_at(buf, off).await
                                 } else {
@@ -367,13 +371,7 @@ fn compio_io(path: &Path, case: Case) -> Sample {
                     let (f, next) = (file.clone(), next.clone());
                     compio::runtime::spawn(async move {
                         let mut buf = CompioBuf(case.buf());
-                        loop {
-                            let i = next.get();
-                            if i >= case.ops {
-                                return;
-                            }
-                            next.set(i + 1);
-                            let off = case.offset(i);
+                        while let Some(off) = case.next_offset(&next) {
                             let compio::BufResult(res, b) = if case.write {
                                 (&*f).write_at(buf, off).await
                             } else {
