@@ -309,6 +309,35 @@ impl Monitor {
         }
     }
 
+    /// Registers `iovs` as the ring's fixed buffers (`IORING_REGISTER_BUFFERS`); epoll has
+    /// nothing to register.
+    ///
+    /// # Safety
+    /// The memory `iovs` describe must stay allocated until
+    /// [`unregister_buffers`](Self::unregister_buffers) or the monitor's drop.
+    pub(crate) unsafe fn register_buffers(&mut self, iovs: &[libc::iovec]) -> io::Result<()> {
+        match self {
+            #[cfg(feature = "uring")]
+            // SAFETY: the caller's guarantee is passed on.
+            Monitor::Uring(u) => unsafe { u.ring().submitter().register_buffers(iovs) },
+            #[cfg(feature = "epoll")]
+            Monitor::Epoll(_) => {
+                let _ = iovs;
+                Ok(())
+            }
+        }
+    }
+
+    /// Drops the ring's fixed buffers, if it has any.
+    pub(crate) fn unregister_buffers(&mut self) -> io::Result<()> {
+        match self {
+            #[cfg(feature = "uring")]
+            Monitor::Uring(u) => u.ring().submitter().unregister_buffers(),
+            #[cfg(feature = "epoll")]
+            Monitor::Epoll(_) => Ok(()),
+        }
+    }
+
     /// Drops the kernel side of a registration whose fd was closed while registered and whose
     /// number now names another file. io_uring: the registration still polls the old file
     /// (through its fixed-file slot), so it is removed by number like any other. epoll: the

@@ -159,6 +159,7 @@ impl Builder {
             external_timer: RefCell::new(None),
             stats: LocalStats::default(),
             monitor_errors: MonitorErrors::default(),
+            fixed_buffers: RefCell::new(None),
             _not_send: PhantomData,
         })
     }

@@ -2,7 +2,7 @@
 //! marker, BH and timer shortcuts, counters, drop); the rest is one file per concern:
 //! `builder.rs` (settings), `iteration.rs` (`poll` and the loops on it), `external.rs`
 //! (driving it from a foreign loop; `embed.rs` is its timerfd), `fds.rs` (fd registration),
-//! `sqe.rs` (caller-built io_uring SQEs), `polling.rs` (adaptive busy polling),
+//! `sqe.rs` (caller-built io_uring SQEs), `fixed.rs` (the ring's fixed buffers), `polling.rs` (adaptive busy polling),
 //! `monitor_errors.rs` (what a failed wait does) and `stats.rs`. It calls every layer below
 //! (the lock-free core, scheduling, fds and the backend); the runtime above reaches it through
 //! its public surface and `Reactor::with_current`.
@@ -11,6 +11,7 @@ mod builder;
 pub(crate) mod embed;
 mod external;
 mod fds;
+mod fixed;
 mod iteration;
 pub(crate) mod monitor_errors;
 pub(crate) mod polling;
@@ -107,6 +108,8 @@ pub struct Reactor {
     stats: LocalStats,
     /// Failures of the fd monitor: their count, log rate limit and pause.
     monitor_errors: MonitorErrors,
+    /// The liveness token of the buffer pool registered as the ring's fixed buffers, if any.
+    fixed_buffers: RefCell<Option<std::sync::Weak<()>>>,
     _not_send: PhantomData<*const ()>,
 }
 

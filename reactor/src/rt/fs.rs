@@ -36,7 +36,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::io::{IoBuf, IoBufMut, Slice};
-use crate::rt::op::file::{Fallocate, FileFd, Fsync, Open, ReadAt, ReadvAt, WriteAt, WritevAt};
+use crate::reactor::Reactor;
+pub use crate::rt::fixed::{FixedBuf, FixedBufPool, MAX_FIXED_BUFFERS};
+use crate::rt::op::file::{
+    Fallocate, FileFd, Fsync, Open, ReadAt, ReadAtFixed, ReadvAt, WriteAt, WriteAtFixed, WritevAt,
+};
 use crate::rt::op::run;
 
 /// How to open a file (like `std::fs::OpenOptions`, plus raw `open(2)` flags such as
@@ -218,6 +222,43 @@ impl File {
         }
         let fd = self.fd.clone();
         run(WriteAt { fd, buf, offset }).await
+    }
+
+    /// [`read_at`](Self::read_at) into a buffer of a [`FixedBufPool`]: on io_uring, when the
+    /// pool is registered with the reactor running this task, a `READ_FIXED` that names the
+    /// buffer by index (the kernel does not map its pages for the operation); otherwise, and
+    /// on epoll, exactly `read_at`. Reads the buffer's whole capacity at most.
+    pub async fn read_at_fixed(&self, buf: FixedBuf, offset: u64) -> (io::Result<usize>, FixedBuf) {
+        if let Err(e) = check_offset(offset) {
+            return (Err(e), buf);
+        }
+        let fixed = Reactor::with_current(|r| buf.registered_with(r)).unwrap_or(false);
+        let read = ReadAt {
+            fd: self.fd.clone(),
+            buf,
+            offset,
+        };
+        run(ReadAtFixed { read, fixed }).await
+    }
+
+    /// [`write_at`](Self::write_at) of a buffer of a [`FixedBufPool`] (its `len()` bytes): a
+    /// `WRITE_FIXED` on io_uring when the pool is registered with the reactor running this
+    /// task, otherwise exactly `write_at`.
+    pub async fn write_at_fixed(
+        &self,
+        buf: FixedBuf,
+        offset: u64,
+    ) -> (io::Result<usize>, FixedBuf) {
+        if let Err(e) = check_offset(offset) {
+            return (Err(e), buf);
+        }
+        let fixed = Reactor::with_current(|r| buf.registered_with(r)).unwrap_or(false);
+        let write = WriteAt {
+            fd: self.fd.clone(),
+            buf,
+            offset,
+        };
+        run(WriteAtFixed { write, fixed }).await
     }
 
     /// Writes all of `buf` at `offset`, looping over short writes.

@@ -1,10 +1,11 @@
 //! The async runtime on top of the loop: owned buffers and readiness (`io`), one type per I/O
 //! operation and the drivers that run them on the ring, the thread pool or readiness (`op`),
-//! files (`fs`), sockets (`net`), timers as futures (`time`), [`spawn_blocking`](crate::spawn_blocking)
+//! files (`fs`, with registered buffers from `fixed`), sockets (`net`), timers as futures (`time`), [`spawn_blocking`](crate::spawn_blocking)
 //! (`blocking`) and [`IoThread`](crate::IoThread). It uses the loop's public surface and the
 //! scheduling layer; nothing below it depends on it.
 
 pub(crate) mod blocking;
+pub(crate) mod fixed;
 pub mod fs;
 pub mod io;
 pub(crate) mod iothread;

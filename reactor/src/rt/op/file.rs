@@ -16,6 +16,7 @@ use io_uring::{opcode, types};
 
 use super::{Op, len32};
 use crate::io::{IoBuf, IoBufMut};
+use crate::rt::fixed::FixedBuf;
 use crate::sys::cvt;
 
 /// An open file as its operations hold it: the descriptor, and for reads and writes whether
@@ -463,6 +464,85 @@ unsafe impl<B: IoBuf> Op for WritevAt<B> {
 
     fn complete(self, res: io::Result<usize>) -> Self::Output {
         (res, self.bufs)
+    }
+}
+
+/// A read into a registered buffer: `READ_FIXED` naming it by index when `fixed` (its pool is
+/// registered with the ring this runs on), else exactly [`ReadAt`].
+pub(crate) struct ReadAtFixed {
+    pub(crate) read: ReadAt<FixedBuf>,
+    pub(crate) fixed: bool,
+}
+
+// SAFETY: as for `ReadAt`; with `fixed`, the kernel also checks that the range lies inside the
+// registered buffer the index names, which is this buffer.
+unsafe impl Op for ReadAtFixed {
+    type Output = (io::Result<usize>, FixedBuf);
+
+    fn sqe(&mut self) -> Entry {
+        if !self.fixed {
+            return self.read.sqe();
+        }
+        let r = &mut self.read;
+        let (len, index) = (len32(r.buf.bytes_total()), r.buf.index());
+        opcode::ReadFixed::new(
+            types::Fd(r.fd.as_raw_fd()),
+            r.buf.stable_mut_ptr(),
+            len,
+            index,
+        )
+        .offset(r.offset)
+        .build()
+    }
+
+    fn call(&mut self) -> io::Result<usize> {
+        self.read.call()
+    }
+
+    fn call_nowait(&mut self) -> Option<io::Result<usize>> {
+        self.read.call_nowait()
+    }
+
+    fn complete(self, res: io::Result<usize>) -> Self::Output {
+        self.read.complete(res)
+    }
+}
+
+/// A write from a registered buffer: `WRITE_FIXED` when `fixed`, else exactly [`WriteAt`].
+pub(crate) struct WriteAtFixed {
+    pub(crate) write: WriteAt<FixedBuf>,
+    pub(crate) fixed: bool,
+}
+
+// SAFETY: as for `ReadAtFixed`, for the buffer's initialised bytes (only read).
+unsafe impl Op for WriteAtFixed {
+    type Output = (io::Result<usize>, FixedBuf);
+
+    fn sqe(&mut self) -> Entry {
+        if !self.fixed {
+            return self.write.sqe();
+        }
+        let w = &self.write;
+        let (len, index) = (len32(w.buf.bytes_init()), w.buf.index());
+        opcode::WriteFixed::new(types::Fd(w.fd.as_raw_fd()), w.buf.stable_ptr(), len, index)
+            .offset(w.offset)
+            .build()
+    }
+
+    fn call(&mut self) -> io::Result<usize> {
+        self.write.call()
+    }
+
+    fn call_nowait(&mut self) -> Option<io::Result<usize>> {
+        self.write.call_nowait()
+    }
+
+    fn prefers_pool(&self) -> bool {
+        self.write.prefers_pool()
+    }
+
+    fn complete(self, res: io::Result<usize>) -> Self::Output {
+        self.write.complete(res)
     }
 }
 
