@@ -15,6 +15,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+use reactor::fs::FixedBufPool;
 use reactor::{AlignedBuf, Backend, IoBufMut, Reactor};
 
 use crate::measure::{Metric, Sample, time};
@@ -173,10 +174,13 @@ fn case_rows(ctx: &Ctx, path: &Path, case: Case) -> Vec<Row> {
     for b in [Backend::Uring, Backend::Epoll] {
         rows.push(
             ctx.row(&name, &format!("reactor-{b}"), Metric::OpsPerSec, || {
-                reactor_io(path, case, b)
+                reactor_io(path, case, b, false)
             }),
         );
     }
+    rows.push(ctx.row(&name, "reactor-uring-fixed", Metric::OpsPerSec, || {
+        reactor_io(path, case, Backend::Uring, true)
+    }));
     rows.push(ctx.row(&name, "tokio", Metric::OpsPerSec, || tokio_io(path, case)));
     rows.push(ctx.row(&name, "compio", Metric::OpsPerSec, || compio_io(path, case)));
     rows.push(ctx.row(&name, "floor-raw-uring", Metric::OpsPerSec, || {
@@ -228,10 +232,13 @@ fn std_open(path: &Path, case: Case) -> std::fs::File {
         .expect("open the data file")
 }
 
-fn reactor_io(path: &Path, case: Case, backend: Backend) -> Sample {
+/// The reactor's `File` with ordinary buffers, or with `fixed` buffers from a
+/// `FixedBufPool` (`read_at_fixed`/`write_at_fixed`).
+fn reactor_io(path: &Path, case: Case, backend: Backend, fixed: bool) -> Sample {
     let r = Reactor::builder().backend(backend).build().unwrap();
     assert_eq!(r.backend(), backend);
     let file = reactor::fs::File::from_std(std_open(path, case));
+    let pool = fixed.then(|| FixedBufPool::new(&r, case.depth, BLOCK, BLOCK).expect("register"));
     let next = Rc::new(Cell::new(0u64));
     let allocs = crate::allocs::thread_allocs();
     let sample = time(Metric::OpsPerSec, case.ops, || {
@@ -239,17 +246,37 @@ fn reactor_io(path: &Path, case: Case, backend: Backend) -> Sample {
             let workers: Vec<_> = (0..case.depth)
                 .map(|_| {
                     let (f, next) = (file.clone(), next.clone());
+                    let fixed_buf = pool.as_ref().map(|p| {
+                        let mut b = p.try_take().expect("a buffer per worker");
+                        b.fill(if case.write { WRITTEN } else { 0 });
+                        b
+                    });
                     Reactor::with_current(|r| {
                         r.spawn_local(async move {
-                            let mut buf = case.buf();
-                            while let Some(off) = case.next_offset(&next) {
-                                let (res, b) = if case.write {
-                                    f.write_at(buf, off).await
-                                } else {
-                                    f.read_at(buf, off).await
-                                };
-                                case.check(res.expect("file I/O"), &b, off);
-                                buf = b;
+                            match fixed_buf {
+                                Some(mut buf) => {
+                                    while let Some(off) = case.next_offset(&next) {
+                                        let (res, b) = if case.write {
+                                            f.write_at_fixed(buf, off).await
+                                        } else {
+                                            f.read_at_fixed(buf, off).await
+                                        };
+                                        case.check(res.expect("file I/O"), &b, off);
+                                        buf = b;
+                                    }
+                                }
+                                None => {
+                                    let mut buf = case.buf();
+                                    while let Some(off) = case.next_offset(&next) {
+                                        let (res, b) = if case.write {
+                                            f.write_at(buf, off).await
+                                        } else {
+                                            f.read_at(buf, off).await
+                                        };
+                                        case.check(res.expect("file I/O"), &b, off);
+                                        buf = b;
+                                    }
+                                }
                             }
                         })
                     })
