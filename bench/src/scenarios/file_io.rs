@@ -178,9 +178,11 @@ fn case_rows(ctx: &Ctx, path: &Path, case: Case) -> Vec<Row> {
             }),
         );
     }
-    rows.push(ctx.row(&name, "reactor-uring-fixed", Metric::OpsPerSec, || {
-        reactor_io(path, case, Backend::Uring, true)
-    }));
+    rows.push(
+        ctx.row(&name, "reactor-uring-fixed", Metric::OpsPerSec, || {
+            reactor_io(path, case, Backend::Uring, true)
+        }),
+    );
     rows.push(ctx.row(&name, "tokio", Metric::OpsPerSec, || tokio_io(path, case)));
     rows.push(ctx.row(&name, "compio", Metric::OpsPerSec, || compio_io(path, case)));
     rows.push(ctx.row(&name, "floor-raw-uring", Metric::OpsPerSec, || {

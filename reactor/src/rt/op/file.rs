@@ -158,11 +158,12 @@ fn nowait(
             None
         }
         Err(e) => match e.raw_os_error() {
-            Some(libc::EAGAIN) => {
+            // EINVAL: a file whose driver rejects the flag here; the blocking call gives the
+            // definitive answer, and the backoff keeps the cost of asking bounded.
+            Some(libc::EAGAIN) | Some(libc::EINVAL) => {
                 nw.miss();
                 None
             }
-            Some(libc::EINVAL) => None,
             Some(libc::EOPNOTSUPP) => {
                 nw.unsupported();
                 None
