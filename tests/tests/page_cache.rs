@@ -118,6 +118,24 @@ backend_tests! {
         std::fs::remove_file(&path).unwrap();
     }
 
+    fn append_mode_writes_land_once_each(r: &Reactor) {
+        let path = scratch("append", r);
+        std::fs::write(&path, b"head:").unwrap();
+        let f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        let f = File::from_std(f);
+        r.block_on(async {
+            for part in [&b"one,"[..], b"two,", &[b'x'; 70_000]] {
+                // The offset is ignored in append mode: each write goes to the end, once.
+                let (res, _) = f.write_at(part.to_vec(), 0).await;
+                assert_eq!(res.unwrap(), part.len());
+            }
+        });
+        let back = std::fs::read(&path).unwrap();
+        assert_eq!(back.len(), 5 + 4 + 4 + 70_000);
+        assert!(back.starts_with(b"head:one,two,x"));
+        std::fs::remove_file(&path).unwrap();
+    }
+
     fn direct_files_are_never_read_inline(r: &Reactor) {
         let path = scratch("direct", r);
         let data = pattern(64 << 10, 5);

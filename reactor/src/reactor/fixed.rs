@@ -1,33 +1,47 @@
 //! The ring's fixed buffers: which buffer pool owns the registration
 //! ([`FixedBufPool`](crate::fs::FixedBufPool) is the public side).
 //!
-//! io_uring has one fixed-buffer table per ring, so a reactor has at most one registered pool.
-//! The pool is known by a liveness token (`Arc<()>`): the reactor keeps a `Weak` of it, so it
-//! can tell whether the registered pool still exists without knowing its type.
+//! io_uring has one fixed-buffer table per ring, so a reactor has at most one registered pool
+//! (on epoll too, so that code behaves the same on both). The pool is known by a liveness
+//! token (`Arc<()>`): the reactor keeps a `Weak` of it, so it can tell whether the registered
+//! pool still exists without knowing its type. It also holds the pool's `keep`, where a pool
+//! dropped away from this reactor's loop leaves its memory: the table keeps naming that memory
+//! until it is unregistered, so the memory is freed only then (or with the reactor).
 
+use std::any::Any;
 use std::io;
 use std::sync::{Arc, Weak};
 
 use super::Reactor;
 
+/// The registered pool: its liveness token and what keeps its memory.
+pub(crate) struct FixedSlot {
+    owner: Weak<()>,
+    _keep: Arc<dyn Any + Send + Sync>,
+}
+
 impl Reactor {
-    /// Registers `iovs` as the ring's fixed buffers for the pool whose token is `owner`. A
-    /// registration left by a pool that no longer exists is dropped first.
+    /// Registers `iovs` as the ring's fixed buffers for the pool whose token is `owner`; the
+    /// reactor holds `keep` until the registration is dropped. A registration left by a pool
+    /// that no longer exists is dropped first.
     ///
     /// # Errors
     /// `AlreadyExists` while another pool is registered; the kernel's error otherwise
-    /// (`ENOMEM` past the locked-memory limit, `EINVAL` for too many or too large buffers).
+    /// (`ENOMEM` past the locked-memory limit, `EINVAL` for too many or too large buffers, or
+    /// the error of dropping the old registration).
     ///
     /// # Safety
-    /// The memory `iovs` describe stays allocated as long as `owner` lives.
+    /// The memory `iovs` describe stays allocated while `owner` lives, and after that while
+    /// `keep` lives.
     pub(crate) unsafe fn register_fixed_buffers(
         &self,
         iovs: &[libc::iovec],
         owner: &Arc<()>,
+        keep: Arc<dyn Any + Send + Sync>,
     ) -> io::Result<()> {
         let mut slot = self.fixed_buffers.borrow_mut();
         if let Some(old) = slot.as_ref() {
-            if old.strong_count() > 0 {
+            if old.owner.strong_count() > 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
                     "this reactor already has a registered buffer pool (io_uring has one fixed-buffer table per ring): drop it and its buffers first",
@@ -36,11 +50,13 @@ impl Reactor {
             self.monitor.borrow_mut().unregister_buffers()?;
             *slot = None;
         }
-        // SAFETY: the caller keeps the memory while `owner` lives; when `owner` is gone, the
-        // registration is dropped (here, or by `unregister_fixed_buffers`) before new buffers
-        // can be used through it.
+        // SAFETY: the caller keeps the memory while `owner` lives and then while `keep` does;
+        // the slot holds `keep` until the registration is dropped.
         unsafe { self.monitor.borrow_mut().register_buffers(iovs) }?;
-        *slot = Some(Arc::downgrade(owner));
+        *slot = Some(FixedSlot {
+            owner: Arc::downgrade(owner),
+            _keep: keep,
+        });
         Ok(())
     }
 
@@ -50,18 +66,29 @@ impl Reactor {
         self.fixed_buffers
             .borrow()
             .as_ref()
-            .is_some_and(|w| Weak::as_ptr(w) == Arc::as_ptr(owner))
+            .is_some_and(|s| Weak::as_ptr(&s.owner) == Arc::as_ptr(owner))
     }
 
     /// Drops the registration if the pool whose token is `owner` made it (the pool is being
-    /// dropped on this reactor's thread).
-    pub(crate) fn unregister_fixed_buffers(&self, owner: *const ()) {
+    /// dropped on this reactor's thread). Whether it is gone: on `false` the pool leaves its
+    /// memory in its `keep`, and the next registration tries again.
+    pub(crate) fn unregister_fixed_buffers(&self, owner: *const ()) -> bool {
         let mut slot = self.fixed_buffers.borrow_mut();
-        if slot.as_ref().is_some_and(|w| Weak::as_ptr(w) == owner) {
-            // An error leaves the table registered; the pages stay pinned until the next
-            // registration or the reactor's drop, and nothing can name them meanwhile.
-            let _ = self.monitor.borrow_mut().unregister_buffers();
-            *slot = None;
+        if !slot
+            .as_ref()
+            .is_some_and(|s| Weak::as_ptr(&s.owner) == owner)
+        {
+            return false;
+        }
+        match self.monitor.borrow_mut().unregister_buffers() {
+            Ok(()) => {
+                *slot = None;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reactor: fixed buffers stay registered until the next pool or the reactor's drop");
+                false
+            }
         }
     }
 }

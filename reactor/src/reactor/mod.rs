@@ -108,8 +108,8 @@ pub struct Reactor {
     stats: LocalStats,
     /// Failures of the fd monitor: their count, log rate limit and pause.
     monitor_errors: MonitorErrors,
-    /// The liveness token of the buffer pool registered as the ring's fixed buffers, if any.
-    fixed_buffers: RefCell<Option<std::sync::Weak<()>>>,
+    /// The buffer pool registered as the ring's fixed buffers, if any.
+    fixed_buffers: RefCell<Option<fixed::FixedSlot>>,
     _not_send: PhantomData<*const ()>,
 }
 

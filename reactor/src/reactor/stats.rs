@@ -36,8 +36,9 @@ pub struct Stats {
     /// Waits of the fd monitor that failed with an OS error after the backend's own retries
     /// (see [`Reactor::poll`](crate::Reactor::poll) for what the loop does then).
     pub monitor_errors: u64,
-    /// File reads and writes completed on the loop thread from the page cache (`RWF_NOWAIT`)
-    /// instead of going to the ring (io_uring) or the thread pool (epoll).
+    /// File reads and writes completed on the loop thread by their non-blocking form
+    /// (`RWF_NOWAIT`: served by the page cache, or failed with an error the blocking call would
+    /// give too) instead of going to the ring (io_uring) or the thread pool (epoll).
     pub inline_io: u64,
 }
 

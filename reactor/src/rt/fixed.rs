@@ -20,11 +20,17 @@ pub const MAX_FIXED_BUFFERS: usize = 16384;
 /// operation. On the epoll backend nothing is registered and the same calls are ordinary
 /// reads and writes, so code using a pool runs on both backends.
 ///
-/// A ring has one fixed-buffer table, so a reactor has at most one pool registered at a time.
-/// The registration ends when the pool, every [`FixedBuf`] taken from it and every operation
-/// using one are gone: at once if that happens inside the reactor's loop (in a task, a BH, a
-/// callback), otherwise when the next pool is registered on the reactor or the reactor is
-/// dropped. The pool's memory lives until then.
+/// A ring has one fixed-buffer table, so a reactor has at most one pool registered at a time
+/// (on epoll too, so that code behaves the same on both backends). The registration ends when
+/// the pool, every [`FixedBuf`] taken from it and every operation using one are gone: at once
+/// if that happens inside the reactor's loop (in a task, a BH, a callback), otherwise when the
+/// next pool is registered on the reactor or the reactor is dropped. The pool's memory lives
+/// until then (the reactor keeps it).
+///
+/// A fixed buffer changes how the kernel finds the memory, not where the operation runs: a
+/// read the page cache can serve is still copied on the loop thread at once, and a buffered
+/// write that the file system cannot do without blocking still goes to the thread pool (see
+/// [`File::read_at`](crate::fs::File::read_at)); the rest uses the registered buffer.
 ///
 /// Cloning a pool gives another handle to the same buffers. Taking and returning a buffer
 /// takes a short lock (the free list is shared with the threads an epoll reactor's operations
@@ -58,6 +64,9 @@ pub struct FixedBufPool {
 struct Inner {
     /// The free buffers with their index in the ring's table.
     free: Mutex<Vec<(u16, AlignedBuf)>>,
+    /// Where the buffers go when the pool is dropped without its registration being dropped
+    /// (away from the reactor's loop); the reactor holds it until it unregisters them.
+    keep: Arc<Mutex<Vec<AlignedBuf>>>,
     count: usize,
     size: usize,
     /// Known to the reactor as the registration's owner (see `reactor/fixed.rs`).
@@ -69,7 +78,11 @@ impl Drop for Inner {
         // Every buffer is back in `free` (each `FixedBuf` holds this `Inner`), so none is in
         // use; the registration goes before the memory does.
         let owner = Arc::as_ptr(&self.owner);
-        Reactor::with_current(|r| r.unregister_fixed_buffers(owner));
+        let unregistered = Reactor::with_current(|r| r.unregister_fixed_buffers(owner));
+        if unregistered != Some(true) {
+            let bufs = self.lock().drain(..).map(|(_, b)| b).collect::<Vec<_>>();
+            *self.keep.lock().unwrap_or_else(|p| p.into_inner()) = bufs;
+        }
     }
 }
 
@@ -104,13 +117,16 @@ impl FixedBufPool {
             })
             .collect();
         let owner = Arc::new(());
-        // SAFETY: the buffers live in `Inner`, which holds `owner`; they are freed only after
-        // `Inner` is dropped, and the reactor names them only while `owner` lives.
-        unsafe { r.register_fixed_buffers(&iovs, &owner) }?;
+        let keep = Arc::new(Mutex::new(Vec::new()));
+        // SAFETY: the buffers live in `Inner`, which holds `owner`; when `Inner` is dropped
+        // they are freed only if the registration was dropped, and otherwise move into `keep`,
+        // which the reactor holds until it drops the registration.
+        unsafe { r.register_fixed_buffers(&iovs, &owner, keep.clone()) }?;
         bufs.reverse(); // so that `try_take` hands out index 0 first
         Ok(FixedBufPool {
             inner: Arc::new(Inner {
                 free: Mutex::new(bufs),
+                keep,
                 count,
                 size,
                 owner,

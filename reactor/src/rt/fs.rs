@@ -1,9 +1,15 @@
 //! Files: open, positioned reads and writes with owned buffers, fsync and fdatasync.
 //!
-//! On the io_uring backend each operation is an io_uring operation on the reactor's ring; on
-//! epoll it runs on the reactor's thread pool. Either way the reactor thread never blocks,
+//! A read or write first tries what the page cache can do at once, on the loop thread
+//! (`preadv2`/`pwritev2` with `RWF_NOWAIT`; never on `O_DIRECT` or append-mode writes, and never
+//! returning a short transfer that the blocking call would not): on a cached file that is the
+//! whole operation, one system call. Otherwise, and for every other operation, on the io_uring
+//! backend it is an io_uring operation on the reactor's ring, except buffered writes to a file
+//! system that cannot do them without blocking (ext4, tmpfs), which io_uring would give one by
+//! one to its own worker thread and which go to the reactor's thread pool instead; on epoll it
+//! runs on the reactor's thread pool. Either way the reactor thread never waits for a device,
 //! and the buffer is owned by the operation while it is in flight: it comes back with the
-//! result, `(io::Result<usize>, B)`. Dropping an operation's future cancels it (io_uring) or
+//! result, `(io::Result<usize>, B)`. Dropping an operation's future cancels it (on the ring) or
 //! lets the pool finish it; the buffer is freed only after the kernel is done with it, and a
 //! file descriptor opened by a cancelled `open` is closed.
 //!
@@ -224,10 +230,11 @@ impl File {
         run(WriteAt { fd, buf, offset }).await
     }
 
-    /// [`read_at`](Self::read_at) into a buffer of a [`FixedBufPool`]: on io_uring, when the
-    /// pool is registered with the reactor running this task, a `READ_FIXED` that names the
-    /// buffer by index (the kernel does not map its pages for the operation); otherwise, and
-    /// on epoll, exactly `read_at`. Reads the buffer's whole capacity at most.
+    /// [`read_at`](Self::read_at) into a buffer of a [`FixedBufPool`]: when the read goes to
+    /// the ring (not served by the page cache at once) and the pool is registered with the
+    /// reactor running this task, a `READ_FIXED` that names the buffer by index (the kernel
+    /// does not map its pages for the operation); otherwise, and on epoll, exactly `read_at`.
+    /// Reads the buffer's whole capacity at most.
     pub async fn read_at_fixed(&self, buf: FixedBuf, offset: u64) -> (io::Result<usize>, FixedBuf) {
         if let Err(e) = check_offset(offset) {
             return (Err(e), buf);
@@ -242,8 +249,9 @@ impl File {
     }
 
     /// [`write_at`](Self::write_at) of a buffer of a [`FixedBufPool`] (its `len()` bytes): a
-    /// `WRITE_FIXED` on io_uring when the pool is registered with the reactor running this
-    /// task, otherwise exactly `write_at`.
+    /// `WRITE_FIXED` when the write goes to the ring (an `O_DIRECT` file, or a file system
+    /// with non-blocking buffered writes) and the pool is registered with the reactor running
+    /// this task, otherwise exactly `write_at`.
     pub async fn write_at_fixed(
         &self,
         buf: FixedBuf,

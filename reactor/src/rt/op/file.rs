@@ -23,7 +23,7 @@ use crate::sys::cvt;
 /// `RWF_NOWAIT` is worth trying on it.
 ///
 /// Not on an `O_DIRECT` file (the flags are read once, when the file is wrapped): a direct
-/// read with `RWF_NOWAIT` still waits for the device. A kind of call the file does not support
+/// read with `RWF_NOWAIT` still waits for the device. No writes on an `O_APPEND` file. A kind of call the file does not support
 /// with `RWF_NOWAIT` (`EOPNOTSUPP`: buffered writes on ext4 and tmpfs, devices without it) is
 /// not tried again on the file.
 pub(crate) struct FileFd {
@@ -39,11 +39,14 @@ impl FileFd {
         // SAFETY: F_GETFL on an fd we own reads its status flags and touches no memory.
         let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
         let buffered = flags >= 0 && flags & libc::O_DIRECT == 0;
+        // An append-mode write ignores its offset: a partial non-blocking write could not be
+        // redone whole without appending its first part twice.
+        let append = flags >= 0 && flags & libc::O_APPEND != 0;
         FileFd {
             fd,
             buffered,
             read: NoWait::new(buffered),
-            write: NoWait::new(buffered),
+            write: NoWait::new(buffered && !append),
         }
     }
 }
@@ -164,7 +167,9 @@ fn nowait(
                 nw.miss();
                 None
             }
-            Some(libc::EOPNOTSUPP) => {
+            // The file (or the kernel: `ENOSYS` before 4.6, a seccomp filter's `EPERM`) has no
+            // non-blocking form of the call: the blocking path does it, now and from now on.
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EPERM) => {
                 nw.unsupported();
                 None
             }
@@ -656,5 +661,39 @@ mod tests {
         assert!(nw.should_try());
         nw.unsupported();
         assert_eq!(tries(100), 0, "never again once unsupported");
+    }
+
+    #[test]
+    fn what_goes_to_the_blocking_path_and_what_comes_back() {
+        let err = |e| move || Err(io::Error::from_raw_os_error(e));
+        // No non-blocking form here: the blocking path, now and from now on.
+        for e in [libc::EOPNOTSUPP, libc::ENOSYS, libc::EPERM] {
+            let nw = NoWait::new(true);
+            assert!(nowait(&nw, 10, err(e)).is_none(), "errno {e}");
+            assert!(
+                !nw.should_try() && !nw.should_try(),
+                "errno {e}: off for good"
+            );
+        }
+        // Would block, or a partial transfer: the blocking path, and a backoff.
+        for res in [Err(libc::EAGAIN), Ok(4)] {
+            let nw = NoWait::new(true);
+            let got = match res {
+                Ok(n) => nowait(&nw, 10, || Ok(n)),
+                Err(e) => nowait(&nw, 10, err(e)),
+            };
+            assert!(got.is_none());
+            assert!(!nw.should_try(), "one call skipped");
+            assert_eq!(
+                nowait(&nw, 10, || Ok(10)).unwrap().unwrap(),
+                10,
+                "then tried again"
+            );
+        }
+        // An error the blocking call would give too is the result; so is the end of the file.
+        let nw = NoWait::new(true);
+        let e = nowait(&nw, 10, err(libc::EBADF)).unwrap().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EBADF));
+        assert_eq!(nowait(&nw, 10, || Ok(0)).unwrap().unwrap(), 0);
     }
 }
