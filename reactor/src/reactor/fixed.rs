@@ -74,9 +74,9 @@ impl Reactor {
     /// memory in its `keep`, and the next registration tries again.
     pub(crate) fn unregister_fixed_buffers(&self, owner: *const ()) -> bool {
         let mut slot = self.fixed_buffers.borrow_mut();
-        if !slot
+        if slot
             .as_ref()
-            .is_some_and(|s| Weak::as_ptr(&s.owner) == owner)
+            .is_none_or(|s| Weak::as_ptr(&s.owner) != owner)
         {
             return false;
         }
