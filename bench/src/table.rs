@@ -48,6 +48,22 @@ fn ratio(a: Option<&Summary>, b: Option<&Summary>) -> String {
     }
 }
 
+/// The floor the reactor's per-operation cost is reported against, where a scenario has it.
+pub const TUNED_FLOOR: &str = "floor-tuned-uring";
+
+/// For an ops/s row: how many nanoseconds per operation `sys` spends above `floor` (from the
+/// medians; negative when it is faster), as a cell suffix.
+fn over_floor(sys: Option<&Summary>, floor: Option<&Summary>) -> Option<String> {
+    let (s, f) = (sys?, floor?);
+    let ok = s.ok() && f.ok() && s.metric == Metric::OpsPerSec && s.median > 0.0 && f.median > 0.0;
+    ok.then(|| {
+        format!(
+            " [{:+.0} ns/op over {TUNED_FLOOR}]",
+            1e9 / s.median - 1e9 / f.median
+        )
+    })
+}
+
 /// Renders `rows` (grouped by scenario, in first-seen order).
 pub fn render(rows: &[Summary]) -> String {
     let mut scenarios: Vec<&str> = Vec::new();
@@ -67,10 +83,13 @@ pub fn render(rows: &[Summary]) -> String {
             .or_else(|| rows.iter().find(|r| r.scenario == sc))
             .expect("scenario has rows")
             .metric;
-        let main: Vec<String> = MAIN
+        let mut main: Vec<String> = MAIN
             .iter()
             .map(|s| of(s).map_or("—".into(), cell))
             .collect();
+        if let Some(extra) = over_floor(of(MAIN[0]), of(TUNED_FLOOR)) {
+            main[0].push_str(&extra);
+        }
         let others: Vec<String> = rows
             .iter()
             .filter(|r| r.scenario == sc && !MAIN.contains(&r.system.as_str()))
@@ -106,8 +125,39 @@ pub fn render(rows: &[Summary]) -> String {
     let runs = rows.iter().map(|r| r.runs).max().unwrap_or(0);
     out.push_str(&format!(
         "\nCells: median (min–max) over {runs} runs; `sc/op`: system calls per operation where \
-         counted; `allocs/op`: heap allocations per operation on the reactor's thread where counted; `cpu/op`: CPU time of the server per request (its thread; for `nbd-*` its whole process). Ratios divide medians: for ns/op below 1 means uring is faster, for ops/s \
+         counted; `allocs/op`: heap allocations per operation on the reactor's thread where counted; `cpu/op`: CPU time of the server per request (its thread; for `nbd-*` its whole process); `ns/op over floor-tuned-uring`: the reactor's time per operation above the tuned ring's, from the medians. Ratios divide medians: for ns/op below 1 means uring is faster, for ops/s \
          above 1 does.\n"
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::measure::Sample;
+
+    fn row(system: &str, ops_per_sec: f64) -> Summary {
+        let sample = Sample::timed(
+            Metric::OpsPerSec,
+            1_000_000,
+            std::time::Duration::from_secs_f64(1e6 / ops_per_sec),
+        );
+        Summary::of("file-x", system, Metric::OpsPerSec, &[sample])
+    }
+
+    #[test]
+    fn the_reactor_cell_says_its_cost_above_the_tuned_floor() {
+        let rows = [row("reactor-uring", 1e6), row(TUNED_FLOOR, 1.25e6)];
+        let t = render(&rows);
+        assert!(t.contains("[+200 ns/op over floor-tuned-uring]"), "{t}");
+        let faster = [row("reactor-uring", 2e6), row(TUNED_FLOOR, 1e6)];
+        assert!(
+            render(&faster).contains("[-500 ns/op over"),
+            "negative when faster"
+        );
+        assert!(
+            !render(&rows[..1]).contains("ns/op over"),
+            "no floor, no figure"
+        );
+    }
 }
