@@ -156,7 +156,7 @@ mod tests {
             "negative when faster"
         );
         assert!(
-            !render(&rows[..1]).contains("ns/op over"),
+            !render(&rows[..1]).contains("ns/op over floor-tuned-uring]"),
             "no floor, no figure"
         );
     }
