@@ -6,8 +6,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
-use reactor::AlignedBuf;
 use reactor::fs::File;
+use reactor::{AlignedBuf, Reactor, ThreadPool};
 use tests::backend_tests;
 
 fn scratch(name: &str, r: &reactor::Reactor) -> PathBuf {
@@ -155,6 +155,58 @@ backend_tests! {
             }
         });
         assert_eq!(r.stats().inline_io, before, "a direct read waits for the device");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    fn buffered_writes_on_the_pool_run_on_one_thread_in_order(r: &Reactor) {
+        // A reactor of the same backend with a pool of its own, to count its threads.
+        let pool = ThreadPool::new(0, 16, std::time::Duration::from_secs(30));
+        let r = Reactor::builder()
+            .backend(r.backend())
+            .thread_pool(pool.clone())
+            .build()
+            .unwrap();
+        let path = scratch("lane", &r);
+        let f = std::rc::Rc::new(cached_file(&path, &pattern(1 << 20, 3)));
+        let before = r.stats().inline_io;
+        // 64 writes at once, overlapping in pairs: each later one must win.
+        let writes: Vec<_> = (0..64u32)
+            .map(|i| {
+                let f = f.clone();
+                let off = u64::from(i / 2) * 4096;
+                r.spawn_local(async move {
+                    let (res, _) = f.write_at(vec![i as u8; 4096], off).await;
+                    assert_eq!(res.unwrap(), 4096);
+                })
+            })
+            .collect();
+        r.block_on(async {
+            for w in writes {
+                w.await.unwrap();
+            }
+        });
+        let inline = r.stats().inline_io - before;
+        let back = std::fs::read(&path).unwrap();
+        if inline == 0 {
+            // All went to the pool (ext4, tmpfs: no non-blocking buffered writes): one lane
+            // ran the file's writes one at a time, in the order they were made: one thread,
+            // or two where a drainer handed over (a lane yields its thread every 64 jobs, and
+            // a new one may start before the last has gone idle) — not one per write.
+            let threads = pool.threads();
+            assert!(threads <= 2, "{threads} pool threads for one file's writes");
+        }
+        for i in 0..32usize {
+            let page = &back[i * 4096..(i + 1) * 4096];
+            let (first, second) = ((2 * i) as u8, (2 * i + 1) as u8);
+            // Writes in flight together that overlap are not ordered unless they all ran
+            // the same way (the lane, or inline in task order).
+            let ordered = inline == 0 || inline == 64;
+            assert!(
+                page.iter().all(|&b| b == second) || (!ordered && page.iter().all(|&b| b == first)),
+                "page {i} holds {} (inline {inline}): a later write was overtaken or torn",
+                page[0]
+            );
+        }
         std::fs::remove_file(&path).unwrap();
     }
 }

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use crate::reactor::Reactor;
-use crate::sched::pool::ThreadPool;
+use crate::sched::lane::Lane;
+use crate::sched::pool::{Job, ThreadPool};
 use crate::sched::task::JoinError;
 
 struct Slot<T> {
@@ -57,14 +58,38 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    let pool =
-        Reactor::with_current(|r| r.thread_pool().clone()).unwrap_or_else(ThreadPool::default_pool);
+    let pool = current_pool();
+    hand_over(f, |job| pool.execute_boxed(job))
+}
+
+/// [`spawn_blocking`] in `lane`: `f` runs after the lane's earlier jobs and never beside them
+/// (the buffered writes of one file, which the kernel would serialise anyway).
+pub(crate) fn spawn_blocking_in<T, F>(lane: &Lane, f: F) -> Blocking<T>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let pool = current_pool();
+    hand_over(f, |job| lane.execute(&pool, job))
+}
+
+/// The pool of the reactor polling on this thread, else the default pool.
+fn current_pool() -> ThreadPool {
+    Reactor::with_current(|r| r.thread_pool().clone()).unwrap_or_else(ThreadPool::default_pool)
+}
+
+/// Gives `execute` the job that runs `f` and hands its result to the returned future.
+fn hand_over<T, F>(f: F, execute: impl FnOnce(Job)) -> Blocking<T>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
     let slot = Arc::new(Mutex::new(Slot {
         result: None,
         waker: None,
     }));
     let s2 = slot.clone();
-    pool.execute(move || {
+    execute(Box::new(move || {
         let result = catch_unwind(AssertUnwindSafe(f));
         let waker = {
             let mut s = s2.lock().unwrap_or_else(|e| e.into_inner());
@@ -74,6 +99,6 @@ where
         if let Some(w) = waker {
             w.wake();
         }
-    });
+    }));
     Blocking { slot }
 }

@@ -7,7 +7,12 @@
 //! backend it is an io_uring operation on the reactor's ring, except buffered writes to a file
 //! system that cannot do them without blocking (ext4, tmpfs), which io_uring would give one by
 //! one to its own worker thread and which go to the reactor's thread pool instead; on epoll it
-//! runs on the reactor's thread pool. Either way the reactor thread never waits for a device,
+//! runs on the reactor's thread pool. On the pool, a file's buffered writes run one at a time
+//! in the order they were made, on one thread (a lane): the kernel holds the file's lock
+//! through each of them anyway, so more threads would only queue on it (io_uring's workers do
+//! the same). Writes in flight together that overlap still have no defined order, as with any
+//! asynchronous I/O: one may have run at once and a later one not. Either way the reactor
+//! thread never waits for a device,
 //! and the buffer is owned by the operation while it is in flight: it comes back with the
 //! result, `(io::Result<usize>, B)`. Dropping an operation's future cancels it (on the ring) or
 //! lets the pool finish it; the buffer is freed only after the kernel is done with it, and a

@@ -7,6 +7,7 @@
 
 pub(crate) mod bh;
 pub(crate) mod handle;
+pub(crate) mod lane;
 pub(crate) mod pool;
 pub(crate) mod task;
 pub(crate) mod timer;

@@ -9,7 +9,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
-type Job = Box<dyn FnOnce() + Send + 'static>;
+pub(crate) type Job = Box<dyn FnOnce() + Send + 'static>;
 
 struct State {
     queue: VecDeque<Job>,
@@ -115,8 +115,13 @@ impl ThreadPool {
     /// and none is alive, the calling thread runs the oldest queued job itself, so that no job
     /// waits forever.
     pub fn execute(&self, job: impl FnOnce() + Send + 'static) {
+        self.execute_boxed(Box::new(job));
+    }
+
+    /// [`execute`](Self::execute) for a job already boxed (no second allocation).
+    pub(crate) fn execute_boxed(&self, job: Job) {
         let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.queue.push_back(Box::new(job));
+        st.queue.push_back(job);
         if st.idle > 0 {
             drop(st);
             self.inner.work.notify_one();

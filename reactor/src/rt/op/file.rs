@@ -17,6 +17,7 @@ use io_uring::{opcode, types};
 use super::{Op, len32};
 use crate::io::{IoBuf, IoBufMut};
 use crate::rt::fixed::FixedBuf;
+use crate::sched::lane::Lane;
 use crate::sys::cvt;
 
 /// An open file as its operations hold it: the descriptor, and for reads and writes whether
@@ -32,6 +33,9 @@ pub(crate) struct FileFd {
     buffered: bool,
     read: NoWait,
     write: NoWait,
+    /// Where its buffered writes run when they go to the thread pool: in order, one at a
+    /// time (see `sched/lane.rs`).
+    writes: Lane,
 }
 
 impl FileFd {
@@ -47,6 +51,7 @@ impl FileFd {
             buffered,
             read: NoWait::new(buffered),
             write: NoWait::new(buffered && !append),
+            writes: Lane::new(),
         }
     }
 }
@@ -59,6 +64,13 @@ impl FileFd {
     fn writes_punted_by_the_ring(&self) -> bool {
         // Relaxed: a hint (see `NoWait`).
         self.buffered && !self.write.enabled.load(Ordering::Relaxed)
+    }
+
+    /// The lane of a write to this file on the thread pool: its buffered writes hold the
+    /// inode's lock throughout, so they run one after another on one pool thread instead of
+    /// queueing on that lock on many. `O_DIRECT` writes run side by side.
+    fn write_lane(&self) -> Option<&Lane> {
+        self.buffered.then_some(&self.writes)
     }
 }
 
@@ -323,6 +335,10 @@ unsafe impl<B: IoBuf> Op for WriteAt<B> {
         self.fd.writes_punted_by_the_ring()
     }
 
+    fn pool_lane(&self) -> Option<&Lane> {
+        self.fd.write_lane()
+    }
+
     fn complete(self, res: io::Result<usize>) -> Self::Output {
         (res, self.buf)
     }
@@ -468,6 +484,10 @@ unsafe impl<B: IoBuf> Op for WritevAt<B> {
         self.fd.writes_punted_by_the_ring()
     }
 
+    fn pool_lane(&self) -> Option<&Lane> {
+        self.fd.write_lane()
+    }
+
     fn complete(self, res: io::Result<usize>) -> Self::Output {
         (res, self.bufs)
     }
@@ -545,6 +565,10 @@ unsafe impl Op for WriteAtFixed {
 
     fn prefers_pool(&self) -> bool {
         self.write.prefers_pool()
+    }
+
+    fn pool_lane(&self) -> Option<&Lane> {
+        self.write.pool_lane()
     }
 
     fn complete(self, res: io::Result<usize>) -> Self::Output {

@@ -28,7 +28,8 @@ use crate::fd::backend::Backend;
 use crate::io::{Async, no_reactor};
 use crate::reactor::Reactor;
 use crate::reactor::SocketIo;
-use crate::rt::blocking::spawn_blocking;
+use crate::rt::blocking::{spawn_blocking, spawn_blocking_in};
+use crate::sched::lane::Lane;
 
 /// One I/O operation with everything it needs.
 ///
@@ -64,6 +65,13 @@ pub(crate) unsafe trait Op: 'static {
     /// the bench's `file-write` scenario).
     fn prefers_pool(&self) -> bool {
         false
+    }
+
+    /// The lane of the thread pool this operation runs in when it goes to the pool, if its
+    /// kind must not run beside others of the same file (buffered writes: see
+    /// `sched/lane.rs`); `None` runs it on any free pool thread.
+    fn pool_lane(&self) -> Option<&Lane> {
+        None
     }
 
     /// The caller's output from the kernel's result (from either backend).
@@ -112,10 +120,15 @@ where
     if backend == Backend::Uring && !op.prefers_pool() {
         return ring::run(op).await;
     }
-    let job = spawn_blocking(move || {
+    let lane = op.pool_lane().cloned();
+    let work = move || {
         let res = op.call();
         op.complete(res)
-    });
+    };
+    let job = match lane {
+        Some(lane) => spawn_blocking_in(&lane, work),
+        None => spawn_blocking(work),
+    };
     job.await.unwrap_or_else(|e| match e.into_panic() {
         Some(p) => std::panic::resume_unwind(p),
         None => unreachable!("blocking work is never cancelled"),
