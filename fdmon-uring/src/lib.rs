@@ -50,6 +50,7 @@
 //! ```
 
 mod busy;
+mod doorbell;
 mod registry;
 mod user_data;
 
@@ -57,6 +58,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::time::{Duration, Instant};
 
+pub use doorbell::Doorbell;
 pub use io_uring;
 use io_uring::{IoUring, opcode, squeue, types};
 

@@ -11,6 +11,10 @@ pub(crate) const INTERNAL: u64 = 1 << 63;
 const REMOVE: u64 = 1 << 62;
 const GEN_MASK: u32 = (1 << 30) - 1;
 
+/// The completions a [`Doorbell`](crate::Doorbell) posts: decoded as a POLL_REMOVE's, which
+/// carry nothing (no registration slot reaches `u32::MAX`).
+pub(crate) const DOORBELL: u64 = u64::MAX;
+
 /// Highest token a caller may use for its own operations.
 pub const MAX_USER_TOKEN: u64 = INTERNAL - 1;
 
@@ -64,5 +68,6 @@ mod tests {
         assert_eq!(decode(remove_of(ud)), Tag::Remove);
         assert_eq!(decode(MAX_USER_TOKEN), Tag::User(MAX_USER_TOKEN));
         assert_eq!(next_generation(GEN_MASK), 0);
+        assert_eq!(decode(DOORBELL), Tag::Remove);
     }
 }

@@ -273,20 +273,24 @@ backend_tests! {
     }
 
     fn bh_scheduled_from_another_thread_wakes_a_sleeping_reactor(r: &Reactor) {
-        let n = Arc::new(AtomicUsize::new(0));
-        let n2 = n.clone();
-        let bh = Arc::new(r.bh(move |_| {
-            n2.fetch_add(1, Ordering::Relaxed);
-        }));
-        let bh2 = bh.clone();
-        let t = std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            bh2.schedule();
-        });
-        assert!(r.poll(true), "woken by the schedule");
-        assert_eq!(n.load(Ordering::Relaxed), 1);
-        t.join().unwrap();
-        assert!(r.stats().eventfd_writes >= 1, "{:?}", r.stats());
+        // Through each doorbell the backend has: on io_uring a ring message (Linux 6.13) and
+        // the eventfd; on epoll the eventfd.
+        for wakeup in [reactor::Wakeup::Auto, reactor::Wakeup::EventFd] {
+            let r = reactor::Reactor::builder()
+                .backend(r.backend())
+                .wakeup(wakeup)
+                .build()
+                .unwrap();
+            woken_from_another_thread(&r);
+            let st = r.stats();
+            if r.backend() == reactor::Backend::Uring && wakeup == reactor::Wakeup::Auto {
+                assert_eq!(r.wakeup(), wakeup, "this kernel (6.13+) sends ring messages");
+                assert!(st.ring_messages >= 1 && st.eventfd_writes == 0, "{st:?}");
+            } else {
+                assert_eq!(r.wakeup(), reactor::Wakeup::EventFd);
+                assert!(st.eventfd_writes >= 1 && st.ring_messages == 0, "{st:?}");
+            }
+        }
     }
 
     fn bh_and_handle_after_the_reactor_is_gone(r: &Reactor) {
@@ -338,4 +342,21 @@ backend_tests! {
         assert_eq!(dropped.load(Ordering::Relaxed), 4, "every callback dropped at reactor drop");
         drop(bh);
     }
+}
+
+/// A BH scheduled from another thread while `r` sleeps in `poll(true)` ends that poll.
+fn woken_from_another_thread(r: &reactor::Reactor) {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let bh = Arc::new(r.bh(move |_| {
+        n2.fetch_add(1, Ordering::Relaxed);
+    }));
+    let bh2 = bh.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        bh2.schedule();
+    });
+    assert!(r.poll(true), "woken by the schedule");
+    assert_eq!(n.load(Ordering::Relaxed), 1);
+    t.join().unwrap();
 }

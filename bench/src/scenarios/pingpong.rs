@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::thread;
 
-use reactor::{Backend, Bh, PollParams, Reactor};
+use reactor::{Backend, Bh, PollParams, Reactor, Wakeup};
 
 use crate::measure::{Metric, Sample, time};
 use crate::scenarios::{Ctx, Row};
@@ -29,9 +29,15 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
     for backend in [Backend::Uring, Backend::Epoll] {
         let system = format!("reactor-{backend}");
         rows.push(ctx.row("pingpong", &system, Metric::NsPerOp, || {
-            reactor_pingpong(backend, PollParams::OFF, n)
+            reactor_pingpong(backend, Wakeup::Auto, PollParams::OFF, n)
         }));
     }
+    // io_uring woken through its eventfd instead of ring messages.
+    rows.push(
+        ctx.row("pingpong", "reactor-uring-eventfd", Metric::NsPerOp, || {
+            reactor_pingpong(Backend::Uring, Wakeup::EventFd, PollParams::OFF, n)
+        }),
+    );
     rows.push(ctx.row("pingpong", "tokio", Metric::NsPerOp, || tokio_pingpong(n)));
     rows.push(
         ctx.row("pingpong", "floor-eventfd-epoll", Metric::NsPerOp, || {
@@ -46,7 +52,7 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
     for backend in [Backend::Uring, Backend::Epoll] {
         let system = format!("reactor-{backend}");
         rows.push(ctx.row("pingpong-poll", &system, Metric::NsPerOp, || {
-            reactor_pingpong(backend, POLL, np)
+            reactor_pingpong(backend, Wakeup::Auto, POLL, np)
         }));
     }
     rows.push(ctx.row("pingpong-poll", "floor-spin", Metric::NsPerOp, || {
@@ -117,7 +123,7 @@ fn tokio_pingpong(n: u64) -> Sample {
 }
 
 /// Reactor A schedules B's BH, which schedules A's BH: one round trip.
-fn reactor_pingpong(backend: Backend, poll: PollParams, n: u64) -> Sample {
+fn reactor_pingpong(backend: Backend, wakeup: Wakeup, poll: PollParams, n: u64) -> Sample {
     let (tx, rx) = std::sync::mpsc::channel::<Arc<Bh>>();
     let (tx_a, rx_a) = std::sync::mpsc::channel::<Arc<Bh>>();
     let done = Arc::new(AtomicBool::new(false));
@@ -125,6 +131,7 @@ fn reactor_pingpong(backend: Backend, poll: PollParams, n: u64) -> Sample {
     let b = thread::spawn(move || {
         let r = Reactor::builder()
             .backend(backend)
+            .wakeup(wakeup)
             .poll(poll)
             .build()
             .expect("reactor B");
@@ -136,10 +143,18 @@ fn reactor_pingpong(backend: Backend, poll: PollParams, n: u64) -> Sample {
     });
     let r = Reactor::builder()
         .backend(backend)
+        .wakeup(wakeup)
         .poll(poll)
         .build()
         .expect("reactor A");
     assert_eq!(r.backend(), backend);
+    if backend == Backend::Uring {
+        assert_eq!(
+            r.wakeup(),
+            wakeup,
+            "this kernel sends ring messages (6.13+)"
+        );
+    }
     let count = Arc::new(AtomicU64::new(0));
     let pong_slot: Arc<std::sync::OnceLock<Arc<Bh>>> = Arc::new(std::sync::OnceLock::new());
     let (count2, slot2, done2) = (count.clone(), pong_slot.clone(), done.clone());
@@ -167,9 +182,9 @@ fn reactor_pingpong(backend: Backend, poll: PollParams, n: u64) -> Sample {
         n,
         "every round trip completed"
     );
-    // Eventfd writes per round trip, both directions: each is one write(2) (plus the reader's
-    // wakeup, not counted).
-    let writes = (a.eventfd_writes - before.eventfd_writes) + stats_b.eventfd_writes;
+    // Wakeups per round trip, both directions: each is one system call by the waker (an
+    // eventfd write(2) or a ring message), plus on the eventfd the reader's read, not counted.
+    let writes = (a.wakeups() - before.wakeups()) + stats_b.wakeups();
     sample.with_syscalls(writes as f64 / n as f64)
 }
 

@@ -97,6 +97,23 @@ pub(crate) enum Monitor {
     Epoll(fdmon_epoll::Epoll),
 }
 
+/// Wakes a reactor's wait by posting a completion into its ring (a ring message), instead of
+/// writing the eventfd that the ring polls; see `fdmon_uring::Doorbell`. `Send` and `Sync`.
+#[derive(Debug)]
+pub(crate) enum Doorbell {
+    #[cfg(feature = "uring")]
+    Ring(fdmon_uring::Doorbell),
+}
+
+impl crate::lockfree::notify::Doorbell for Doorbell {
+    fn ring(&self) -> io::Result<()> {
+        match *self {
+            #[cfg(feature = "uring")]
+            Doorbell::Ring(ref d) => d.ring(),
+        }
+    }
+}
+
 #[cfg(not(any(feature = "uring", feature = "epoll")))]
 compile_error!("reactor needs at least one backend feature: `uring` or `epoll`");
 
@@ -306,6 +323,22 @@ impl Monitor {
             Monitor::Uring(u) => u.as_raw_fd(),
             #[cfg(feature = "epoll")]
             Monitor::Epoll(e) => e.as_raw_fd(),
+        }
+    }
+
+    /// A doorbell that wakes this monitor's waits with a ring message.
+    ///
+    /// # Errors
+    /// `Unsupported` on epoll and on kernels without ring-less ring messages (before 6.13).
+    pub(crate) fn doorbell(&self) -> io::Result<Doorbell> {
+        match self {
+            #[cfg(feature = "uring")]
+            Monitor::Uring(u) => fdmon_uring::Doorbell::new(u).map(Doorbell::Ring),
+            #[cfg(feature = "epoll")]
+            Monitor::Epoll(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "an epoll reactor has no ring to post messages to",
+            )),
         }
     }
 

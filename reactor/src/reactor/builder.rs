@@ -3,6 +3,7 @@
 use std::io;
 
 use super::*;
+use crate::lockfree::event_notifier::EventNotifier;
 
 /// How sockets do their owned-buffer I/O and `accept` on the io_uring backend.
 ///
@@ -29,6 +30,22 @@ pub enum SocketIo {
     Completion,
 }
 
+/// How other threads wake a sleeping reactor (see [`Builder::wakeup`]).
+///
+/// Whichever is chosen, a wakeup is sent only when the reactor may be asleep (the
+/// `notify_me`/`notified` protocol); a busy reactor is never sent one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Wakeup {
+    /// A ring message (a completion posted into the reactor's ring with
+    /// `IORING_REGISTER_SEND_MSG_RING`) on the io_uring backend where the kernel has it (Linux
+    /// 6.13); the eventfd otherwise (epoll, older kernels) and if a message cannot be sent.
+    #[default]
+    Auto,
+    /// Always the eventfd the reactor's monitor watches (one write by the waker; on io_uring a
+    /// poll wakeup and a read by the woken thread too).
+    EventFd,
+}
+
 /// Default submission-queue size of the io_uring backend.
 pub const DEFAULT_URING_ENTRIES: u32 = 256;
 
@@ -48,6 +65,7 @@ pub struct Builder {
     pool: Option<ThreadPool>,
     socket_io: SocketIo,
     poll: Option<PollParams>,
+    wakeup: Wakeup,
 }
 
 /// Default number of task polls per iteration (see [`Builder::task_budget`]).
@@ -62,6 +80,7 @@ impl Default for Builder {
             pool: None,
             socket_io: SocketIo::default(),
             poll: None,
+            wakeup: Wakeup::Auto,
         }
     }
 }
@@ -100,6 +119,20 @@ impl Builder {
         self
     }
 
+    /// How other threads wake the reactor when it sleeps (see [`Wakeup`]; the one in use is
+    /// [`Reactor::wakeup`]).
+    ///
+    /// ```
+    /// use reactor::{Builder, Wakeup};
+    /// let r = Builder::new().wakeup(Wakeup::EventFd).build()?;
+    /// assert_eq!(r.wakeup(), Wakeup::EventFd);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn wakeup(mut self, wakeup: Wakeup) -> Self {
+        self.wakeup = wakeup;
+        self
+    }
+
     /// How sockets do I/O on the io_uring backend (see [`SocketIo`]).
     pub fn socket_io(mut self, mode: SocketIo) -> Self {
         self.socket_io = mode;
@@ -134,12 +167,23 @@ impl Builder {
                 ),
             ));
         }
+        // The eventfd first: with the fd limit reached it fails with a plain EMFILE.
+        let eventfd = EventNotifier::new()?;
+        let mut monitor = Monitor::open(self.backend, self.uring_entries)?;
+        // Last, and optional: it costs an fd of its own (the ring's, duplicated).
+        let doorbell = match self.wakeup {
+            // Unsupported (epoll, a kernel before 6.13) or out of fds: the eventfd it is.
+            Wakeup::Auto => monitor
+                .doorbell()
+                .ok()
+                .map(|d| Box::new(d) as Box<dyn notify::Doorbell>),
+            Wakeup::EventFd => None,
+        };
         let shared = Arc::new(Shared {
-            notifier: notify::new()?,
+            notifier: notify::new(eventfd, doorbell),
             clock: Clock::new(),
             stop: AtomicBool::new(false),
         });
-        let mut monitor = Monitor::open(self.backend, self.uring_entries)?;
         monitor.update(shared.notifier.fd(), NOTIFIER_TOKEN, 0, libc::POLLIN as u32)?;
         Ok(Reactor {
             shared,

@@ -18,7 +18,7 @@ pub(crate) mod polling;
 mod sqe;
 pub(crate) mod stats;
 
-pub use builder::{Builder, DEFAULT_TASK_BUDGET, DEFAULT_URING_ENTRIES, SocketIo};
+pub use builder::{Builder, DEFAULT_TASK_BUDGET, DEFAULT_URING_ENTRIES, SocketIo, Wakeup};
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -162,6 +162,24 @@ impl Reactor {
         &self.pool
     }
 
+    /// How other threads wake this reactor when it sleeps: [`Wakeup::Auto`] when it gets ring
+    /// messages, else [`Wakeup::EventFd`].
+    ///
+    /// ```
+    /// let r = reactor::Reactor::new()?;
+    /// if r.backend() == reactor::Backend::Epoll {
+    ///     assert_eq!(r.wakeup(), reactor::Wakeup::EventFd);
+    /// }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn wakeup(&self) -> Wakeup {
+        if self.shared.notifier.rings() {
+            Wakeup::Auto
+        } else {
+            Wakeup::EventFd
+        }
+    }
+
     /// How sockets do I/O (see [`SocketIo`]).
     pub fn socket_io(&self) -> SocketIo {
         self.socket_io
@@ -256,9 +274,13 @@ impl Reactor {
 
     /// Counters since the reactor was created.
     pub fn stats(&self) -> Stats {
-        let (eventfd_writes, notify_skipped) = self.shared.notifier.counts();
-        self.stats
-            .snapshot(eventfd_writes, notify_skipped, self.monitor_errors.total())
+        let (_, notify_skipped) = self.shared.notifier.counts();
+        let (eventfd_writes, ring_messages) = self.shared.notifier.wakeups();
+        let mut s =
+            self.stats
+                .snapshot(eventfd_writes, notify_skipped, self.monitor_errors.total());
+        s.ring_messages = ring_messages;
+        s
     }
 
     /// Number of live fd registrations.

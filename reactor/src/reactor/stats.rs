@@ -19,6 +19,9 @@ pub struct Stats {
     pub blocking_waits: u64,
     /// Notifications (from any thread) that wrote the eventfd because the reactor might sleep.
     pub eventfd_writes: u64,
+    /// Notifications that woke the reactor with a ring message instead (see
+    /// [`Wakeup`](crate::Wakeup)).
+    pub ring_messages: u64,
     /// Notifications that skipped the eventfd because the reactor was awake: no system call.
     pub notify_skipped: u64,
     /// BH and one-shot callbacks run.
@@ -40,6 +43,21 @@ pub struct Stats {
     /// (`RWF_NOWAIT`: served by the page cache, or failed with an error the blocking call would
     /// give too) instead of going to the ring (io_uring) or the thread pool (epoll).
     pub inline_io: u64,
+}
+
+impl Stats {
+    /// Wakeups sent to the reactor because it might sleep, by either doorbell
+    /// (`eventfd_writes + ring_messages`): one system call each, by the waker.
+    ///
+    /// ```
+    /// let r = reactor::Reactor::new()?;
+    /// r.poll(false);
+    /// assert_eq!(r.stats().wakeups(), 0, "nobody had to wake it");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn wakeups(&self) -> u64 {
+        self.eventfd_writes + self.ring_messages
+    }
 }
 
 /// The home thread's counters.
@@ -67,6 +85,7 @@ impl LocalStats {
             iterations: self.iterations.get(),
             blocking_waits: self.blocking_waits.get(),
             eventfd_writes,
+            ring_messages: 0,
             notify_skipped,
             bh_runs: self.bh_runs.get(),
             task_polls: self.task_polls.get(),
