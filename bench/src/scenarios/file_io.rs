@@ -168,27 +168,47 @@ fn run(ctx: &Ctx, write: bool) -> Vec<Row> {
     rows
 }
 
+/// Before each run of a write case: the file's dirty pages written back, so that every system
+/// starts from the same page-cache state (otherwise a run inherits the writeback that the runs
+/// before it left, and the order of the rows decides part of the result).
+fn settle(path: &Path, case: Case) {
+    if case.write {
+        let f = std::fs::File::open(path).expect("open the data file");
+        f.sync_data().expect("fdatasync the data file");
+    }
+}
+
 fn case_rows(ctx: &Ctx, path: &Path, case: Case) -> Vec<Row> {
     let name = case.name();
     let mut rows = Vec::new();
     for b in [Backend::Uring, Backend::Epoll] {
         rows.push(
             ctx.row(&name, &format!("reactor-{b}"), Metric::OpsPerSec, || {
+                settle(path, case);
                 reactor_io(path, case, b, false)
             }),
         );
     }
     rows.push(
         ctx.row(&name, "reactor-uring-fixed", Metric::OpsPerSec, || {
+            settle(path, case);
             reactor_io(path, case, Backend::Uring, true)
         }),
     );
-    rows.push(ctx.row(&name, "tokio", Metric::OpsPerSec, || tokio_io(path, case)));
-    rows.push(ctx.row(&name, "compio", Metric::OpsPerSec, || compio_io(path, case)));
+    rows.push(ctx.row(&name, "tokio", Metric::OpsPerSec, || {
+        settle(path, case);
+        tokio_io(path, case)
+    }));
+    rows.push(ctx.row(&name, "compio", Metric::OpsPerSec, || {
+        settle(path, case);
+        compio_io(path, case)
+    }));
     rows.push(ctx.row(&name, "floor-raw-uring", Metric::OpsPerSec, || {
+        settle(path, case);
         raw_uring_io(path, case)
     }));
     rows.push(ctx.row(&name, "floor-tuned-uring", Metric::OpsPerSec, || {
+        settle(path, case);
         tuned_uring_io(path, case)
     }));
     if !case.direct {
@@ -197,11 +217,15 @@ fn case_rows(ctx: &Ctx, path: &Path, case: Case) -> Vec<Row> {
         } else {
             "floor-pread"
         };
-        rows.push(ctx.row(&name, floor, Metric::OpsPerSec, || sync_io(path, case)));
+        rows.push(ctx.row(&name, floor, Metric::OpsPerSec, || {
+            settle(path, case);
+            sync_io(path, case)
+        }));
     }
     if case.pattern == Pattern::Sequential {
         match super::qemu::available("qemu-img") {
             true => rows.push(ctx.row(&name, "qemu-img-bench", Metric::OpsPerSec, || {
+                settle(path, case);
                 qemu_img_bench(path, case)
             })),
             false => eprintln!("  qemu-img is not on the PATH: no QEMU row for {name}"),
