@@ -47,6 +47,9 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
     rows.push(ctx.row("pingpong", "floor-futex", Metric::NsPerOp, || {
         futex_pingpong(n)
     }));
+    rows.push(ctx.row("pingpong", "floor-msg-ring", Metric::NsPerOp, || {
+        msg_ring_pingpong(n)
+    }));
     // With adaptive polling on, the same bounce against the in-process spinning floor.
     let np = ctx.scale(200_000, 50_000);
     for backend in [Backend::Uring, Backend::Epoll] {
@@ -300,4 +303,70 @@ fn futex_pingpong(n: u64) -> Sample {
     });
     t.join().unwrap();
     s
+}
+
+/// A ring set up as a raw ring-message user would (one issuer, completion work deferred to its
+/// waits), on the calling thread.
+fn msg_ring() -> io_uring::IoUring {
+    io_uring::IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(8)
+        .expect("an io_uring with SINGLE_ISSUER and DEFER_TASKRUN (Linux 6.1)")
+}
+
+/// Queues a ring message to the ring `to` (no completion on the sender's ring unless it
+/// fails).
+fn msg_ring_push(ring: &mut io_uring::IoUring, to: i32) {
+    let sqe = io_uring::opcode::MsgRingData::new(io_uring::types::Fd(to), 0, 1, None)
+        .build()
+        .flags(io_uring::squeue::Flags::SKIP_SUCCESS);
+    // SAFETY: a ring message refers to no memory of ours.
+    unsafe { ring.submission().push(&sqe) }.expect("room in an 8-entry ring");
+}
+
+/// Waits for one message on `ring` (after submitting what is queued) and consumes it.
+fn msg_ring_take(ring: &mut io_uring::IoUring) {
+    loop {
+        if let Some(cqe) = ring.completion().next() {
+            assert!(cqe.result() >= 0, "ring message failed: {}", cqe.result());
+            return;
+        }
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => panic!("io_uring_enter: {e}"),
+        }
+    }
+}
+
+/// The ring-message floor: two threads, each waiting on its own ring and posting a message
+/// into the other's (`IORING_OP_MSG_RING`); a hop is one `io_uring_enter` that both sends and
+/// waits.
+fn msg_ring_pingpong(n: u64) -> Sample {
+    use std::os::fd::AsRawFd;
+    let (tx_b, rx_b) = std::sync::mpsc::channel::<i32>();
+    let (tx_a, rx_a) = std::sync::mpsc::channel::<i32>();
+    let t = thread::spawn(move || {
+        let mut rb = msg_ring();
+        tx_b.send(rb.as_raw_fd()).unwrap();
+        let fa = rx_a.recv().unwrap();
+        for _ in 0..n {
+            msg_ring_take(&mut rb);
+            msg_ring_push(&mut rb, fa);
+            rb.submit().expect("submit the reply");
+        }
+        rb // kept alive until the other side is done with it
+    });
+    let mut ra = msg_ring();
+    tx_a.send(ra.as_raw_fd()).unwrap();
+    let fb = rx_b.recv().unwrap();
+    let s = time(Metric::NsPerOp, n, || {
+        for _ in 0..n {
+            msg_ring_push(&mut ra, fb);
+            msg_ring_take(&mut ra);
+        }
+    });
+    drop(t.join().unwrap());
+    s.with_syscalls(2.0)
 }
