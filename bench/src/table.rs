@@ -51,17 +51,17 @@ fn ratio(a: Option<&Summary>, b: Option<&Summary>) -> String {
 /// The floor the reactor's per-operation cost is reported against, where a scenario has it.
 pub const TUNED_FLOOR: &str = "floor-tuned-uring";
 
-/// For an ops/s row: how many nanoseconds per operation `sys` spends above `floor` (from the
-/// medians; negative when it is faster), as a cell suffix.
+/// How many nanoseconds per operation `sys` spends above `floor` (from the medians; negative
+/// when it is faster), as a cell suffix, for ops/s and ns/op rows.
 fn over_floor(sys: Option<&Summary>, floor: Option<&Summary>) -> Option<String> {
     let (s, f) = (sys?, floor?);
-    let ok = s.ok() && f.ok() && s.metric == Metric::OpsPerSec && s.median > 0.0 && f.median > 0.0;
-    ok.then(|| {
-        format!(
-            " [{:+.0} ns/op over {TUNED_FLOOR}]",
-            1e9 / s.median - 1e9 / f.median
-        )
-    })
+    let ok = s.ok() && f.ok() && s.median > 0.0 && f.median > 0.0;
+    let ns = match s.metric {
+        Metric::OpsPerSec => 1e9 / s.median - 1e9 / f.median,
+        Metric::NsPerOp => s.median - f.median,
+        Metric::Percent => return None,
+    };
+    ok.then(|| format!(" [{ns:+.0} ns/op over {TUNED_FLOOR}]"))
 }
 
 /// Renders `rows` (grouped by scenario, in first-seen order).

@@ -51,6 +51,7 @@
 
 mod busy;
 mod doorbell;
+mod enter;
 mod registry;
 mod user_data;
 
@@ -63,6 +64,7 @@ pub use io_uring;
 use io_uring::{IoUring, opcode, squeue, types};
 
 use busy::{Backoff, Faults};
+use enter::Enter;
 use registry::{Op, Registry, Target};
 pub use user_data::MAX_USER_TOKEN;
 use user_data::Tag;
@@ -149,7 +151,16 @@ pub struct Uring {
     faults: Faults,
     /// How often `io_uring_enter` was busy with nothing to reap, and paused before a retry.
     busy_pauses: u64,
+    /// How the hot waits enter the kernel (by registered ring fd where possible).
+    enter: Enter,
     _single_thread: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for Uring {
+    fn drop(&mut self) {
+        // The registration holds a reference to the ring's file in this thread's table.
+        self.enter.unregister(&self.ring);
+    }
 }
 
 impl std::fmt::Debug for Uring {
@@ -202,7 +213,9 @@ impl Uring {
             ));
         }
         let free_files = fixed_file_table(&ring);
+        let enter = Enter::register(&ring);
         Ok(Uring {
+            enter,
             ring,
             registry: Registry::default(),
             backlog: Vec::new(),
@@ -360,6 +373,13 @@ impl Uring {
         self.busy_pauses
     }
 
+    /// Whether this thread enters the ring by a registered ring fd (`IORING_REGISTER_RING_FDS`:
+    /// no fd lookup per `io_uring_enter`). `false` on kernels before 5.18, and for rings beyond
+    /// the 16 a thread can register; those enter by their fd, which works the same.
+    pub fn ring_fd_registered(&self) -> bool {
+        self.enter.registered()
+    }
+
     /// The underlying ring, for registering buffers or files, or probing opcodes.
     pub fn ring(&self) -> &IoUring {
         &self.ring
@@ -457,7 +477,7 @@ impl Uring {
         loop {
             let res = match self.faults.take() {
                 Some(e) => Err(e),
-                None => self.ring.submit(),
+                None => self.enter.submit(&mut self.ring),
             };
             match res {
                 Ok(_) => return Ok(()),
@@ -494,14 +514,10 @@ impl Uring {
                 continue;
             }
             let res = match (timeout, deadline) {
-                (None, _) | (Some(_), None) => self.ring.submit_and_wait(1),
+                (None, _) | (Some(_), None) => self.enter.submit_and_wait(&mut self.ring, None),
                 (Some(_), Some(dl)) => {
                     let left = dl.saturating_duration_since(Instant::now());
-                    let ts = types::Timespec::new()
-                        .sec(left.as_secs())
-                        .nsec(left.subsec_nanos());
-                    let args = types::SubmitArgs::new().timespec(&ts);
-                    self.ring.submitter().submit_with_args(1, &args)
+                    self.enter.submit_and_wait(&mut self.ring, Some(left))
                 }
             };
             match res {

@@ -7,6 +7,7 @@ pub mod idle;
 pub mod nbd;
 pub mod pingpong;
 pub mod qemu;
+pub mod ring_nop;
 pub mod tcp_echo;
 pub mod timers;
 
@@ -121,6 +122,11 @@ pub const ALL: &[Scenario] = &[
         name: "tcp-echo",
         about: "64 loopback connections, 64 B and 1 KiB request/response (requests/s)",
         run: tcp_echo::run,
+    },
+    Scenario {
+        name: "ring-nop",
+        about: "one io_uring NOP per operation through the reactor vs a plain and a tuned raw ring, QD1/QD32 (ns per operation)",
+        run: ring_nop::run,
     },
     Scenario {
         name: "file-read",
