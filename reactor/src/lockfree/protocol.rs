@@ -345,9 +345,11 @@ impl<W: Wake> Notifier<W> {
     /// Home step SP5: announces that the home thread may block. Returns `true` if a
     /// notification is already pending, in which case the wait must not block.
     pub(crate) fn prepare_block(&self) -> bool {
-        // Relaxed RMW: ordered before the load of `notified` by the SP5 fence; only the home
-        // thread writes `notify_me`.
-        self.notify_me.fetch_add(2, Ordering::Relaxed);
+        // Relaxed load and store, not an RMW: only the home thread writes `notify_me`, so no
+        // other write can come between them, and a locked instruction would only add to the
+        // fence's cost. Ordered before the load of `notified` by the SP5 fence.
+        let v = self.notify_me.load(Ordering::Relaxed);
+        self.notify_me.store(v + 2, Ordering::Relaxed);
         // SP5: full fence between the store of `notify_me` and the load of `notified`. Pairs
         // with SP4 in `notify`: at least one side sees the other's store.
         full_fence!("sp5");
@@ -360,8 +362,10 @@ impl<W: Wake> Notifier<W> {
         // Relaxed: a producer that reads the old value wakes needlessly (harmless); one that
         // reads the new value skips it, which is right because this thread is awake and checks
         // `notified` (SP5) before it blocks again. The store cannot become visible before the
-        // wait returns: it follows it in program order and stores are not speculated.
-        self.notify_me.fetch_sub(2, Ordering::Relaxed);
+        // wait returns: it follows it in program order and stores are not speculated. A load
+        // and a store, as in `prepare_block`: the home thread is the only writer.
+        let v = self.notify_me.load(Ordering::Relaxed);
+        self.notify_me.store(v - 2, Ordering::Relaxed);
     }
 
     /// Home step SP6: consumes the pending notifications. The caller then takes the list (SP7).
