@@ -316,12 +316,17 @@ impl Uring {
     }
 
     /// Whether a call to [`wait`](Self::wait) has work to do even with a zero timeout: staged
-    /// registration changes, queued SQEs, or completions already in the ring.
+    /// registration changes, queued SQEs, completions already in the ring, or completion work
+    /// the kernel deferred to this thread (`IORING_SQ_TASKRUN`: a poll that fired) or kept
+    /// aside (a completion-queue overflow), which only an enter turns into completions.
     pub fn need_wait(&mut self) -> bool {
         self.registry.has_staged()
             || !self.backlog.is_empty()
-            || !self.ring.submission().is_empty()
             || !self.ring.completion().is_empty()
+            || {
+                let sq = self.ring.submission();
+                !sq.is_empty() || sq.taskrun() || sq.cq_overflow()
+            }
     }
 
     /// Whether completions are waiting, judged from the shared ring alone (no system call):
