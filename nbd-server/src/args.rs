@@ -33,6 +33,8 @@ Serves FILE over NBD (fixed newstyle, simple replies).
       --backend B          auto | uring | epoll (default auto; REACTOR_BACKEND also works)
       --poll-max-ns N      adaptive busy polling ceiling of the IoThreads in ns
                            (default 0: off; 32768 is the IoThread default)
+      --socket-io M        completion | readiness: how sockets do I/O on io_uring
+                           (default completion; ignored on epoll)
   -h, --help               this text
 
 Logs to stderr at the level NBD_SERVER_LOG names (error, warn, info, debug, trace; default
@@ -125,6 +127,18 @@ where
                     Some(v.parse().ok().filter(|&n: &usize| n > 0).ok_or_else(|| {
                         bad(format!("--max-connections {v}: want a number above 0"))
                     })?);
+            }
+            "--socket-io" => {
+                let v = value(&a)?;
+                cfg.socket_io = match v.as_str() {
+                    "completion" => reactor::net::SocketIo::Completion,
+                    "readiness" => reactor::net::SocketIo::Readiness,
+                    _ => {
+                        return Err(bad(format!(
+                            "--socket-io {v}: want completion or readiness"
+                        )));
+                    }
+                };
             }
             "--poll-max-ns" => {
                 let v = value(&a)?;
@@ -283,6 +297,9 @@ mod tests {
         ]);
         assert_eq!(c.backend, reactor::Backend::Epoll);
         assert_eq!(c.poll.max, Duration::ZERO);
+        assert_eq!(c.socket_io, reactor::net::SocketIo::Completion);
+        let r = serve(&["--socket-io", "readiness", "disk"]);
+        assert_eq!(r.socket_io, reactor::net::SocketIo::Readiness);
         assert_eq!(c.export_name, "d");
         assert_eq!(c.handshake_limit, Some(Duration::from_secs(10)));
         let c = serve(&["--handshake-limit", "0", "disk"]);
@@ -304,6 +321,7 @@ mod tests {
                 "--handshake-limit",
             ),
             (&["--frobnicate", "disk"][..], "--frobnicate"),
+            (&["--socket-io", "poll", "disk"][..], "--socket-io"),
             (&["disk", "extra"][..], "extra"),
             (&[][..], "missing"),
             (&["disk", "-x"][..], "-x needs a value"),

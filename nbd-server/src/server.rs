@@ -87,6 +87,10 @@ pub struct Config {
     /// with the IoThread default of 32 µs, 34.5 µs without) for at most 20 % more
     /// requests/s. [`PollParams::IOTHREAD`] turns it on.
     pub poll: PollParams,
+    /// How the IoThreads' sockets do I/O on the io_uring backend (see
+    /// [`SocketIo`](reactor::net::SocketIo); ignored on epoll). Default: the reactor's,
+    /// [`SocketIo::Completion`](reactor::net::SocketIo::Completion).
+    pub socket_io: reactor::net::SocketIo,
 }
 
 impl Config {
@@ -107,6 +111,7 @@ impl Config {
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             backend: Backend::Auto,
             poll: PollParams::OFF,
+            socket_io: reactor::net::SocketIo::default(),
         }
     }
 }
@@ -214,7 +219,9 @@ impl Server {
         let tcp = config.tcp.map(std::net::TcpListener::bind).transpose()?;
         let tcp_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
         let builder = || {
-            let b = Builder::new().backend(config.backend);
+            let b = Builder::new()
+                .backend(config.backend)
+                .socket_io(config.socket_io);
             b.poll(config.poll)
         };
         let workers = (0..config.iothreads)

@@ -88,25 +88,9 @@ fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
 backend_tests! {
     fn qemu_img_info_and_convert_round_trip(r: &Reactor) {
         let backend = &*r.backend().to_string();
-        let export = scratch("convert-export", backend);
-        let src = scratch("convert-src", backend);
-        let back = scratch("convert-back", backend);
-        std::fs::write(&export, vec![0u8; 16 << 20]).unwrap();
-        // Random data with a zero run in the middle (qemu-img sends it as WRITE_ZEROES).
-        let mut data = random_bytes(16 << 20, 7);
-        data[4 << 20..6 << 20].fill(0);
-        std::fs::write(&src, &data).unwrap();
-        let srv = serve(backend, &export, &[]);
-        let info = qemu("qemu-img", &["info", "--output=json", &srv.url]);
-        assert!(info.contains("\"virtual-size\": 16777216"), "{info}");
-        assert!(info.contains("\"format\": \"raw\""), "{info}");
-        qemu("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", src.to_str().unwrap(), &srv.url]);
-        qemu("qemu-img", &["convert", "-f", "raw", "-O", "raw", &srv.url, back.to_str().unwrap()]);
-        assert!(std::fs::read(&back).unwrap() == data, "the export read back differs from what was written");
-        assert!(std::fs::read(&export).unwrap() == data, "the exported file differs");
-        drop(srv);
-        for p in [export, src, back] {
-            std::fs::remove_file(p).unwrap();
+        // Sockets by completion (the default) and by readiness (the same on epoll).
+        for mode in ["completion", "readiness"] {
+            convert_round_trip(backend, mode);
         }
     }
 
@@ -208,4 +192,57 @@ fn bad_command_lines_exit_with_2() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/x.img"));
+}
+
+/// `qemu-img info` and a `convert` to the export and back, with sockets doing I/O by `mode`.
+fn convert_round_trip(backend: &str, mode: &str) {
+    let export = scratch(&format!("convert-export-{mode}"), backend);
+    let src = scratch(&format!("convert-src-{mode}"), backend);
+    let back = scratch(&format!("convert-back-{mode}"), backend);
+    std::fs::write(&export, vec![0u8; 16 << 20]).unwrap();
+    // Random data with a zero run in the middle (qemu-img sends it as WRITE_ZEROES).
+    let mut data = random_bytes(16 << 20, 7);
+    data[4 << 20..6 << 20].fill(0);
+    std::fs::write(&src, &data).unwrap();
+    let srv = serve(backend, &export, &["--socket-io", mode]);
+    let info = qemu("qemu-img", &["info", "--output=json", &srv.url]);
+    assert!(info.contains("\"virtual-size\": 16777216"), "{info}");
+    assert!(info.contains("\"format\": \"raw\""), "{info}");
+    qemu(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            src.to_str().unwrap(),
+            &srv.url,
+        ],
+    );
+    qemu(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &srv.url,
+            back.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "the export read back differs from what was written"
+    );
+    assert!(
+        std::fs::read(&export).unwrap() == data,
+        "the exported file differs"
+    );
+    drop(srv);
+    for p in [export, src, back] {
+        std::fs::remove_file(p).unwrap();
+    }
 }
