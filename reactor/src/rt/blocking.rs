@@ -9,12 +9,66 @@ use std::task::{Context, Poll, Waker};
 
 use crate::reactor::Reactor;
 use crate::sched::lane::Lane;
-use crate::sched::pool::{Job, ThreadPool};
+use crate::sched::pool::{Job, Run, ThreadPool};
 use crate::sched::task::JoinError;
 
-struct Slot<T> {
+/// One `spawn_blocking` call: the closure until a pool thread takes it, then its result
+/// and the waker of the task awaiting it. The pool's job and the future share this one
+/// allocation.
+struct Shared<F, T> {
+    state: Mutex<State<F, T>>,
+}
+
+struct State<F, T> {
+    f: Option<F>,
     result: Option<std::thread::Result<T>>,
     waker: Option<Waker>,
+}
+
+impl<F, T> Run for Shared<F, T>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    fn run(&self) {
+        let f = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .f
+            .take();
+        let Some(f) = f else { return };
+        let result = catch_unwind(AssertUnwindSafe(f));
+        let waker = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.result = Some(result);
+            s.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+/// The future's view of a [`Shared`], without the closure's type.
+trait Outcome<T>: Send + Sync {
+    fn poll_outcome(&self, cx: &mut Context<'_>) -> Poll<std::thread::Result<T>>;
+}
+
+impl<F: Send, T: Send> Outcome<T> for Shared<F, T> {
+    fn poll_outcome(&self, cx: &mut Context<'_>) -> Poll<std::thread::Result<T>> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match s.result.take() {
+            Some(r) => Poll::Ready(r),
+            None => {
+                match &s.waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => s.waker = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+        }
+    }
 }
 
 /// The future of [`spawn_blocking`]: the closure's result, or `JoinError::Panic` if it
@@ -22,22 +76,16 @@ struct Slot<T> {
 /// its result is then dropped on the pool thread.
 #[must_use = "futures do nothing unless polled"]
 pub struct Blocking<T> {
-    slot: Arc<Mutex<Slot<T>>>,
+    shared: Arc<dyn Outcome<T>>,
 }
 
 impl<T> Future for Blocking<T> {
     type Output = Result<T, JoinError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut s = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        match s.result.take() {
-            Some(Ok(v)) => Poll::Ready(Ok(v)),
-            Some(Err(p)) => Poll::Ready(Err(JoinError::Panic(p))),
-            None => {
-                s.waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        }
+        self.shared
+            .poll_outcome(cx)
+            .map(|r| r.map_err(JoinError::Panic))
     }
 }
 
@@ -59,7 +107,7 @@ where
     T: Send + 'static,
 {
     let pool = current_pool();
-    hand_over(f, |job| pool.execute_boxed(job))
+    hand_over(f, |job| pool.execute_job(job))
 }
 
 /// [`spawn_blocking`] in `lane`: `f` runs after the lane's earlier jobs and never beside them
@@ -78,27 +126,20 @@ fn current_pool() -> ThreadPool {
     Reactor::with_current(|r| r.thread_pool().clone()).unwrap_or_else(ThreadPool::default_pool)
 }
 
-/// Gives `execute` the job that runs `f` and hands its result to the returned future.
+/// Gives `execute` the job that runs `f` and hands its result to the returned future: one
+/// allocation for both.
 fn hand_over<T, F>(f: F, execute: impl FnOnce(Job)) -> Blocking<T>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    let slot = Arc::new(Mutex::new(Slot {
-        result: None,
-        waker: None,
-    }));
-    let s2 = slot.clone();
-    execute(Box::new(move || {
-        let result = catch_unwind(AssertUnwindSafe(f));
-        let waker = {
-            let mut s = s2.lock().unwrap_or_else(|e| e.into_inner());
-            s.result = Some(result);
-            s.waker.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
-        }
-    }));
-    Blocking { slot }
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            f: Some(f),
+            result: None,
+            waker: None,
+        }),
+    });
+    execute(shared.clone());
+    Blocking { shared }
 }

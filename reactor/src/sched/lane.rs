@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 
-use super::pool::{Job, ThreadPool};
+use super::pool::{Closure, Job, ThreadPool};
 
 /// How many jobs a lane runs before it gives its thread back to the pool's queue, so that a
 /// lane that never empties cannot keep other work waiting on a pool with few threads.
@@ -64,7 +64,7 @@ impl Lane {
     fn schedule(&self, pool: ThreadPool) {
         let lane = self.clone();
         pool.clone()
-            .execute_boxed(Box::new(move || lane.drain(pool)));
+            .execute_job(Closure::job(move || lane.drain(pool)));
     }
 
     /// Runs the lane's jobs until it is empty or has had its turn.
@@ -80,7 +80,7 @@ impl Lane {
                     }
                 }
             };
-            let _ = catch_unwind(AssertUnwindSafe(job));
+            let _ = catch_unwind(AssertUnwindSafe(|| job.run()));
         }
         // Turn over with jobs left (`running` stays set): to the back of the pool's queue.
         self.schedule(pool);
@@ -104,7 +104,7 @@ mod tests {
             let (active, tx) = (active.clone(), tx.clone());
             lane.execute(
                 &pool,
-                Box::new(move || {
+                Closure::job(move || {
                     assert_eq!(active.fetch_add(1, Ordering::SeqCst), 0, "two jobs at once");
                     if i % 50 == 0 {
                         std::thread::sleep(Duration::from_millis(1));
@@ -123,8 +123,8 @@ mod tests {
         let pool = ThreadPool::new(0, 2, Duration::from_secs(1));
         let lane = Lane::new();
         let (tx, rx) = mpsc::channel();
-        lane.execute(&pool, Box::new(|| panic!("job fails on purpose")));
-        lane.execute(&pool, Box::new(move || tx.send(7).unwrap()));
+        lane.execute(&pool, Closure::job(|| panic!("job fails on purpose")));
+        lane.execute(&pool, Closure::job(move || tx.send(7).unwrap()));
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(7));
     }
 
@@ -141,7 +141,7 @@ mod tests {
                 return;
             }
             let (l2, p2) = (lane.clone(), pool.clone());
-            lane.execute(&pool, Box::new(move || refill(l2, p2, stop)));
+            lane.execute(&pool, Closure::job(move || refill(l2, p2, stop)));
         }
         refill(lane.clone(), pool.clone(), stop.clone());
         pool.execute(move || tx.send(()).unwrap());

@@ -9,7 +9,32 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
-pub(crate) type Job = Box<dyn FnOnce() + Send + 'static>;
+/// A job on the pool's queue. Shared (`Arc`) rather than boxed, so that a job can be one
+/// allocation with what waits for its result (`spawn_blocking`'s future).
+pub(crate) type Job = Arc<dyn Run>;
+
+/// What a pool thread runs. `run` is called once per job.
+pub(crate) trait Run: Send + Sync + 'static {
+    fn run(&self);
+}
+
+/// A plain closure as a job ([`ThreadPool::execute`]).
+pub(crate) struct Closure<F>(Mutex<Option<F>>);
+
+impl<F: FnOnce() + Send + 'static> Closure<F> {
+    pub(crate) fn job(f: F) -> Job {
+        Arc::new(Closure(Mutex::new(Some(f))))
+    }
+}
+
+impl<F: FnOnce() + Send + 'static> Run for Closure<F> {
+    fn run(&self) {
+        let f = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(f) = f {
+            f();
+        }
+    }
+}
 
 struct State {
     queue: VecDeque<Job>,
@@ -115,11 +140,11 @@ impl ThreadPool {
     /// and none is alive, the calling thread runs the oldest queued job itself, so that no job
     /// waits forever.
     pub fn execute(&self, job: impl FnOnce() + Send + 'static) {
-        self.execute_boxed(Box::new(job));
+        self.execute_job(Closure::job(job));
     }
 
-    /// [`execute`](Self::execute) for a job already boxed (no second allocation).
-    pub(crate) fn execute_boxed(&self, job: Job) {
+    /// [`execute`](Self::execute) for a job already made (no second allocation).
+    pub(crate) fn execute_job(&self, job: Job) {
         let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         st.queue.push_back(job);
         if st.idle > 0 {
@@ -178,7 +203,7 @@ impl ThreadPool {
                     tracing::warn!(
                         "reactor: no blocking-pool thread; running the job on the caller's thread"
                     );
-                    job();
+                    job.run();
                 }
             }
         }
@@ -191,7 +216,7 @@ fn worker(inner: &Inner) {
         if let Some(job) = st.queue.pop_front() {
             drop(st);
             // A panicking job must not take the thread down with the pool's accounting.
-            let _ = catch_unwind(AssertUnwindSafe(job));
+            let _ = catch_unwind(AssertUnwindSafe(|| job.run()));
             st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
             continue;
         }
