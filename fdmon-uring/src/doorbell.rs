@@ -22,6 +22,29 @@ const IORING_REGISTER_SEND_MSG_RING: libc::c_long = 31;
 /// never reach another ring that reused the fd number after the [`Uring`] was dropped; a
 /// message to a ring nobody waits on any more stays in its queue until the last doorbell is
 /// dropped and the ring with it.
+///
+/// ```
+/// use fdmon_uring::{Doorbell, Uring};
+/// use std::time::Duration;
+/// let mut u = Uring::new(8)?;
+/// match Doorbell::new(&u) {
+///     Ok(bell) => {
+///         let t = std::thread::spawn(move || {
+///             std::thread::sleep(Duration::from_millis(20));
+///             bell.ring().unwrap();
+///         });
+///         // The wait ends when the message arrives, long before its timeout, and reports
+///         // no event.
+///         let t0 = std::time::Instant::now();
+///         assert_eq!(u.wait(Some(Duration::from_secs(30)), |_| unreachable!())?, 0);
+///         assert!(t0.elapsed() < Duration::from_secs(20));
+///         t.join().unwrap();
+///     }
+///     // A kernel before 6.13: wake the ring through an eventfd it polls instead.
+///     Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::Unsupported),
+/// }
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct Doorbell {
     ring: OwnedFd,

@@ -30,19 +30,24 @@ pub(crate) trait Doorbell: Send + Sync + std::fmt::Debug {
 pub(crate) struct Bell {
     eventfd: EventNotifier,
     ring: Option<Box<dyn Doorbell>>,
-    /// Wakeups sent as ring messages (the rest wrote the eventfd).
+    /// Wakeups sent as ring messages.
     messages: AtomicU64,
+    /// Wakeups that wrote the eventfd.
+    writes: AtomicU64,
 }
 
 impl Wake for Bell {
     fn wake(&self) {
+        // The counters move before the system call that wakes the home thread, so that a
+        // thread it wakes reads them up to date. Relaxed: statistics only.
         if let Some(d) = &self.ring {
+            self.messages.fetch_add(1, Ordering::Relaxed);
             if d.ring().is_ok() {
-                // Relaxed counter: statistics only.
-                self.messages.fetch_add(1, Ordering::Relaxed);
                 return;
             }
+            self.messages.fetch_sub(1, Ordering::Relaxed);
         }
+        self.writes.fetch_add(1, Ordering::Relaxed);
         // A failed write means the counter is saturated, which means it is readable: the
         // wakeup is there either way.
         let _ = self.eventfd.set();
@@ -55,6 +60,7 @@ pub(crate) fn new(eventfd: EventNotifier, ring: Option<Box<dyn Doorbell>>) -> No
         eventfd,
         ring,
         messages: AtomicU64::new(0),
+        writes: AtomicU64::new(0),
     })
 }
 
@@ -76,9 +82,11 @@ impl protocol::Notifier<Bell> {
 
     /// `(eventfd writes, ring messages)` so far.
     pub(crate) fn wakeups(&self) -> (u64, u64) {
-        let (woken, _) = self.counts();
+        let bell = self.waker();
         // Relaxed: statistics only.
-        let messages = self.waker().messages.load(Ordering::Relaxed);
-        (woken.saturating_sub(messages), messages)
+        (
+            bell.writes.load(Ordering::Relaxed),
+            bell.messages.load(Ordering::Relaxed),
+        )
     }
 }

@@ -34,6 +34,22 @@ pub enum SocketIo {
 ///
 /// Whichever is chosen, a wakeup is sent only when the reactor may be asleep (the
 /// `notify_me`/`notified` protocol); a busy reactor is never sent one.
+///
+/// ```
+/// use reactor::{Backend, Reactor, Wakeup};
+/// let r = Reactor::new()?;
+/// let h = r.handle();
+/// std::thread::spawn(move || h.oneshot(|r| r.stop()).unwrap());
+/// r.run(); // woken from the other thread by whichever doorbell `r.wakeup()` names
+/// let st = r.stats();
+/// if r.wakeup() == Wakeup::EventFd {
+///     assert_eq!(st.ring_messages, 0);
+/// } else {
+///     assert_eq!(r.backend(), Backend::Uring);
+///     assert_eq!(st.eventfd_writes, 0);
+/// }
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Wakeup {
     /// A ring message (a completion posted into the reactor's ring with
