@@ -276,19 +276,35 @@ backend_tests! {
         // Through each doorbell the backend has: on io_uring a ring message (Linux 6.13) and
         // the eventfd; on epoll the eventfd.
         for wakeup in [reactor::Wakeup::Auto, reactor::Wakeup::EventFd] {
-            let r = reactor::Reactor::builder()
-                .backend(r.backend())
-                .wakeup(wakeup)
-                .build()
-                .unwrap();
-            woken_from_another_thread(&r);
-            let st = r.stats();
-            if r.backend() == reactor::Backend::Uring && wakeup == reactor::Wakeup::Auto {
-                assert_eq!(r.wakeup(), wakeup, "this kernel (6.13+) sends ring messages");
-                assert!(st.ring_messages >= 1 && st.eventfd_writes == 0, "{st:?}");
-            } else {
-                assert_eq!(r.wakeup(), reactor::Wakeup::EventFd);
-                assert!(st.eventfd_writes >= 1 && st.ring_messages == 0, "{st:?}");
+            // The schedule must find the reactor asleep; a slow machine (valgrind) may not
+            // get there before it, so the delay doubles until it does.
+            let mut delay = std::time::Duration::from_millis(20);
+            let st = loop {
+                let r = reactor::Reactor::builder()
+                    .backend(r.backend())
+                    .wakeup(wakeup)
+                    .build()
+                    .unwrap();
+                woken_from_another_thread(&r, delay);
+                let st = r.stats();
+                if st.blocking_waits > 0 {
+                    if r.backend() == reactor::Backend::Uring && wakeup == reactor::Wakeup::Auto {
+                        assert_eq!(r.wakeup(), wakeup, "this kernel (6.13+) sends ring messages");
+                    } else {
+                        assert_eq!(r.wakeup(), reactor::Wakeup::EventFd);
+                    }
+                    break (r.wakeup(), st);
+                }
+                assert!(delay < std::time::Duration::from_secs(5), "the reactor never slept: {st:?}");
+                delay *= 2;
+            };
+            match st.0 {
+                reactor::Wakeup::Auto => {
+                    assert!(st.1.ring_messages >= 1 && st.1.eventfd_writes == 0, "{:?}", st.1)
+                }
+                reactor::Wakeup::EventFd => {
+                    assert!(st.1.eventfd_writes >= 1 && st.1.ring_messages == 0, "{:?}", st.1)
+                }
             }
         }
     }
@@ -344,8 +360,9 @@ backend_tests! {
     }
 }
 
-/// A BH scheduled from another thread while `r` sleeps in `poll(true)` ends that poll.
-fn woken_from_another_thread(r: &reactor::Reactor) {
+/// A BH scheduled from another thread `delay` from now, while `r` sleeps in `poll(true)`,
+/// ends that poll.
+fn woken_from_another_thread(r: &reactor::Reactor, delay: std::time::Duration) {
     let n = Arc::new(AtomicUsize::new(0));
     let n2 = n.clone();
     let bh = Arc::new(r.bh(move |_| {
@@ -353,7 +370,7 @@ fn woken_from_another_thread(r: &reactor::Reactor) {
     }));
     let bh2 = bh.clone();
     let t = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(delay);
         bh2.schedule();
     });
     assert!(r.poll(true), "woken by the schedule");
