@@ -4,7 +4,8 @@
 //! to clear it.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use io_uring::{opcode, types};
 
@@ -18,10 +19,11 @@ const IORING_REGISTER_SEND_MSG_RING: libc::c_long = 31;
 /// Posts a completion that [`Uring::wait`] consumes and does not report: it only ends a wait
 /// (blocking or about to block) of the ring's thread. `Send` and `Sync`: any thread may ring.
 ///
-/// It holds its own reference to the ring (a duplicate of the ring's fd), so a message can
-/// never reach another ring that reused the fd number after the [`Uring`] was dropped; a
-/// message to a ring nobody waits on any more stays in its queue until the last doorbell is
-/// dropped and the ring with it.
+/// It does not keep the ring alive: a ring that stayed open for its doorbells would keep its
+/// armed polls, and the sockets they hold, open with it. Instead the [`Uring`] withdraws its
+/// fd from every doorbell before it closes it, under a lock that each ring holds for its
+/// system call, so a message can never reach another ring that reused the fd number. A
+/// doorbell of a dropped ring fails with `NotConnected`.
 ///
 /// ```
 /// use fdmon_uring::{Doorbell, Uring};
@@ -47,15 +49,23 @@ const IORING_REGISTER_SEND_MSG_RING: libc::c_long = 31;
 /// ```
 #[derive(Debug)]
 pub struct Doorbell {
-    ring: OwnedFd,
+    target: Target,
+}
+
+/// The fd of a ring while it is open, shared by the ring and its doorbells.
+pub(crate) type Target = Arc<RwLock<Option<RawFd>>>;
+
+/// Withdraws the ring's fd from its doorbells (the ring's drop, before the fd closes): waits
+/// for any ring in progress, and makes later ones fail.
+pub(crate) fn withdraw(target: &Target) {
+    *target.write().unwrap_or_else(PoisonError::into_inner) = None;
 }
 
 impl Doorbell {
     /// A doorbell for `uring`.
     ///
     /// # Errors
-    /// `Unsupported` where the kernel cannot send ring messages without a ring (before 6.13),
-    /// and the error of `dup` (`EMFILE`).
+    /// `Unsupported` where the kernel cannot send ring messages without a ring (before 6.13).
     pub fn new(uring: &Uring) -> io::Result<Doorbell> {
         // The probe: a message to no ring at all. A kernel that has the call refuses the fd
         // (EBADF); one that does not refuses the call (EINVAL). Nothing is posted anywhere.
@@ -69,17 +79,27 @@ impl Doorbell {
             }
             Ok(()) => unreachable!("a message to fd -1 was accepted"),
         }
-        let ring = uring.as_fd().try_clone_to_owned()?;
-        Ok(Doorbell { ring })
+        Ok(Doorbell {
+            target: uring.doorbell_target(),
+        })
     }
 
     /// Wakes the ring's waiter: one system call, no fd of the waiter's to read afterwards.
     ///
     /// # Errors
-    /// The kernel's: `ENOMEM`, or `EBADFD` for a disabled ring. The caller should then fall
-    /// back to another wakeup (an eventfd the ring polls).
+    /// `NotConnected` once the ring is dropped; the kernel's (`ENOMEM`, `EBADFD` for a
+    /// disabled ring). The caller should then fall back to another wakeup (an eventfd the
+    /// ring polls).
     pub fn ring(&self) -> io::Result<()> {
-        send(self.ring.as_raw_fd())
+        // Held across the system call: the ring cannot close its fd meanwhile.
+        let target = self.target.read().unwrap_or_else(PoisonError::into_inner);
+        match *target {
+            Some(fd) => send(fd),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the ring of this doorbell is gone",
+            )),
+        }
     }
 }
 
@@ -147,9 +167,10 @@ mod tests {
         let u = Uring::new(8).unwrap();
         let bell = Doorbell::new(&u).unwrap();
         drop(u);
-        // The doorbell's own reference keeps the (now unwatched) ring: no error, no other ring.
+        // A new ring may get the old fd number; the doorbell must not reach it.
         let mut other = Uring::new(8).unwrap();
-        bell.ring().unwrap();
+        let e = bell.ring().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotConnected);
         assert!(
             other.ring.completion().is_empty(),
             "another ring got the message"

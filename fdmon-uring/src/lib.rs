@@ -153,11 +153,16 @@ pub struct Uring {
     busy_pauses: u64,
     /// How the hot waits enter the kernel (by registered ring fd where possible).
     enter: Enter,
+    /// The ring's fd as its [`Doorbell`]s see it; withdrawn at drop.
+    doorbells: doorbell::Target,
     _single_thread: std::marker::PhantomData<*const ()>,
 }
 
 impl Drop for Uring {
     fn drop(&mut self) {
+        // Before the ring's fd closes (with the `ring` field, after this): no doorbell may
+        // post to whatever reuses its number.
+        doorbell::withdraw(&self.doorbells);
         // The registration holds a reference to the ring's file in this thread's table.
         self.enter.unregister(&self.ring);
     }
@@ -214,8 +219,10 @@ impl Uring {
         }
         let free_files = fixed_file_table(&ring);
         let enter = Enter::register(&ring);
+        let doorbells = std::sync::Arc::new(std::sync::RwLock::new(Some(ring.as_raw_fd())));
         Ok(Uring {
             enter,
+            doorbells,
             ring,
             registry: Registry::default(),
             backlog: Vec::new(),
@@ -376,6 +383,11 @@ impl Uring {
     /// reap, so that [`wait`](Self::wait) paused before retrying.
     pub fn busy_pauses(&self) -> u64 {
         self.busy_pauses
+    }
+
+    /// The ring's fd as a new [`Doorbell`] shares it.
+    fn doorbell_target(&self) -> doorbell::Target {
+        self.doorbells.clone()
     }
 
     /// Whether this thread enters the ring by a registered ring fd (`IORING_REGISTER_RING_FDS`:

@@ -186,9 +186,9 @@ impl Builder {
         // The eventfd first: with the fd limit reached it fails with a plain EMFILE.
         let eventfd = EventNotifier::new()?;
         let mut monitor = Monitor::open(self.backend, self.uring_entries)?;
-        // Last, and optional: it costs an fd of its own (the ring's, duplicated).
+        // Last, and optional (a kernel before 6.13 has none).
         let doorbell = match self.wakeup {
-            // Unsupported (epoll, a kernel before 6.13) or out of fds: the eventfd it is.
+            // Unsupported (epoll, a kernel before 6.13): the eventfd it is.
             Wakeup::Auto => monitor
                 .doorbell()
                 .ok()
