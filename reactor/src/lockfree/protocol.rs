@@ -264,11 +264,11 @@ pub(crate) trait Wake {
 }
 
 /// Producer-side counters, on their own cache line so that counting does not make the line of
-/// `notified`/`notify_me` bounce more than the protocol already does.
+/// `notified`/`notify_me` bounce more than the protocol already does. (Wakeups sent are counted
+/// by the waker, which knows which doorbell it rang.)
 #[derive(Debug)]
 #[repr(align(64))]
 struct Counters {
-    woken: AtomicU64,
     skipped: AtomicU64,
 }
 
@@ -300,7 +300,6 @@ impl<W: Wake> Notifier<W> {
             notify_me: AtomicU32::new(0),
             waker,
             counters: Counters {
-                woken: AtomicU64::new(0),
                 skipped: AtomicU64::new(0),
             },
         }
@@ -333,8 +332,6 @@ impl<W: Wake> Notifier<W> {
         full_fence!("sp4");
         // Relaxed: ordered by the SP4 fence.
         if self.notify_me.load(Ordering::Relaxed) != 0 {
-            // Relaxed counter: statistics only.
-            self.counters.woken.fetch_add(1, Ordering::Relaxed);
             self.waker.wake();
         } else {
             // Relaxed counter: statistics only.
@@ -384,12 +381,10 @@ impl<W: Wake> Notifier<W> {
         self.notified.load(Ordering::Relaxed)
     }
 
-    /// `(wakeups written, notifications that skipped the wakeup)` so far.
-    pub(crate) fn counts(&self) -> (u64, u64) {
+    /// Notifications that skipped the wakeup (the home thread was awake, or another producer
+    /// owned the wakeup) so far.
+    pub(crate) fn skipped(&self) -> u64 {
         // Relaxed: statistics only.
-        (
-            self.counters.woken.load(Ordering::Relaxed),
-            self.counters.skipped.load(Ordering::Relaxed),
-        )
+        self.counters.skipped.load(Ordering::Relaxed)
     }
 }

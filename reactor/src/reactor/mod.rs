@@ -274,7 +274,7 @@ impl Reactor {
 
     /// Counters since the reactor was created.
     pub fn stats(&self) -> Stats {
-        let (_, notify_skipped) = self.shared.notifier.counts();
+        let notify_skipped = self.shared.notifier.skipped();
         let (eventfd_writes, ring_messages) = self.shared.notifier.wakeups();
         let mut s =
             self.stats
