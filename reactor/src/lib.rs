@@ -5,9 +5,10 @@
 //! polls, over io_uring or epoll. A daemon owns one [`Reactor`] per thread; other threads reach
 //! it through a [`Handle`] (or a [`Bh`]/[`Timer`], which are `Send + Sync` too).
 //!
-//! The wakeup protocol is QEMU's `notify_me`/`notified`: while the reactor is busy, scheduling
-//! work from another thread makes no system call at all; only a reactor that may be asleep gets
-//! its eventfd written. The protocol and its synchronisation points are documented in the
+//! The wakeup protocol is QEMU's `notify_me`/`notified`, with `notified` folded into the BH
+//! list's head: while the reactor is busy, scheduling work from another thread makes no system
+//! call at all; only a reactor that may be asleep gets its doorbell rung (a ring message or its
+//! eventfd). The protocol and its synchronisation points are documented in the
 //! source (`lockfree/protocol.rs`).
 //!
 //! ## Map of the source, by layer (each may call the layers listed after it)
@@ -22,7 +23,7 @@
 //!   wakers, [`JoinHandle`]), `handle` ([`Handle`]), `pool` ([`ThreadPool`]);
 //! - `fd/`: fds and the backend: `backend` (the only place that knows which fd monitors exist),
 //!   `handlers` ([`FdHandler`]), `interest` ([`Interest`]), `ops` (completions of SQEs);
-//! - `lockfree/`: what other threads touch: `protocol` (BH list, flags, `notify_me`/`notified`;
+//! - `lockfree/`: what other threads touch: `protocol` (BH list and announcement word, flags, `notify_me`;
 //!   model-checked), `sync` (the atomics loom replaces), `notify` (the protocol over an
 //!   eventfd), `event_notifier` ([`EventNotifier`]);
 //! - `sys.rs`: the one errno check of raw system calls.

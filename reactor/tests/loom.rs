@@ -5,18 +5,16 @@
 //! RUSTFLAGS='--cfg loom --cfg reactor_weaken="sp4"' cargo test -p reactor --test loom --release
 //! ```
 //!
-//! `protocol.rs` (the BH flags, the BH list and the notifier, with SP1–SP8) is compiled here
-//! against loom's atomics through a `sync` module of loom types. The eventfd is a loom-visible
-//! counter. Each model states the property it checks; built with `--cfg reactor_weaken="spN"`,
+//! `protocol.rs` (the BH flags, the BH list with its announcement word, and the notifier, with
+//! SP1–SP8) is compiled here against loom's atomics through a `sync` module of loom types. The
+//! doorbell is a loom-visible counter. Each model states the property it checks; built with `--cfg reactor_weaken="spN"`,
 //! the model that depends on SPN must *fail*, and its test asserts that loom finds the failure
 //! (a model that still passes with its barrier removed would be a defect in the model).
 
 #![cfg(loom)]
 
 mod sync {
-    pub(crate) use loom::sync::atomic::{
-        AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering, fence,
-    };
+    pub(crate) use loom::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering, fence};
 }
 
 #[allow(dead_code)]
@@ -52,6 +50,9 @@ struct Shared {
     node: Node,
     /// A second BH, for the models that need two on the list.
     other: Node,
+    /// What a notifier without a node publishes (a stop request), read by the home thread
+    /// once it has taken the notification.
+    stop: UnsafeCell<u32>,
 }
 
 fn shared() -> Arc<Shared> {
@@ -63,11 +64,13 @@ fn shared() -> Arc<Shared> {
         notifier: Notifier::new(Eventfd(loom::sync::atomic::AtomicU64::new(0))),
         node: node(),
         other: node(),
+        stop: UnsafeCell::new(0),
     })
 }
 
 impl Shared {
-    /// What `Bh::schedule` does: SP1, SP2 if needed, then SP3/SP4.
+    /// What `Bh::schedule` does: SP1, then SP2 (push) or SP3 (already queued: notify), then
+    /// SP4 if this announcement is the first since the last take.
     fn schedule(&self) {
         self.schedule_node(&self.node);
     }
@@ -75,9 +78,32 @@ impl Shared {
     fn schedule_node(&self, node: &Node) {
         let old = node.link.mark(SCHEDULED);
         if old & PENDING == 0 {
-            self.notifier.list.push(&node.link).unwrap();
+            self.notifier.push(&node.link).unwrap();
+        } else {
+            self.notifier.notify().unwrap();
         }
-        self.notifier.notify();
+    }
+
+    /// What `Handle::stop` does: publishes the request, then notifies (SP3, SP4).
+    fn stop(&self) {
+        // SAFETY: loom checks the accesses to the request.
+        self.stop.with_mut(|v| unsafe { *v = 1 });
+        self.notifier.notify().unwrap();
+    }
+
+    /// The home thread's take (SP7): runs the taken BHs and, if a notification without a node
+    /// was taken, reads what it published. Returns the runs and whether it took one.
+    fn take(&self) -> (u32, bool) {
+        let (nodes, notified) = self.notifier.list.take();
+        if notified {
+            // A notification without a node: a stop request, or a schedule of a BH that was
+            // already queued. Reading the request here is a data race (which loom reports)
+            // unless it is ordered after the request's write.
+            // SAFETY: loom checks the accesses to the request.
+            let stop = self.stop.with(|v| unsafe { *v });
+            assert!(stop <= 1);
+        }
+        (self.drain(nodes), notified)
     }
 
     /// What the home thread does with a taken chain: walk it through the `next` links, unlink
@@ -142,7 +168,7 @@ fn check(name: &str, weakened: bool, model: impl Fn() + Sync + Send + 'static) {
 }
 
 /// A producer schedules a BH while the home thread is about to block: the home thread either
-/// sees the work or `notified` (and does not sleep), or the eventfd is written. Never both
+/// sees the work announced (and does not sleep), or the doorbell rings. Never both
 /// missed. Depends on SP4 and SP5.
 #[test]
 fn lost_wakeup() {
@@ -169,20 +195,42 @@ fn lost_wakeup() {
                 .load(loom::sync::atomic::Ordering::SeqCst);
             assert!(woken > 0, "lost wakeup");
         }
-        // Whatever happened, the work is found by the next accept and take.
-        s.notifier.accept();
-        assert_eq!(s.drain(s.notifier.list.take()), 1, "the BH runs once");
+        // Whatever happened, the work is found by the next take.
+        assert_eq!(s.take().0, 1, "the BH runs once");
     });
 }
 
-/// After the home thread clears `notified`, the work of every notification it consumed is
-/// visible to its take: if the take misses a producer's work, `notified` is still set for the
-/// next iteration. A second producer only notifies, so the "already notified" shortcut is
-/// exercised. Depends on SP3 and SP6.
+/// A stop request (a notification without a node) while the home thread is about to block:
+/// never both missed, as for a schedule. Depends on SP4 and SP5.
 #[test]
-fn accept_then_take() {
-    let weak = cfg!(reactor_weaken = "sp3") || cfg!(reactor_weaken = "sp6");
-    check("accept_then_take", weak, || {
+fn lost_wakeup_of_a_notification() {
+    let weak = cfg!(reactor_weaken = "sp4") || cfg!(reactor_weaken = "sp5");
+    check("lost_wakeup_of_a_notification", weak, || {
+        let s = shared();
+        let p = s.clone();
+        let producer = thread::spawn(move || p.stop());
+        let slept = !s.notifier.prepare_block();
+        producer.join().unwrap();
+        if slept {
+            let woken = s
+                .notifier
+                .waker()
+                .0
+                .load(loom::sync::atomic::Ordering::SeqCst);
+            assert!(woken > 0, "lost wakeup");
+        }
+        assert!(s.take().1, "the request is taken");
+    });
+}
+
+/// A take consumes each announcement together with its work: what a notifier published before
+/// notifying is visible once its notification is taken, and what a take misses stays announced
+/// for the next one. The second producer only notifies, while the first may find the word
+/// already announced (the shortcut that skips the fence). Depends on SP3 and SP7.
+#[test]
+fn notification_then_take() {
+    let weak = cfg!(reactor_weaken = "sp3") || cfg!(reactor_weaken = "sp7");
+    check("notification_then_take", weak, || {
         let s = shared();
         let (p1, p2) = (s.clone(), s.clone());
         let a = thread::spawn(move || {
@@ -190,19 +238,60 @@ fn accept_then_take() {
             p1.node.payload.with_mut(|v| unsafe { *v = 7 });
             p1.schedule();
         });
-        let b = thread::spawn(move || p2.notifier.notify());
-        // Home, busy (notify_me == 0): accept, then take.
-        s.notifier.accept();
-        let runs = s.drain(s.notifier.list.take());
+        let b = thread::spawn(move || p2.stop());
+        // Home, busy (notify_me == 0): takes.
+        let (runs, notified) = s.take();
         a.join().unwrap();
         b.join().unwrap();
-        if runs == 0 {
+        if runs == 0 || !notified {
             assert!(
                 s.notifier.is_notified(),
                 "work consumed neither by the take nor left announced"
             );
-            assert_eq!(s.drain(s.notifier.list.take()), 1);
         }
+        let (more, notified_later) = s.take();
+        assert_eq!(runs + more, 1, "the BH runs once");
+        assert!(notified ^ notified_later, "the request is taken once");
+        assert!(!s.notifier.is_notified(), "nothing left announced");
+    });
+}
+
+/// The reactor is dropped while a producer schedules: the nodes its close finds on the list are
+/// fully published (their payload is visible when they are freed), and a schedule after the
+/// close fails instead of queueing. Depends on SP6.
+#[test]
+fn close_racing_with_a_schedule() {
+    let weak = cfg!(reactor_weaken = "sp6");
+    check("close_racing_with_a_schedule", weak, || {
+        let s = shared();
+        let p = s.clone();
+        let producer = thread::spawn(move || {
+            // SAFETY: loom checks the accesses to the payload.
+            p.node.payload.with_mut(|v| unsafe { *v = 7 });
+            p.node.link.mark(SCHEDULED);
+            p.notifier.push(&p.node.link).is_ok()
+        });
+        // What `BhHome::shutdown` does with the nodes it finds: no dequeue (no SP8), it reads
+        // their fixed flags and frees them, dropping what their scheduler wrote.
+        let mut p = s.notifier.list.close();
+        let mut left = 0;
+        while !p.is_null() {
+            assert!(std::ptr::eq(p, &s.node.link));
+            // SAFETY: a closed list's nodes are linked only by this thread now.
+            let next = unsafe { (*p).next() };
+            assert_ne!(s.node.link.flags() & PENDING, 0);
+            // SAFETY: loom checks that this read is ordered after the scheduler's write.
+            s.node.payload.with(|v| assert_eq!(unsafe { *v }, 7));
+            left += 1;
+            p = next;
+        }
+        let queued = producer.join().unwrap();
+        assert_eq!(
+            left,
+            u32::from(queued),
+            "queued exactly when the push succeeded"
+        );
+        assert!(s.notifier.list.is_closed());
     });
 }
 
@@ -223,13 +312,9 @@ fn publication_through_the_list() {
                 p.schedule_node(n);
             }
         });
-        let first = s.drain(s.notifier.list.take());
+        let first = s.take().0;
         producer.join().unwrap();
-        assert_eq!(
-            first + s.drain(s.notifier.list.take()),
-            2,
-            "both ran, once each"
-        );
+        assert_eq!(first + s.take().0, 2, "both ran, once each");
     });
 }
 
@@ -246,7 +331,7 @@ fn schedule_racing_with_cancel_and_dequeue() {
         s.node.link.mark(SCHEDULED);
         s.notifier.list.push(&s.node.link).unwrap();
         s.node.link.cancel();
-        let queued = s.notifier.list.take();
+        let (queued, _) = s.notifier.list.take();
         let p = s.clone();
         let producer = thread::spawn(move || {
             // SAFETY: loom checks the accesses to the payload.
@@ -255,12 +340,7 @@ fn schedule_racing_with_cancel_and_dequeue() {
         });
         let runs = s.drain(queued);
         producer.join().unwrap();
-        s.notifier.accept();
-        assert_eq!(
-            runs + s.drain(s.notifier.list.take()),
-            1,
-            "the schedule ran exactly once"
-        );
+        assert_eq!(runs + s.take().0, 1, "the schedule ran exactly once");
     });
 }
 
@@ -275,10 +355,10 @@ fn two_producers_one_run() {
         let (p1, p2) = (s.clone(), s.clone());
         let a = thread::spawn(move || p1.schedule());
         let b = thread::spawn(move || p2.schedule());
-        let mid = s.drain(s.notifier.list.take());
+        let mid = s.take().0;
         a.join().unwrap();
         b.join().unwrap();
-        let total = mid + s.drain(s.notifier.list.take());
+        let total = mid + s.take().0;
         assert!(
             (1..=2).contains(&total),
             "at least once, at most once per schedule"
@@ -301,9 +381,9 @@ fn cancel_racing_with_schedule() {
             p.schedule();
         });
         let canceller = thread::spawn(move || c.node.link.cancel());
-        let mid = s.drain(s.notifier.list.take());
+        let mid = s.take().0;
         producer.join().unwrap();
         canceller.join().unwrap();
-        assert!(mid + s.drain(s.notifier.list.take()) <= 1);
+        assert!(mid + s.take().0 <= 1);
     });
 }

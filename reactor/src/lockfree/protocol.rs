@@ -1,62 +1,72 @@
-//! The lock-free core of the reactor: the BH flags, the BH list, and the `notify_me`/`notified`
-//! wakeup protocol, with every synchronisation point (SP) of it.
+//! The lock-free core of the reactor: the BH flags, the BH list, and the wakeup protocol (QEMU's
+//! `notify_me`/`notified`, with `notified` folded into the list's head), with every
+//! synchronisation point (SP) of it.
 //!
 //! This file uses atomics only through `super::sync`, and nothing else from the crate, so that
 //! the loom model checker compiles this very file against its own atomics (`reactor/tests/
 //! loom.rs` includes it with a `sync` module of loom types). Each SP's ordering can be weakened
 //! with `--cfg reactor_weaken="spN"`, which the loom models use to show that each one matters.
 //!
-//! Three pieces of shared state take part: the BH list head ([`List`]), the flag `notified`, and
-//! the counter `notify_me`, which only the home thread writes. An eventfd, registered with the fd
-//! monitor like any fd, is the only thing a producer ever writes to wake a sleeping reactor, and
-//! it does so only when the home thread has announced that it may sleep.
+//! Two words of shared state take part, on one cache line: the *announcement word*, which is
+//! the BH list head ([`List`]) with a flag in its low bit, and the counter `notify_me`, which
+//! only the home thread writes. The word is non-zero while work is announced and not yet taken:
+//! nodes pushed on the list, or the `NOTIFIED` bit of a notification that carries no node (a
+//! wakeup, a stop request). A producer wakes a sleeping reactor through its doorbell (an
+//! eventfd, or an io_uring ring message) only when the home thread has announced that it may
+//! sleep, and only if it is the first to announce work since the home thread last took it.
 //!
 //! ```text
 //!  producer (schedule, wake, arm a timer)        home thread, Reactor::poll(blocking)
 //!  -------------------------------------------   ------------------------------------------
 //!  SP1  flags.fetch_or(PENDING|..)   AcqRel       1. timeout: 0 if BHs pending, else timers
 //!  SP2  if PENDING was clear: push   Release      SP5  notify_me += 2; fence(SeqCst);
-//!  SP3  fence(SeqCst);                                 load notified: set -> timeout = 0
-//!       notified already set -> done              2. wait on the fd monitor
-//!       else notified = true                      3. notify_me -= 2
-//!  SP4  fence(SeqCst); load notify_me             SP6  notified = false; fence(SeqCst)
-//!       != 0 -> write the eventfd                 SP7  take the list (swap)         Acquire
-//!                                                 SP8  per BH: read `next`, then
-//!                                                      flags.fetch_and(!PENDING..)   AcqRel
+//!       (CAS of the word)                              load the word: != 0 -> timeout = 0
+//!  SP3  else (nothing to push):                   2. wait on the fd monitor
+//!       set NOTIFIED in the word     Release      3. notify_me -= 2
+//!       the word was != 0 -> done                 SP7  take the word (swap with 0)   Acquire
+//!  SP4  fence(SeqCst); load notify_me             SP8  per BH: read `next`, then
+//!       != 0 -> ring the doorbell                      flags.fetch_and(!PENDING..)   AcqRel
+//!                                                 SP6  at reactor drop: close (swap)  Acquire
 //! ```
 //!
 //! Why nothing is lost and nothing runs twice:
 //!
-//! - **SP4 with SP5** (Dekker): each side stores (`notified` / `notify_me`), passes a full fence,
-//!   then loads the other's variable. Of two SeqCst fences one comes first, so at least one side
-//!   sees the other's store: either the producer sees `notify_me != 0` and writes the eventfd,
-//!   or the home thread sees `notified` and does not sleep. Never both missed.
-//! - **SP3 with SP6**: a notification is never consumed without the work it announces being
-//!   visible. If the producer's fence comes first, the home thread's take (after its fence)
-//!   sees the push; if the home thread's fence comes first, its `notified = false` precedes the
-//!   producer's `notified = true` in modification order, so the flag stays set and the next
-//!   `poll` will not sleep. A release store alone would not do: the home thread overwrites
-//!   `notified` without reading it, so no release/acquire pair forms (the "R" pattern needs full
-//!   fences on both sides; QEMU's `smp_wmb` here relies on more than the C11 model gives).
-//! - **Already notified**: a producer that finds `notified` set after its SP3 fence stops there.
-//!   The producer that set the flag owns the wakeup (its SP4/SP5 pair), and the home thread's
-//!   next accept clears the flag *after* this producer's load in modification order, so by the
-//!   SeqCst-fence rule that accept's SP6 fence follows this producer's SP3 fence and its take
-//!   sees this producer's work. Under load most notifications are one fence and one load.
-//! - **SP2 with SP7**: the list synchronises through the release CAS of the push and the acquire
-//!   swap of the take, so a taken BH's callback sees what its scheduler wrote before scheduling.
+//! - **SP4 with SP5** (Dekker): each side writes (the word by its RMW / `notify_me`), passes a
+//!   full fence, then loads the other's variable. Of two SeqCst fences one comes first, so at
+//!   least one side sees the other's write: either the producer sees `notify_me != 0` and rings
+//!   the doorbell, or the home thread sees the word non-zero and does not sleep. Never both
+//!   missed.
+//! - **SP2 and SP3 with SP7**: every write of the word is a read-modify-write (push, notify,
+//!   take, close), so the home thread's acquire swap reads the latest announcements and
+//!   synchronises with each release RMW before it (release sequences): a taken node's callback
+//!   sees what its scheduler wrote before scheduling, and whatever a notifier wrote before
+//!   notifying (a stop request) is visible once its announcement is taken. An announcement is
+//!   consumed only by the take that also collects its work, so no fence is needed between the
+//!   two (the old separate `notified` flag needed a fence on each side, because the home thread
+//!   cleared it with a plain store that formed no release/acquire pair).
+//! - **Already announced**: a producer whose RMW finds the word non-zero stops there: work is
+//!   announced and not yet taken, the producer that announced it first owns the wakeup (its
+//!   SP4/SP5 pair), and the home thread's next take collects this producer's work too. Under
+//!   load most notifications are one RMW of the word and no fence.
 //! - **SP1 with SP8**: the home thread unlinks a BH (reads its `next`) before clearing PENDING
 //!   with release, and a producer sets PENDING with acquire before writing `next` to push it
 //!   again, so the two never clobber the link. When PENDING was already set (the BH is queued,
 //!   not yet run), SP1's release and SP8's acquire make the scheduler's writes visible to the
 //!   callback. PENDING is set and cleared by single RMWs, so a BH is queued at most once and a
 //!   schedule is consumed by at most one run.
+//! - **SP6 with SP2**: when the reactor is dropped it closes the list with an acquire swap, so
+//!   the nodes still on it (one-shots and tasks it must free) are seen fully published.
+//!
+//! Why one word: a busy-polling home thread spins on reading the line of the word, so a
+//! producer's writes to it contend with those reads. A push that also announces is one RMW on
+//! that line; a separate `notified` store and a second fence cost one more transfer of the line
+//! per hand-over, measured with the bench's `pingpong-poll`.
 //!
 //! While the reactor is busy, `notify_me` is 0 and a producer makes no system call.
 
 use std::ptr;
 
-use super::sync::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering, fence};
+use super::sync::{AtomicPtr, AtomicU32, AtomicU64, Ordering, fence};
 
 /// On the shared list or the home run queue. Set by the scheduler (SP1), cleared at dequeue.
 pub(crate) const PENDING: u32 = 1;
@@ -183,17 +193,26 @@ impl Link {
     }
 }
 
+/// The low bit of the announcement word: a notification without a node is pending. Nodes are
+/// aligned to at least 8 bytes, so their addresses never have it set.
+const NOTIFIED: usize = 1;
+
 /// The sentinel head of a closed list: the reactor is gone and takes no more work.
 fn closed() -> *mut Link {
     ptr::dangling_mut()
+}
+
+/// The nodes a word links to (its `NOTIFIED` bit cleared).
+fn nodes(word: *mut Link) -> *mut Link {
+    word.map_addr(|a| a & !NOTIFIED)
 }
 
 /// The list was closed (the reactor is gone).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Closed;
 
-/// The lock-free list of scheduled nodes: producers push at the head, the home thread takes
-/// the whole list at once.
+/// The lock-free list of scheduled nodes, and the announcement word that is its head:
+/// producers push at the head, the home thread takes the whole list at once.
 #[derive(Debug)]
 pub(crate) struct List {
     head: AtomicPtr<Link>,
@@ -206,55 +225,92 @@ impl List {
         }
     }
 
-    /// SP2: pushes `link`, whose PENDING bit the caller has just set (SP1).
-    pub(crate) fn push(&self, link: *const Link) -> Result<(), Closed> {
+    /// SP2: pushes `link`, whose PENDING bit the caller has just set (SP1). Returns `true` if
+    /// the word was zero before (nothing announced): this push owns the wakeup.
+    pub(crate) fn push(&self, link: *const Link) -> Result<bool, Closed> {
         let link = link.cast_mut();
-        // Relaxed: only a starting guess for the CAS below.
-        let mut head = self.head.load(Ordering::Relaxed);
+        // The first guess is an empty word, not a load of it: a load would fetch the line
+        // shared and the CAS fetch it again to own it, while a spinning home thread keeps
+        // reading it. Guessing right (a reactor that keeps up) costs one transfer; guessing
+        // wrong returns the word.
+        let mut word = ptr::null_mut();
         loop {
+            let head = nodes(word);
             if head == closed() {
                 return Err(Closed);
             }
             // SAFETY: the caller owns the PENDING bit of `link` and keeps it alive.
             unsafe { (*link).set_next(head) };
+            // The NOTIFIED bit stays as it was: a pending notification stays pending.
+            let new = link.map_addr(|a| a | (word.addr() & NOTIFIED));
             // SP2: release publishes the link and what the scheduler wrote before; pairs with
-            // the acquire swap of `take` (SP7). Failure: Relaxed, only a new guess.
+            // the acquire swap of `take` (SP7) and of `close` (SP6). Failure: Relaxed, only a
+            // new guess.
             let sp2 = ordering!("sp2", Ordering::Release, Ordering::Relaxed);
             match self
                 .head
-                .compare_exchange_weak(head, link, sp2, Ordering::Relaxed)
+                .compare_exchange_weak(word, new, sp2, Ordering::Relaxed)
             {
-                Ok(_) => return Ok(()),
-                Err(h) => head = h,
+                Ok(_) => return Ok(word.is_null()),
+                Err(w) => word = w,
             }
         }
     }
 
-    /// SP7: takes every pushed node, newest first (linked through `next`).
-    pub(crate) fn take(&self) -> *mut Link {
-        // SP7: acquire pairs with the release CAS of SP2 in `push`.
-        let sp7 = ordering!("sp7", Ordering::Acquire, Ordering::Relaxed);
-        self.head.swap(ptr::null_mut(), sp7)
+    /// SP3: announces a notification without a node. Returns `Ok(true)` if the word was zero
+    /// before: this notification owns the wakeup.
+    fn announce(&self) -> Result<bool, Closed> {
+        // SP3: release publishes what the notifier wrote before (a stop request); pairs with
+        // the acquire swap of `take` (SP7). Failure: Relaxed, the closure only retries.
+        let sp3 = ordering!("sp3", Ordering::Release, Ordering::Relaxed);
+        let r = self.head.fetch_update(sp3, Ordering::Relaxed, |w| {
+            (nodes(w) != closed()).then(|| w.map_addr(|a| a | NOTIFIED))
+        });
+        match r {
+            Ok(old) => Ok(old.is_null()),
+            Err(_) => Err(Closed),
+        }
     }
 
-    /// Closes the list; later pushes fail. Returns what was on it.
+    /// SP7: takes every pushed node, newest first (linked through `next`), and consumes every
+    /// announcement; returns the nodes and whether a notification without a node was pending.
+    pub(crate) fn take(&self) -> (*mut Link, bool) {
+        // Relaxed: only a hint that lets an empty word be left alone (the home thread does
+        // not take the line from a producer for nothing). A producer's announcement it misses
+        // is taken by the next take; the wait in between does not block (SP5).
+        if self.head.load(Ordering::Relaxed).is_null() {
+            return (ptr::null_mut(), false);
+        }
+        // SP7: acquire pairs with the release RMWs of SP2 in `push` and SP3 in `announce`.
+        let sp7 = ordering!("sp7", Ordering::Acquire, Ordering::Relaxed);
+        let w = self.head.swap(ptr::null_mut(), sp7);
+        (nodes(w), w.addr() & NOTIFIED != 0)
+    }
+
+    /// SP6: closes the list; later pushes fail. Returns what was on it.
     pub(crate) fn close(&self) -> *mut Link {
-        // Acquire: as in `take`, pairs with SP2.
-        self.head.swap(closed(), Ordering::Acquire)
+        // SP6: acquire pairs with SP2: the nodes left on the list are fully published.
+        let sp6 = ordering!("sp6", Ordering::Acquire, Ordering::Relaxed);
+        nodes(self.head.swap(closed(), sp6))
     }
 
     /// Whether [`close`](Self::close) has run.
     pub(crate) fn is_closed(&self) -> bool {
         // Relaxed: a snapshot; a push re-checks in its CAS loop.
-        self.head.load(Ordering::Relaxed) == closed()
+        nodes(self.head.load(Ordering::Relaxed)) == closed()
     }
 
-    /// The head, for an unordered peek at what is pending (never null-checked for closure by
-    /// the caller: a closed list peeks as empty).
+    /// The nodes on the list, for an unordered peek at what is pending (a closed list peeks
+    /// as empty).
     pub(crate) fn peek(&self) -> *mut Link {
         // Acquire: the nodes reached from the head must be fully published (pairs with SP2).
-        let p = self.head.load(Ordering::Acquire);
+        let p = nodes(self.head.load(Ordering::Acquire));
         if p == closed() { ptr::null_mut() } else { p }
+    }
+
+    /// Whether anything is announced and not yet taken (a load, for busy polling and SP5).
+    fn announced(&self, order: Ordering) -> bool {
+        !self.head.load(order).is_null()
     }
 }
 
@@ -264,27 +320,24 @@ pub(crate) trait Wake {
 }
 
 /// Producer-side counters, on their own cache line so that counting does not make the line of
-/// `notified`/`notify_me` bounce more than the protocol already does. (Wakeups sent are counted
-/// by the waker, which knows which doorbell it rang.)
+/// the word and `notify_me` bounce more than the protocol already does. (Wakeups sent are
+/// counted by the waker, which knows which doorbell it rang.)
 #[derive(Debug)]
 #[repr(align(64))]
 struct Counters {
     skipped: AtomicU64,
 }
 
-/// The BH list, the `notified`/`notify_me` pair, and what wakes the home thread.
+/// The BH list with its announcement word, `notify_me`, and what wakes the home thread.
 ///
-/// `repr(C)`: the list head, `notified` and `notify_me` share the first cache line, so a
-/// producer's push and notification (and the home thread's accept and take) move one line
-/// between the cores, not two. Measured with the bench's `pingpong-poll`, where every bounce is
-/// such a hand-over.
+/// `repr(C)`: the word and `notify_me` share the first cache line, so a producer's push and
+/// notification (and the home thread's take) move one line between the cores, not two.
+/// Measured with the bench's `pingpong-poll`, where every bounce is such a hand-over.
 #[derive(Debug)]
 #[repr(C)]
 pub(crate) struct Notifier<W> {
-    /// The scheduled BHs.
+    /// The scheduled BHs; its head is the announcement word.
     pub(crate) list: List,
-    /// Set by producers after publishing work; cleared by the home thread when it accepts.
-    notified: AtomicBool,
     /// Non-zero while the home thread may block; written only by the home thread (in steps of
     /// 2, so that nested blocking polls compose).
     notify_me: AtomicU32,
@@ -296,7 +349,6 @@ impl<W: Wake> Notifier<W> {
     pub(crate) fn new(waker: W) -> Self {
         Notifier {
             list: List::new(),
-            notified: AtomicBool::new(false),
             notify_me: AtomicU32::new(0),
             waker,
             counters: Counters {
@@ -310,25 +362,34 @@ impl<W: Wake> Notifier<W> {
         &self.waker
     }
 
-    /// Producer steps SP3 and SP4: announces work published just before (by SP1/SP2, a timer
-    /// deadline, a stop request) and wakes the home thread only if it may be asleep.
-    pub(crate) fn notify(&self) {
-        // SP3: full fence between the publication of the work and the accesses to `notified`.
-        // Pairs with SP6 in `accept`.
-        full_fence!("sp3");
-        // Relaxed: ordered by the SP3 fence. Already set: the producer that set it owns the
-        // wakeup, and the home thread's accept that clears it will see this work (see the
-        // module docs). No store, no second fence, no system call.
-        if self.notified.load(Ordering::Relaxed) {
+    /// SP2 then SP4: pushes `link` (whose PENDING bit the caller has just set, SP1) and wakes
+    /// the home thread if this push is the first announcement since its last take and it may
+    /// be asleep.
+    pub(crate) fn push(&self, link: *const Link) -> Result<(), Closed> {
+        let first = self.list.push(link)?;
+        self.wake_if_asleep(first);
+        Ok(())
+    }
+
+    /// SP3 then SP4: announces work published just before without a node (a stop request, a
+    /// bare wakeup) and wakes the home thread as [`push`](Self::push) does.
+    pub(crate) fn notify(&self) -> Result<(), Closed> {
+        let first = self.list.announce()?;
+        self.wake_if_asleep(first);
+        Ok(())
+    }
+
+    /// SP4: `first` says the word was zero before this producer's RMW of it.
+    fn wake_if_asleep(&self, first: bool) {
+        if !first {
+            // Work was already announced and not yet taken: its producer owns the wakeup,
+            // and the take that consumes it collects this work too. No fence, no system call.
             // Relaxed counter: statistics only.
             self.counters.skipped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        // Relaxed: the fences on both sides (SP3 before, SP4 after; SP5 and SP6 at home) give
-        // this store its order.
-        self.notified.store(true, Ordering::Relaxed);
-        // SP4: full fence between the store of `notified` and the load of `notify_me`. Pairs
-        // with SP5 in `prepare_block`.
+        // SP4: full fence between the RMW of the word and the load of `notify_me`. Pairs with
+        // SP5 in `prepare_block`.
         full_fence!("sp4");
         // Relaxed: ordered by the SP4 fence.
         if self.notify_me.load(Ordering::Relaxed) != 0 {
@@ -339,46 +400,36 @@ impl<W: Wake> Notifier<W> {
         }
     }
 
-    /// Home step SP5: announces that the home thread may block. Returns `true` if a
-    /// notification is already pending, in which case the wait must not block.
+    /// Home step SP5: announces that the home thread may block. Returns `true` if work is
+    /// already announced, in which case the wait must not block.
     pub(crate) fn prepare_block(&self) -> bool {
         // Relaxed load and store, not an RMW: only the home thread writes `notify_me`, so no
         // other write can come between them, and a locked instruction would only add to the
-        // fence's cost. Ordered before the load of `notified` by the SP5 fence.
+        // fence's cost. Ordered before the load of the word by the SP5 fence.
         let v = self.notify_me.load(Ordering::Relaxed);
         self.notify_me.store(v + 2, Ordering::Relaxed);
-        // SP5: full fence between the store of `notify_me` and the load of `notified`. Pairs
-        // with SP4 in `notify`: at least one side sees the other's store.
+        // SP5: full fence between the store of `notify_me` and the load of the word. Pairs
+        // with SP4 in `wake_if_asleep`: at least one side sees the other's write.
         full_fence!("sp5");
         // Relaxed: ordered by the SP5 fence.
-        self.notified.load(Ordering::Relaxed)
+        self.list.announced(Ordering::Relaxed)
     }
 
     /// Home step 3: the wait is over; producers may skip waking it again.
     pub(crate) fn finish_block(&self) {
         // Relaxed: a producer that reads the old value wakes needlessly (harmless); one that
         // reads the new value skips it, which is right because this thread is awake and checks
-        // `notified` (SP5) before it blocks again. The store cannot become visible before the
+        // the word (SP5) before it blocks again. The store cannot become visible before the
         // wait returns: it follows it in program order and stores are not speculated. A load
         // and a store, as in `prepare_block`: the home thread is the only writer.
         let v = self.notify_me.load(Ordering::Relaxed);
         self.notify_me.store(v - 2, Ordering::Relaxed);
     }
 
-    /// Home step SP6: consumes the pending notifications. The caller then takes the list (SP7).
-    pub(crate) fn accept(&self) {
-        // Relaxed: ordered before the take by the SP6 fence.
-        self.notified.store(false, Ordering::Relaxed);
-        // SP6: full fence between clearing `notified` and reading the list and other published
-        // work. Pairs with SP3 in `notify`.
-        full_fence!("sp6");
-    }
-
     /// The cheap "is there work?" check for busy polling: a load, no system call.
-    #[allow(dead_code)] // used by adaptive polling and the loom models
     pub(crate) fn is_notified(&self) -> bool {
-        // Relaxed: a hint; accept and take (SP6, SP7) provide the real ordering.
-        self.notified.load(Ordering::Relaxed)
+        // Relaxed: a hint; the take (SP7) provides the real ordering.
+        self.list.announced(Ordering::Relaxed)
     }
 
     /// Notifications that skipped the wakeup (the home thread was awake, or another producer

@@ -33,7 +33,7 @@ pub enum SocketIo {
 /// How other threads wake a sleeping reactor (see [`Builder::wakeup`]).
 ///
 /// Whichever is chosen, a wakeup is sent only when the reactor may be asleep (the
-/// `notify_me`/`notified` protocol); a busy reactor is never sent one.
+/// `notify_me` protocol); a busy reactor is never sent one.
 ///
 /// ```
 /// use reactor::{Backend, Reactor, Wakeup};

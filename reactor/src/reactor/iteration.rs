@@ -135,7 +135,6 @@ impl Reactor {
                 0
             }
         };
-        notifier.accept();
 
         let bh_runs = self.stats.bh_runs.get();
         let progress = self.ops.dispatch(self)
@@ -222,7 +221,7 @@ impl Reactor {
         let mut spins = 0u32;
         let syscall_poll = self.monitor.borrow().needs_syscall_to_poll();
         loop {
-            // The notifier's own poll check: a load of `notified`, no system call.
+            // The notifier's own poll check: a load of the announcement word, no system call.
             let found = self.shared.notifier.is_notified()
                 || self.handlers.poll_recent(self)
                 || self.monitor.borrow_mut().has_events_hint();

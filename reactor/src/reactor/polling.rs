@@ -1,7 +1,7 @@
 //! Adaptive busy polling: QEMU's `poll-max-ns`, `poll-grow` and `poll-shrink`.
 //!
 //! Before a blocking wait, the reactor may spin for a while instead, checking without system
-//! calls whether work arrived: the notifier's `notified` flag (a BH or task scheduled from
+//! calls whether work arrived: the notifier's announcement word (a BH or task scheduled from
 //! another thread), the poll callbacks of fd handlers that fired recently, and, on io_uring,
 //! the completion ring. On a virtual machine a sleeping thread takes tens of microseconds to
 //! wake; a spinning one sees the work in well under a microsecond.

@@ -115,8 +115,8 @@ impl BhNode {
         unsafe { &mut *self.home.get() }
     }
 
-    /// Schedules the node with `new` flags (SP1, SP2) and notifies the home thread. Returns
-    /// `false` if the reactor is gone (nothing was queued).
+    /// Schedules the node with `new` flags (SP1, then SP2 or SP3) and wakes the home thread if
+    /// it may sleep (SP4). Returns `false` if the reactor is gone (nothing was queued).
     ///
     /// The list refers to the node by its address. For a persistent node that reference is
     /// borrowed from the registry; for a one-shot, the caller has leaked one `Arc` reference
@@ -129,7 +129,7 @@ impl BhNode {
                 // SAFETY: every node lives in an `Arc`; this reference is the list's own.
                 unsafe { Arc::increment_strong_count(self) };
             }
-            if self.shared.notifier.list.push(&self.link).is_err() {
+            if self.shared.notifier.push(&self.link).is_err() {
                 if task {
                     // SAFETY: takes back the reference added just above; the caller's own
                     // reference keeps the node alive.
@@ -137,9 +137,11 @@ impl BhNode {
                 }
                 return false;
             }
+            return true;
         }
-        self.shared.notifier.notify();
-        true
+        // Already queued: it runs when the home thread dequeues it. The notification makes a
+        // waiting reactor iterate once more, as every schedule does.
+        self.shared.notifier.notify().is_ok()
     }
 }
 
@@ -215,7 +217,7 @@ impl BhHome {
 
     /// Takes the shared list (SP7) and appends it, oldest first, to the run queue.
     fn take(&self, list: &List) {
-        let mut p = list.take();
+        let (mut p, _) = list.take();
         if p.is_null() {
             return;
         }

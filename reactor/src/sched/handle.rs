@@ -119,9 +119,7 @@ impl Handle {
     /// Wakes the reactor: a blocking `poll` returns (without counting it as progress), and a
     /// `poll` about to block does not block.
     pub fn notify(&self) -> Result<(), Closed> {
-        self.check()?;
-        self.shared.notifier.notify();
-        Ok(())
+        self.shared.notifier.notify().map_err(|_| Closed)
     }
 
     /// Runs `f` once on the reactor's thread, in its next iteration (counts as progress).
@@ -164,7 +162,6 @@ impl Handle {
         self.check()?;
         // Release: pairs with the acquire swap in `Reactor::run`.
         self.shared.stop.store(true, Ordering::Release);
-        self.shared.notifier.notify();
-        Ok(())
+        self.shared.notifier.notify().map_err(|_| Closed)
     }
 }
