@@ -358,6 +358,56 @@ backend_tests! {
         assert_eq!(dropped.load(Ordering::Relaxed), 4, "every callback dropped at reactor drop");
         drop(bh);
     }
+
+    fn work_queued_by_the_home_thread_runs_in_order_or_is_dropped_with_the_reactor(r: &Reactor) {
+        // Work scheduled from inside a callback stays on the home thread (no shared list): it
+        // runs in the next iteration, in schedule order with work from other threads queued
+        // before it was taken, and is dropped unrun if the reactor goes first.
+        let order = Rc::new(RefCell::new(Vec::new()));
+        let (o1, o2) = (order.clone(), order.clone());
+        let late = Rc::new(r.bh(move |_| o1.borrow_mut().push("local")));
+        let late2 = late.clone();
+        let first = r.bh(move |r| {
+            o2.borrow_mut().push("first");
+            late2.schedule();
+            // Another thread's one-shot, queued on the shared list meanwhile.
+            let h = r.handle();
+            let remote = std::thread::spawn(move || h.oneshot(|_| {}).unwrap());
+            remote.join().unwrap();
+            o2.borrow_mut().push("callback done");
+        });
+        first.schedule();
+        let runs = r.stats().bh_runs;
+        assert!(r.poll(false));
+        assert_eq!(*order.borrow(), ["first", "callback done"], "not in the same iteration");
+        assert!(late.is_scheduled());
+        assert!(r.poll(false));
+        assert_eq!(*order.borrow(), ["first", "callback done", "local"]);
+        assert_eq!(r.stats().bh_runs - runs, 3, "the remote one-shot ran with it");
+        assert!(!r.poll(false), "each ran once");
+
+        let other = tests::reactor_on(r.backend());
+        let dropped = Arc::new(AtomicUsize::new(0));
+        struct Count(Arc<AtomicUsize>);
+        impl Drop for Count {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let d = dropped.clone();
+        let starter = other.bh(move |r| {
+            let c = Count(d.clone());
+            r.handle().oneshot(move |_| drop(c)).unwrap();
+            let c = Count(d.clone());
+            r.spawn_local(async move { drop(c) });
+        });
+        starter.schedule();
+        assert!(other.poll(false));
+        assert_eq!(dropped.load(Ordering::Relaxed), 0, "queued, not run yet");
+        drop(other);
+        assert_eq!(dropped.load(Ordering::Relaxed), 2, "dropped unrun with the reactor");
+        drop(starter);
+    }
 }
 
 /// A BH scheduled from another thread `delay` from now, while `r` sleeps in `poll(true)`,

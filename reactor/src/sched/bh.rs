@@ -12,7 +12,11 @@
 //!   run and dropped on the home thread: dropping marks it deleted and the home thread frees it;
 //! - no borrow is held while a callback runs: the callback is taken out, run, and put back.
 //!
-//! Memory: a node on the shared list or the run queue is kept alive by the home thread's
+//! Queues: other threads push on the shared lock-free list; the home thread, when it schedules
+//! work for its own reactor while that reactor polls, appends to a local queue instead (no
+//! atomic besides the node's flags). Each take appends both to the run queue.
+//!
+//! Memory: a node on a queue (shared, local or run queue) is kept alive by the home thread's
 //! registry (persistent BHs, until the home thread dequeues it with DELETED set) or is owned by
 //! the list itself (one-shots, pushed with `Arc::into_raw`; tasks, whose list reference is taken
 //! at each push). The `next` link of a node is only written by whoever set its PENDING bit (SP1)
@@ -118,11 +122,25 @@ impl BhNode {
     /// Schedules the node with `new` flags (SP1, then SP2 or SP3) and wakes the home thread if
     /// it may sleep (SP4). Returns `false` if the reactor is gone (nothing was queued).
     ///
+    /// On the home thread, while its reactor polls (a callback, a task, a completion scheduling
+    /// work for the same reactor), the node goes on the home thread's local queue instead: no
+    /// CAS, no fence and no take for it, since no other thread is involved and the reactor is
+    /// awake. Only SP1 stays, because other threads may schedule the same node.
+    ///
     /// The list refers to the node by its address. For a persistent node that reference is
     /// borrowed from the registry; for a one-shot, the caller has leaked one `Arc` reference
     /// (`Arc::into_raw`) that the list then owns, and takes it back if this returns `false`.
     pub(crate) fn enqueue(&self, new: u32) -> bool {
         let old = self.link.mark(new);
+        let local = Reactor::with_current_for(&self.shared, |r| {
+            if old & PENDING == 0 {
+                r.bhs().push_local(self, old);
+            }
+        });
+        if local.is_some() {
+            // Queued locally now, or already queued somewhere: the awake home thread runs it.
+            return true;
+        }
         if old & PENDING == 0 {
             let task = old & TASK != 0;
             if task {
@@ -183,6 +201,11 @@ pub(crate) struct BhHome {
     /// nested poll continues it, which gives the "outer slice first" rule.
     head: Cell<*mut Link>,
     tail: Cell<*mut Link>,
+    /// FIFO of nodes the home thread scheduled itself while polling, not yet taken (linked
+    /// through `next`, PENDING set): the local counterpart of the shared list, appended to the
+    /// run queue by the same take.
+    local_head: Cell<*mut Link>,
+    local_tail: Cell<*mut Link>,
 }
 
 impl BhHome {
@@ -191,7 +214,29 @@ impl BhHome {
             registry: RefCell::new(Slab::new()),
             head: Cell::new(ptr::null_mut()),
             tail: Cell::new(ptr::null_mut()),
+            local_head: Cell::new(ptr::null_mut()),
+            local_tail: Cell::new(ptr::null_mut()),
         }
+    }
+
+    /// Queues `node`, whose PENDING bit the caller has just set (its flags were `old`), on the
+    /// local queue. Home thread only.
+    fn push_local(&self, node: &BhNode, old: u32) {
+        if old & TASK != 0 {
+            // SAFETY: every node lives in an `Arc`; this reference is the queue's own, as on
+            // the shared list.
+            unsafe { Arc::increment_strong_count(node) };
+        }
+        let link = ptr::from_ref(&node.link).cast_mut();
+        // SAFETY: the caller owns the PENDING bit of the node, which keeps it alive (see the
+        // module docs) and makes this thread the only one to touch its link.
+        unsafe { (*link).set_next(ptr::null_mut()) };
+        match self.local_tail.get() {
+            t if t.is_null() => self.local_head.set(link),
+            // SAFETY: the tail is a locally queued node, alive and linked only by this thread.
+            t => unsafe { (*t).set_next(link) },
+        }
+        self.local_tail.set(link);
     }
 
     /// Registers a persistent node.
@@ -206,17 +251,21 @@ impl BhHome {
         self.registry.borrow().len()
     }
 
-    /// What is pending, for the timeout: the run queue, then the shared list.
+    /// What is pending, for the timeout: the run queue, the local queue, then the shared list.
     pub(crate) fn peek(&self, list: &List) -> Peek {
-        let queued = walk(self.head.get());
+        let queued = walk(self.head.get()).max_with(walk(self.local_head.get()));
         if queued == Peek::Due {
             return Peek::Due;
         }
         walk(list.peek()).max_with(queued)
     }
 
-    /// Takes the shared list (SP7) and appends it, oldest first, to the run queue.
+    /// Appends the local queue, then the shared list (SP7, oldest first), to the run queue.
     fn take(&self, list: &List) {
+        let local = self.local_head.replace(ptr::null_mut());
+        if !local.is_null() {
+            self.append(local, self.local_tail.replace(ptr::null_mut()));
+        }
         let (mut p, _) = list.take();
         if p.is_null() {
             return;
@@ -232,12 +281,18 @@ impl BhHome {
             reversed = p;
             p = next;
         }
+        self.append(reversed, newest);
+    }
+
+    /// Appends the chain `first`..=`last` (linked through `next`, ending in null) to the run
+    /// queue.
+    fn append(&self, first: *mut Link, last: *mut Link) {
         match self.tail.get() {
-            t if t.is_null() => self.head.set(reversed),
+            t if t.is_null() => self.head.set(first),
             // SAFETY: the tail is a queued node, alive and linked only by this thread.
-            t => unsafe { (*t).set_next(reversed) },
+            t => unsafe { (*t).set_next(first) },
         }
-        self.tail.set(newest);
+        self.tail.set(last);
     }
 
     /// Unlinks the oldest queued node; PENDING is still set.
@@ -452,6 +507,13 @@ impl BhHome {
         while !p.is_null() {
             orphans.push(p);
             // SAFETY: a closed list's nodes are alive and linked only by this thread now.
+            p = unsafe { (*p).next() };
+        }
+        let mut p = self.local_head.replace(ptr::null_mut());
+        self.local_tail.set(ptr::null_mut());
+        while !p.is_null() {
+            orphans.push(p);
+            // SAFETY: a locally queued node is alive and linked only by this thread.
             p = unsafe { (*p).next() };
         }
         while let Some(p) = self.pop() {
