@@ -1,6 +1,7 @@
 //! The scenarios: each one measures every system it applies to, in the same process.
 
 pub mod bh;
+pub mod echo_floors;
 pub mod fd_pingpong;
 pub mod file_io;
 pub mod idle;

@@ -3,7 +3,9 @@
 //! The server runs on one thread (a reactor, or a peer runtime); the client is a neutral raw
 //! epoll loop on another thread, the same for every server. It keeps one request in flight per
 //! connection and checks every echoed byte. Peers: tokio's current_thread runtime, monoio and
-//! compio (both io_uring runtimes).
+//! compio (both io_uring runtimes). Floors: echo servers on the raw kernel interfaces
+//! (`echo_floors.rs`): multishot recv into a provided buffer ring on io_uring, and
+//! level-triggered epoll.
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -14,15 +16,15 @@ use reactor::net::SocketIo;
 use reactor::{Backend, Reactor};
 
 use crate::measure::{Metric, Sample, thread_cpu_ns, time};
-use crate::scenarios::{Ctx, Row};
+use crate::scenarios::{Ctx, Row, echo_floors};
 
-const CONNS: usize = 64;
+pub(super) const CONNS: usize = 64;
 
 /// A server: reports its address, serves `CONNS` connections, returns its thread's CPU time.
 type ServerFn = fn(mpsc::Sender<SocketAddr>) -> u64;
 
 pub fn run(ctx: &Ctx) -> Vec<Row> {
-    let servers: [(&str, ServerFn); 6] = [
+    let servers: [(&str, ServerFn); 8] = [
         ("reactor-uring", |tx| {
             reactor_server(Backend::Uring, SocketIo::Completion, tx)
         }),
@@ -35,6 +37,8 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
         ("tokio", tokio_server),
         ("monoio", monoio_server),
         ("compio", compio_server),
+        ("floor-raw-uring", echo_floors::raw_uring),
+        ("floor-raw-epoll", echo_floors::raw_epoll),
     ];
     let mut rows = Vec::new();
     for size in [64usize, 1024] {
