@@ -371,6 +371,51 @@ impl Monitor {
         }
     }
 
+    /// Registers a provided-buffer ring of `entries` at `addr` as buffer group `group`
+    /// (`IORING_REGISTER_PBUF_RING`); `Unsupported` on epoll.
+    ///
+    /// # Safety
+    /// The ring's entries and the buffers they name stay allocated until
+    /// [`unregister_buf_ring`](Self::unregister_buf_ring) or the monitor's drop, and until no
+    /// operation that may pick a buffer from the group is in flight.
+    pub(crate) unsafe fn register_buf_ring(
+        &mut self,
+        addr: u64,
+        entries: u16,
+        group: u16,
+    ) -> io::Result<()> {
+        match self {
+            #[cfg(feature = "uring")]
+            // SAFETY: the caller's guarantee is passed on.
+            Monitor::Uring(u) => unsafe {
+                u.ring()
+                    .submitter()
+                    .register_buf_ring_with_flags(addr, entries, group, 0)
+            },
+            #[cfg(feature = "epoll")]
+            Monitor::Epoll(_) => {
+                let _ = (addr, entries, group);
+                Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "provided buffers need the io_uring backend; this reactor runs on epoll",
+                ))
+            }
+        }
+    }
+
+    /// Drops the provided-buffer ring of `group`.
+    pub(crate) fn unregister_buf_ring(&mut self, group: u16) -> io::Result<()> {
+        match self {
+            #[cfg(feature = "uring")]
+            Monitor::Uring(u) => u.ring().submitter().unregister_buf_ring(group),
+            #[cfg(feature = "epoll")]
+            Monitor::Epoll(_) => {
+                let _ = group;
+                Ok(())
+            }
+        }
+    }
+
     /// Drops the kernel side of a registration whose fd was closed while registered and whose
     /// number now names another file. io_uring: the registration still polls the old file
     /// (through its fixed-file slot), so it is removed by number like any other. epoll: the

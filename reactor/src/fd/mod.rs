@@ -8,3 +8,4 @@ pub(crate) mod backend;
 pub(crate) mod handlers;
 pub(crate) mod interest;
 pub(crate) mod ops;
+pub(crate) mod recv_ring;

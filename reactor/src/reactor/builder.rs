@@ -20,7 +20,8 @@ use crate::lockfree::event_notifier::EventNotifier;
 /// kernel's internal poll and completes with the data in one step, where readiness pays for a
 /// one-shot `POLL_ADD` re-arm plus a separate `recv(2)`/`send(2)` system call. So
 /// [`Completion`](SocketIo::Completion) is the default; [`Readiness`](SocketIo::Readiness)
-/// remains selectable. On epoll both mean readiness.
+/// and [`Multishot`](SocketIo::Multishot) remain selectable. On epoll all three mean
+/// readiness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SocketIo {
     /// Readiness (a poll on the fd) and non-blocking system calls, on both backends.
@@ -28,6 +29,27 @@ pub enum SocketIo {
     /// io_uring `RECV`/`SEND`/`ACCEPT` operations (readiness on epoll).
     #[default]
     Completion,
+    /// As `Completion`, except that a stream receives through one multishot `RECV` armed for
+    /// as long as it is read, into the reactor's ring of provided buffers (512 buffers of
+    /// 4 KiB, registered on first use; Linux 5.19+); reads copy out of those buffers. A stream
+    /// holds at most 8 buffers unread (then its receive pauses and the socket's own buffer
+    /// takes over until it is read); when every buffer is held, receives wait for one to come
+    /// back. Readiness on epoll.
+    ///
+    /// ```
+    /// use reactor::{Reactor, net::{SocketIo, UnixStream}};
+    /// let r = Reactor::builder().socket_io(SocketIo::Multishot).build()?;
+    /// r.block_on(async {
+    ///     let (a, b) = UnixStream::pair()?;
+    ///     let (res, _) = a.write_all(b"ping".to_vec()).await;
+    ///     res?;
+    ///     let (n, buf) = b.read(Vec::with_capacity(16)).await;
+    ///     assert_eq!(&buf[..n?], b"ping");
+    ///     Ok::<(), std::io::Error>(())
+    /// })?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    Multishot,
 }
 
 /// How other threads wake a sleeping reactor (see [`Builder::wakeup`]).
@@ -220,6 +242,7 @@ impl Builder {
             stats: LocalStats::default(),
             monitor_errors: MonitorErrors::default(),
             fixed_buffers: RefCell::new(None),
+            recv_ring: RefCell::new(None),
             _not_send: PhantomData,
         })
     }

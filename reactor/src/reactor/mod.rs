@@ -15,6 +15,7 @@ mod fixed;
 mod iteration;
 pub(crate) mod monitor_errors;
 pub(crate) mod polling;
+pub(crate) mod recv_ring;
 mod sqe;
 pub(crate) mod stats;
 
@@ -110,6 +111,8 @@ pub struct Reactor {
     monitor_errors: MonitorErrors,
     /// The buffer pool registered as the ring's fixed buffers, if any.
     fixed_buffers: RefCell<Option<fixed::FixedSlot>>,
+    /// The provided-buffer ring of multishot receives, once one was armed.
+    recv_ring: RefCell<Option<std::rc::Rc<crate::fd::recv_ring::RecvRing>>>,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -280,6 +283,11 @@ impl Reactor {
             self.stats
                 .snapshot(eventfd_writes, notify_skipped, self.monitor_errors.total());
         s.ring_messages = ring_messages;
+        s.recv_buffers_held = self
+            .recv_ring
+            .borrow()
+            .as_ref()
+            .map_or(0, |r| u64::from(r.held()));
         s
     }
 
@@ -295,6 +303,10 @@ impl Reactor {
 
     pub(crate) fn count_bh(&self) {
         self.stats.bh_runs.set(self.stats.bh_runs.get() + 1);
+    }
+
+    pub(crate) fn count_recv_arm(&self) {
+        self.stats.recv_arms.set(self.stats.recv_arms.get() + 1);
     }
 
     pub(crate) fn count_inline_io(&self) {
@@ -327,6 +339,7 @@ impl Drop for Reactor {
         // Close the BH list first, so that nothing new arrives; then drop every callback here,
         // on the home thread. The fd monitor goes last (dropping it drops its registrations).
         self.quiesce_ops();
+        self.drop_recv_ring();
         self.bhs.shutdown(&self.shared.notifier.list);
         self.timers.shutdown();
         self.handlers.clear();

@@ -43,6 +43,12 @@ pub struct Stats {
     /// (`RWF_NOWAIT`: served by the page cache, or failed with an error the blocking call would
     /// give too) instead of going to the ring (io_uring) or the thread pool (epoll).
     pub inline_io: u64,
+    /// Multishot receives armed ([`SocketIo::Multishot`](crate::net::SocketIo::Multishot)):
+    /// one per stream while the application keeps up; more when back-pressure or a ring with
+    /// every buffer held stopped one and a read armed it again.
+    pub recv_arms: u64,
+    /// Buffers of the receive ring held by streams now (received, not yet read).
+    pub recv_buffers_held: u64,
 }
 
 impl Stats {
@@ -72,6 +78,7 @@ pub(crate) struct LocalStats {
     pub(crate) poll_hits: Cell<u64>,
     pub(crate) poll_misses: Cell<u64>,
     pub(crate) inline_io: Cell<u64>,
+    pub(crate) recv_arms: Cell<u64>,
 }
 
 impl LocalStats {
@@ -95,6 +102,8 @@ impl LocalStats {
             poll_misses: self.poll_misses.get(),
             monitor_errors,
             inline_io: self.inline_io.get(),
+            recv_arms: self.recv_arms.get(),
+            recv_buffers_held: 0,
         }
     }
 }

@@ -40,7 +40,11 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
+use crate::fd::backend::Backend;
+use crate::io::no_reactor;
 use crate::io::{Async, IoBuf, IoBufMut, Slice};
+use crate::reactor::Reactor;
+use crate::rt::op::multishot::MultiRecv;
 use crate::rt::op::socket::{Accept, Connect, Recv, SendOp};
 use crate::rt::op::{Ready, run_when_ready};
 use crate::sys::cvt;
@@ -50,12 +54,27 @@ pub use crate::reactor::SocketIo;
 /// The socket machinery shared by TCP and Unix streams.
 struct Stream<T: AsFd + 'static> {
     io: Rc<Async<T>>,
+    /// The multishot receive, under [`SocketIo::Multishot`] on io_uring (made on first read).
+    recv: RecvSlot,
+}
+
+/// A stream's multishot receive, if it has one; closed (its buffers given back, its receive
+/// cancelled) when the stream goes.
+struct RecvSlot(std::cell::OnceCell<Option<Rc<MultiRecv>>>);
+
+impl Drop for RecvSlot {
+    fn drop(&mut self) {
+        if let Some(Some(m)) = self.0.get() {
+            m.close();
+        }
+    }
 }
 
 impl<T: AsFd + 'static> Stream<T> {
     fn new(io: T) -> io::Result<Self> {
         Ok(Stream {
             io: Rc::new(Async::new(io)?),
+            recv: RecvSlot(std::cell::OnceCell::new()),
         })
     }
 
@@ -63,9 +82,102 @@ impl<T: AsFd + 'static> Stream<T> {
         self.io.as_fd().as_raw_fd()
     }
 
+    /// The multishot receive, if this stream reads that way (decided on first use).
+    fn multishot(&self) -> io::Result<Option<&Rc<MultiRecv>>> {
+        if let Some(m) = self.recv.0.get() {
+            return Ok(m.as_ref());
+        }
+        let m = Reactor::with_current(|r| {
+            if r.backend() == Backend::Uring && r.socket_io() == SocketIo::Multishot {
+                MultiRecv::new(r, self.fd()).map(Some)
+            } else {
+                Ok(None)
+            }
+        })
+        .unwrap_or_else(|| Err(no_reactor()))?;
+        Ok(self.recv.0.get_or_init(|| m).as_ref())
+    }
+
     async fn read<B: IoBufMut>(&self, buf: B) -> (io::Result<usize>, B) {
-        let io = self.io.clone();
-        run_when_ready(&self.io, Ready::Read, Recv { io, buf }).await
+        let m = match self.multishot() {
+            Ok(Some(m)) => m.clone(),
+            Ok(None) => {
+                let io = self.io.clone();
+                return run_when_ready(&self.io, Ready::Read, Recv { io, buf }).await;
+            }
+            Err(e) => return (Err(e), buf),
+        };
+        let mut buf = buf;
+        let res = std::future::poll_fn(|cx| {
+            let room = buf.bytes_total();
+            // SAFETY: the buffer's room is `room` bytes at its stable pointer; viewing it as
+            // uninitialised bytes makes no claim about its contents.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(
+                    buf.stable_mut_ptr().cast::<std::mem::MaybeUninit<u8>>(),
+                    room,
+                )
+            };
+            match m.poll_read(cx, dst) {
+                Some(p) => p.map(Some),
+                None => Poll::Ready(None),
+            }
+        })
+        .await;
+        match res {
+            Some(res) => {
+                if let Ok(n) = res {
+                    // SAFETY: `poll_read` wrote the first `n` bytes of the room.
+                    unsafe { buf.set_init(n) };
+                }
+                (res, buf)
+            }
+            None => {
+                // The ring has no buffer left: this read receives into `buf` itself.
+                let io = self.io.clone();
+                run_when_ready(&self.io, Ready::Read, Recv { io, buf }).await
+            }
+        }
+    }
+
+    /// `AsyncRead`: through the multishot receive if the stream has one, else readiness.
+    fn poll_read(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        match self.multishot() {
+            Ok(Some(m)) => {
+                // SAFETY: initialised bytes may be viewed as possibly uninitialised ones; only
+                // initialised bytes are written through the view.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        buf.as_mut_ptr().cast::<std::mem::MaybeUninit<u8>>(),
+                        buf.len(),
+                    )
+                };
+                // The ring has no buffer left: this read receives into `buf` itself.
+                m.poll_read(cx, dst)
+                    .unwrap_or_else(|| self.io.poll_read_fd(cx, buf))
+            }
+            Ok(None) => self.io.poll_read_fd(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    /// Before the socket leaves the reactor: its multishot receive cancelled and over, and no
+    /// received byte left unread.
+    async fn end_multishot(&self) -> io::Result<()> {
+        let Some(Some(m)) = self.recv.0.get() else {
+            return Ok(());
+        };
+        m.close_receive();
+        while m.armed() {
+            crate::sched::task::yield_now().await;
+        }
+        if m.has_unread() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the multishot receive holds bytes the application has not read: read them before converting the stream",
+            ));
+        }
+        Ok(())
     }
 
     async fn write<B: IoBuf>(&self, buf: B) -> (io::Result<usize>, B) {
@@ -129,11 +241,15 @@ macro_rules! stream_common {
             /// Deregisters it from its reactor and gives the `std` socket back (still
             /// non-blocking). Returns at once unless a dropped read or write on io_uring is
             /// still being cancelled: then it first waits for that completion, which owns a
-            /// reference to the socket.
+            /// reference to the socket. Under [`SocketIo::Multishot`] the stream's receive is
+            /// cancelled and waited for first.
             ///
             /// # Errors
-            /// No reactor on this thread; the fd deregistration failing.
+            /// No reactor on this thread; the fd deregistration failing; `InvalidData` if a
+            /// multishot receive holds bytes the application has not read (they are dropped
+            /// with the stream: read until the peer pauses before converting).
             pub async fn into_std(self) -> io::Result<$std> {
+                self.inner.end_multishot().await?;
                 let mut io = self.inner.io;
                 loop {
                     match Rc::try_unwrap(io) {
@@ -186,7 +302,7 @@ macro_rules! stream_common {
                 cx: &mut Context<'_>,
                 buf: &mut [u8],
             ) -> Poll<io::Result<usize>> {
-                self.inner.io.poll_read_fd(cx, buf)
+                self.inner.poll_read(cx, buf)
             }
         }
 

@@ -10,12 +10,15 @@
 //!   io_uring operation on the uring backend, the blocking call on the reactor's thread pool
 //!   on epoll;
 //! - [`run_when_ready`] (sockets): an io_uring operation when the reactor does socket I/O by
-//!   completion ([`SocketIo::Completion`](crate::net::SocketIo) on io_uring); otherwise the
-//!   non-blocking call, made when the socket is ready.
+//!   completion ([`SocketIo::Completion`](crate::net::SocketIo) or `Multishot` on io_uring);
+//!   otherwise the non-blocking call, made when the socket is ready;
+//! - `multishot.rs` (stream reads under `SocketIo::Multishot` on io_uring): one multishot
+//!   receive per stream into the reactor's provided-buffer ring.
 //!
 //! A new operation is one new type in `file.rs` or `socket.rs`.
 
 pub(crate) mod file;
+pub(crate) mod multishot;
 mod ring;
 pub(crate) mod socket;
 
@@ -151,7 +154,7 @@ pub(crate) async fn run_when_ready<O: Op, T: AsFd>(
     op: O,
 ) -> O::Output {
     let completion = Reactor::with_current(|r| {
-        r.backend() == Backend::Uring && r.socket_io() == SocketIo::Completion
+        r.backend() == Backend::Uring && r.socket_io() != SocketIo::Readiness
     });
     match completion {
         Some(true) => ring::run(op).await,
