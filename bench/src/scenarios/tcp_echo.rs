@@ -24,9 +24,12 @@ pub(super) const CONNS: usize = 64;
 type ServerFn = fn(mpsc::Sender<SocketAddr>) -> u64;
 
 pub fn run(ctx: &Ctx) -> Vec<Row> {
-    let servers: [(&str, ServerFn); 8] = [
+    let servers: [(&str, ServerFn); 9] = [
         ("reactor-uring", |tx| {
             reactor_server(Backend::Uring, SocketIo::Completion, tx)
+        }),
+        ("reactor-uring-multishot", |tx| {
+            reactor_server(Backend::Uring, SocketIo::Multishot, tx)
         }),
         ("reactor-uring-readiness", |tx| {
             reactor_server(Backend::Uring, SocketIo::Readiness, tx)
