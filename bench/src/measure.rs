@@ -13,6 +13,8 @@ pub enum Metric {
     OpsPerSec,
     /// A percentage (of CPU time; lower is better).
     Percent,
+    /// Bytes per second (higher is better): a run's "operations" are its bytes.
+    BytesPerSec,
 }
 
 impl Metric {
@@ -21,6 +23,7 @@ impl Metric {
             Metric::NsPerOp => "ns/op",
             Metric::OpsPerSec => "ops/s",
             Metric::Percent => "% CPU",
+            Metric::BytesPerSec => "B/s",
         }
     }
 }
@@ -43,7 +46,7 @@ impl Sample {
         let ns = took.as_nanos() as f64 / ops as f64;
         let value = match metric {
             Metric::NsPerOp => ns,
-            Metric::OpsPerSec => 1e9 / ns,
+            Metric::OpsPerSec | Metric::BytesPerSec => 1e9 / ns,
             Metric::Percent => panic!("a percentage is not timed"),
         };
         Sample {

@@ -13,7 +13,7 @@ use crate::measure::{Metric, Summary};
 fn speedup(uring: &Summary, other: &Summary) -> f64 {
     match uring.metric {
         Metric::NsPerOp | Metric::Percent => other.median / uring.median,
-        Metric::OpsPerSec => uring.median / other.median,
+        Metric::OpsPerSec | Metric::BytesPerSec => uring.median / other.median,
     }
 }
 
@@ -26,7 +26,7 @@ fn best_other<'a>(rows: &'a [Summary], scenario: &str) -> Option<&'a Summary> {
         .max_by(|a, b| {
             let key = |r: &Summary| match r.metric {
                 Metric::NsPerOp | Metric::Percent => -r.median,
-                Metric::OpsPerSec => r.median,
+                Metric::OpsPerSec | Metric::BytesPerSec => r.median,
             };
             key(a).total_cmp(&key(b))
         })

@@ -88,6 +88,7 @@ pub fn json(rows: &[Summary]) -> String {
                 crate::measure::Metric::NsPerOp => "ns_per_op",
                 crate::measure::Metric::OpsPerSec => "ops_per_s",
                 crate::measure::Metric::Percent => "percent",
+                crate::measure::Metric::BytesPerSec => "bytes_per_s",
             },
             median: r.median,
             min: r.min,

@@ -14,6 +14,7 @@ fn human(metric: Metric, v: f64) -> String {
         Metric::OpsPerSec if v >= 1e3 => format!("{:.1} k/s", v / 1e3),
         Metric::OpsPerSec => format!("{v:.0}/s"),
         Metric::Percent => format!("{v:.2}%"),
+        Metric::BytesPerSec => format!("{:.0} MB/s", v / 1e6),
     }
 }
 
@@ -59,7 +60,7 @@ fn over_floor(sys: Option<&Summary>, floor: Option<&Summary>) -> Option<String> 
     let ns = match s.metric {
         Metric::OpsPerSec => 1e9 / s.median - 1e9 / f.median,
         Metric::NsPerOp => s.median - f.median,
-        Metric::Percent => return None,
+        Metric::Percent | Metric::BytesPerSec => return None,
     };
     ok.then(|| format!(" [{ns:+.0} ns/op over {TUNED_FLOOR}]"))
 }
@@ -125,8 +126,8 @@ pub fn render(rows: &[Summary]) -> String {
     let runs = rows.iter().map(|r| r.runs).max().unwrap_or(0);
     out.push_str(&format!(
         "\nCells: median (min–max) over {runs} runs; `sc/op`: system calls per operation where \
-         counted; `allocs/op`: heap allocations per operation on the reactor's thread where counted; `cpu/op`: CPU time of the server per request (its thread; for `nbd-*` its whole process); `ns/op over floor-tuned-uring`: the reactor's time per operation above the tuned ring's, from the medians. Ratios divide medians: for ns/op below 1 means uring is faster, for ops/s \
-         above 1 does.\n"
+         counted; `allocs/op`: heap allocations per operation on the reactor's thread where counted; `cpu/op`: CPU time of the server per request (its thread; for `nbd-*` its whole process; per 64 KiB message in `tcp-echo-64KiB`); `ns/op over floor-tuned-uring`: the reactor's time per operation above the tuned ring's, from the medians. Ratios divide medians: for ns/op below 1 means uring is faster, for ops/s \
+         and MB/s above 1 does.\n"
     ));
     out
 }

@@ -44,31 +44,41 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
         ("floor-raw-epoll", echo_floors::raw_epoll),
     ];
     let mut rows = Vec::new();
-    for size in [64usize, 1024] {
-        let scenario = format!(
-            "tcp-echo-{}",
-            if size == 64 {
-                "64B".into()
-            } else {
-                "1KiB".to_string()
-            }
-        );
-        let n = ctx.scale(400_000, 40_000);
+    for size in [64usize, 1024, STREAM] {
+        let (scenario, n, metric) = match size {
+            64 => (
+                "tcp-echo-64B",
+                ctx.scale(400_000, 40_000),
+                Metric::OpsPerSec,
+            ),
+            1024 => (
+                "tcp-echo-1KiB",
+                ctx.scale(400_000, 40_000),
+                Metric::OpsPerSec,
+            ),
+            _ => (
+                "tcp-echo-64KiB",
+                ctx.scale(40_000, 4_000),
+                Metric::BytesPerSec,
+            ),
+        };
         for (name, server) in servers {
-            rows.push(ctx.row(&scenario, name, Metric::OpsPerSec, || {
-                one_run(server, size, n)
-            }));
+            rows.push(ctx.row(scenario, name, metric, || one_run(server, size, n, metric)));
         }
     }
     rows
 }
 
+/// The message size of the streaming row: 64 KiB in flight on each connection, echoed as it
+/// arrives (throughput in bytes per second; `cpu/op` is per 64 KiB message).
+const STREAM: usize = 64 * 1024;
+
 /// Starts `server` on its own thread, runs the client against it, and joins the server.
-fn one_run(server: ServerFn, size: usize, n: u64) -> Sample {
+fn one_run(server: ServerFn, size: usize, n: u64, metric: Metric) -> Sample {
     let (tx, rx) = mpsc::channel();
     let t = thread::spawn(move || server(tx));
     let addr = rx.recv().expect("the server reports its address");
-    let sample = client(addr, size, n);
+    let sample = client(addr, size, n, metric);
     let cpu = t.join().expect("server thread");
     sample.with_cpu(cpu as f64 / n as f64)
 }
@@ -235,8 +245,8 @@ fn send_all(s: &std::net::TcpStream, mut data: &[u8]) {
 }
 
 /// The neutral client: `CONNS` connections, one `size`-byte request in flight on each, until
-/// `n` requests have been echoed; every byte is checked.
-fn client(addr: SocketAddr, size: usize, n: u64) -> Sample {
+/// `n` requests have been echoed; every byte is checked. `metric` counts requests, or bytes.
+fn client(addr: SocketAddr, size: usize, n: u64, metric: Metric) -> Sample {
     use std::io::Read;
     let mut conns: Vec<Conn> = (0..CONNS)
         .map(|_| {
@@ -270,7 +280,12 @@ fn client(addr: SocketAddr, size: usize, n: u64) -> Sample {
     let mut done = 0u64;
     let mut sent = 0u64;
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; CONNS];
-    let sample = time(Metric::OpsPerSec, n, || {
+    let units = if metric == Metric::BytesPerSec {
+        n * size as u64
+    } else {
+        n
+    };
+    let sample = time(metric, units, || {
         for (i, c) in conns.iter_mut().enumerate() {
             fill(&mut req, i, c.seq);
             send_all(&c.s, &req);
