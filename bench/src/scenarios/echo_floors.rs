@@ -1,5 +1,5 @@
 //! The floors of the `tcp-echo` rows: echo servers written straight on the kernel interface,
-//! with no runtime, serving the same `CONNS` connections as every other server.
+//! with no runtime, serving the same connections as every other server.
 //!
 //! - `floor-raw-epoll`: level-triggered epoll; per ready connection one `read` and one `write`
 //!   (what readiness costs at the least: a wait per batch, two system calls per request).
@@ -18,8 +18,6 @@ use std::sync::mpsc;
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use crate::measure::thread_cpu_ns;
-
-use super::tcp_echo::CONNS;
 
 fn listener(tx: &mpsc::Sender<SocketAddr>) -> TcpListener {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind a loopback listener");
@@ -43,13 +41,13 @@ fn set_nodelay(fd: RawFd) {
 }
 
 /// The raw epoll echo server. Returns its thread's CPU time.
-pub fn raw_epoll(tx: mpsc::Sender<SocketAddr>) -> u64 {
+pub fn raw_epoll(tx: mpsc::Sender<SocketAddr>, conns: usize) -> u64 {
     let l = listener(&tx);
     // SAFETY: plain epoll calls on fds owned by this function.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     assert!(ep >= 0);
-    let mut fds = Vec::with_capacity(CONNS);
-    for i in 0..CONNS {
+    let mut fds = Vec::with_capacity(conns);
+    for i in 0..conns {
         let (s, _) = l.accept().expect("accept");
         s.set_nodelay(true).unwrap();
         let fd = s.into_raw_fd();
@@ -65,11 +63,11 @@ pub fn raw_epoll(tx: mpsc::Sender<SocketAddr>) -> u64 {
         fds.push(fd);
     }
     let mut buf = vec![0u8; 64 * 1024];
-    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; CONNS];
-    let mut open = CONNS;
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; conns];
+    let mut open = conns;
     while open > 0 {
-        // SAFETY: `events` has room for CONNS entries.
-        let k = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), CONNS as i32, -1) };
+        // SAFETY: `events` has room for `conns` entries.
+        let k = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), conns as i32, -1) };
         if k < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
             continue;
         }
@@ -114,7 +112,7 @@ fn write_all_blocking(fd: RawFd, mut data: &[u8]) {
 }
 
 /// Buffers in the provided buffer ring (a power of two), and the size of each.
-const BUFS: u16 = 512;
+const BUFS: u16 = 2048;
 const BUF_SIZE: usize = 4096;
 /// The buffer group of the ring.
 const BGID: u16 = 7;
@@ -203,7 +201,7 @@ struct Conn {
 }
 
 /// The raw io_uring echo server. Returns its thread's CPU time.
-pub fn raw_uring(tx: mpsc::Sender<SocketAddr>) -> u64 {
+pub fn raw_uring(tx: mpsc::Sender<SocketAddr>, n_conns: usize) -> u64 {
     let l = listener(&tx);
     let mut ring: IoUring = IoUring::builder()
         .setup_single_issuer()
@@ -216,7 +214,7 @@ pub fn raw_uring(tx: mpsc::Sender<SocketAddr>) -> u64 {
         .register_ring_fd()
         .expect("IORING_REGISTER_RING_FDS (Linux 5.18)");
     let mut bufs = BufRing::new(&submitter);
-    let mut conns: Vec<Conn> = Vec::with_capacity(CONNS);
+    let mut conns: Vec<Conn> = Vec::with_capacity(n_conns);
     let mut closed = 0;
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(1024);
     let mut pending: Vec<squeue::Entry> = Vec::with_capacity(256);
@@ -224,7 +222,7 @@ pub fn raw_uring(tx: mpsc::Sender<SocketAddr>) -> u64 {
         .build()
         .user_data(ACCEPT);
     pending.push(accept.clone());
-    while closed < CONNS {
+    while closed < n_conns {
         for e in pending.drain(..) {
             // SAFETY: every SQE refers to a socket this function owns and, for sends, to a
             // buffer that stays out of the buffer ring until the send completes.
@@ -259,7 +257,7 @@ pub fn raw_uring(tx: mpsc::Sender<SocketAddr>) -> u64 {
                         eof: false,
                     });
                     pending.push(recv(res, conns.len() - 1));
-                    if !cqueue::more(flags) && conns.len() < CONNS {
+                    if !cqueue::more(flags) && conns.len() < n_conns {
                         pending.push(accept.clone());
                     }
                 }

@@ -18,24 +18,28 @@ use reactor::{Backend, Reactor};
 use crate::measure::{Metric, Sample, thread_cpu_ns, time};
 use crate::scenarios::{Ctx, Row, echo_floors};
 
-pub(super) const CONNS: usize = 64;
+/// Connections of the request/response and streaming rows.
+const CONNS: usize = 64;
+/// Connections of the scalability row, each with one request in flight.
+const MANY: usize = 1000;
 
-/// A server: reports its address, serves `CONNS` connections, returns its thread's CPU time.
-type ServerFn = fn(mpsc::Sender<SocketAddr>) -> u64;
+/// A server: reports its address, serves exactly `conns` connections (echoing until each peer
+/// closes), returns its thread's CPU time.
+type ServerFn = fn(mpsc::Sender<SocketAddr>, usize) -> u64;
 
 pub fn run(ctx: &Ctx) -> Vec<Row> {
     let servers: [(&str, ServerFn); 9] = [
-        ("reactor-uring", |tx| {
-            reactor_server(Backend::Uring, SocketIo::Completion, tx)
+        ("reactor-uring", |tx, conns| {
+            reactor_server(Backend::Uring, SocketIo::Completion, tx, conns)
         }),
-        ("reactor-uring-multishot", |tx| {
-            reactor_server(Backend::Uring, SocketIo::Multishot, tx)
+        ("reactor-uring-multishot", |tx, conns| {
+            reactor_server(Backend::Uring, SocketIo::Multishot, tx, conns)
         }),
-        ("reactor-uring-readiness", |tx| {
-            reactor_server(Backend::Uring, SocketIo::Readiness, tx)
+        ("reactor-uring-readiness", |tx, conns| {
+            reactor_server(Backend::Uring, SocketIo::Readiness, tx, conns)
         }),
-        ("reactor-epoll", |tx| {
-            reactor_server(Backend::Epoll, SocketIo::Readiness, tx)
+        ("reactor-epoll", |tx, conns| {
+            reactor_server(Backend::Epoll, SocketIo::Readiness, tx, conns)
         }),
         ("tokio", tokio_server),
         ("monoio", monoio_server),
@@ -44,29 +48,61 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
         ("floor-raw-epoll", echo_floors::raw_epoll),
     ];
     let mut rows = Vec::new();
-    for size in [64usize, 1024, STREAM] {
-        let (scenario, n, metric) = match size {
-            64 => (
-                "tcp-echo-64B",
-                ctx.scale(400_000, 40_000),
-                Metric::OpsPerSec,
-            ),
-            1024 => (
-                "tcp-echo-1KiB",
-                ctx.scale(400_000, 40_000),
-                Metric::OpsPerSec,
-            ),
-            _ => (
-                "tcp-echo-64KiB",
-                ctx.scale(40_000, 4_000),
-                Metric::BytesPerSec,
-            ),
-        };
+    raise_fd_limit(2 * MANY as u64 + 100);
+    let cases = [
+        (
+            "tcp-echo-64B",
+            64,
+            CONNS,
+            ctx.scale(400_000, 40_000),
+            Metric::OpsPerSec,
+        ),
+        (
+            "tcp-echo-1KiB",
+            1024,
+            CONNS,
+            ctx.scale(400_000, 40_000),
+            Metric::OpsPerSec,
+        ),
+        (
+            "tcp-echo-64KiB",
+            STREAM,
+            CONNS,
+            ctx.scale(40_000, 4_000),
+            Metric::BytesPerSec,
+        ),
+        (
+            "tcp-echo-1000-conns",
+            64,
+            MANY,
+            ctx.scale(400_000, 40_000),
+            Metric::OpsPerSec,
+        ),
+    ];
+    for (scenario, size, conns, n, metric) in cases {
         for (name, server) in servers {
-            rows.push(ctx.row(scenario, name, metric, || one_run(server, size, n, metric)));
+            rows.push(ctx.row(scenario, name, metric, || {
+                one_run(server, conns, size, n, metric)
+            }));
         }
     }
     rows
+}
+
+/// Raises this process's soft limit of open files towards `want` (up to the hard limit): the
+/// scalability row holds both ends of 1,000 connections. A limit too low makes that row fail
+/// with `EMFILE`, reported like any failure.
+fn raise_fd_limit(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid out-parameter.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 && lim.rlim_cur < want {
+        lim.rlim_cur = want.min(lim.rlim_max);
+        // SAFETY: as above; raising the soft limit up to the hard one needs no privilege.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
 }
 
 /// The message size of the streaming row: 64 KiB in flight on each connection, echoed as it
@@ -74,17 +110,22 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
 const STREAM: usize = 64 * 1024;
 
 /// Starts `server` on its own thread, runs the client against it, and joins the server.
-fn one_run(server: ServerFn, size: usize, n: u64, metric: Metric) -> Sample {
+fn one_run(server: ServerFn, conns: usize, size: usize, n: u64, metric: Metric) -> Sample {
     let (tx, rx) = mpsc::channel();
-    let t = thread::spawn(move || server(tx));
+    let t = thread::spawn(move || server(tx, conns));
     let addr = rx.recv().expect("the server reports its address");
-    let sample = client(addr, size, n, metric);
+    let sample = client(addr, conns, size, n, metric);
     let cpu = t.join().expect("server thread");
     sample.with_cpu(cpu as f64 / n as f64)
 }
 
-/// Serves exactly `CONNS` connections, echoing until each peer closes, then returns.
-fn reactor_server(backend: Backend, io: SocketIo, tx: mpsc::Sender<SocketAddr>) -> u64 {
+/// Serves exactly `conns_n` connections, echoing until each peer closes, then returns.
+fn reactor_server(
+    backend: Backend,
+    io: SocketIo,
+    tx: mpsc::Sender<SocketAddr>,
+    conns_n: usize,
+) -> u64 {
     use reactor::net::TcpListener;
     let r = Reactor::builder()
         .backend(backend)
@@ -96,7 +137,7 @@ fn reactor_server(backend: Backend, io: SocketIo, tx: mpsc::Sender<SocketAddr>) 
         let l = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         tx.send(l.local_addr().unwrap()).unwrap();
         let mut conns = Vec::new();
-        for _ in 0..CONNS {
+        for _ in 0..conns_n {
             let (s, _) = l.accept().await.unwrap();
             s.set_nodelay(true).unwrap();
             conns.push(
@@ -124,7 +165,7 @@ fn reactor_server(backend: Backend, io: SocketIo, tx: mpsc::Sender<SocketAddr>) 
     thread_cpu_ns()
 }
 
-fn tokio_server(tx: mpsc::Sender<SocketAddr>) -> u64 {
+fn tokio_server(tx: mpsc::Sender<SocketAddr>, conns_n: usize) -> u64 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -134,7 +175,7 @@ fn tokio_server(tx: mpsc::Sender<SocketAddr>) -> u64 {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         tx.send(l.local_addr().unwrap()).unwrap();
         let mut conns = Vec::new();
-        for _ in 0..CONNS {
+        for _ in 0..conns_n {
             let (mut s, _) = l.accept().await.unwrap();
             s.set_nodelay(true).unwrap();
             conns.push(tokio::spawn(async move {
@@ -155,7 +196,7 @@ fn tokio_server(tx: mpsc::Sender<SocketAddr>) -> u64 {
     thread_cpu_ns()
 }
 
-fn monoio_server(tx: mpsc::Sender<SocketAddr>) -> u64 {
+fn monoio_server(tx: mpsc::Sender<SocketAddr>, conns_n: usize) -> u64 {
     use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
     let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
         .build()
@@ -164,7 +205,7 @@ fn monoio_server(tx: mpsc::Sender<SocketAddr>) -> u64 {
         let l = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
         tx.send(l.local_addr().unwrap()).unwrap();
         let mut conns = Vec::new();
-        for _ in 0..CONNS {
+        for _ in 0..conns_n {
             let (mut s, _) = l.accept().await.unwrap();
             s.set_nodelay(true).unwrap();
             conns.push(monoio::spawn(async move {
@@ -188,14 +229,14 @@ fn monoio_server(tx: mpsc::Sender<SocketAddr>) -> u64 {
     thread_cpu_ns()
 }
 
-fn compio_server(tx: mpsc::Sender<SocketAddr>) -> u64 {
+fn compio_server(tx: mpsc::Sender<SocketAddr>, conns_n: usize) -> u64 {
     use compio::io::{AsyncRead, AsyncWriteExt};
     let rt = compio::runtime::Runtime::new().expect("compio runtime");
     rt.block_on(async move {
         let l = compio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         tx.send(l.local_addr().unwrap()).unwrap();
         let mut conns = Vec::new();
-        for _ in 0..CONNS {
+        for _ in 0..conns_n {
             let (mut s, _) = l.accept().await.unwrap();
             s.set_nodelay(true).unwrap();
             conns.push(compio::runtime::spawn(async move {
@@ -244,11 +285,11 @@ fn send_all(s: &std::net::TcpStream, mut data: &[u8]) {
     }
 }
 
-/// The neutral client: `CONNS` connections, one `size`-byte request in flight on each, until
+/// The neutral client: `conns_n` connections, one `size`-byte request in flight on each, until
 /// `n` requests have been echoed; every byte is checked. `metric` counts requests, or bytes.
-fn client(addr: SocketAddr, size: usize, n: u64, metric: Metric) -> Sample {
+fn client(addr: SocketAddr, conns_n: usize, size: usize, n: u64, metric: Metric) -> Sample {
     use std::io::Read;
-    let mut conns: Vec<Conn> = (0..CONNS)
+    let mut conns: Vec<Conn> = (0..conns_n)
         .map(|_| {
             let s = std::net::TcpStream::connect(addr).expect("connect");
             s.set_nodelay(true).unwrap();
@@ -279,7 +320,7 @@ fn client(addr: SocketAddr, size: usize, n: u64, metric: Metric) -> Sample {
     let mut expect = vec![0u8; size];
     let mut done = 0u64;
     let mut sent = 0u64;
-    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; CONNS];
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; conns_n];
     let units = if metric == Metric::BytesPerSec {
         n * size as u64
     } else {
@@ -292,8 +333,8 @@ fn client(addr: SocketAddr, size: usize, n: u64, metric: Metric) -> Sample {
             sent += 1;
         }
         while done < n {
-            // SAFETY: `events` has room for CONNS entries.
-            let k = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), CONNS as i32, 10_000) };
+            // SAFETY: `events` has room for `conns_n` entries.
+            let k = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), conns_n as i32, 10_000) };
             assert!(k > 0, "the server stopped answering");
             for ev in &events[..k as usize] {
                 let i = ev.u64 as usize;
