@@ -170,6 +170,69 @@ backend_tests! {
         });
     }
 
+    fn connections_faster_than_accepts_are_all_accepted_once(r: &Reactor) {
+        // 200 connections arriving while the application pauses after its first accept: more
+        // than a listener queues (64), so its multishot accept pauses and is armed again (the
+        // kernel's backlog holds the rest meanwhile); each connection is accepted once.
+        let r = multishot_on(r.backend());
+        r.block_on(async {
+            let l = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let addr = l.local_addr().unwrap();
+            let clients = std::thread::spawn(move || {
+                (0..200u32)
+                    .map(|i| {
+                        let mut c = std::net::TcpStream::connect(addr).unwrap();
+                        c.write_all(&i.to_le_bytes()).unwrap();
+                        c
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let mut seen = [false; 200];
+            for k in 0..200 {
+                if k == 1 {
+                    // The first accept armed the multishot accept: let connections pile up.
+                    let_it_receive().await;
+                }
+                let (s, _) = l.accept().await.unwrap();
+                let mut id = Vec::new();
+                while id.len() < 4 {
+                    let (res, b) = s.read(Vec::with_capacity(4 - id.len())).await;
+                    assert!(res.unwrap() > 0);
+                    id.extend_from_slice(&b);
+                }
+                let i = u32::from_le_bytes(id.try_into().unwrap()) as usize;
+                assert!(!std::mem::replace(&mut seen[i], true), "connection {i} twice");
+            }
+            assert!(seen.iter().all(|s| *s));
+            drop(clients.join().unwrap());
+        });
+    }
+
+    fn a_listener_dropped_with_queued_connections_closes_them(r: &Reactor) {
+        let r = multishot_on(r.backend());
+        r.block_on(async {
+            let l = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let addr = l.local_addr().unwrap();
+            let mut clients: Vec<_> =
+                (0..10).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+            // The first accept arms the multishot accept, which queues the other nine.
+            let (first, _) = l.accept().await.unwrap();
+            let_it_receive().await;
+            drop(l);
+            let_it_receive().await;
+            for (i, c) in clients.iter_mut().enumerate().skip(1) {
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut b = [0u8; 1];
+                match std::io::Read::read(c, &mut b) {
+                    Ok(0) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                    other => panic!("client {i}: {other:?}"),
+                }
+            }
+            drop(first);
+        });
+    }
+
     fn into_std_refuses_to_drop_received_bytes(r: &Reactor) {
         let backend = r.backend();
         let r = multishot_on(backend);

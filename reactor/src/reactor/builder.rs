@@ -34,7 +34,8 @@ pub enum SocketIo {
     /// 4 KiB, registered on first use; Linux 5.19+); reads copy out of those buffers. A stream
     /// holds at most 8 buffers unread (then its receive pauses and the socket's own buffer
     /// takes over until it is read); when every buffer is held, receives wait for one to come
-    /// back. Readiness on epoll.
+    /// back. A listener accepts through one multishot `ACCEPT` the same way, queueing at most
+    /// 64 connections ahead of the application. Readiness on epoll.
     ///
     /// ```
     /// use reactor::{Reactor, net::{SocketIo, UnixStream}};

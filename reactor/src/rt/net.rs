@@ -5,7 +5,9 @@
 //! `accept` run as completion operations (`RECV`, `SEND`, `ACCEPT`) or as readiness plus
 //! non-blocking system calls, as [`SocketIo`] says (chosen by [`Builder::socket_io`]; the
 //! default was picked by measurement, see [`SocketIo`]); on epoll they always use readiness.
-//! `AsyncRead`/`AsyncWrite` always use readiness.
+//! `AsyncRead`/`AsyncWrite` use readiness, except that under `SocketIo::Multishot` on io_uring a
+//! stream's reads (both kinds) come from its multishot receive and a listener's accepts from
+//! its multishot accept (`rt/op/multishot.rs`, `rt/op/multishot_accept.rs`).
 //!
 //! Dropping an operation's future cancels it: on the completion path its buffer lives until
 //! the kernel's completion arrives, and a socket a cancelled `accept` produced is closed.
@@ -45,6 +47,7 @@ use crate::io::no_reactor;
 use crate::io::{Async, IoBuf, IoBufMut, Slice};
 use crate::reactor::Reactor;
 use crate::rt::op::multishot::MultiRecv;
+use crate::rt::op::multishot_accept::MultiAccept;
 use crate::rt::op::socket::{Accept, Connect, Recv, SendOp};
 use crate::rt::op::{Ready, run_when_ready};
 use crate::sys::cvt;
@@ -214,12 +217,49 @@ impl<T: AsFd + 'static> Stream<T> {
 /// The listening machinery shared by TCP and Unix listeners.
 struct Listener<T: AsFd + 'static> {
     io: Rc<Async<T>>,
+    /// The multishot accept, under [`SocketIo::Multishot`] on io_uring (made on first accept).
+    accepts: AcceptSlot,
+}
+
+/// A listener's multishot accept, if it has one; closed (its queued sockets closed, its
+/// accept cancelled) when the listener goes.
+struct AcceptSlot(std::cell::OnceCell<Option<Rc<MultiAccept>>>);
+
+impl Drop for AcceptSlot {
+    fn drop(&mut self) {
+        if let Some(Some(m)) = self.0.get() {
+            m.close();
+        }
+    }
 }
 
 impl<T: AsFd + 'static> Listener<T> {
+    fn new(io: T) -> io::Result<Self> {
+        Ok(Listener {
+            io: Rc::new(Async::new(io)?),
+            accepts: AcceptSlot(std::cell::OnceCell::new()),
+        })
+    }
+
     async fn accept_fd(&self) -> io::Result<OwnedFd> {
-        let io = self.io.clone();
-        run_when_ready(&self.io, Ready::Read, Accept { io }).await
+        let multishot = match self.accepts.0.get() {
+            Some(m) => m.clone(),
+            None => {
+                let m = Reactor::with_current(|r| {
+                    (r.backend() == Backend::Uring && r.socket_io() == SocketIo::Multishot)
+                        .then(|| MultiAccept::new(r, self.io.as_fd().as_raw_fd()))
+                })
+                .ok_or_else(no_reactor)?;
+                self.accepts.0.get_or_init(|| m).clone()
+            }
+        };
+        match multishot {
+            Some(m) => std::future::poll_fn(|cx| m.poll_accept(cx)).await,
+            None => {
+                let io = self.io.clone();
+                run_when_ready(&self.io, Ready::Read, Accept { io }).await
+            }
+        }
     }
 }
 
@@ -407,9 +447,7 @@ impl TcpListener {
     /// No reactor on this thread; `fcntl` or the fd registration failing.
     pub fn from_std(l: std::net::TcpListener) -> io::Result<TcpListener> {
         Ok(TcpListener {
-            inner: Listener {
-                io: Rc::new(Async::new(l)?),
-            },
+            inner: Listener::new(l)?,
         })
     }
 
@@ -509,9 +547,7 @@ impl UnixListener {
     /// No reactor on this thread; `fcntl` or the fd registration failing.
     pub fn from_std(l: std::os::unix::net::UnixListener) -> io::Result<UnixListener> {
         Ok(UnixListener {
-            inner: Listener {
-                io: Rc::new(Async::new(l)?),
-            },
+            inner: Listener::new(l)?,
         })
     }
 

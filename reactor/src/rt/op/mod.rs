@@ -19,6 +19,7 @@
 
 pub(crate) mod file;
 pub(crate) mod multishot;
+pub(crate) mod multishot_accept;
 mod ring;
 pub(crate) mod socket;
 

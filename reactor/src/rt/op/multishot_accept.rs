@@ -1,0 +1,143 @@
+//! A listener's multishot accept ([`SocketIo::Multishot`]): one `ACCEPT` with
+//! `IORING_ACCEPT_MULTISHOT` armed while the application accepts, each connection completing
+//! into a queue that `accept` takes from.
+//!
+//! Defined behaviour at the edges:
+//! - **connections arriving faster than the application accepts**: once `BACKLOG` accepted
+//!   sockets wait in the queue, the accept is cancelled and the kernel's listen backlog holds
+//!   the rest; the next `accept` that finds the queue empty arms it again. The memory and
+//!   descriptors one listener holds are bounded.
+//! - **an error** (`EMFILE`, `ENFILE`, ...): the accept stops and the error goes to the next
+//!   `accept`, which arms it again after that.
+//! - **the listener dropped**: the accept is cancelled, and every socket queued or completing
+//!   afterwards is closed.
+//!
+//! [`SocketIo::Multishot`]: crate::net::SocketIo::Multishot
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use io_uring::{opcode, types};
+
+use crate::fd::ops::{Completion, OnComplete, OpCallback, OpId};
+use crate::lockfree::sync::Arc;
+use crate::reactor::{Reactor, Shared};
+
+/// Accepted sockets a listener queues before its accept pauses.
+const BACKLOG: usize = 64;
+
+/// The accept state of one listener, shared with the reactor while an accept is armed.
+pub(crate) struct MultiAccept {
+    shared: Arc<Shared>,
+    fd: RawFd,
+    queue: RefCell<VecDeque<OwnedFd>>,
+    armed: Cell<Option<OpId>>,
+    cancelling: Cell<bool>,
+    error: RefCell<Option<io::Error>>,
+    waker: RefCell<Option<Waker>>,
+    closed: Cell<bool>,
+}
+
+impl MultiAccept {
+    /// The accept state of the listener on `fd` (kept open by the listener while it arms).
+    pub(crate) fn new(r: &Reactor, fd: RawFd) -> Rc<MultiAccept> {
+        Rc::new(MultiAccept {
+            shared: r.shared().clone(),
+            fd,
+            queue: RefCell::new(VecDeque::new()),
+            armed: Cell::new(None),
+            cancelling: Cell::new(false),
+            error: RefCell::new(None),
+            waker: RefCell::new(None),
+            closed: Cell::new(false),
+        })
+    }
+
+    /// The next accepted socket, else the accept's error, else arms the accept and waits.
+    pub(crate) fn poll_accept(self: &Rc<Self>, cx: &mut Context<'_>) -> Poll<io::Result<OwnedFd>> {
+        if let Some(fd) = self.queue.borrow_mut().pop_front() {
+            return Poll::Ready(Ok(fd));
+        }
+        if let Some(e) = self.error.borrow_mut().take() {
+            return Poll::Ready(Err(e));
+        }
+        if self.armed.get().is_none() {
+            if let Err(e) = self.arm() {
+                return Poll::Ready(Err(e));
+            }
+        }
+        *self.waker.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    fn arm(self: &Rc<Self>) -> io::Result<()> {
+        let sqe = opcode::AcceptMulti::new(types::Fd(self.fd))
+            .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+            .build();
+        let callback = OpCallback::Shared(self.clone());
+        let id = Reactor::with_current_for(&self.shared, |r| {
+            // SAFETY: the accept refers to no memory (no address buffer); the listener keeps
+            // its fd open while it arms accepts and cancels the accept when it goes.
+            unsafe { r.submit_op(sqe, callback) }
+        })
+        .unwrap_or_else(|| Err(crate::io::no_reactor()))?;
+        self.armed.set(Some(id));
+        self.cancelling.set(false);
+        Ok(())
+    }
+
+    fn cancel(&self) {
+        let Some(id) = self.armed.get() else { return };
+        if self.cancelling.replace(true) {
+            return;
+        }
+        let done = Reactor::with_current_for(&self.shared, |r| {
+            let _ = r.cancel_sqe(id);
+        });
+        if done.is_none() {
+            // Outside the reactor's poll: the cancellation runs at its next iteration.
+            let _ = crate::Handle::new(self.shared.clone()).oneshot(move |r| {
+                let _ = r.cancel_sqe(id);
+            });
+        }
+    }
+
+    /// The listener is going: closes the queued sockets and cancels the accept.
+    pub(crate) fn close(&self) {
+        self.closed.set(true);
+        self.queue.borrow_mut().clear();
+        self.cancel();
+    }
+}
+
+impl OnComplete for MultiAccept {
+    fn on_complete(&self, _: &Reactor, c: Completion) {
+        if !c.more() {
+            self.armed.set(None);
+            self.cancelling.set(false);
+        }
+        if c.result >= 0 {
+            // SAFETY: a fresh descriptor from the kernel, owned by nobody else.
+            let fd = unsafe { OwnedFd::from_raw_fd(c.result) };
+            if self.closed.get() {
+                return; // closed with `fd`
+            }
+            let mut q = self.queue.borrow_mut();
+            q.push_back(fd);
+            if q.len() >= BACKLOG && c.more() {
+                drop(q);
+                self.cancel();
+            }
+        } else if -c.result != libc::ECANCELED && !self.closed.get() {
+            *self.error.borrow_mut() = Some(io::Error::from_raw_os_error(-c.result));
+        }
+        let w = self.waker.borrow_mut().take();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+}
