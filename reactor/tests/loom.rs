@@ -91,6 +91,18 @@ impl Shared {
         self.notifier.notify().unwrap();
     }
 
+    /// The home thread went to sleep (`slept`): then only the doorbell can have woken it.
+    fn assert_woken_if(&self, slept: bool) {
+        if slept {
+            let woken = self
+                .notifier
+                .waker()
+                .0
+                .load(loom::sync::atomic::Ordering::SeqCst);
+            assert!(woken > 0, "lost wakeup");
+        }
+    }
+
     /// The home thread's take (SP7): runs the taken BHs and, if a notification without a node
     /// was taken, reads what it published. Returns the runs and whether it took one.
     fn take(&self) -> (u32, bool) {
@@ -186,15 +198,7 @@ fn lost_wakeup() {
         // ... and, seeing nothing, announces that it may sleep (SP5).
         let slept = !saw_work && !s.notifier.prepare_block();
         producer.join().unwrap();
-        if slept {
-            // It went to sleep: only the eventfd can wake it.
-            let woken = s
-                .notifier
-                .waker()
-                .0
-                .load(loom::sync::atomic::Ordering::SeqCst);
-            assert!(woken > 0, "lost wakeup");
-        }
+        s.assert_woken_if(slept);
         // Whatever happened, the work is found by the next take.
         assert_eq!(s.take().0, 1, "the BH runs once");
     });
@@ -211,14 +215,7 @@ fn lost_wakeup_of_a_notification() {
         let producer = thread::spawn(move || p.stop());
         let slept = !s.notifier.prepare_block();
         producer.join().unwrap();
-        if slept {
-            let woken = s
-                .notifier
-                .waker()
-                .0
-                .load(loom::sync::atomic::Ordering::SeqCst);
-            assert!(woken > 0, "lost wakeup");
-        }
+        s.assert_woken_if(slept);
         assert!(s.take().1, "the request is taken");
     });
 }

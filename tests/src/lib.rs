@@ -11,6 +11,19 @@ use std::os::fd::{FromRawFd, OwnedFd};
 
 pub use reactor::{Backend, Reactor};
 
+/// A reactor on `backend` whose sockets use multishot receives and accepts
+/// (`SocketIo::Multishot`; readiness on epoll).
+pub fn multishot_on(backend: Backend) -> Reactor {
+    let r = Reactor::builder()
+        .backend(backend)
+        .socket_io(reactor::net::SocketIo::Multishot)
+        .build()
+        .unwrap_or_else(|e| panic!("the {backend} backend cannot be created on this machine: {e}"));
+    assert_eq!(r.backend(), backend, "forced backend must be used");
+    assert_eq!(r.socket_io(), reactor::net::SocketIo::Multishot);
+    r
+}
+
 /// A reactor on `backend`, or a panic that says why it could not be created.
 pub fn reactor_on(backend: Backend) -> Reactor {
     match Reactor::builder().backend(backend).build() {

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use reactor::net::{SocketIo, TcpListener, TcpStream};
+use reactor::net::{TcpListener, TcpStream};
 use reactor::{Backend, Reactor};
 use tests::backend_tests;
 
@@ -14,16 +14,6 @@ use tests::backend_tests;
 /// kernel delivers before the cancellation of its receive lands (the kernel retries a
 /// multishot receive up to 32 times in one go).
 const STREAM_BOUND: u64 = 8 + 32;
-
-fn multishot_on(backend: Backend) -> Reactor {
-    let r = Reactor::builder()
-        .backend(backend)
-        .socket_io(SocketIo::Multishot)
-        .build()
-        .unwrap();
-    assert_eq!(r.socket_io(), SocketIo::Multishot);
-    r
-}
 
 fn data(n: usize, seed: usize) -> Vec<u8> {
     (0..n).map(|i| ((i * 7 + seed * 13) % 251) as u8).collect()
@@ -61,7 +51,7 @@ async fn let_it_receive() {
 
 backend_tests! {
     fn a_fast_sender_and_a_slow_reader_lose_nothing_and_hold_a_bounded_share(r: &Reactor) {
-        let r = multishot_on(r.backend());
+        let r = tests::multishot_on(r.backend());
         let sent = data(8 << 20, 1);
         r.block_on(async {
             let (mut clients, servers) = connections(2).await;
@@ -105,7 +95,7 @@ backend_tests! {
         // 100 streams, each sent 48 KiB (12 buffers) before anything is read: more than the
         // ring's 512 buffers. Receives stop with ENOBUFS and are armed again as reads give
         // buffers back.
-        let r = multishot_on(r.backend());
+        let r = tests::multishot_on(r.backend());
         r.block_on(async {
             let (clients, servers) = connections(100).await;
             let writer = std::thread::spawn(move || {
@@ -137,7 +127,7 @@ backend_tests! {
     }
 
     fn streams_dropped_with_data_held_give_their_buffers_back(r: &Reactor) {
-        let r = multishot_on(r.backend());
+        let r = tests::multishot_on(r.backend());
         r.block_on(async {
             for round in 0..3 {
                 let (clients, servers) = connections(64).await;
@@ -174,7 +164,7 @@ backend_tests! {
         // 200 connections arriving while the application pauses after its first accept: more
         // than a listener queues (64), so its multishot accept pauses and is armed again (the
         // kernel's backlog holds the rest meanwhile); each connection is accepted once.
-        let r = multishot_on(r.backend());
+        let r = tests::multishot_on(r.backend());
         r.block_on(async {
             let l = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
             let addr = l.local_addr().unwrap();
@@ -209,7 +199,7 @@ backend_tests! {
     }
 
     fn a_listener_dropped_with_queued_connections_closes_them(r: &Reactor) {
-        let r = multishot_on(r.backend());
+        let r = tests::multishot_on(r.backend());
         r.block_on(async {
             let l = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
             let addr = l.local_addr().unwrap();
@@ -235,7 +225,7 @@ backend_tests! {
 
     fn into_std_refuses_to_drop_received_bytes(r: &Reactor) {
         let backend = r.backend();
-        let r = multishot_on(backend);
+        let r = tests::multishot_on(backend);
         r.block_on(async {
             let (mut clients, mut servers) = connections(2).await;
             // Nothing unread: the receive is cancelled and the socket handed over.

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
+#[cfg(feature = "uring")]
 use reactor::net::SocketIo;
 use reactor::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use reactor::{JoinHandle, Reactor};
@@ -147,17 +148,6 @@ fn readiness_reactor() -> Reactor {
     r
 }
 
-/// A reactor on `backend` whose streams receive by multishot `RECV` (readiness on epoll).
-fn multishot_on(backend: reactor::Backend) -> Reactor {
-    let r = Reactor::builder()
-        .backend(backend)
-        .socket_io(SocketIo::Multishot)
-        .build()
-        .unwrap();
-    assert_eq!(r.socket_io(), SocketIo::Multishot);
-    r
-}
-
 backend_tests! {
     fn tcp_echo_100_connections(r: &Reactor) {
         tcp_echo(r);
@@ -165,11 +155,11 @@ backend_tests! {
 
     fn tcp_echo_100_connections_with_multishot(r: &Reactor) {
         // 100 streams, each allowed 8 buffers of the ring's 512: the ring runs out on the way.
-        tcp_echo(&multishot_on(r.backend()));
+        tcp_echo(&tests::multishot_on(r.backend()));
     }
 
     fn unix_echo_100_connections_with_multishot(r: &Reactor) {
-        unix_echo(&multishot_on(r.backend()), "multishot");
+        unix_echo(&tests::multishot_on(r.backend()), "multishot");
     }
 
     fn unix_echo_100_connections(r: &Reactor) {

@@ -46,7 +46,7 @@ use crate::fd::backend::Backend;
 use crate::io::no_reactor;
 use crate::io::{Async, IoBuf, IoBufMut, Slice};
 use crate::reactor::Reactor;
-use crate::rt::op::multishot::MultiRecv;
+use crate::rt::op::multishot::{CloseOnDrop, MultiRecv};
 use crate::rt::op::multishot_accept::MultiAccept;
 use crate::rt::op::socket::{Accept, Connect, Recv, SendOp};
 use crate::rt::op::{Ready, run_when_ready};
@@ -57,27 +57,16 @@ pub use crate::reactor::SocketIo;
 /// The socket machinery shared by TCP and Unix streams.
 struct Stream<T: AsFd + 'static> {
     io: Rc<Async<T>>,
-    /// The multishot receive, under [`SocketIo::Multishot`] on io_uring (made on first read).
-    recv: RecvSlot,
-}
-
-/// A stream's multishot receive, if it has one; closed (its buffers given back, its receive
-/// cancelled) when the stream goes.
-struct RecvSlot(std::cell::OnceCell<Option<Rc<MultiRecv>>>);
-
-impl Drop for RecvSlot {
-    fn drop(&mut self) {
-        if let Some(Some(m)) = self.0.get() {
-            m.close();
-        }
-    }
+    /// The multishot receive, under [`SocketIo::Multishot`] on io_uring (made on first read;
+    /// its buffers given back and its receive cancelled when the stream goes).
+    recv: CloseOnDrop<MultiRecv>,
 }
 
 impl<T: AsFd + 'static> Stream<T> {
     fn new(io: T) -> io::Result<Self> {
         Ok(Stream {
             io: Rc::new(Async::new(io)?),
-            recv: RecvSlot(std::cell::OnceCell::new()),
+            recv: CloseOnDrop::new(),
         })
     }
 
@@ -217,27 +206,16 @@ impl<T: AsFd + 'static> Stream<T> {
 /// The listening machinery shared by TCP and Unix listeners.
 struct Listener<T: AsFd + 'static> {
     io: Rc<Async<T>>,
-    /// The multishot accept, under [`SocketIo::Multishot`] on io_uring (made on first accept).
-    accepts: AcceptSlot,
-}
-
-/// A listener's multishot accept, if it has one; closed (its queued sockets closed, its
-/// accept cancelled) when the listener goes.
-struct AcceptSlot(std::cell::OnceCell<Option<Rc<MultiAccept>>>);
-
-impl Drop for AcceptSlot {
-    fn drop(&mut self) {
-        if let Some(Some(m)) = self.0.get() {
-            m.close();
-        }
-    }
+    /// The multishot accept, under [`SocketIo::Multishot`] on io_uring (made on first accept;
+    /// its queued sockets closed and its accept cancelled when the listener goes).
+    accepts: CloseOnDrop<MultiAccept>,
 }
 
 impl<T: AsFd + 'static> Listener<T> {
     fn new(io: T) -> io::Result<Self> {
         Ok(Listener {
             io: Rc::new(Async::new(io)?),
-            accepts: AcceptSlot(std::cell::OnceCell::new()),
+            accepts: CloseOnDrop::new(),
         })
     }
 

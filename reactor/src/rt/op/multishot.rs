@@ -39,6 +39,76 @@ use crate::reactor::{Reactor, Shared};
 const CQE_F_BUFFER: u32 = 1 << 0;
 const CQE_BUFFER_SHIFT: u32 = 16;
 
+/// What a socket's multishot operation does when its owner goes: cancel the operation and let
+/// go of what it holds.
+pub(crate) trait Close {
+    fn close(&self);
+}
+
+/// A socket's multishot operation, if it has one (decided on first use), closed when the
+/// socket goes.
+pub(crate) struct CloseOnDrop<T: Close>(pub(crate) std::cell::OnceCell<Option<Rc<T>>>);
+
+impl<T: Close> CloseOnDrop<T> {
+    pub(crate) fn new() -> Self {
+        CloseOnDrop(std::cell::OnceCell::new())
+    }
+}
+
+impl<T: Close> Drop for CloseOnDrop<T> {
+    fn drop(&mut self) {
+        if let Some(Some(m)) = self.0.get() {
+            m.close();
+        }
+    }
+}
+
+/// Whether one multishot operation is armed, and whether its cancellation was asked for.
+#[derive(Default)]
+pub(crate) struct Armed {
+    id: Cell<Option<OpId>>,
+    cancelling: Cell<bool>,
+}
+
+impl Armed {
+    /// The armed operation, if any.
+    pub(crate) fn id(&self) -> Option<OpId> {
+        self.id.get()
+    }
+
+    /// `id` was just submitted.
+    pub(crate) fn set(&self, id: OpId) {
+        self.id.set(Some(id));
+        self.cancelling.set(false);
+    }
+
+    /// A completion arrived; without `more`, the operation is over.
+    pub(crate) fn completed(&self, more: bool) {
+        if !more {
+            self.id.set(None);
+            self.cancelling.set(false);
+        }
+    }
+
+    /// Asks the reactor owning `shared` to cancel the operation, once (from its thread, in or
+    /// out of its poll).
+    pub(crate) fn cancel(&self, shared: &Arc<Shared>) {
+        let Some(id) = self.id.get() else { return };
+        if self.cancelling.replace(true) {
+            return;
+        }
+        let done = Reactor::with_current_for(shared, |r| {
+            let _ = r.cancel_sqe(id);
+        });
+        if done.is_none() {
+            // Outside the reactor's poll: the cancellation runs at its next iteration.
+            let _ = crate::Handle::new(shared.clone()).oneshot(move |r| {
+                let _ = r.cancel_sqe(id);
+            });
+        }
+    }
+}
+
 /// Received bytes not yet read: `len` bytes of buffer `bid` from `off`.
 #[derive(Debug, Clone, Copy)]
 struct Chunk {
@@ -55,9 +125,7 @@ pub(crate) struct MultiRecv {
     fd: RawFd,
     chunks: RefCell<VecDeque<Chunk>>,
     /// The armed receive, if any.
-    armed: Cell<Option<OpId>>,
-    /// A cancellation of the armed receive was asked for (back-pressure or drop).
-    cancelling: Cell<bool>,
+    armed: Armed,
     eof: Cell<bool>,
     error: RefCell<Option<io::Error>>,
     waker: RefCell<Option<Waker>>,
@@ -74,8 +142,7 @@ impl MultiRecv {
             shared: r.shared().clone(),
             fd,
             chunks: RefCell::new(VecDeque::with_capacity(STREAM_BUFS + 2)),
-            armed: Cell::new(None),
-            cancelling: Cell::new(false),
+            armed: Armed::default(),
             eof: Cell::new(false),
             error: RefCell::new(None),
             waker: RefCell::new(None),
@@ -105,7 +172,7 @@ impl MultiRecv {
         if self.eof.get() {
             return Some(Poll::Ready(Ok(0)));
         }
-        if self.armed.get().is_none() {
+        if self.armed.id().is_none() {
             if self.ring.available() == 0 {
                 return None;
             }
@@ -155,46 +222,18 @@ impl MultiRecv {
             unsafe { r.submit_op(sqe, callback) }
         })
         .unwrap_or_else(|| Err(crate::io::no_reactor()))?;
-        self.armed.set(Some(id));
-        self.cancelling.set(false);
+        self.armed.set(id);
         Ok(())
-    }
-
-    /// Asks the reactor to cancel the armed receive (from its thread, in or out of its poll).
-    fn cancel(&self) {
-        let Some(id) = self.armed.get() else { return };
-        if self.cancelling.replace(true) {
-            return;
-        }
-        let done = Reactor::with_current_for(&self.shared, |r| {
-            let _ = r.cancel_sqe(id);
-        });
-        if done.is_none() {
-            // Outside the reactor's poll: the cancellation runs at its next iteration.
-            let _ = crate::Handle::new(self.shared.clone()).oneshot(move |r| {
-                let _ = r.cancel_sqe(id);
-            });
-        }
     }
 
     /// The socket is leaving the reactor: cancels the receive, keeping what already arrived.
     pub(crate) fn close_receive(&self) {
-        self.cancel();
-    }
-
-    /// The stream is going: gives back what it holds and cancels its receive.
-    pub(crate) fn close(&self) {
-        self.closed.set(true);
-        let held: Vec<Chunk> = self.chunks.borrow_mut().drain(..).collect();
-        for c in held {
-            self.ring.give(c.bid);
-        }
-        self.cancel();
+        self.armed.cancel(&self.shared);
     }
 
     /// Whether a receive is armed (or being cancelled).
     pub(crate) fn armed(&self) -> bool {
-        self.armed.get().is_some()
+        self.armed.id().is_some()
     }
 
     /// Whether received bytes are waiting to be read.
@@ -203,12 +242,21 @@ impl MultiRecv {
     }
 }
 
+impl Close for MultiRecv {
+    /// The stream is going: gives back what it holds and cancels its receive.
+    fn close(&self) {
+        self.closed.set(true);
+        let held: Vec<Chunk> = self.chunks.borrow_mut().drain(..).collect();
+        for c in held {
+            self.ring.give(c.bid);
+        }
+        self.armed.cancel(&self.shared);
+    }
+}
+
 impl OnComplete for MultiRecv {
     fn on_complete(&self, _: &Reactor, c: Completion) {
-        if !c.more() {
-            self.armed.set(None);
-            self.cancelling.set(false);
-        }
+        self.armed.completed(c.more());
         if c.flags & CQE_F_BUFFER != 0 {
             let bid = (c.flags >> CQE_BUFFER_SHIFT) as u16;
             self.ring.took(bid);
@@ -222,7 +270,7 @@ impl OnComplete for MultiRecv {
                 });
                 if self.chunks.borrow().len() >= STREAM_BUFS && c.more() {
                     // Back-pressure: stop receiving until the application reads.
-                    self.cancel();
+                    self.armed.cancel(&self.shared);
                 }
             }
         } else if c.result == 0 {

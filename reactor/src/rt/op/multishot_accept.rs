@@ -23,7 +23,8 @@ use std::task::{Context, Poll, Waker};
 
 use io_uring::{opcode, types};
 
-use crate::fd::ops::{Completion, OnComplete, OpCallback, OpId};
+use super::multishot::{Armed, Close};
+use crate::fd::ops::{Completion, OnComplete, OpCallback};
 use crate::lockfree::sync::Arc;
 use crate::reactor::{Reactor, Shared};
 
@@ -35,8 +36,7 @@ pub(crate) struct MultiAccept {
     shared: Arc<Shared>,
     fd: RawFd,
     queue: RefCell<VecDeque<OwnedFd>>,
-    armed: Cell<Option<OpId>>,
-    cancelling: Cell<bool>,
+    armed: Armed,
     error: RefCell<Option<io::Error>>,
     waker: RefCell<Option<Waker>>,
     closed: Cell<bool>,
@@ -49,8 +49,7 @@ impl MultiAccept {
             shared: r.shared().clone(),
             fd,
             queue: RefCell::new(VecDeque::new()),
-            armed: Cell::new(None),
-            cancelling: Cell::new(false),
+            armed: Armed::default(),
             error: RefCell::new(None),
             waker: RefCell::new(None),
             closed: Cell::new(false),
@@ -65,7 +64,7 @@ impl MultiAccept {
         if let Some(e) = self.error.borrow_mut().take() {
             return Poll::Ready(Err(e));
         }
-        if self.armed.get().is_none() {
+        if self.armed.id().is_none() {
             if let Err(e) = self.arm() {
                 return Poll::Ready(Err(e));
             }
@@ -85,41 +84,23 @@ impl MultiAccept {
             unsafe { r.submit_op(sqe, callback) }
         })
         .unwrap_or_else(|| Err(crate::io::no_reactor()))?;
-        self.armed.set(Some(id));
-        self.cancelling.set(false);
+        self.armed.set(id);
         Ok(())
     }
+}
 
-    fn cancel(&self) {
-        let Some(id) = self.armed.get() else { return };
-        if self.cancelling.replace(true) {
-            return;
-        }
-        let done = Reactor::with_current_for(&self.shared, |r| {
-            let _ = r.cancel_sqe(id);
-        });
-        if done.is_none() {
-            // Outside the reactor's poll: the cancellation runs at its next iteration.
-            let _ = crate::Handle::new(self.shared.clone()).oneshot(move |r| {
-                let _ = r.cancel_sqe(id);
-            });
-        }
-    }
-
+impl Close for MultiAccept {
     /// The listener is going: closes the queued sockets and cancels the accept.
-    pub(crate) fn close(&self) {
+    fn close(&self) {
         self.closed.set(true);
         self.queue.borrow_mut().clear();
-        self.cancel();
+        self.armed.cancel(&self.shared);
     }
 }
 
 impl OnComplete for MultiAccept {
     fn on_complete(&self, _: &Reactor, c: Completion) {
-        if !c.more() {
-            self.armed.set(None);
-            self.cancelling.set(false);
-        }
+        self.armed.completed(c.more());
         if c.result >= 0 {
             // SAFETY: a fresh descriptor from the kernel, owned by nobody else.
             let fd = unsafe { OwnedFd::from_raw_fd(c.result) };
@@ -130,7 +111,7 @@ impl OnComplete for MultiAccept {
             q.push_back(fd);
             if q.len() >= BACKLOG && c.more() {
                 drop(q);
-                self.cancel();
+                self.armed.cancel(&self.shared);
             }
         } else if -c.result != libc::ECANCELED && !self.closed.get() {
             *self.error.borrow_mut() = Some(io::Error::from_raw_os_error(-c.result));
