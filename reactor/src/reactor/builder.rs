@@ -22,6 +22,12 @@ use crate::lockfree::event_notifier::EventNotifier;
 /// [`Completion`](SocketIo::Completion) is the default; [`Readiness`](SocketIo::Readiness)
 /// and [`Multishot`](SocketIo::Multishot) remain selectable. On epoll all three mean
 /// readiness.
+///
+/// `Multishot` did not beat `Completion` on request/response (server CPU per request, four
+/// runs each, same runs): 64 B 3.7–4.9 µs vs 3.6–4.8 µs, 1 KiB 4.1–5.3 µs vs 4.3–5.0 µs,
+/// 1,000 connections 5.6–5.9 µs vs 5.7–6.4 µs; and it cost more on 64 KiB messages (a 4 KiB
+/// provided buffer per completion, then a copy: 46 µs vs 32 µs per message). It saves the
+/// per-read SQE and op state, not the kernel's TCP work, which dominates here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SocketIo {
     /// Readiness (a poll on the fd) and non-blocking system calls, on both backends.
