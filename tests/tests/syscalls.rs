@@ -1,4 +1,5 @@
-//! A busy reactor takes work from other threads without any system call.
+//! A busy reactor takes work from other threads without any system call, and a socket read
+//! after a short one waits for readiness instead of trying the socket.
 //!
 //! The home thread runs under a seccomp filter that makes `read`, `write` (the eventfd) and,
 //! on io_uring, `io_uring_enter` fail. If the reactor made one of those calls while busy, the
@@ -16,6 +17,13 @@ backend_tests! {
     fn a_busy_reactor_takes_cross_thread_work_without_system_calls(r: &Reactor) {
         let backend = r.backend();
         std::thread::spawn(move || run(backend)).join().expect("home thread failed");
+    }
+
+    fn a_read_after_a_short_read_waits_for_readiness_without_a_system_call(r: &Reactor) {
+        let backend = r.backend();
+        std::thread::spawn(move || short_read(backend))
+            .join()
+            .expect("test thread failed");
     }
 }
 
@@ -69,4 +77,32 @@ fn run(backend: Backend) {
     assert!(after.notify_skipped >= before.notify_skipped + N);
     assert!(local_runs.get() > 2);
     me.borrow_mut().take();
+}
+
+/// A receive shorter than its buffer drained the socket: the next read (on the readiness path,
+/// which epoll always takes) waits for an event instead of trying the socket first and
+/// failing with `EAGAIN`.
+fn short_read(backend: Backend) {
+    use std::io::Write;
+    let r = reactor::Reactor::builder()
+        .backend(backend)
+        .socket_io(reactor::net::SocketIo::Readiness)
+        .build()
+        .expect("reactor");
+    let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+    r.block_on(async {
+        let s = reactor::net::UnixStream::from_std(a).unwrap();
+        b.write_all(b"abc").unwrap();
+        let (res, _) = s.read(Vec::with_capacity(64)).await;
+        assert_eq!(res.unwrap(), 3, "a short read");
+        // From here, a receive on this thread fails with EDOM instead of EAGAIN.
+        seccomp::deny_on_this_thread(&[libc::SYS_recvfrom, libc::SYS_read], libc::EDOM)
+            .expect("seccomp filter");
+        let next = futures_lite::future::poll_once(s.read(Vec::with_capacity(64))).await;
+        assert!(
+            next.is_none(),
+            "the read after a short one tried the socket: {:?}",
+            next.map(|(res, _)| res)
+        );
+    });
 }

@@ -228,8 +228,11 @@ impl<T: AsFd + 'static> Async<T> {
     }
 
     /// Runs the non-blocking `op` until it does not return `WouldBlock`, waiting for read
-    /// readiness in between.
+    /// readiness in between (and first, if the last attempt found nothing to read).
     pub async fn read_with<R>(&self, mut op: impl FnMut(&T) -> io::Result<R>) -> io::Result<R> {
+        if !self.reg.read.ready.get() {
+            self.readable().await?;
+        }
         loop {
             match op(self.get_ref()) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -239,6 +242,11 @@ impl<T: AsFd + 'static> Async<T> {
                 r => return r,
             }
         }
+    }
+
+    /// The last read found the fd drained: the next `read_with` waits for an event first.
+    pub(crate) fn clear_read_ready(&self) {
+        self.reg.read.ready.set(false);
     }
 
     /// Runs the non-blocking `op` until it does not return `WouldBlock`, waiting for write
@@ -268,7 +276,13 @@ impl<T: AsFd + 'static> Async<T> {
             // SAFETY: writes at most `buf.len()` bytes into `buf`.
             let n = unsafe { libc::read(self.fd(), buf.as_mut_ptr().cast(), buf.len()) };
             let e = match cvt(n) {
-                Ok(n) => return Poll::Ready(Ok(n as usize)),
+                Ok(n) => {
+                    if (n as usize) < buf.len() {
+                        // Drained: the next read waits for an event first (see `Op::drained`).
+                        self.reg.read.ready.set(false);
+                    }
+                    return Poll::Ready(Ok(n as usize));
+                }
                 Err(e) => e,
             };
             match e.kind() {

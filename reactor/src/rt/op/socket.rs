@@ -42,6 +42,10 @@ unsafe impl<T: AsFd + 'static, B: IoBufMut> Op for Recv<T, B> {
         cvt(unsafe { libc::recv(self.fd(), ptr.cast(), len, 0) }).map(|n| n as usize)
     }
 
+    fn drained(&self, n: usize) -> bool {
+        n < self.buf.bytes_total()
+    }
+
     fn complete(mut self, res: io::Result<usize>) -> Self::Output {
         if let Ok(n) = res {
             // SAFETY: `n` bytes were received into the room.
