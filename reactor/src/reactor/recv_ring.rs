@@ -37,7 +37,15 @@ impl Reactor {
             self.monitor
                 .borrow_mut()
                 .register_buf_ring(ring.addr(), ring.count(), RECV_GROUP)
-        }?;
+        }
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "SocketIo::Multishot: registering the receive buffer ring failed (provided-buffer rings need Linux 5.19; choose SocketIo::Completion on older kernels): {e}"
+                ),
+            )
+        })?;
         *self.recv_ring.borrow_mut() = Some(ring.clone());
         Ok(ring)
     }
