@@ -51,7 +51,8 @@ impl Reactor {
     }
 
     /// At drop, after every operation is over: unregisters the ring. If that fails, the memory
-    /// is leaked rather than freed under the kernel (the ring's own close then drops it).
+    /// is leaked rather than freed while the kernel may still name it (closing the ring, just
+    /// after, drops the kernel's registration; the memory stays leaked).
     pub(super) fn drop_recv_ring(&self) {
         if let Some(ring) = self.recv_ring.borrow_mut().take() {
             if let Err(e) = self.monitor.borrow_mut().unregister_buf_ring(RECV_GROUP) {

@@ -246,8 +246,7 @@ impl Close for MultiRecv {
     /// The stream is going: gives back what it holds and cancels its receive.
     fn close(&self) {
         self.closed.set(true);
-        let held: Vec<Chunk> = self.chunks.borrow_mut().drain(..).collect();
-        for c in held {
+        for c in self.chunks.borrow_mut().drain(..) {
             self.ring.give(c.bid);
         }
         self.armed.cancel(&self.shared);
