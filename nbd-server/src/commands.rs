@@ -1,59 +1,20 @@
 //! The work of each command once admitted: file I/O through `reactor::fs` (io_uring
-//! operations on the uring backend, the thread pool on epoll), then the reply.
+//! operations on the uring backend, the thread pool on epoll), then the reply. READ is in
+//! [`crate::read`].
 
 use std::io;
 
-use reactor::io::Slice;
-
-use crate::proto::{self, REPLY_LEN, Request, cflag, cmd, err};
+use crate::extents;
+use crate::proto::{self, Request, cflag, cmd, err};
 use crate::session::Ticket;
+use crate::structured::{self, BASE_ALLOCATION_ID, state};
 
-/// A READ is read in pieces of at most this size, so that one for a client that went away
-/// stops early.
-const READ_CHUNK: usize = 1 << 20;
+pub(crate) use crate::read::read;
 
-/// READ: the data goes straight into the reply buffer, behind the header.
-pub(crate) async fn read(t: Ticket, req: Request) {
-    let s = t.session();
-    let end = REPLY_LEN + req.length as usize;
-    if s.broken() {
-        // Nobody will read the reply: don't do the work.
-        return t.finish_with(err::EIO);
-    }
-    let mut buf = s.take_buf(end);
-    buf.resize(REPLY_LEN, 0);
-    let mut error = 0;
-    while buf.len() < end {
-        if s.broken() {
-            error = err::EIO;
-            break;
-        }
-        let done = buf.len() - REPLY_LEN;
-        // In bounds: the request was checked against the export's size.
-        let at = req.offset + done as u64;
-        let range = Slice::range(
-            buf,
-            REPLY_LEN + done,
-            end.min(REPLY_LEN + done + READ_CHUNK),
-        );
-        let (res, b) = s.export.file().read_at(range, at).await;
-        buf = b.into_inner();
-        match res {
-            // The file shrank under the export.
-            Ok(0) => error = err::EIO,
-            Ok(_) => continue,
-            Err(e) => error = proto::errno(&e),
-        }
-        break;
-    }
-    if error != 0 {
-        // An error reply carries no data.
-        s.recycle(buf);
-        return t.finish_with(error);
-    }
-    proto::simple_reply(&mut buf, 0, req.handle);
-    t.finish(buf);
-}
+/// Extents reported by one BLOCK_STATUS reply at most (the client asks again from where it
+/// ends). Each costs up to two `lseek` calls on the connection's thread, so this bounds the
+/// time one request holds it.
+const MAX_EXTENTS: usize = 512;
 
 /// WRITE: acknowledged once the kernel took all of it, and with FUA once it is on disk.
 pub(crate) async fn write(t: Ticket, req: Request, payload: Vec<u8>) {
@@ -152,4 +113,53 @@ async fn write_zeros(s: &crate::session::Session, offset: u64, len: u64) -> io::
         }
     }
     Ok(())
+}
+
+/// CACHE: starts reading the range into the page cache (`POSIX_FADV_WILLNEED`) and replies
+/// without waiting for the data.
+pub(crate) async fn cache(t: Ticket, req: Request) {
+    let s = t.session();
+    if s.broken() {
+        return t.finish_with(err::EIO);
+    }
+    let advice = libc::POSIX_FADV_WILLNEED;
+    let res = s
+        .export
+        .file()
+        .fadvise(req.offset, req.length, advice)
+        .await;
+    t.finish_with(res.err().map_or(0, |e| proto::errno(&e)));
+}
+
+/// BLOCK_STATUS for `base:allocation`: the range's holes (`HOLE | ZERO`) and data (0), from
+/// the request's offset, at most [`MAX_EXTENTS`] of them (one with `REQ_ONE`), never past
+/// the request's end.
+pub(crate) async fn block_status(t: Ticket, req: Request) {
+    let s = t.session();
+    if s.broken() {
+        return t.finish_with(err::EIO);
+    }
+    let max = if req.flags & cflag::REQ_ONE != 0 {
+        1
+    } else {
+        MAX_EXTENTS
+    };
+    let mut descriptors = Vec::new();
+    let res = extents::walk(
+        s.export.file(),
+        req.offset,
+        u64::from(req.length),
+        max,
+        |e| {
+            let status = if e.hole { state::HOLE | state::ZERO } else { 0 };
+            // Within the request, whose length is a u32.
+            descriptors.push((e.len as u32, status));
+        },
+    );
+    if let Err(e) = res {
+        return t.finish_with(proto::errno(&e));
+    }
+    let mut buf = s.take_buf(structured::HEADER_LEN + 4 + 8 * descriptors.len());
+    structured::block_status(&mut buf, req.handle, BASE_ALLOCATION_ID, &descriptors);
+    t.finish(buf);
 }

@@ -58,7 +58,9 @@ impl Export {
     /// let e = Export::open(&path, "disk", "", true)?;
     /// assert_eq!(e.size(), 65536);
     /// assert!(e.answers_to(b"disk") && e.answers_to(b"") && !e.answers_to(b"other"));
-    /// assert_ne!(e.transmission_flags() & tflag::READ_ONLY, 0);
+    /// assert_ne!(e.transmission_flags(false) & tflag::READ_ONLY, 0);
+    /// assert_eq!(e.transmission_flags(false) & tflag::SEND_DF, 0);
+    /// assert_ne!(e.transmission_flags(true) & tflag::SEND_DF, 0);
     /// # std::fs::remove_file(&path)?;
     /// # Ok::<(), std::io::Error>(())
     /// ```
@@ -130,18 +132,23 @@ impl Export {
         self.read_only
     }
 
-    /// The transmission flags the handshake sends.
-    pub fn transmission_flags(&self) -> u16 {
+    /// The transmission flags the handshake sends, for a client that negotiated
+    /// `structured` replies or not (`NBD_FLAG_SEND_DF` goes only with them).
+    pub fn transmission_flags(&self, structured: bool) -> u16 {
         let mut f = tflag::HAS_FLAGS
             | tflag::SEND_FLUSH
             | tflag::SEND_FUA
             | tflag::SEND_TRIM
             | tflag::SEND_WRITE_ZEROES
             | tflag::SEND_FAST_ZERO
+            | tflag::SEND_CACHE
             // One file, one page cache: a flush on any connection covers them all.
             | tflag::CAN_MULTI_CONN;
         if self.read_only {
             f |= tflag::READ_ONLY;
+        }
+        if structured {
+            f |= tflag::SEND_DF;
         }
         f
     }

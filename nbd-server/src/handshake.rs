@@ -1,21 +1,33 @@
 //! The fixed-newstyle negotiation: greeting, client flags, then options until the client
-//! chooses the export (`NBD_OPT_GO` or `NBD_OPT_EXPORT_NAME`) or leaves.
+//! chooses the export (`NBD_OPT_GO` or `NBD_OPT_EXPORT_NAME`) or leaves. Structured replies
+//! and the `base:allocation` meta context are negotiated here; TLS and extended headers are
+//! refused (`NBD_REP_ERR_UNSUP`), and clients carry on without them.
 
 use std::io;
 
 use crate::conn::{Reader, Sock};
 use crate::export::Export;
+use crate::meta;
 use crate::proto::{self, info, opt, rep};
 
 /// Option data longer than this closes the connection: the longest valid option (`GO` with a
 /// 4096-byte name and a few hundred info requests) is far shorter.
 const MAX_OPTION_DATA: u32 = 64 * 1024;
 
+/// What the client negotiated for the transmission phase.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Negotiated {
+    /// Structured replies (`NBD_OPT_STRUCTURED_REPLY`).
+    pub(crate) structured: bool,
+    /// `base:allocation` selected by the last `NBD_OPT_SET_META_CONTEXT`.
+    pub(crate) base_allocation: bool,
+}
+
 /// How the negotiation ended.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Outcome {
     /// Enter transmission.
-    Transmission,
+    Transmission(Negotiated),
     /// The client aborted; close.
     Aborted,
 }
@@ -47,6 +59,7 @@ pub(crate) async fn negotiate(
         return Err(invalid(format!("unknown client flags {cflags:#x}")));
     }
     let no_zeroes = cflags & proto::FLAG_C_NO_ZEROES != 0;
+    let mut got = Negotiated::default();
 
     loop {
         let hdr = rd.read_array::<16>(sock).await?;
@@ -70,12 +83,13 @@ pub(crate) async fn negotiate(
                     )));
                 }
                 out.extend_from_slice(&export.size().to_be_bytes());
-                out.extend_from_slice(&export.transmission_flags().to_be_bytes());
+                let flags = export.transmission_flags(got.structured);
+                out.extend_from_slice(&flags.to_be_bytes());
                 if !no_zeroes {
                     out.extend_from_slice(&[0u8; 124]);
                 }
                 send(sock, out).await?;
-                return Ok(Outcome::Transmission);
+                return Ok(Outcome::Transmission(got));
             }
             opt::ABORT => {
                 proto::option_reply(&mut out, option, rep::ACK, &[]);
@@ -97,14 +111,27 @@ pub(crate) async fn negotiate(
                 }
             }
             opt::INFO | opt::GO => {
-                if info_or_go(&mut out, option, &data, export) && option == opt::GO {
+                let described = info_or_go(&mut out, option, &data, export, got.structured);
+                if described && option == opt::GO {
                     send(sock, out).await?;
-                    return Ok(Outcome::Transmission);
+                    return Ok(Outcome::Transmission(got));
                 }
             }
             opt::STRUCTURED_REPLY => {
-                let msg = b"structured replies are not supported; simple replies only";
-                proto::option_reply(&mut out, option, rep::ERR_UNSUP, msg);
+                if data.is_empty() {
+                    got.structured = true;
+                    proto::option_reply(&mut out, option, rep::ACK, &[]);
+                } else {
+                    let msg = b"NBD_OPT_STRUCTURED_REPLY takes no data";
+                    proto::option_reply(&mut out, option, rep::ERR_INVALID, msg);
+                }
+            }
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                let set = option == opt::SET_META_CONTEXT;
+                let selected = meta::answer(&mut out, option, &data, export, got.structured, set);
+                if set {
+                    got.base_allocation = selected;
+                }
             }
             opt::STARTTLS => {
                 proto::option_reply(&mut out, option, rep::ERR_UNSUP, b"TLS is not supported");
@@ -120,7 +147,13 @@ pub(crate) async fn negotiate(
 
 /// Answers `NBD_OPT_INFO`/`NBD_OPT_GO` into `out`; true when the export was described (and
 /// acknowledged).
-fn info_or_go(out: &mut Vec<u8>, option: u32, data: &[u8], export: &Export) -> bool {
+fn info_or_go(
+    out: &mut Vec<u8>,
+    option: u32,
+    data: &[u8],
+    export: &Export,
+    structured: bool,
+) -> bool {
     let Some((name, requests)) = parse_info_request(data) else {
         let msg = b"malformed NBD_OPT_INFO/NBD_OPT_GO data";
         proto::option_reply(out, option, rep::ERR_INVALID, msg);
@@ -134,7 +167,7 @@ fn info_or_go(out: &mut Vec<u8>, option: u32, data: &[u8], export: &Export) -> b
     let mut item = Vec::with_capacity(16);
     item.extend_from_slice(&info::EXPORT.to_be_bytes());
     item.extend_from_slice(&export.size().to_be_bytes());
-    item.extend_from_slice(&export.transmission_flags().to_be_bytes());
+    item.extend_from_slice(&export.transmission_flags(structured).to_be_bytes());
     proto::option_reply(out, option, rep::INFO, &item);
     for req in requests.chunks_exact(2) {
         let req = u16::from_be_bytes([req[0], req[1]]);

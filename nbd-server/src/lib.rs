@@ -46,12 +46,16 @@ mod budget;
 mod commands;
 mod conn;
 mod export;
+mod extents;
 mod handshake;
 mod log;
+mod meta;
 pub mod proto;
+mod read;
 mod server;
 mod session;
 mod stop;
+pub mod structured;
 pub mod transmission;
 
 pub use budget::{DEFAULT_MAX_MEMORY, MIN_MAX_MEMORY};

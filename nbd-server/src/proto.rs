@@ -1,5 +1,6 @@
 //! The NBD wire format (fixed newstyle negotiation, simple replies): constants, the request
 //! header, and the encoders for the server's messages. All integers are big-endian.
+//! Structured replies are in [`crate::structured`].
 
 use std::io;
 
@@ -37,8 +38,12 @@ pub mod tflag {
     pub const SEND_TRIM: u16 = 1 << 5;
     /// `NBD_CMD_WRITE_ZEROES` is supported.
     pub const SEND_WRITE_ZEROES: u16 = 1 << 6;
+    /// `NBD_CMD_FLAG_DF` is supported (only with structured replies).
+    pub const SEND_DF: u16 = 1 << 7;
     /// Flush and FUA take effect for every connection to the export.
     pub const CAN_MULTI_CONN: u16 = 1 << 8;
+    /// `NBD_CMD_CACHE` is supported.
+    pub const SEND_CACHE: u16 = 1 << 10;
     /// `NBD_CMD_FLAG_FAST_ZERO` is supported.
     pub const SEND_FAST_ZERO: u16 = 1 << 11;
 }
@@ -57,8 +62,14 @@ pub mod opt {
     pub const INFO: u32 = 6;
     /// Describe an export and enter transmission.
     pub const GO: u32 = 7;
-    /// Negotiate structured replies (refused: simple replies only).
+    /// Negotiate structured replies.
     pub const STRUCTURED_REPLY: u32 = 8;
+    /// List the meta contexts matching some queries.
+    pub const LIST_META_CONTEXT: u32 = 9;
+    /// Select meta contexts for `NBD_CMD_BLOCK_STATUS`.
+    pub const SET_META_CONTEXT: u32 = 10;
+    /// Negotiate extended headers (refused: 32-bit lengths only).
+    pub const EXTENDED_HEADERS: u32 = 11;
 }
 
 /// Option reply types.
@@ -69,12 +80,16 @@ pub mod rep {
     pub const SERVER: u32 = 2;
     /// Describe an export.
     pub const INFO: u32 = 3;
+    /// One meta context: its id and name.
+    pub const META_CONTEXT: u32 = 4;
     /// The option is not supported.
     pub const ERR_UNSUP: u32 = 0x8000_0001;
     /// The option is malformed.
     pub const ERR_INVALID: u32 = 0x8000_0003;
     /// No such export.
     pub const ERR_UNKNOWN: u32 = 0x8000_0006;
+    /// The request is too large (too many meta context queries).
+    pub const ERR_TOO_BIG: u32 = 0x8000_0009;
 }
 
 /// `NBD_INFO_*` items of `NBD_REP_INFO`.
@@ -101,8 +116,12 @@ pub mod cmd {
     pub const FLUSH: u16 = 3;
     /// Discard a range (a hint).
     pub const TRIM: u16 = 4;
+    /// Read a range ahead into the server's cache (a hint).
+    pub const CACHE: u16 = 5;
     /// Make a range read back as zeros.
     pub const WRITE_ZEROES: u16 = 6;
+    /// Report the allocation of a range (needs a meta context).
+    pub const BLOCK_STATUS: u16 = 7;
 }
 
 /// Command flags.
@@ -111,6 +130,10 @@ pub mod cflag {
     pub const FUA: u16 = 1 << 0;
     /// `WRITE_ZEROES`: allocate, do not punch a hole.
     pub const NO_HOLE: u16 = 1 << 1;
+    /// `READ`: one data chunk, no holes (only with structured replies).
+    pub const DF: u16 = 1 << 2;
+    /// `BLOCK_STATUS`: describe one extent only.
+    pub const REQ_ONE: u16 = 1 << 3;
     /// `WRITE_ZEROES`: fail with `ENOTSUP` rather than be slow.
     pub const FAST_ZERO: u16 = 1 << 4;
 }

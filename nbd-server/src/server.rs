@@ -573,7 +573,7 @@ async fn connection(sock: Sock, export: Arc<Export>, limit: Option<Duration>, li
         None => negotiation.await,
     };
     let res = match outcome {
-        Ok(Outcome::Transmission) => transmission::serve(sock, rd, export, limits).await,
+        Ok(Outcome::Transmission(got)) => transmission::serve(sock, rd, export, got, limits).await,
         Ok(Outcome::Aborted) => Ok(()),
         Err(e) => Err(e),
     };

@@ -17,7 +17,9 @@ use reactor::io::Slice;
 use crate::budget::{Budget, Grant};
 use crate::conn::Sock;
 use crate::export::Export;
-use crate::proto::{self, REPLY_LEN, err};
+use crate::handshake::Negotiated;
+use crate::proto::{self, REPLY_LEN, Request, cmd, err};
+use crate::structured;
 
 /// Requests of one connection in flight at once; the reader waits for a slot beyond this.
 pub const MAX_IN_FLIGHT: usize = 128;
@@ -53,6 +55,7 @@ type Ready = (Vec<u8>, usize, Option<Grant>);
 pub(crate) struct Session {
     pub(crate) sock: Sock,
     pub(crate) export: Arc<Export>,
+    pub(crate) negotiated: Negotiated,
     limits: Limits,
     /// Replies ready to send.
     outbox: RefCell<VecDeque<Ready>>,
@@ -82,6 +85,9 @@ pub(crate) struct Session {
 pub(crate) struct Ticket {
     s: Rc<Session>,
     handle: u64,
+    /// The reply must be structured (a READ or BLOCK_STATUS after structured replies were
+    /// negotiated), errors included.
+    structured: bool,
     bytes: usize,
     grant: Option<Grant>,
     done: bool,
@@ -98,9 +104,14 @@ impl Ticket {
         self.s.complete(reply, self.bytes, self.grant.take());
     }
 
+    /// Whether the reply must be made of structured chunks.
+    pub(crate) fn structured(&self) -> bool {
+        self.structured
+    }
+
     /// Queues a reply without data: `error` 0 for success.
     pub(crate) fn finish_with(self, error: u32) {
-        let reply = self.s.header(error, self.handle);
+        let reply = self.s.header(error, self.handle, self.structured);
         self.finish(reply);
     }
 }
@@ -108,7 +119,7 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         if !self.done {
-            let reply = self.s.header(err::EIO, self.handle);
+            let reply = self.s.header(err::EIO, self.handle, self.structured);
             self.s.complete(reply, self.bytes, self.grant.take());
         }
     }
@@ -121,10 +132,16 @@ fn wake(slot: &Cell<Option<Waker>>) {
 }
 
 impl Session {
-    pub(crate) fn new(sock: Sock, export: Arc<Export>, limits: Limits) -> Session {
+    pub(crate) fn new(
+        sock: Sock,
+        export: Arc<Export>,
+        negotiated: Negotiated,
+        limits: Limits,
+    ) -> Session {
         Session {
             sock,
             export,
+            negotiated,
             limits,
             outbox: RefCell::new(VecDeque::with_capacity(MAX_IN_FLIGHT)),
             pending: Cell::new(0),
@@ -172,11 +189,30 @@ impl Session {
         }
     }
 
-    /// A reply header in a pooled buffer (room for data behind it is the caller's to add).
-    pub(crate) fn header(&self, error: u32, handle: u64) -> Vec<u8> {
-        let mut b = self.take_buf(REPLY_LEN);
-        b.resize(REPLY_LEN, 0);
-        proto::simple_reply(&mut b, error, handle);
+    /// Whether the reply to `req` must be made of structured chunks.
+    pub(crate) fn chunked(&self, req: &Request) -> bool {
+        self.negotiated.structured && matches!(req.kind, cmd::READ | cmd::BLOCK_STATUS)
+    }
+
+    /// A reply without data in a pooled buffer: a simple reply, or for a `structured` one an
+    /// error chunk (a final `NONE` chunk for success).
+    pub(crate) fn header(&self, error: u32, handle: u64, structured: bool) -> Vec<u8> {
+        let mut b = self.take_buf(structured::ERROR_LEN);
+        match (structured, error) {
+            (false, _) => {
+                b.resize(REPLY_LEN, 0);
+                proto::simple_reply(&mut b, error, handle);
+            }
+            (true, 0) => {
+                b.resize(structured::HEADER_LEN, 0);
+                let done = structured::FLAG_DONE;
+                structured::header(&mut b, done, structured::kind::NONE, handle, 0);
+            }
+            (true, _) => {
+                b.resize(structured::ERROR_LEN, 0);
+                structured::error(&mut b, handle, error);
+            }
+        }
         if error != 0 {
             // Relaxed: a statistics counter.
             self.export.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -184,9 +220,10 @@ impl Session {
         b
     }
 
-    /// Queues a reply that needs no task (an error found while parsing, an empty request).
-    pub(crate) fn reply_now(&self, error: u32, handle: u64) {
-        let b = self.header(error, handle);
+    /// Queues a reply to `req` that needs no task (an error found while parsing, an empty
+    /// request).
+    pub(crate) fn reply_now(&self, req: &Request, error: u32) {
+        let b = self.header(error, req.handle, self.chunked(req));
         self.bytes.set(self.bytes.get() + REPLY_LEN);
         self.outbox.borrow_mut().push_back((b, REPLY_LEN, None));
         wake(&self.writer_waker);
@@ -216,9 +253,9 @@ impl Session {
         self.broken.get()
     }
 
-    /// Admits the request `handle` with `bytes` of payload: waits for room on the connection,
-    /// then for the payload's share of the server's budget, and counts it.
-    pub(crate) async fn admit(self: &Rc<Self>, handle: u64, bytes: usize) -> Ticket {
+    /// Admits `req` with `bytes` of payload: waits for room on the connection, then for the
+    /// payload's share of the server's budget, and counts it.
+    pub(crate) async fn admit(self: &Rc<Self>, req: &Request, bytes: usize) -> Ticket {
         self.room(bytes).await;
         // A broken connection's request is never run: it takes none of the budget.
         let grant = if bytes > 0 && !self.broken.get() {
@@ -231,7 +268,8 @@ impl Session {
         self.bytes.set(self.bytes.get() + bytes);
         Ticket {
             s: self.clone(),
-            handle,
+            handle: req.handle,
+            structured: self.chunked(req),
             bytes,
             grant,
             done: false,
@@ -400,10 +438,22 @@ mod tests {
             let export = Export::open(&path, "", "", false).unwrap();
             r.block_on(async {
                 let (a, b) = reactor::net::UnixStream::pair().unwrap();
-                let s = Rc::new(Session::new(Sock::Unix(a), export, test_limits()));
+                let s = Rc::new(Session::new(
+                    Sock::Unix(a),
+                    export,
+                    Negotiated::default(),
+                    test_limits(),
+                ));
                 let w = Reactor::with_current(|r| r.spawn_local(writer(s.clone()))).unwrap();
-                let dropped = s.admit(42, 4096).await;
-                let finished = s.admit(43, 0).await;
+                let req = |handle| Request {
+                    flags: 0,
+                    kind: cmd::READ,
+                    handle,
+                    offset: 0,
+                    length: 4096,
+                };
+                let dropped = s.admit(&req(42), 4096).await;
+                let finished = s.admit(&req(43), 0).await;
                 finished.finish_with(0);
                 drop(dropped); // as when its task panics or is dropped
                 s.close();
@@ -431,7 +481,7 @@ mod tests {
         let export = Export::open(&path, "", "", false).unwrap();
         r.block_on(async {
             let (a, _b) = reactor::net::UnixStream::pair().unwrap();
-            let s = Session::new(Sock::Unix(a), export, test_limits());
+            let s = Session::new(Sock::Unix(a), export, Negotiated::default(), test_limits());
             for _ in 0..100 {
                 s.recycle(Vec::with_capacity(1 << 20));
                 s.recycle(Vec::with_capacity(16));

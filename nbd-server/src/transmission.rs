@@ -12,6 +12,7 @@ use reactor::Reactor;
 use crate::commands;
 use crate::conn::{Reader, Sock};
 use crate::export::Export;
+use crate::handshake::Negotiated;
 use crate::proto::{self, Request, cflag, cmd, err};
 use crate::session::{Limits, Session, writer};
 use crate::stop::Stop;
@@ -32,11 +33,12 @@ pub(crate) async fn serve(
     sock: Sock,
     rd: Reader,
     export: Arc<Export>,
+    negotiated: Negotiated,
     limits: Limits,
 ) -> io::Result<()> {
     // Relaxed: a statistics counter.
     export.stats.connections.fetch_add(1, Ordering::Relaxed);
-    let s = Rc::new(Session::new(sock, export, limits));
+    let s = Rc::new(Session::new(sock, export, negotiated, limits));
     let writer = spawn(writer(s.clone()));
     let watchdog = spawn(s.clone().idle_watchdog());
     let res = read_requests(&s, rd).await;
@@ -59,6 +61,22 @@ pub(crate) async fn serve(
 
 fn spawn<F: Future + 'static>(f: F) -> reactor::JoinHandle<F::Output> {
     Reactor::with_current(|r| r.spawn_local(f)).expect("connections run inside a reactor")
+}
+
+/// Why `req` is refused before it runs (0: it is not): flags outside `allowed`, a write to
+/// a read-only export, or a range past the end (`past_end`, the error each command's
+/// specification asks for).
+fn refusal(s: &Session, req: &Request, allowed: u16, past_end: u32) -> u32 {
+    let writes = matches!(req.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+    if req.flags & !allowed != 0 {
+        err::EINVAL
+    } else if writes && s.export.read_only() {
+        err::EPERM
+    } else if !in_bounds(&s.export, req) {
+        past_end
+    } else {
+        0
+    }
 }
 
 /// Whether `offset + length` lies inside the export.
@@ -92,7 +110,6 @@ async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
         }
         let req = Request::parse(&header?)?;
         s.requests.set(s.requests.get() + 1);
-        let ro = s.export.read_only();
         let len = req.length as usize;
         match req.kind {
             cmd::DISC => return Ok(()),
@@ -103,77 +120,81 @@ async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
                         format!("WRITE of {} bytes exceeds the 32 MiB maximum", req.length),
                     ));
                 }
-                let refuse = if req.flags & !cflag::FUA != 0 {
-                    err::EINVAL
-                } else if ro {
-                    err::EPERM
-                } else if !in_bounds(&s.export, &req) {
-                    err::ENOSPC
-                } else {
-                    0
-                };
+                let refuse = refusal(s, &req, cflag::FUA, err::ENOSPC);
                 if refuse != 0 || len == 0 {
                     rd.skip(sock, u64::from(req.length)).await?;
-                    s.reply_now(refuse, req.handle);
+                    s.reply_now(&req, refuse);
                     continue;
                 }
-                let ticket = s.admit(req.handle, len).await;
+                let ticket = s.admit(&req, len).await;
                 // (On an error the ticket is dropped: an EIO reply nobody will read.)
                 let payload = rd.read_into(sock, s.take_buf(len), len).await?;
                 spawn(commands::write(ticket, req, payload)).detach();
             }
             cmd::READ => {
-                let refuse = if req.flags & !cflag::FUA != 0
-                    || req.length > proto::MAX_PAYLOAD
-                    || !in_bounds(&s.export, &req)
-                {
-                    err::EINVAL
+                // Don't-fragment means something only with structured replies.
+                let df = if s.negotiated.structured {
+                    cflag::DF
                 } else {
                     0
                 };
+                let mut refuse = refusal(s, &req, cflag::FUA | df, err::EINVAL);
+                if req.length > proto::MAX_PAYLOAD {
+                    refuse = err::EINVAL;
+                }
                 if refuse != 0 || len == 0 {
-                    s.reply_now(refuse, req.handle);
+                    s.reply_now(&req, refuse);
                     continue;
                 }
-                let ticket = s.admit(req.handle, len).await;
+                let ticket = s.admit(&req, len).await;
                 spawn(commands::read(ticket, req)).detach();
             }
             cmd::FLUSH => {
                 if req.flags & !cflag::FUA != 0 {
-                    s.reply_now(err::EINVAL, req.handle);
+                    s.reply_now(&req, err::EINVAL);
                     continue;
                 }
-                let ticket = s.admit(req.handle, 0).await;
+                let ticket = s.admit(&req, 0).await;
                 spawn(commands::flush(ticket)).detach();
             }
             cmd::TRIM | cmd::WRITE_ZEROES => {
-                let allowed = if req.kind == cmd::TRIM {
-                    cflag::FUA
+                let (allowed, past_end) = if req.kind == cmd::TRIM {
+                    (cflag::FUA, err::EINVAL)
                 } else {
-                    cflag::FUA | cflag::NO_HOLE | cflag::FAST_ZERO
+                    (cflag::FUA | cflag::NO_HOLE | cflag::FAST_ZERO, err::ENOSPC)
                 };
-                let past_end = if req.kind == cmd::TRIM {
-                    err::EINVAL
-                } else {
-                    err::ENOSPC
-                };
-                let refuse = if req.flags & !allowed != 0 {
-                    err::EINVAL
-                } else if ro {
-                    err::EPERM
-                } else if !in_bounds(&s.export, &req) {
-                    past_end
-                } else {
-                    0
-                };
+                let refuse = refusal(s, &req, allowed, past_end);
                 if refuse != 0 || len == 0 {
-                    s.reply_now(refuse, req.handle);
+                    s.reply_now(&req, refuse);
                     continue;
                 }
-                let ticket = s.admit(req.handle, 0).await;
+                let ticket = s.admit(&req, 0).await;
                 spawn(commands::discard_or_zero(ticket, req)).detach();
             }
-            _ => s.reply_now(err::EINVAL, req.handle),
+            cmd::CACHE => {
+                let refuse = refusal(s, &req, 0, err::EINVAL);
+                if refuse != 0 || len == 0 {
+                    s.reply_now(&req, refuse);
+                    continue;
+                }
+                let ticket = s.admit(&req, 0).await;
+                spawn(commands::cache(ticket, req)).detach();
+            }
+            cmd::BLOCK_STATUS => {
+                let mut refuse = refusal(s, &req, cflag::REQ_ONE, err::EINVAL);
+                // Without a meta context selected there is nothing to report; a zero length
+                // has no extent to describe.
+                if !s.negotiated.base_allocation || len == 0 {
+                    refuse = err::EINVAL;
+                }
+                if refuse != 0 {
+                    s.reply_now(&req, refuse);
+                    continue;
+                }
+                let ticket = s.admit(&req, 0).await;
+                spawn(commands::block_status(ticket, req)).detach();
+            }
+            _ => s.reply_now(&req, err::EINVAL),
         }
     }
 }

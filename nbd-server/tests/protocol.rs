@@ -62,18 +62,19 @@ backend_tests! {
         assert_eq!(kinds, [(rep::INFO, info::EXPORT), (rep::INFO, info::BLOCK_SIZE), (rep::INFO, info::NAME), (rep::INFO, info::DESCRIPTION), (rep::ACK, u16::MAX)]);
         assert_eq!(u64::from_be_bytes(v[0].data[2..10].try_into().unwrap()), SIZE as u64);
         let flags = u16::from_be_bytes(v[0].data[10..12].try_into().unwrap());
-        for f in [tflag::HAS_FLAGS, tflag::SEND_FLUSH, tflag::SEND_FUA, tflag::SEND_TRIM, tflag::SEND_WRITE_ZEROES, tflag::CAN_MULTI_CONN] {
+        for f in [tflag::HAS_FLAGS, tflag::SEND_FLUSH, tflag::SEND_FUA, tflag::SEND_TRIM, tflag::SEND_WRITE_ZEROES, tflag::CAN_MULTI_CONN, tflag::SEND_CACHE] {
             assert_ne!(flags & f, 0, "flag {f:#x} in {flags:#x}");
         }
         assert_eq!(flags & tflag::READ_ONLY, 0);
+        assert_eq!(flags & tflag::SEND_DF, 0, "DF only with structured replies");
         assert_eq!(&v[1].data[2..], [&1u32.to_be_bytes()[..], &4096u32.to_be_bytes(), &(32u32 << 20).to_be_bytes()].concat());
         assert_eq!(&v[2].data[2..], b"disk");
         assert_eq!(&v[3].data[2..], b"a test disk");
         c.option(opt::INFO, &[0, 0, 0, 4, b'd']);
         assert_eq!(c.opt_reply().kind, rep::ERR_INVALID);
-        // Refused: structured replies, TLS, anything unknown. Each refusal leaves the
+        // Refused: TLS, extended headers, anything unknown. Each refusal leaves the
         // negotiation usable.
-        for o in [opt::STRUCTURED_REPLY, opt::STARTTLS, 9, 10, 11, 4242] {
+        for o in [opt::STARTTLS, opt::EXTENDED_HEADERS, 4242] {
             c.option(o, &[]);
             let r = c.opt_reply();
             assert_eq!((r.option, r.kind), (o, rep::ERR_UNSUP), "option {o}");

@@ -8,6 +8,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 pub use nbd_server::proto::{self, cflag, cmd, err, info, opt, rep, tflag};
+pub use nbd_server::structured;
 
 /// A client connection with a read timeout, so a server that hangs fails the test.
 pub struct Client {
@@ -170,6 +171,203 @@ impl Client {
         assert_eq!(h, handle);
         e
     }
+}
+
+/// One structured reply chunk.
+#[derive(Debug)]
+pub struct Chunk {
+    pub flags: u16,
+    pub kind: u16,
+    pub handle: u64,
+    pub payload: Vec<u8>,
+}
+
+impl Chunk {
+    /// The error value of an error chunk.
+    pub fn error(&self) -> u32 {
+        assert_eq!(self.kind, structured::kind::ERROR, "{self:?}");
+        u32::from_be_bytes(self.payload[0..4].try_into().unwrap())
+    }
+
+    /// The offset of a data or hole chunk.
+    pub fn offset(&self) -> u64 {
+        u64::from_be_bytes(self.payload[0..8].try_into().unwrap())
+    }
+}
+
+impl Client {
+    /// Handshake, structured replies, `base:allocation` if `meta`, then GO for `name`:
+    /// returns (size, transmission flags).
+    pub fn structured_go(&mut self, name: &str, meta: bool) -> (u64, u16) {
+        self.handshake(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES);
+        self.option(opt::STRUCTURED_REPLY, &[]);
+        let r = self.opt_reply();
+        assert_eq!((r.option, r.kind), (opt::STRUCTURED_REPLY, rep::ACK));
+        if meta {
+            let got = self.meta_context(opt::SET_META_CONTEXT, name, &["base:allocation"]);
+            assert_eq!(
+                got,
+                [(
+                    structured::BASE_ALLOCATION_ID,
+                    "base:allocation".to_string()
+                )]
+            );
+        }
+        let replies = self.info_or_go(opt::GO, name, &[]);
+        assert_eq!(
+            replies.last().unwrap().kind,
+            rep::ACK,
+            "GO refused: {replies:?}"
+        );
+        let export = &replies[0];
+        let size = u64::from_be_bytes(export.data[2..10].try_into().unwrap());
+        let flags = u16::from_be_bytes(export.data[10..12].try_into().unwrap());
+        (size, flags)
+    }
+
+    /// Sends a LIST or SET meta context option; returns the contexts (id, name) replied
+    /// before the ACK. Panics on an error reply.
+    pub fn meta_context(
+        &mut self,
+        option: u32,
+        name: &str,
+        queries: &[&str],
+    ) -> Vec<(u32, String)> {
+        self.option(option, &meta_data(name, queries));
+        let mut v = Vec::new();
+        loop {
+            let r = self.opt_reply();
+            assert_eq!(r.option, option);
+            match r.kind {
+                rep::META_CONTEXT => v.push((
+                    u32::from_be_bytes(r.data[0..4].try_into().unwrap()),
+                    String::from_utf8(r.data[4..].to_vec()).unwrap(),
+                )),
+                rep::ACK => return v,
+                k => panic!(
+                    "meta context option refused: {k:#x} {:?}",
+                    String::from_utf8_lossy(&r.data)
+                ),
+            }
+        }
+    }
+
+    /// Reads one structured chunk.
+    pub fn chunk(&mut self) -> Chunk {
+        let h = self.recv(structured::HEADER_LEN);
+        assert_eq!(
+            &h[0..4],
+            &structured::MAGIC.to_be_bytes(),
+            "not a structured reply: {h:?}"
+        );
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        Chunk {
+            flags: u16::from_be_bytes(h[4..6].try_into().unwrap()),
+            kind: u16::from_be_bytes(h[6..8].try_into().unwrap()),
+            handle: u64::from_be_bytes(h[8..16].try_into().unwrap()),
+            payload: self.recv(len),
+        }
+    }
+
+    /// Reads the chunks of one reply, up to and including the one marked done; every chunk
+    /// must carry `handle`.
+    pub fn chunks(&mut self, handle: u64) -> Vec<Chunk> {
+        let mut v = Vec::new();
+        loop {
+            let c = self.chunk();
+            assert_eq!(c.handle, handle, "{c:?}");
+            let done = c.flags & structured::FLAG_DONE != 0;
+            v.push(c);
+            if done {
+                return v;
+            }
+        }
+    }
+
+    /// A structured READ: the error (0 for success) and the bytes the chunks describe, holes
+    /// as zeros. Checks that the chunks cover the range exactly, without overlap.
+    pub fn read_chunks(
+        &mut self,
+        flags: u16,
+        handle: u64,
+        offset: u64,
+        len: u32,
+    ) -> (u32, Vec<u8>, Vec<Chunk>) {
+        self.request(flags, cmd::READ, handle, offset, len);
+        let chunks = self.chunks(handle);
+        let mut data = vec![0u8; len as usize];
+        let mut covered = vec![false; len as usize];
+        for c in &chunks {
+            let (at, n) = match c.kind {
+                structured::kind::ERROR => return (c.error(), Vec::new(), chunks),
+                structured::kind::OFFSET_DATA => {
+                    let n = c.payload.len() - 8;
+                    let at = (c.offset() - offset) as usize;
+                    data[at..at + n].copy_from_slice(&c.payload[8..]);
+                    (at, n)
+                }
+                structured::kind::OFFSET_HOLE => {
+                    let n = u32::from_be_bytes(c.payload[8..12].try_into().unwrap()) as usize;
+                    assert!(n > 0, "an empty hole chunk");
+                    ((c.offset() - offset) as usize, n)
+                }
+                structured::kind::NONE => continue,
+                k => panic!("unexpected chunk type {k}"),
+            };
+            for b in &mut covered[at..at + n] {
+                assert!(!*b, "chunks overlap at {}", offset + at as u64);
+                *b = true;
+            }
+        }
+        assert!(
+            covered.iter().all(|b| *b),
+            "the chunks leave part of the range uncovered"
+        );
+        (0, data, chunks)
+    }
+
+    /// BLOCK_STATUS: the error, or the descriptors (length, status) of the one chunk.
+    pub fn block_status(
+        &mut self,
+        flags: u16,
+        handle: u64,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<(u32, u32)>, u32> {
+        self.request(flags, cmd::BLOCK_STATUS, handle, offset, len);
+        let chunks = self.chunks(handle);
+        assert_eq!(chunks.len(), 1, "{chunks:?}");
+        let c = &chunks[0];
+        if c.kind == structured::kind::ERROR {
+            return Err(c.error());
+        }
+        assert_eq!(c.kind, structured::kind::BLOCK_STATUS);
+        assert_eq!(
+            &c.payload[0..4],
+            &structured::BASE_ALLOCATION_ID.to_be_bytes()
+        );
+        Ok(c.payload[4..]
+            .chunks_exact(8)
+            .map(|d| {
+                (
+                    u32::from_be_bytes(d[0..4].try_into().unwrap()),
+                    u32::from_be_bytes(d[4..8].try_into().unwrap()),
+                )
+            })
+            .collect())
+    }
+}
+
+/// The data of a LIST or SET meta context option.
+pub fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
+    d
 }
 
 /// A scratch file of `size` bytes filled with a known pattern, under the target directory.

@@ -50,7 +50,8 @@ use crate::io::{IoBuf, IoBufMut, Slice};
 use crate::reactor::Reactor;
 pub use crate::rt::fixed::{FixedBuf, FixedBufPool, MAX_FIXED_BUFFERS};
 use crate::rt::op::file::{
-    Fallocate, FileFd, Fsync, Open, ReadAt, ReadAtFixed, ReadvAt, WriteAt, WriteAtFixed, WritevAt,
+    Fadvise, Fallocate, FileFd, Fsync, Open, ReadAt, ReadAtFixed, ReadvAt, WriteAt, WriteAtFixed,
+    WritevAt,
 };
 use crate::rt::op::run;
 
@@ -379,6 +380,42 @@ impl File {
             mode,
             offset,
             len,
+        })
+        .await
+    }
+
+    /// Tells the kernel how a byte range will be used (`posix_fadvise(2)`): for example
+    /// `libc::POSIX_FADV_WILLNEED` starts reading it into the page cache and returns without
+    /// waiting for that, `libc::POSIX_FADV_DONTNEED` drops its clean pages. `len` 0 means to
+    /// the end of the file. An io_uring operation on the uring backend, the thread pool on
+    /// epoll (a read-ahead can block while it queues the reads).
+    ///
+    /// # Errors
+    /// `posix_fadvise`'s: `EINVAL` for an unknown `advice`, `ESPIPE` for a pipe;
+    /// `InvalidInput` for an offset past the largest a file can have.
+    ///
+    /// ```
+    /// # let r = reactor::Reactor::new()?;
+    /// # let path = std::env::temp_dir().join(format!("fadvise-doc-{}", std::process::id()));
+    /// # std::fs::write(&path, vec![7u8; 65536])?;
+    /// r.block_on(async {
+    ///     let f = reactor::fs::File::open(&path).await?;
+    ///     f.fadvise(0, 65536, libc::POSIX_FADV_WILLNEED).await?;
+    ///     let e = f.fadvise(0, 0, 4242).await.unwrap_err();
+    ///     assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+    ///     # std::fs::remove_file(&path)?;
+    ///     Ok::<(), std::io::Error>(())
+    /// })?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub async fn fadvise(&self, offset: u64, len: u32, advice: i32) -> io::Result<()> {
+        check_offset(offset)?;
+        let fd = self.fd.clone();
+        run(Fadvise {
+            fd,
+            offset,
+            len,
+            advice,
         })
         .await
     }
