@@ -3,87 +3,12 @@
 //! `.ci/run` does it): without them these tests fail, they are not skipped. (The reactor
 //! each test gets from `backend_tests!` only names the backend the binary is told to use.)
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
 
+use std::process::Command;
+
+use common::served::*;
 use tests::backend_tests;
-
-/// The server binary, killed (SIGKILL) on drop unless it was stopped before.
-struct Served {
-    child: Child,
-    url: String,
-    unix_url: Option<String>,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn scratch(tag: &str, backend: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("interop-{tag}-{backend}-{}", std::process::id()))
-}
-
-fn serve(backend: &str, file: &Path, extra: &[&str]) -> Served {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nbd-server"))
-        .args(["--backend", backend, "--bind", "127.0.0.1:0", "-x", "disk"])
-        .args(extra)
-        .arg(file)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start nbd-server");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut url = None;
-    let mut unix_url = None;
-    let want = 1 + extra.contains(&"--socket") as usize;
-    for _ in 0..want {
-        let mut line = String::new();
-        out.read_line(&mut line)
-            .expect("nbd-server's listening line");
-        if let Some(a) = line.trim().strip_prefix("nbd-server: listening on tcp ") {
-            url = Some(format!("nbd://{a}/disk"));
-        } else if let Some(p) = line.trim().strip_prefix("nbd-server: listening on unix ") {
-            unix_url = Some(format!("nbd+unix:///disk?socket={p}"));
-        } else {
-            panic!("unexpected line from nbd-server: {line:?}");
-        }
-    }
-    Served {
-        child,
-        url: url.expect("a TCP listener"),
-        unix_url,
-    }
-}
-
-/// Runs a QEMU tool; panics with its output unless it succeeds. Returns stdout.
-fn qemu(tool: &str, args: &[&str]) -> String {
-    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {tool} ({e}): install QEMU's tools (apt-get install qemu-utils)")
-    });
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 backend_tests! {
     fn qemu_img_info_and_convert_round_trip(r: &Reactor) {

@@ -178,6 +178,30 @@ backend_tests! {
         std::fs::remove_file(&path).unwrap();
     }
 
+    fn fadvise_drops_and_reads_ahead_the_page_cache(r: &Reactor) {
+        const LEN: usize = 1 << 20;
+        let path = scratch("fadvise", r);
+        std::fs::write(&path, vec![0x5a; LEN]).unwrap();
+        r.block_on(async {
+            let f = File::open(&path).await.unwrap();
+            f.fsync().await.unwrap();
+            // Clean pages go with DONTNEED; WILLNEED brings them back without a read.
+            f.fadvise(0, 0, libc::POSIX_FADV_DONTNEED).await.unwrap();
+            assert!(resident(&f, LEN) < LEN / 4096 / 2, "DONTNEED dropped the pages");
+            f.fadvise(0, LEN as u32, libc::POSIX_FADV_WILLNEED).await.unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while resident(&f, LEN) < LEN / 4096 {
+                assert!(std::time::Instant::now() < deadline, "WILLNEED read the range ahead");
+                reactor::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            let e = f.fadvise(0, 0, 4242).await.unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+            let e = f.fadvise(u64::MAX, 1, libc::POSIX_FADV_WILLNEED).await.unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+        });
+        std::fs::remove_file(&path).unwrap();
+    }
+
     fn slices_append_reads_and_continue_writes(r: &Reactor) {
         use reactor::io::Slice;
         let path = scratch("slice", r);
@@ -219,4 +243,27 @@ backend_tests! {
         assert_eq!(res.unwrap_err().kind(), std::io::ErrorKind::Other);
         assert_eq!(buf.capacity(), 8, "the buffer comes back");
     }
+}
+
+/// Pages of the first `len` bytes of `f` in the page cache (`mincore` over a mapping).
+fn resident(f: &File, len: usize) -> usize {
+    use std::os::fd::AsRawFd;
+    let pages = len.div_ceil(4096);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: a fresh read-only shared mapping of an open file, unmapped below; mincore
+    // writes one byte per page into a vector that long.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED, "mmap");
+        assert_eq!(libc::mincore(p, len, vec.as_mut_ptr()), 0, "mincore");
+        libc::munmap(p, len);
+    }
+    vec.iter().filter(|&&b| b & 1 != 0).count()
 }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod served;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;

@@ -1,0 +1,93 @@
+//! The `nbd-server` binary as a child process, for the tests that drive it with other
+//! programs (QEMU's tools, libnbd's).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// The server binary, killed (SIGKILL) on drop unless it was stopped before.
+pub struct Served {
+    pub child: Child,
+    pub url: String,
+    pub unix_url: Option<String>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn scratch(tag: &str, backend: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("interop-{tag}-{backend}-{}", std::process::id()))
+}
+
+pub fn serve(backend: &str, file: &Path, extra: &[&str]) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nbd-server"))
+        .args(["--backend", backend, "--bind", "127.0.0.1:0", "-x", "disk"])
+        .args(extra)
+        .arg(file)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start nbd-server");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut url = None;
+    let mut unix_url = None;
+    let want = 1 + extra.contains(&"--socket") as usize;
+    for _ in 0..want {
+        let mut line = String::new();
+        out.read_line(&mut line)
+            .expect("nbd-server's listening line");
+        if let Some(a) = line.trim().strip_prefix("nbd-server: listening on tcp ") {
+            url = Some(format!("nbd://{a}/disk"));
+        } else if let Some(p) = line.trim().strip_prefix("nbd-server: listening on unix ") {
+            unix_url = Some(format!("nbd+unix:///disk?socket={p}"));
+        } else {
+            panic!("unexpected line from nbd-server: {line:?}");
+        }
+    }
+    Served {
+        child,
+        url: url.expect("a TCP listener"),
+        unix_url,
+    }
+}
+
+/// Runs a QEMU tool; panics with its output unless it succeeds. Returns stdout.
+pub fn qemu(tool: &str, args: &[&str]) -> String {
+    run(tool, args)
+}
+
+/// Runs `tool` (a QEMU or libnbd program); panics with its output unless it succeeds, and
+/// says which package brings it when it is missing. Returns stdout.
+pub fn run(tool: &str, args: &[&str]) -> String {
+    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| {
+        let package = if tool.starts_with("qemu") {
+            "qemu-utils"
+        } else {
+            "libnbd-bin"
+        };
+        panic!("cannot run {tool} ({e}): install it (apt-get install {package}; .ci/run does)")
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
