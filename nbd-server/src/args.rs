@@ -1,193 +1,218 @@
-//! The command line of the `nbd-server` binary.
+//! The command line of the `nbd-server` binary (parsed by clap: `--help`, `--version`,
+//! suggestions for mistyped options, and an `NBD_SERVER_*` environment variable behind most
+//! options), and the program itself ([`main`]).
 
 use std::io;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::Parser;
 use reactor::PollParams;
 
+use crate::activation::{self, Listener, PidFile};
 use crate::server::{Config, Server};
 
-/// The usage text.
-pub const USAGE: &str = "\
-usage: nbd-server [OPTIONS] FILE
-
-Serves FILE over NBD (fixed newstyle, simple replies).
-
-  -b, --bind ADDR          TCP address to listen on (default 127.0.0.1:10809 unless
-                           --socket is given; port 0 picks a free one)
-  -k, --socket PATH        Unix socket to listen on (created; removed at exit)
-  -x, --export-name NAME   export name (default \"\"; \"\" always reaches the export)
-  -D, --description TEXT   export description
-  -r, --read-only          refuse writes with EPERM
-  -t, --iothreads N        IoThreads serving connections, round robin (default 1)
-      --handshake-limit S  seconds a client may take to choose the export (default 10;
-                           0: no limit)
-      --max-memory SIZE    payload bytes in flight across all connections (K, M, G
-                           suffixes; default 512M, at least 64M); admission waits
-                           beyond it
-      --max-connections N  connections served at once; more are closed at once
-                           (default: the fd limit less 64)
-      --idle-timeout S     seconds a client may leave its replies unread before it is
-                           disconnected (default 60; 0: no limit)
-      --backend B          auto | uring | epoll (default auto; REACTOR_BACKEND also works)
-      --poll-max-ns N      adaptive busy polling ceiling of the IoThreads in ns
-                           (default 0: off; 32768 is the IoThread default)
-      --socket-io M        completion | readiness: how sockets do I/O on io_uring
-                           (default completion; ignored on epoll)
-  -h, --help               this text
-
+const AFTER_HELP: &str = "\
 Logs to stderr at the level NBD_SERVER_LOG names (error, warn, info, debug, trace; default
 warn). Runs until SIGINT or SIGTERM. Prints one line per listener on stdout once it serves:
   nbd-server: listening on tcp 127.0.0.1:10809
-  nbd-server: listening on unix /run/disk.sock";
+  nbd-server: listening on unix /run/disk.sock
 
-/// What the command line asks for.
-#[derive(Debug)]
-// Made once per run: the size of `Serve` costs nothing worth a box.
-#[allow(clippy::large_enum_variant)]
-pub enum Command {
-    /// Serve with this configuration.
-    Serve(Config),
-    /// Print the usage.
-    Help,
+Socket activation: started by systemd with LISTEN_PID and LISTEN_FDS, it serves the passed
+listening sockets (TCP or Unix) instead of --bind and --socket, which it then refuses; with
+NOTIFY_SOCKET set it sends READY=1 once it serves (for Type=notify units).";
+
+/// How sockets do I/O on the io_uring backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SocketIoArg {
+    /// Each read and write is an io_uring operation.
+    Completion,
+    /// Wait for readiness, then read or write with a system call.
+    Readiness,
 }
 
-fn bad(msg: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, msg.into())
+/// Serves FILE (a regular file or a block device) over NBD: fixed newstyle negotiation,
+/// structured replies, base:allocation block status, multi-conn.
+#[derive(Debug, Parser)]
+#[command(name = "nbd-server", version, after_help = AFTER_HELP)]
+pub struct Args {
+    /// The file (or block device) to export.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// TCP address to listen on (default 127.0.0.1:10809 unless --socket is given or
+    /// sockets are passed; port 0 picks a free one).
+    #[arg(short = 'b', long, value_name = "ADDR", env = "NBD_SERVER_BIND")]
+    pub bind: Option<SocketAddr>,
+    /// Unix socket to listen on (created; removed at exit).
+    #[arg(
+        short = 'k',
+        long = "socket",
+        value_name = "PATH",
+        env = "NBD_SERVER_SOCKET"
+    )]
+    pub socket: Option<PathBuf>,
+    /// Export name ("" always reaches the export too).
+    #[arg(
+        short = 'x',
+        long,
+        value_name = "NAME",
+        default_value = "",
+        env = "NBD_SERVER_EXPORT_NAME"
+    )]
+    pub export_name: String,
+    /// Export description.
+    #[arg(short = 'D', long, value_name = "TEXT", default_value = "")]
+    pub description: String,
+    /// Refuse writes with EPERM (and open FILE read-only).
+    #[arg(short = 'r', long, env = "NBD_SERVER_READ_ONLY")]
+    pub read_only: bool,
+    /// IoThreads serving connections, round robin.
+    #[arg(
+        short = 't',
+        long,
+        value_name = "N",
+        default_value = "1",
+        env = "NBD_SERVER_IOTHREADS"
+    )]
+    pub iothreads: NonZeroUsize,
+    /// Seconds a client may take to choose the export (0: no limit).
+    #[arg(long, value_name = "S", default_value = "10", value_parser = seconds, allow_negative_numbers = true, env = "NBD_SERVER_HANDSHAKE_LIMIT")]
+    pub handshake_limit: Seconds,
+    /// Payload bytes in flight across all connections (K, M, G suffixes; at least 64M);
+    /// admission waits beyond it.
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = memory, env = "NBD_SERVER_MAX_MEMORY")]
+    pub max_memory: usize,
+    /// Connections served at once; more are closed at once (default: the fd limit less 64).
+    #[arg(long, value_name = "N", env = "NBD_SERVER_MAX_CONNECTIONS")]
+    pub max_connections: Option<NonZeroUsize>,
+    /// Seconds a client may leave its replies unread before it is disconnected (0: no limit).
+    #[arg(long, value_name = "S", default_value = "60", value_parser = seconds, allow_negative_numbers = true, env = "NBD_SERVER_IDLE_TIMEOUT")]
+    pub idle_timeout: Seconds,
+    /// Reactor backend: auto, uring or epoll (auto follows REACTOR_BACKEND if set).
+    #[arg(long, value_name = "B", default_value = "auto")]
+    pub backend: reactor::Backend,
+    /// Adaptive busy polling ceiling of the IoThreads in ns (0: off; 32768 is the IoThread
+    /// default).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        env = "NBD_SERVER_POLL_MAX_NS"
+    )]
+    pub poll_max_ns: u64,
+    /// How sockets do I/O on io_uring (ignored on epoll).
+    #[arg(long, value_name = "M", value_enum, default_value = "completion")]
+    socket_io: SocketIoArg,
+    /// Write the process id to PATH once serving (replacing a stale file); removed at exit.
+    #[arg(long, value_name = "PATH", env = "NBD_SERVER_PID_FILE")]
+    pub pid_file: Option<PathBuf>,
+}
+
+/// Seconds given on the command line; `None` for 0 (no limit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seconds(pub Option<Duration>);
+
+fn seconds(v: &str) -> Result<Seconds, String> {
+    let secs: f64 = v
+        .parse()
+        .ok()
+        .filter(|s: &f64| s.is_finite() && *s >= 0.0 && *s < 1e9)
+        .ok_or("want seconds, 0 or more")?;
+    Ok(Seconds((secs > 0.0).then(|| Duration::from_secs_f64(secs))))
+}
+
+/// A byte count with an optional K, M or G suffix (powers of 1024), at least 64M.
+fn memory(v: &str) -> Result<usize, String> {
+    let (digits, shift) = match v.as_bytes().last() {
+        Some(b'k' | b'K') => (&v[..v.len() - 1], 10),
+        Some(b'm' | b'M') => (&v[..v.len() - 1], 20),
+        Some(b'g' | b'G') => (&v[..v.len() - 1], 30),
+        _ => (v, 0),
+    };
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|&n| n >= crate::MIN_MAX_MEMORY)
+        .ok_or_else(|| "want a size of 64M or more".into())
 }
 
 /// Parses the arguments (without the program name).
 ///
 /// # Errors
-/// `InvalidInput` naming the bad or missing argument.
+/// clap's error for a bad or missing argument (its message names it), and for `--help` and
+/// `--version` (whose "error" is the text to print; [`clap::Error::exit`] prints it).
 ///
 /// ```
-/// use nbd_server::args::{parse, Command};
-/// let Command::Serve(cfg) = parse(["-r", "-t", "2", "--bind", "127.0.0.1:0", "disk.raw"])? else {
-///     unreachable!()
-/// };
+/// use nbd_server::args::parse;
+/// let a = parse(["-r", "-t", "2", "--bind", "127.0.0.1:0", "disk.raw"]).unwrap();
+/// let cfg = a.config(Vec::new())?;
 /// assert!(cfg.read_only);
 /// assert_eq!(cfg.iothreads, 2);
 /// assert_eq!(cfg.tcp.unwrap().port(), 0);
 /// assert!(parse(["--iothreads", "zero", "disk.raw"]).is_err());
-/// let Command::Serve(cfg) = parse(["--max-memory", "1G", "--idle-timeout", "0", "disk.raw"])? else {
-///     unreachable!()
-/// };
+/// let cfg = parse(["--max-memory", "1G", "--idle-timeout", "0", "disk.raw"]).unwrap().config(Vec::new())?;
 /// assert_eq!(cfg.max_memory, 1 << 30);
 /// assert_eq!(cfg.idle_timeout, None);
 /// assert!(parse(["--max-memory", "1M", "disk.raw"]).is_err(), "below the 64M floor");
 /// # Ok::<(), std::io::Error>(())
 /// ```
-pub fn parse<I, S>(args: I) -> io::Result<Command>
+pub fn parse<I, S>(args: I) -> Result<Args, clap::Error>
 where
     I: IntoIterator<Item = S>,
-    S: Into<String>,
+    S: Into<std::ffi::OsString> + Clone,
 {
-    let mut it = args.into_iter().map(Into::into);
-    let mut cfg = Config::new("");
-    let mut path = None;
-    let mut bind: Option<SocketAddr> = None;
-    let mut unix = None;
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .ok_or_else(|| bad(format!("{name} needs a value")))
-        };
-        match a.as_str() {
-            "-h" | "--help" => return Ok(Command::Help),
-            "-b" | "--bind" => {
-                let v = value(&a)?;
-                bind = Some(v.parse().map_err(|e| bad(format!("--bind {v}: {e}")))?);
-            }
-            "-k" | "--socket" => unix = Some(value(&a)?.into()),
-            "-x" | "--export-name" => cfg.export_name = value(&a)?,
-            "-D" | "--description" => cfg.description = value(&a)?,
-            "-r" | "--read-only" => cfg.read_only = true,
-            "-t" | "--iothreads" => {
-                let v = value(&a)?;
-                cfg.iothreads = v
-                    .parse()
-                    .ok()
-                    .filter(|&n| n > 0)
-                    .ok_or_else(|| bad(format!("--iothreads {v}: want a number above 0")))?;
-            }
-            "--backend" => cfg.backend = value(&a)?.parse()?,
-            "--handshake-limit" => cfg.handshake_limit = seconds(&a, &value(&a)?)?,
-            "--idle-timeout" => cfg.idle_timeout = seconds(&a, &value(&a)?)?,
-            "--max-memory" => {
-                let v = value(&a)?;
-                cfg.max_memory = size(&v)
-                    .filter(|&n| n >= crate::MIN_MAX_MEMORY)
-                    .ok_or_else(|| bad(format!("--max-memory {v}: want a size of 64M or more")))?;
-            }
-            "--max-connections" => {
-                let v = value(&a)?;
-                cfg.max_connections =
-                    Some(v.parse().ok().filter(|&n: &usize| n > 0).ok_or_else(|| {
-                        bad(format!("--max-connections {v}: want a number above 0"))
-                    })?);
-            }
-            "--socket-io" => {
-                let v = value(&a)?;
-                cfg.socket_io = match v.as_str() {
-                    "completion" => reactor::net::SocketIo::Completion,
-                    "readiness" => reactor::net::SocketIo::Readiness,
-                    _ => {
-                        return Err(bad(format!(
-                            "--socket-io {v}: want completion or readiness"
-                        )));
-                    }
-                };
-            }
-            "--poll-max-ns" => {
-                let v = value(&a)?;
-                let ns: u64 = v
-                    .parse()
-                    .map_err(|e| bad(format!("--poll-max-ns {v}: {e}")))?;
-                cfg.poll = PollParams {
-                    max: Duration::from_nanos(ns),
-                    ..PollParams::IOTHREAD
-                };
-            }
-            s if s.starts_with('-') && s.len() > 1 => {
-                return Err(bad(format!("unknown option {s} (see --help)")));
-            }
-            _ if path.is_some() => return Err(bad(format!("unexpected argument {a}"))),
-            _ => path = Some(a),
+    let argv = std::iter::once(std::ffi::OsString::from("nbd-server"))
+        .chain(args.into_iter().map(Into::into));
+    Args::try_parse_from(argv)
+}
+
+impl Args {
+    /// The server configuration, serving `passed` (sockets from socket activation) when
+    /// there are any.
+    ///
+    /// # Errors
+    /// `InvalidInput` when sockets were passed and `--bind` or `--socket` was given too.
+    pub fn config(&self, passed: Vec<Listener>) -> io::Result<Config> {
+        let mut cfg = Config::new(&self.file);
+        if !passed.is_empty() && (self.bind.is_some() || self.socket.is_some()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "socket activation (LISTEN_FDS) passed listening sockets: --bind and --socket \
+                 cannot be used with it",
+            ));
         }
+        cfg.tcp = match (self.bind, &self.socket, passed.is_empty()) {
+            (Some(b), _, _) => Some(b),
+            (None, None, true) => cfg.tcp,
+            _ => None,
+        };
+        cfg.unix = self.socket.clone();
+        cfg.listeners = passed;
+        cfg.export_name = self.export_name.clone();
+        cfg.description = self.description.clone();
+        cfg.read_only = self.read_only;
+        cfg.iothreads = self.iothreads.get();
+        cfg.handshake_limit = self.handshake_limit.0;
+        cfg.max_memory = self.max_memory;
+        cfg.max_connections = self.max_connections.map(NonZeroUsize::get);
+        cfg.idle_timeout = self.idle_timeout.0;
+        cfg.backend = self.backend;
+        cfg.poll = PollParams {
+            max: Duration::from_nanos(self.poll_max_ns),
+            ..PollParams::IOTHREAD
+        };
+        if self.poll_max_ns == 0 {
+            cfg.poll = PollParams::OFF;
+        }
+        cfg.socket_io = match self.socket_io {
+            SocketIoArg::Completion => reactor::net::SocketIo::Completion,
+            SocketIoArg::Readiness => reactor::net::SocketIo::Readiness,
+        };
+        Ok(cfg)
     }
-    cfg.path = path
-        .ok_or_else(|| bad("the file to export is missing (see --help)"))?
-        .into();
-    cfg.tcp = match (bind, &unix) {
-        (Some(b), _) => Some(b),
-        (None, Some(_)) => None,
-        (None, None) => cfg.tcp,
-    };
-    cfg.unix = unix;
-    Ok(Command::Serve(cfg))
-}
-
-/// Seconds (fractions allowed) for option `name`; 0 is `None` (no limit).
-fn seconds(name: &str, v: &str) -> io::Result<Option<Duration>> {
-    let secs: f64 = v
-        .parse()
-        .ok()
-        .filter(|s: &f64| s.is_finite() && *s >= 0.0 && *s < 1e9)
-        .ok_or_else(|| bad(format!("{name} {v}: want seconds, 0 or more")))?;
-    Ok((secs > 0.0).then(|| Duration::from_secs_f64(secs)))
-}
-
-/// A byte count with an optional K, M or G suffix (powers of 1024).
-fn size(v: &str) -> Option<usize> {
-    let (digits, shift) = match v.as_bytes().last()? {
-        b'k' | b'K' => (&v[..v.len() - 1], 10),
-        b'm' | b'M' => (&v[..v.len() - 1], 20),
-        b'g' | b'G' => (&v[..v.len() - 1], 30),
-        _ => (v, 0),
-    };
-    digits.parse::<usize>().ok()?.checked_mul(1 << shift)
 }
 
 /// The whole `nbd-server` program: parses `args` (without the program name), serves until
@@ -197,12 +222,15 @@ fn size(v: &str) -> Option<usize> {
 pub fn main(args: impl IntoIterator<Item = String>) -> std::process::ExitCode {
     use std::io::Write;
     use std::process::ExitCode;
-    let cfg = match parse(args) {
-        Ok(Command::Serve(cfg)) => cfg,
-        Ok(Command::Help) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
+    let args = match parse(args) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
+    };
+    let cfg = match activation::listen_fds().and_then(|passed| args.config(passed)) {
+        Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("nbd-server: {e}");
             return ExitCode::from(2);
@@ -228,15 +256,22 @@ pub fn main(args: impl IntoIterator<Item = String>) -> std::process::ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let _pid_file = match args.pid_file.as_deref().map(PidFile::write).transpose() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("nbd-server: --pid-file {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     {
         let mut out = std::io::stdout().lock();
-        if let Some(a) = server.tcp_addr() {
-            let _ = writeln!(out, "nbd-server: listening on tcp {a}");
-        }
-        if let Some(p) = server.unix_path() {
-            let _ = writeln!(out, "nbd-server: listening on unix {}", p.display());
+        for e in server.endpoints() {
+            let _ = writeln!(out, "nbd-server: listening on {e}");
         }
         let _ = out.flush();
+    }
+    if let Err(e) = activation::notify_ready() {
+        tracing::warn!("nbd-server: telling systemd it is ready (NOTIFY_SOCKET): {e}");
     }
     let mut sig = 0;
     // SAFETY: `set` is a valid signal set and `sig` a valid out-pointer.
@@ -267,10 +302,10 @@ mod tests {
     use super::*;
 
     fn serve(a: &[&str]) -> Config {
-        match parse(a.iter().copied()).unwrap() {
-            Command::Serve(c) => c,
-            Command::Help => panic!("help"),
-        }
+        parse(a.iter().copied())
+            .unwrap()
+            .config(Vec::new())
+            .unwrap()
     }
 
     #[test]
@@ -308,6 +343,28 @@ mod tests {
         assert_eq!(c.handshake_limit, Some(Duration::from_millis(500)));
         let c = serve(&["--poll-max-ns", "32768", "disk"]);
         assert_eq!(c.poll.max, Duration::from_nanos(32768));
+        assert_eq!(
+            c.poll,
+            PollParams {
+                max: Duration::from_nanos(32768),
+                ..PollParams::IOTHREAD
+            }
+        );
+        let c = serve(&["--max-connections", "5", "--max-memory", "64M", "disk"]);
+        assert_eq!((c.max_connections, c.max_memory), (Some(5), 64 << 20));
+    }
+
+    #[test]
+    fn passed_sockets_replace_the_default_listener_and_refuse_explicit_ones() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let passed = vec![Listener::from(l)];
+        let c = parse(["disk"]).unwrap().config(passed.clone()).unwrap();
+        assert_eq!((c.tcp, c.unix, c.listeners.len()), (None, None, 1));
+        for extra in [["-b", "127.0.0.1:0"], ["-k", "/tmp/x"]] {
+            let a = parse([extra[0], extra[1], "disk"]).unwrap();
+            let e = a.config(passed.clone()).unwrap_err();
+            assert!(e.to_string().contains("socket activation"), "{e}");
+        }
     }
 
     #[test]
@@ -322,13 +379,27 @@ mod tests {
             ),
             (&["--frobnicate", "disk"][..], "--frobnicate"),
             (&["--socket-io", "poll", "disk"][..], "--socket-io"),
+            (&["--max-memory", "1M", "disk"][..], "64M"),
             (&["disk", "extra"][..], "extra"),
-            (&[][..], "missing"),
-            (&["disk", "-x"][..], "-x needs a value"),
+            (&[][..], "FILE"),
+            (&["disk", "-x"][..], "--export-name"),
         ] {
             let e = parse(args.iter().copied()).unwrap_err();
+            assert!(e.use_stderr(), "{args:?}");
             assert!(e.to_string().contains(what), "{args:?}: {e}");
         }
-        assert!(matches!(parse(["-h"]).unwrap(), Command::Help));
+        // A typo gets a suggestion; --help and --version are not errors.
+        let e = parse(["--read-onyl", "disk"]).unwrap_err();
+        assert!(e.to_string().contains("--read-only"), "{e}");
+        for flag in ["--help", "--version"] {
+            let e = parse([flag]).unwrap_err();
+            assert!(!e.use_stderr(), "{flag}");
+        }
+        assert!(
+            parse(["--help"])
+                .unwrap_err()
+                .to_string()
+                .contains("LISTEN_FDS")
+        );
     }
 }

@@ -53,6 +53,7 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+pub mod activation;
 pub mod args;
 mod budget;
 mod commands;
@@ -70,6 +71,7 @@ mod stop;
 pub mod structured;
 pub mod transmission;
 
+pub use activation::{Endpoint, Listener, PidFile};
 pub use budget::{DEFAULT_MAX_MEMORY, MIN_MAX_MEMORY};
 pub use export::{Export, ExportStats};
 pub use server::{

@@ -22,6 +22,7 @@ pub const RESERVED_FDS: usize = 64;
 use reactor::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use reactor::{Backend, Builder, IoThread, PollParams};
 
+use crate::activation::{Endpoint, Listener};
 use crate::budget::{self, Budget};
 use crate::conn::{Reader, Sock};
 use crate::export::{Export, ExportStats};
@@ -59,6 +60,10 @@ pub struct Config {
     /// Unix socket path to listen on; created at start, removed when the server stops. An
     /// existing file there is an error (`AddrInUse`), never silently removed.
     pub unix: Option<PathBuf>,
+    /// Listening sockets made elsewhere (systemd socket activation, see
+    /// [`listen_fds`](crate::activation::listen_fds); a parent process), served besides
+    /// `tcp` and `unix`. Empty by default.
+    pub listeners: Vec<Listener>,
     /// IoThreads serving connections (round robin); at least 1.
     pub iothreads: usize,
     /// Longest time a client may take from connecting to choosing the export; it is
@@ -104,6 +109,7 @@ impl Config {
             read_only: false,
             tcp: Some(SocketAddr::from(([127, 0, 0, 1], 10809))),
             unix: None,
+            listeners: Vec::new(),
             iothreads: 1,
             handshake_limit: Some(DEFAULT_HANDSHAKE_LIMIT),
             max_memory: budget::DEFAULT_MAX_MEMORY,
@@ -132,6 +138,7 @@ pub struct Server {
     export: Arc<Export>,
     tcp_addr: Option<SocketAddr>,
     unix: Option<PathBuf>,
+    endpoints: Vec<Endpoint>,
     acceptor: Option<IoThread>,
     workers: Vec<IoThread>,
     stopper: Stopper,
@@ -198,10 +205,10 @@ impl Server {
                 "nbd-server: at least one connection must be allowed",
             ));
         }
-        if config.tcp.is_none() && config.unix.is_none() {
+        if config.tcp.is_none() && config.unix.is_none() && config.listeners.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "nbd-server: give a TCP address or a Unix socket path to listen on",
+                "nbd-server: give a TCP address, a Unix socket path or a listening socket",
             ));
         }
         if config.iothreads == 0 {
@@ -217,7 +224,21 @@ impl Server {
             config.read_only,
         )?;
         let tcp = config.tcp.map(std::net::TcpListener::bind).transpose()?;
-        let tcp_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
+        let mut tcp_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
+        let mut endpoints: Vec<Endpoint> = tcp_addr.iter().map(|a| Endpoint::Tcp(*a)).collect();
+        // Each inherited listener's own fd, so that the config keeps its copy.
+        let mut inherited = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            let e = l.endpoint()?;
+            if let (None, Endpoint::Tcp(a)) = (tcp_addr, &e) {
+                tcp_addr = Some(*a);
+            }
+            endpoints.push(e);
+            inherited.push(match l {
+                Listener::Tcp(l) => Listener::from(l.try_clone()?),
+                Listener::Unix(l) => Listener::from(l.try_clone()?),
+            });
+        }
         let builder = || {
             let b = Builder::new()
                 .backend(config.backend)
@@ -232,6 +253,7 @@ impl Server {
             export: export.clone(),
             tcp_addr,
             unix: None,
+            endpoints,
             acceptor: Some(acceptor),
             workers,
             stopper: Stopper::default(),
@@ -258,6 +280,7 @@ impl Server {
             Some(p) => {
                 let l = bind_unix(p)?;
                 server.unix = Some(p.clone());
+                server.endpoints.push(Endpoint::Unix(p.clone()));
                 Some(l)
             }
             None => None,
@@ -269,16 +292,38 @@ impl Server {
                 .map_err(closed)?;
         }
         if let Some(l) = unix {
-            h.oneshot(move |r| r.spawn_local(accept_unix(l, dispatch)).detach())
+            let d = dispatch.clone();
+            h.oneshot(move |r| r.spawn_local(accept_unix(l, d)).detach())
                 .map_err(closed)?;
+        }
+        for l in inherited {
+            let d = dispatch.clone();
+            h.oneshot(move |r| match l {
+                Listener::Tcp(l) => {
+                    let l = Arc::into_inner(l).expect("the only reference");
+                    r.spawn_local(accept_tcp(l, d)).detach()
+                }
+                Listener::Unix(l) => {
+                    let l = Arc::into_inner(l).expect("the only reference");
+                    r.spawn_local(accept_unix(l, d)).detach()
+                }
+            })
+            .map_err(closed)?;
         }
         tracing::info!(?server, backend = ?config.backend, "nbd server started");
         Ok(server)
     }
 
-    /// The TCP address listened on (with the port chosen when the config said 0).
+    /// The TCP address listened on (with the port chosen when the config said 0); without
+    /// [`Config::tcp`], the first inherited TCP listener's.
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp_addr
+    }
+
+    /// Every address listened on: [`Config::tcp`], then the inherited listeners, then
+    /// [`Config::unix`].
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
     }
 
     /// The Unix socket listened on.

@@ -1,5 +1,5 @@
 //! The transmission phase: requests are read in order and checked here, then served
-//! concurrently (a task each, many in flight, see [`crate::commands`]), their replies sent
+//! concurrently (a task each, many in flight, see the `commands` module), their replies sent
 //! by the session's writer in completion order.
 
 use std::io;

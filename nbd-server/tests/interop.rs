@@ -109,8 +109,15 @@ fn bad_command_lines_exit_with_2() {
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
-        assert!(String::from_utf8_lossy(&out.stderr).starts_with("nbd-server: "));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.starts_with("error: "), "{err}");
     }
+    let out = Command::new(env!("CARGO_BIN_EXE_nbd-server"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("nbd-server 0."));
     let out = Command::new(env!("CARGO_BIN_EXE_nbd-server"))
         .arg("/nonexistent/x.img")
         .output()

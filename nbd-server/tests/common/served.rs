@@ -91,3 +91,34 @@ pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Makes `cmd`'s child get `fds` as fds 3, 4, ... (open across the exec), the way systemd
+/// passes listening sockets. Any fd numbers work, 3 and 4 included.
+pub fn pass_fds(cmd: &mut Command, fds: &[std::os::fd::RawFd]) {
+    use std::os::unix::process::CommandExt;
+    assert!(fds.len() <= 8);
+    let mut from = [-1; 8];
+    from[..fds.len()].copy_from_slice(fds);
+    let n = fds.len();
+    // SAFETY: only fcntl and dup2 in the child, both async-signal-safe, on fds open in the
+    // parent (so in the child).
+    unsafe {
+        cmd.pre_exec(move || {
+            // First out of the way (copies at 64 and up), then into place: a source that is
+            // already 3 or 4 is neither overwritten nor left close-on-exec.
+            let mut tmp = [-1; 8];
+            for i in 0..n {
+                tmp[i] = libc::fcntl(from[i], libc::F_DUPFD_CLOEXEC, 64);
+                if tmp[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, &t) in tmp.iter().enumerate().take(n) {
+                if libc::dup2(t, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
