@@ -2,10 +2,10 @@
 //! each other, against peers and against raw system-call floors, in one process, and prints a
 //! Markdown table.
 //!
-//! Flags: `--scenario NAME` (repeatable), `--runs N` (default 5), `--quick` (default) or
-//! `--full`, `--json PATH`, `--plot PATH`, `--list`, `--timeout SECS` (per scenario; default
-//! 600 quick, 3600 full), `--inject-failure SCENARIO:KIND` (a test hook: make a scenario fail on
-//! purpose; KIND is setup, panic, abort or hang).
+//! Flags (`bench --help` says more): `--scenario NAME` (repeatable), `--runs N` (default 5),
+//! `--quick` (default) or `--full`, `--json PATH`, `--plot PATH`, `--list`, `--timeout SECS`
+//! (per scenario; default 600 quick, 3600 full), `--inject-failure SCENARIO:KIND` (a test
+//! hook: make a scenario fail on purpose; KIND is setup, panic, abort or hang), `--version`.
 //!
 //! Each scenario runs in a child process of its own. A scenario that fails (a panic, a failed
 //! result check, an unmet precondition, a crash, a time-out) becomes a failed row with its
@@ -32,96 +32,60 @@ static ALLOCATOR: allocs::Counting = allocs::Counting;
 use failure::Inject;
 use scenarios::ALL;
 
+/// Measures the reactor's io_uring and epoll backends against each other, against peers
+/// and against raw system-call floors, and prints a Markdown table.
+#[derive(Debug, clap::Parser)]
+#[command(name = "bench", version, after_help = AFTER_HELP)]
 struct Args {
+    /// Run this scenario only (repeatable; --list names them all).
+    #[arg(long = "scenario", value_name = "NAME", value_parser = scenario)]
     scenarios: Vec<String>,
-    runs: usize,
+    /// Measured runs of each row; medians and min–max are reported.
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..), env = "BENCH_RUNS")]
+    runs: u32,
+    /// Short measurements (the default).
+    #[arg(long, overrides_with = "full")]
+    quick: bool,
+    /// Long measurements.
+    #[arg(long, overrides_with = "quick")]
     full: bool,
+    /// List the scenarios and exit.
+    #[arg(long)]
     list: bool,
+    /// Write the results as JSON to PATH.
+    #[arg(long, value_name = "PATH")]
     json: Option<String>,
+    /// Write an SVG chart of the ratios to PATH.
+    #[arg(long, value_name = "PATH")]
     plot: Option<String>,
-    timeout: Option<Duration>,
-    inject: Option<(String, Inject)>,
+    /// Seconds each scenario may take before it is stopped and reported failed (default 600
+    /// quick, 3600 full).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..), env = "BENCH_TIMEOUT")]
+    timeout: Option<u64>,
+    /// A test hook: make SCENARIO fail on purpose; KIND is setup, panic, abort or hang.
+    #[arg(long, value_name = "SCENARIO:KIND", value_parser = injection)]
+    inject_failure: Option<(String, Inject)>,
 }
 
-fn usage() -> &'static str {
-    "usage: bench [--scenario NAME]... [--runs N] [--quick | --full] [--json PATH] [--plot PATH] \
-     [--timeout SECS] [--inject-failure SCENARIO:KIND] [--list]"
-}
+const AFTER_HELP: &str = "\
+Each scenario runs in a child process of its own. A scenario that fails (a panic, a failed
+result check, an unmet precondition, a crash, a time-out) becomes a failed row with its
+reason; the other scenarios still run, the table, JSON and plot are always written, and the
+exit status is 1 when any row failed.";
 
-fn known(name: &str) -> Result<(), String> {
+fn scenario(name: &str) -> Result<String, String> {
     if ALL.iter().any(|sc| sc.name == name) {
-        return Ok(());
+        return Ok(name.to_string());
     }
     let names: Vec<_> = ALL.iter().map(|s| s.name).collect();
-    Err(format!(
-        "unknown scenario {name:?}; known: {}",
-        names.join(", ")
-    ))
+    Err(format!("unknown scenario; known: {}", names.join(", ")))
 }
 
-fn parse() -> Result<Args, String> {
-    let mut a = Args {
-        scenarios: Vec::new(),
-        runs: 5,
-        full: false,
-        list: false,
-        json: None,
-        plot: None,
-        timeout: None,
-        inject: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--scenario" => a
-                .scenarios
-                .push(it.next().ok_or("--scenario needs a name")?),
-            "--runs" => {
-                let v = it.next().ok_or("--runs needs a number")?;
-                a.runs = v
-                    .parse()
-                    .map_err(|_| format!("--runs: not a number: {v}"))?;
-                if a.runs == 0 {
-                    return Err("--runs must be at least 1".into());
-                }
-            }
-            "--quick" => a.full = false,
-            "--full" => a.full = true,
-            "--list" => a.list = true,
-            "--json" => a.json = Some(it.next().ok_or("--json needs a path")?),
-            "--plot" => a.plot = Some(it.next().ok_or("--plot needs a path")?),
-            "--timeout" => {
-                let v = it.next().ok_or("--timeout needs a number of seconds")?;
-                let secs: u64 = v
-                    .parse()
-                    .map_err(|_| format!("--timeout: not a number of seconds: {v}"))?;
-                if secs == 0 {
-                    return Err("--timeout must be at least 1 second".into());
-                }
-                a.timeout = Some(Duration::from_secs(secs));
-            }
-            "--inject-failure" => {
-                let v = it.next().ok_or("--inject-failure needs SCENARIO:KIND")?;
-                let (name, kind) = v
-                    .rsplit_once(':')
-                    .ok_or_else(|| format!("--inject-failure: {v:?} is not SCENARIO:KIND"))?;
-                let kind = Inject::parse(kind).ok_or_else(|| {
-                    format!(
-                        "--inject-failure: unknown kind {kind:?}; known: {}",
-                        Inject::KINDS
-                    )
-                })?;
-                known(name)?;
-                a.inject = Some((name.to_string(), kind));
-            }
-            "-h" | "--help" => return Err(usage().into()),
-            other => return Err(format!("unknown argument {other:?}\n{}", usage())),
-        }
-    }
-    for s in &a.scenarios {
-        known(s)?;
-    }
-    Ok(a)
+fn injection(v: &str) -> Result<(String, Inject), String> {
+    let (name, kind) = v.rsplit_once(':').ok_or("not SCENARIO:KIND")?;
+    let kind = Inject::parse(kind)
+        .ok_or_else(|| format!("unknown kind {kind:?}; known: {}", Inject::KINDS))?;
+    Ok((scenario(name)?, kind))
 }
 
 fn main() -> ExitCode {
@@ -133,11 +97,11 @@ fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some(isolate::CHILD_ARG) {
         return isolate::child(std::env::args().skip(2));
     }
-    let args = match parse() {
+    let args = match <Args as clap::Parser>::try_parse() {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
     if args.list {
@@ -147,12 +111,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let settings = isolate::Settings {
-        runs: args.runs,
+        runs: args.runs as usize,
         full: args.full,
-        timeout: args
-            .timeout
-            .unwrap_or(Duration::from_secs(if args.full { 3600 } else { 600 })),
-        inject: args.inject,
+        timeout: Duration::from_secs(args.timeout.unwrap_or(if args.full { 3600 } else { 600 })),
+        inject: args.inject_failure,
     };
     let mut rows = Vec::new();
     for (i, s) in ALL.iter().enumerate() {

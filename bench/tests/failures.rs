@@ -147,4 +147,17 @@ fn bad_flags_are_refused_with_a_message() {
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(!out.stderr.is_empty(), "{args:?}");
     }
+    // A mistyped flag gets a suggestion; --version is not an error.
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_bench"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--scenaro", "bh-local"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--scenario"));
+    let out = run(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("bench "));
 }
