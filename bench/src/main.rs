@@ -90,8 +90,8 @@ fn injection(v: &str) -> Result<(String, Inject), String> {
 
 fn main() -> ExitCode {
     // The nbd scenario runs the nbd-server program as a child process of this binary.
-    if std::env::args().nth(1).as_deref() == Some(scenarios::nbd::SERVE_ARG) {
-        return scenarios::nbd::serve(std::env::args().skip(2));
+    if std::env::args().nth(1).as_deref() == Some(scenarios::nbd_servers::SERVE_ARG) {
+        return scenarios::nbd_servers::serve(std::env::args().skip(2));
     }
     // Each scenario runs as a child process of this binary.
     if std::env::args().nth(1).as_deref() == Some(isolate::CHILD_ARG) {

@@ -6,6 +6,9 @@ pub mod fd_pingpong;
 pub mod file_io;
 pub mod idle;
 pub mod nbd;
+pub mod nbd_copy;
+pub mod nbd_fio;
+pub mod nbd_servers;
 pub mod pingpong;
 pub mod qemu;
 pub mod ring_nop;
@@ -141,8 +144,18 @@ pub const ALL: &[Scenario] = &[
     },
     Scenario {
         name: "nbd",
-        about: "qemu-img bench against NBD servers: nbd-server on each backend, qemu-storage-daemon, qemu-nbd (requests/s; server CPU per request)",
+        about: "qemu-img bench against NBD servers: nbd-server on each backend, qemu-storage-daemon, qemu-nbd, nbdkit (requests/s; server CPU per request)",
         run: nbd::run,
+    },
+    Scenario {
+        name: "nbd-fio",
+        about: "fio's NBD engine against the same servers: random 4 KiB reads and writes, QD1/QD32, and 4 jobs on 4 connections (requests/s; server CPU per request)",
+        run: nbd_fio::run,
+    },
+    Scenario {
+        name: "nbd-sparse-copy",
+        about: "nbdcopy of a 4 GiB export holding 64 MiB of data from each server into a file (time per copy; server CPU per copy)",
+        run: nbd_copy::run,
     },
     Scenario {
         name: "idle-cpu",

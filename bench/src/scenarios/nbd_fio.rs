@@ -1,0 +1,135 @@
+//! `nbd-fio`: fio's NBD engine (libnbd) as a second client of the servers of
+//! [`super::nbd_servers`]: 4 KiB random reads and writes at queue depth 1 and 32 on one
+//! connection, and random reads by 4 jobs on 4 connections at depth 32 each (the load
+//! multi-conn is for). Unlike `qemu-img bench`, fio keeps its queue full without sleeping
+//! between requests. Requests/s from fio's own run time, and the server process's CPU time
+//! per request.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use super::nbd_servers::{Running, SERVERS, prepare, start};
+use super::{Ctx, Row};
+use crate::measure::{Metric, Sample};
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    rw: &'static str,
+    depth: u32,
+    jobs: u32,
+    /// Requests of all jobs together.
+    requests: u64,
+}
+
+impl Case {
+    fn name(&self) -> String {
+        if self.jobs > 1 {
+            format!("nbd-fio-{}-4k-{}x{}", self.rw, self.jobs, self.depth)
+        } else {
+            format!("nbd-fio-{}-4k-qd{}", self.rw, self.depth)
+        }
+    }
+}
+
+/// Whether fio is installed with its NBD engine.
+pub fn available() -> bool {
+    Command::new("fio")
+        .arg("--enghelp=nbd")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// One fio run against `srv`: requests/s over fio's run time, and the server's CPU per
+/// request. Checks that fio did every request it was given, without an error.
+fn client_run(srv: &Running, case: Case) -> Sample {
+    let per_job = case.requests / u64::from(case.jobs);
+    let args = [
+        "--name=bench".to_string(),
+        "--ioengine=nbd".into(),
+        format!("--uri=nbd://{}/disk", srv.addr),
+        format!("--rw={}", case.rw),
+        "--bs=4k".into(),
+        format!("--iodepth={}", case.depth),
+        format!("--numjobs={}", case.jobs),
+        "--size=64M".into(),
+        format!("--io_size={}", per_job * 4096),
+        "--output-format=json".into(),
+    ];
+    let cpu0 = srv.cpu_ns();
+    let out = Command::new("fio").args(&args).output().expect("run fio");
+    let cpu = srv.cpu_ns() - cpu0;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fio {args:?} failed: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // fio's engine prints a line of its own before the JSON.
+    let json = &text[text
+        .find('{')
+        .unwrap_or_else(|| panic!("no JSON from fio: {text}"))..];
+    let v: serde_json::Value = serde_json::from_str(json).expect("fio's JSON output");
+    let jobs = v["jobs"].as_array().expect("fio's jobs");
+    assert_eq!(jobs.len(), case.jobs as usize, "one result per job");
+    let dir = if case.rw.contains("write") {
+        "write"
+    } else {
+        "read"
+    };
+    // The jobs run at once: all their requests over the longest job's run time.
+    let (mut ios, mut runtime_ms) = (0, 1);
+    for job in jobs {
+        assert_eq!(
+            job["error"].as_u64(),
+            Some(0),
+            "fio reported an error: {job}"
+        );
+        assert_eq!(
+            job[dir]["total_ios"].as_u64(),
+            Some(per_job),
+            "fio did every request"
+        );
+        ios += per_job;
+        runtime_ms = runtime_ms.max(job[dir]["runtime"].as_u64().expect("runtime"));
+    }
+    Sample::timed(Metric::OpsPerSec, ios, Duration::from_millis(runtime_ms))
+        .with_cpu(cpu as f64 / ios as f64)
+}
+
+pub fn run(ctx: &Ctx) -> Vec<Row> {
+    assert!(
+        available() && super::nbd_servers::available(),
+        "the nbd-fio scenario needs fio (with its nbd engine), qemu-storage-daemon, qemu-nbd \
+         and nbdkit on the PATH (Debian/Ubuntu: apt-get install fio qemu-utils nbdkit)"
+    );
+    let dir = Path::new("target").join("bench-data");
+    std::fs::create_dir_all(&dir).expect("create target/bench-data");
+    let path = dir.join("nbd-fio-64M.img");
+    let cases = [
+        ("randread", 1, 1, ctx.scale(40_000, 3_000)),
+        ("randread", 32, 1, ctx.scale(200_000, 15_000)),
+        ("randwrite", 1, 1, ctx.scale(40_000, 3_000)),
+        ("randwrite", 32, 1, ctx.scale(100_000, 8_000)),
+        ("randread", 32, 4, ctx.scale(400_000, 20_000)),
+    ]
+    .map(|(rw, depth, jobs, requests)| Case {
+        rw,
+        depth,
+        jobs,
+        requests,
+    });
+    let mut by_case: Vec<Vec<Row>> = cases.iter().map(|_| Vec::new()).collect();
+    for server in SERVERS {
+        prepare(&path);
+        let system = server.system();
+        let srv = start(server, &path);
+        for (i, case) in cases.iter().enumerate() {
+            by_case[i].push(ctx.row(&case.name(), &system, Metric::OpsPerSec, || {
+                client_run(&srv, *case)
+            }));
+        }
+        drop(srv);
+    }
+    by_case.into_iter().flatten().collect()
+}

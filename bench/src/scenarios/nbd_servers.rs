@@ -1,0 +1,217 @@
+//! The NBD servers the `nbd*` scenarios measure, as child processes exporting one file over
+//! loopback TCP: this repository's `nbd-server` on each backend (the bench binary itself,
+//! `bench --nbd-server ARGS`, so the figures are the program's), `qemu-storage-daemon` with
+//! an iothread, `qemu-nbd`, and `nbdkit`'s file plugin. Each dies with the bench
+//! (`PR_SET_PDEATHSIG`), and its CPU time is read from its process CPU clock.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::qemu;
+
+/// The exported file's size for the request/response rows: qemu-img bench's sequential
+/// offsets wrap at its end.
+pub const FILE_SIZE: u64 = 64 << 20;
+
+/// Extra options for the reactor servers (`nbd-server --help`), split at whitespace.
+pub const EXTRA_ARGS_ENV: &str = "BENCH_NBD_SERVER_ARGS";
+
+/// The hidden argument that turns the bench binary into `nbd-server`.
+pub const SERVE_ARG: &str = "--nbd-server";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Server {
+    Reactor(&'static str),
+    StorageDaemon,
+    QemuNbd,
+    Nbdkit,
+}
+
+/// Every server measured, in the order of the rows.
+pub const SERVERS: [Server; 5] = [
+    Server::Reactor("uring"),
+    Server::Reactor("epoll"),
+    Server::StorageDaemon,
+    Server::QemuNbd,
+    Server::Nbdkit,
+];
+
+impl Server {
+    pub fn system(self) -> String {
+        match self {
+            Server::Reactor(b) => format!("reactor-{b}"),
+            Server::StorageDaemon => "qemu-storage-daemon".into(),
+            Server::QemuNbd => "qemu-nbd".into(),
+            Server::Nbdkit => "nbdkit".into(),
+        }
+    }
+}
+
+/// A running server process, killed on drop.
+pub struct Running {
+    child: Child,
+    pub addr: SocketAddr,
+    clock: libc::clockid_t,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    /// CPU time the server process has used (all its threads), in ns.
+    pub fn cpu_ns(&self) -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec to write; the clock id names a live child.
+        let rc = unsafe { libc::clock_gettime(self.clock, &mut ts) };
+        assert_eq!(rc, 0, "reading the server's CPU clock failed");
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// Starts `server` exporting `file` as `disk` on a free loopback port; returns once it
+/// accepts connections.
+pub fn start(server: Server, file: &Path) -> Running {
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let f = file.to_str().expect("a UTF-8 path");
+    let mut cmd = match server {
+        Server::Reactor(backend) => {
+            let mut c = Command::new(std::env::current_exe().expect("the bench's own path"));
+            c.args([SERVE_ARG, "--backend", backend, "-x", "disk"])
+                .args(["--bind", &addr.to_string()]);
+            // Extra nbd-server options to experiment with (e.g. "--poll-max-ns 0").
+            if let Ok(extra) = std::env::var(EXTRA_ARGS_ENV) {
+                c.args(extra.split_whitespace());
+            }
+            c.arg(f);
+            c
+        }
+        Server::StorageDaemon => {
+            let mut c = Command::new("qemu-storage-daemon");
+            c.args([
+                "--blockdev",
+                &format!("driver=file,node-name=file0,filename={f},aio=io_uring"),
+                "--object",
+                "iothread,id=iot0",
+                "--nbd-server",
+                &format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}"),
+                "--export",
+                "type=nbd,id=exp0,node-name=file0,name=disk,writable=on,iothread=iot0",
+            ]);
+            c
+        }
+        Server::QemuNbd => {
+            let mut c = Command::new("qemu-nbd");
+            c.args([
+                "-f",
+                "raw",
+                "-x",
+                "disk",
+                "-b",
+                "127.0.0.1",
+                "-t",
+                // Up to 8 clients at once (1 by default): the multi-connection rows.
+                "--shared=8",
+                "--aio=io_uring",
+            ])
+            .args(["-p", &port.to_string(), f]);
+            c
+        }
+        Server::Nbdkit => {
+            let mut c = Command::new("nbdkit");
+            c.args(["--exit-with-parent", "-f", "-i", "127.0.0.1", "-e", "disk"])
+                .args(["-p", &port.to_string(), "file", &format!("file={f}")]);
+            c
+        }
+    };
+    // SAFETY: prctl is async-signal-safe and touches no memory of this process. The server dies
+    // with the process that started it: a scenario that crashes or is killed for its time
+    // limit leaves no server behind.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", server.system()));
+    if let Server::Reactor(_) = server {
+        // It says when it listens.
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .expect("read nbd-server's first line");
+        assert!(
+            line.contains("listening on tcp"),
+            "nbd-server said {line:?}"
+        );
+    }
+    let t0 = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{} exited at start: {status}", server.system());
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{} did not listen on {addr} within 10 s",
+            server.system()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `clock` is a valid out-pointer; the pid is our live child.
+    let rc = unsafe { libc::clock_getcpuclockid(child.id() as libc::pid_t, &mut clock) };
+    assert_eq!(rc, 0, "no CPU clock for the server process");
+    Running { child, addr, clock }
+}
+
+/// The file, created (non-zero, so reads are not of holes) or reset, then read once into the
+/// page cache.
+pub fn prepare(path: &Path) {
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut f = std::fs::File::create(path).expect("create the NBD export file");
+    for i in 0..(FILE_SIZE >> 20) {
+        for (j, b) in chunk.iter_mut().enumerate() {
+            *b = (i as usize * 131 + j * 7 + 1) as u8 | 1;
+        }
+        std::io::Write::write_all(&mut f, &chunk).unwrap();
+    }
+    f.sync_all().unwrap();
+    let mut r = std::fs::File::open(path).unwrap();
+    std::io::copy(&mut r, &mut std::io::sink()).unwrap();
+}
+
+/// Whether every peer server and QEMU's client are installed.
+pub fn available() -> bool {
+    ["qemu-img", "qemu-storage-daemon", "qemu-nbd", "nbdkit"]
+        .iter()
+        .all(|t| qemu::available(t))
+}
+
+/// `bench --nbd-server ARGS...`: runs the nbd-server program.
+pub fn serve(args: impl Iterator<Item = String>) -> std::process::ExitCode {
+    nbd_server::args::main(args)
+}
