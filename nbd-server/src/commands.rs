@@ -7,7 +7,7 @@ use std::io;
 use crate::extents;
 use crate::proto::{self, Request, cflag, cmd, err};
 use crate::session::Ticket;
-use crate::structured::{self, BASE_ALLOCATION_ID, state};
+use crate::structured::{BASE_ALLOCATION_ID, state};
 
 pub(crate) use crate::read::read;
 
@@ -57,7 +57,7 @@ pub(crate) async fn discard_or_zero(t: Ticket, req: Request) {
         return t.finish_with(err::EIO);
     }
     let file = s.export.file();
-    let (offset, len) = (req.offset, u64::from(req.length));
+    let (offset, len) = (req.offset, req.length);
     let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
     let zero = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
     let modes: &[i32] = match (req.kind, req.flags & cflag::NO_HOLE != 0) {
@@ -115,20 +115,25 @@ async fn write_zeros(s: &crate::session::Session, offset: u64, len: u64) -> io::
     Ok(())
 }
 
-/// CACHE: starts reading the range into the page cache (`POSIX_FADV_WILLNEED`) and replies
-/// without waiting for the data.
+/// CACHE: starts reading the range into the page cache (`POSIX_FADV_WILLNEED`, in pieces of
+/// at most 1 GiB) and replies without waiting for the data.
 pub(crate) async fn cache(t: Ticket, req: Request) {
+    const PIECE: u64 = 1 << 30;
     let s = t.session();
-    if s.broken() {
-        return t.finish_with(err::EIO);
+    let mut done = 0;
+    while done < req.length {
+        if s.broken() {
+            return t.finish_with(err::EIO);
+        }
+        let n = (req.length - done).min(PIECE) as u32;
+        let advice = libc::POSIX_FADV_WILLNEED;
+        let res = s.export.file().fadvise(req.offset + done, n, advice).await;
+        if let Err(e) = res {
+            return t.finish_with(proto::errno(&e));
+        }
+        done += u64::from(n);
     }
-    let advice = libc::POSIX_FADV_WILLNEED;
-    let res = s
-        .export
-        .file()
-        .fadvise(req.offset, req.length, advice)
-        .await;
-    t.finish_with(res.err().map_or(0, |e| proto::errno(&e)));
+    t.finish_with(0);
 }
 
 /// BLOCK_STATUS for `base:allocation`: the range's holes (`HOLE | ZERO`) and data (0), from
@@ -139,27 +144,23 @@ pub(crate) async fn block_status(t: Ticket, req: Request) {
     if s.broken() {
         return t.finish_with(err::EIO);
     }
+    let Some(to) = t.chunks() else {
+        unreachable!("BLOCK_STATUS is admitted only with a meta context, so with chunks");
+    };
     let max = if req.flags & cflag::REQ_ONE != 0 {
         1
     } else {
         MAX_EXTENTS
     };
     let mut descriptors = Vec::new();
-    let res = extents::walk(
-        s.export.file(),
-        req.offset,
-        u64::from(req.length),
-        max,
-        |e| {
-            let status = if e.hole { state::HOLE | state::ZERO } else { 0 };
-            // Within the request, whose length is a u32.
-            descriptors.push((e.len as u32, status));
-        },
-    );
+    let res = extents::walk(s.export.file(), req.offset, req.length, max, |e| {
+        let status = if e.hole { state::HOLE | state::ZERO } else { 0 };
+        descriptors.push((e.len, status));
+    });
     if let Err(e) = res {
         return t.finish_with(proto::errno(&e));
     }
-    let mut buf = s.take_buf(structured::HEADER_LEN + 4 + 8 * descriptors.len());
-    structured::block_status(&mut buf, req.handle, BASE_ALLOCATION_ID, &descriptors);
+    let mut buf = s.take_buf(to.header_len() + 8 + 16 * descriptors.len());
+    to.block_status(&mut buf, BASE_ALLOCATION_ID, &descriptors);
     t.finish(buf);
 }

@@ -1,7 +1,7 @@
 //! The fixed-newstyle negotiation: greeting, client flags, then options until the client
 //! chooses the export (`NBD_OPT_GO` or `NBD_OPT_EXPORT_NAME`) or leaves. Structured replies
-//! and the `base:allocation` meta context are negotiated here; TLS and extended headers are
-//! refused (`NBD_REP_ERR_UNSUP`), and clients carry on without them.
+//! (or extended headers, which include them) and the `base:allocation` meta context are
+//! negotiated here; TLS is refused (`NBD_REP_ERR_UNSUP`).
 
 use std::io;
 
@@ -17,8 +17,10 @@ const MAX_OPTION_DATA: u32 = 64 * 1024;
 /// What the client negotiated for the transmission phase.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Negotiated {
-    /// Structured replies (`NBD_OPT_STRUCTURED_REPLY`).
+    /// Structured replies (`NBD_OPT_STRUCTURED_REPLY`, or implied by extended headers).
     pub(crate) structured: bool,
+    /// Extended headers (`NBD_OPT_EXTENDED_HEADERS`): 32-byte requests and replies.
+    pub(crate) extended: bool,
     /// `base:allocation` selected by the last `NBD_OPT_SET_META_CONTEXT`.
     pub(crate) base_allocation: bool,
 }
@@ -117,14 +119,21 @@ pub(crate) async fn negotiate(
                     return Ok(Outcome::Transmission(got));
                 }
             }
-            opt::STRUCTURED_REPLY => {
-                if data.is_empty() {
-                    got.structured = true;
-                    proto::option_reply(&mut out, option, rep::ACK, &[]);
+            opt::STRUCTURED_REPLY if got.extended => {
+                let msg = b"extended headers are in use; they include structured replies";
+                proto::option_reply(&mut out, option, rep::ERR_EXT_HEADER_REQD, msg);
+            }
+            opt::STRUCTURED_REPLY | opt::EXTENDED_HEADERS => {
+                let (kind, msg): (u32, &[u8]) = if !data.is_empty() {
+                    (rep::ERR_INVALID, b"the option takes no data")
+                } else if got.extended {
+                    (rep::ERR_INVALID, b"extended headers are negotiated already")
                 } else {
-                    let msg = b"NBD_OPT_STRUCTURED_REPLY takes no data";
-                    proto::option_reply(&mut out, option, rep::ERR_INVALID, msg);
-                }
+                    got.structured = true;
+                    got.extended = option == opt::EXTENDED_HEADERS;
+                    (rep::ACK, b"")
+                };
+                proto::option_reply(&mut out, option, kind, msg);
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
                 let set = option == opt::SET_META_CONTEXT;

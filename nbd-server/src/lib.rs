@@ -3,13 +3,14 @@
 //!
 //! It exports one file over TCP and/or a Unix socket with the fixed-newstyle handshake
 //! (`NBD_OPT_GO`, `NBD_OPT_INFO`, `NBD_OPT_LIST`, `NBD_OPT_ABORT`, `NBD_OPT_EXPORT_NAME`,
-//! `NBD_OPT_STRUCTURED_REPLY`, and `NBD_OPT_LIST_META_CONTEXT`/`NBD_OPT_SET_META_CONTEXT`
-//! with the `base:allocation` context; TLS and extended headers are refused with
-//! `NBD_REP_ERR_UNSUP`), and serves READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, CACHE,
-//! BLOCK_STATUS and DISC, FUA honoured.
+//! `NBD_OPT_STRUCTURED_REPLY`, `NBD_OPT_EXTENDED_HEADERS`, and
+//! `NBD_OPT_LIST_META_CONTEXT`/`NBD_OPT_SET_META_CONTEXT` with the `base:allocation`
+//! context; TLS is refused with `NBD_REP_ERR_UNSUP`), and serves READ, WRITE, FLUSH, TRIM,
+//! WRITE_ZEROES, CACHE, BLOCK_STATUS and DISC, FUA honoured.
 //!
 //! - Replies are simple unless the client negotiated structured replies; then READ and
-//!   BLOCK_STATUS are answered in chunks (see [`structured`]): a READ of 64 KiB or more
+//!   BLOCK_STATUS are answered in chunks (see [`structured`]). With extended headers
+//!   (32-byte requests with 64-bit lengths) every reply is chunks. A READ of 64 KiB or more
 //!   sends the file's holes as hole chunks (unless it carries `NBD_CMD_FLAG_DF`), and
 //!   BLOCK_STATUS reports holes (`HOLE | ZERO`) and data from `SEEK_HOLE`/`SEEK_DATA`, at
 //!   most 512 extents per reply. CACHE starts a read-ahead (`POSIX_FADV_WILLNEED`).

@@ -10,8 +10,10 @@ pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 /// Starts every option reply.
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-/// Starts every transmission request.
+/// Starts every transmission request (compact headers).
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// Starts every transmission request once extended headers are negotiated.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
 /// Starts every simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 
@@ -68,7 +70,7 @@ pub mod opt {
     pub const LIST_META_CONTEXT: u32 = 9;
     /// Select meta contexts for `NBD_CMD_BLOCK_STATUS`.
     pub const SET_META_CONTEXT: u32 = 10;
-    /// Negotiate extended headers (refused: 32-bit lengths only).
+    /// Negotiate extended headers: 32-byte requests and replies, 64-bit lengths.
     pub const EXTENDED_HEADERS: u32 = 11;
 }
 
@@ -90,6 +92,8 @@ pub mod rep {
     pub const ERR_UNKNOWN: u32 = 0x8000_0006;
     /// The request is too large (too many meta context queries).
     pub const ERR_TOO_BIG: u32 = 0x8000_0009;
+    /// Extended headers are in use (a `STRUCTURED_REPLY` after `EXTENDED_HEADERS`).
+    pub const ERR_EXT_HEADER_REQD: u32 = 0x8000_000a;
 }
 
 /// `NBD_INFO_*` items of `NBD_REP_INFO`.
@@ -134,6 +138,8 @@ pub mod cflag {
     pub const DF: u16 = 1 << 2;
     /// `BLOCK_STATUS`: describe one extent only.
     pub const REQ_ONE: u16 = 1 << 3;
+    /// Extended headers: the length is that of a payload that follows (WRITE).
+    pub const PAYLOAD_LEN: u16 = 1 << 5;
     /// `WRITE_ZEROES`: fail with `ENOTSUP` rather than be slow.
     pub const FAST_ZERO: u16 = 1 << 4;
 }
@@ -150,6 +156,8 @@ pub mod err {
     pub const EINVAL: u32 = 22;
     /// No space (also a write past the end).
     pub const ENOSPC: u32 = 28;
+    /// Too large to serve (a range beyond what one request may cover).
+    pub const EOVERFLOW: u32 = 75;
     /// A fast zero that would be slow (only for `NBD_CMD_FLAG_FAST_ZERO`).
     pub const ENOTSUP: u32 = 95;
 }
@@ -164,10 +172,13 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 pub const PREFERRED_BLOCK: u32 = 4096;
 /// Size of a request header.
 pub const REQUEST_LEN: usize = 28;
+/// Size of a request header with extended headers.
+pub const EXTENDED_REQUEST_LEN: usize = 32;
 /// Size of a simple reply header.
 pub const REPLY_LEN: usize = 16;
 
-/// A transmission request header.
+/// A transmission request header, compact (28 bytes, 32-bit length) or extended (32 bytes,
+/// 64-bit length).
 ///
 /// ```
 /// use nbd_server::proto::{cmd, Request};
@@ -175,6 +186,8 @@ pub const REPLY_LEN: usize = 16;
 /// let wire = r.encode();
 /// assert_eq!(&wire[..4], &[0x25, 0x60, 0x95, 0x13]);
 /// assert_eq!(Request::parse(&wire)?, r);
+/// let long = Request { length: 1 << 40, ..r };
+/// assert_eq!(Request::parse_extended(&long.encode_extended())?, long);
 /// # Ok::<(), std::io::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,7 +201,7 @@ pub struct Request {
     /// Byte offset in the export.
     pub offset: u64,
     /// Byte count (of the payload for a WRITE).
-    pub length: u32,
+    pub length: u64,
 }
 
 impl Request {
@@ -197,33 +210,75 @@ impl Request {
     /// # Errors
     /// `InvalidData` when the magic is wrong: the stream cannot be resynchronised.
     pub fn parse(b: &[u8; REQUEST_LEN]) -> io::Result<Request> {
-        let magic = u32::from_be_bytes(b[0..4].try_into().unwrap());
-        if magic != REQUEST_MAGIC {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("bad request magic {magic:#010x}"),
-            ));
-        }
+        check_magic(b, REQUEST_MAGIC)?;
         Ok(Request {
+            length: u32::from_be_bytes(b[24..28].try_into().unwrap()).into(),
+            ..Request::fields(b)
+        })
+    }
+
+    /// Parses a 32-byte extended header.
+    ///
+    /// # Errors
+    /// `InvalidData` when the magic is wrong.
+    pub fn parse_extended(b: &[u8; EXTENDED_REQUEST_LEN]) -> io::Result<Request> {
+        check_magic(b, EXTENDED_REQUEST_MAGIC)?;
+        Ok(Request {
+            length: u64::from_be_bytes(b[24..32].try_into().unwrap()),
+            ..Request::fields(b)
+        })
+    }
+
+    /// The fields both layouts share (length 0).
+    fn fields(b: &[u8]) -> Request {
+        Request {
             flags: u16::from_be_bytes(b[4..6].try_into().unwrap()),
             kind: u16::from_be_bytes(b[6..8].try_into().unwrap()),
             handle: u64::from_be_bytes(b[8..16].try_into().unwrap()),
             offset: u64::from_be_bytes(b[16..24].try_into().unwrap()),
-            length: u32::from_be_bytes(b[24..28].try_into().unwrap()),
-        })
+            length: 0,
+        }
     }
 
-    /// Encodes it (what a client sends; used by tests and the bench).
-    pub fn encode(&self) -> [u8; REQUEST_LEN] {
-        let mut b = [0u8; REQUEST_LEN];
-        b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    fn encode_fields(&self, magic: u32, b: &mut [u8]) {
+        b[0..4].copy_from_slice(&magic.to_be_bytes());
         b[4..6].copy_from_slice(&self.flags.to_be_bytes());
         b[6..8].copy_from_slice(&self.kind.to_be_bytes());
         b[8..16].copy_from_slice(&self.handle.to_be_bytes());
         b[16..24].copy_from_slice(&self.offset.to_be_bytes());
-        b[24..28].copy_from_slice(&self.length.to_be_bytes());
+    }
+
+    /// Encodes it compact (what a client sends; used by tests and the bench).
+    ///
+    /// # Panics
+    /// When the length does not fit the compact header's 32 bits.
+    pub fn encode(&self) -> [u8; REQUEST_LEN] {
+        let len = u32::try_from(self.length).expect("a compact request's length fits 32 bits");
+        let mut b = [0u8; REQUEST_LEN];
+        self.encode_fields(REQUEST_MAGIC, &mut b);
+        b[24..28].copy_from_slice(&len.to_be_bytes());
         b
     }
+
+    /// Encodes it with the extended header.
+    pub fn encode_extended(&self) -> [u8; EXTENDED_REQUEST_LEN] {
+        let mut b = [0u8; EXTENDED_REQUEST_LEN];
+        self.encode_fields(EXTENDED_REQUEST_MAGIC, &mut b);
+        b[24..32].copy_from_slice(&self.length.to_be_bytes());
+        b
+    }
+}
+
+/// `InvalidData` unless `b` starts with `magic`: the stream cannot be resynchronised.
+fn check_magic(b: &[u8], magic: u32) -> io::Result<()> {
+    let got = u32::from_be_bytes(b[0..4].try_into().unwrap());
+    if got != magic {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad request magic {got:#010x}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Writes a simple reply header into `out[..16]`.
@@ -273,6 +328,18 @@ mod tests {
         bad[0] ^= 1;
         let e = Request::parse(&bad).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        // Extended: 64-bit length at the end; a compact header is not one.
+        let long = Request {
+            length: 5 << 32,
+            ..r
+        };
+        let wire = long.encode_extended();
+        assert_eq!(&wire[..4], &[0x21, 0xe4, 0x1c, 0x71]);
+        assert_eq!(&wire[24..32], &[0, 0, 0, 5, 0, 0, 0, 0]);
+        assert_eq!(Request::parse_extended(&wire).unwrap(), long);
+        let mut compact_as_ext = [0u8; EXTENDED_REQUEST_LEN];
+        compact_as_ext[..REQUEST_LEN].copy_from_slice(&r.encode());
+        assert!(Request::parse_extended(&compact_as_ext).is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use reactor::io::Slice;
 use crate::extents::{self, Extent};
 use crate::proto::{self, REPLY_LEN, Request, cflag, err};
 use crate::session::{Session, Ticket};
-use crate::structured::{self, DATA_HEADER_LEN, FLAG_DONE, HOLE_LEN};
+use crate::structured::{FLAG_DONE, ReplyTo};
 
 /// A READ is read in pieces of at most this size, so that one for a client that went away
 /// stops early.
@@ -61,27 +61,26 @@ pub(crate) async fn read(t: Ticket, req: Request) {
         // Nobody will read the reply: don't do the work.
         return t.finish_with(err::EIO);
     }
+    // At most MAX_PAYLOAD: checked when the request was read.
     let len = req.length as usize;
-    let structured = t.structured();
-    if structured && req.flags & cflag::DF == 0 && len >= SPARSE_MIN {
+    let chunks = t.chunks();
+    if let Some(to) = chunks
+        && req.flags & cflag::DF == 0
+        && len >= SPARSE_MIN
+    {
         let map = allocation(s, &req);
         if map.len() > 1 || map[0].hole {
-            return read_sparse(t, req, &map).await;
+            return read_sparse(t, req, to, &map).await;
         }
     }
-    let head = if structured {
-        DATA_HEADER_LEN
-    } else {
-        REPLY_LEN
-    };
+    let head = chunks.map_or(REPLY_LEN, |to| to.data_header_len());
     let mut buf = s.take_buf(head + len);
     buf.resize(head, 0);
     match fill(s, buf, req.offset, head + len).await {
         Ok(mut buf) => {
-            if structured {
-                structured::data_header(&mut buf, FLAG_DONE, req.handle, req.offset, len);
-            } else {
-                proto::simple_reply(&mut buf, 0, req.handle);
+            match chunks {
+                Some(to) => to.data_header(&mut buf, FLAG_DONE, req.offset, len),
+                None => proto::simple_reply(&mut buf, 0, req.handle),
             }
             t.finish(buf);
         }
@@ -92,7 +91,7 @@ pub(crate) async fn read(t: Ticket, req: Request) {
 /// The extents of the READ's range, at most [`MAX_CHUNKS`]; what they leave uncovered (and a
 /// range whose holes cannot be found) is data.
 fn allocation(s: &Session, req: &Request) -> Vec<Extent> {
-    let len = u64::from(req.length);
+    let len = req.length;
     let mut map = Vec::new();
     let covered = extents::walk(s.export.file(), req.offset, len, MAX_CHUNKS, |e| {
         map.push(e)
@@ -118,15 +117,15 @@ fn allocation(s: &Session, req: &Request) -> Vec<Extent> {
 }
 
 /// A READ as data and hole chunks, one per extent of `map`, in order; the last is marked done.
-async fn read_sparse(t: Ticket, req: Request, map: &[Extent]) {
+async fn read_sparse(t: Ticket, req: Request, to: ReplyTo, map: &[Extent]) {
     let s = t.session();
     let size: usize = map
         .iter()
         .map(|e| {
             if e.hole {
-                HOLE_LEN
+                to.hole_len()
             } else {
-                DATA_HEADER_LEN + e.len as usize
+                to.data_header_len() + e.len as usize
             }
         })
         .sum();
@@ -136,13 +135,13 @@ async fn read_sparse(t: Ticket, req: Request, map: &[Extent]) {
         let flags = if i + 1 == map.len() { FLAG_DONE } else { 0 };
         if e.hole {
             // Within the request, whose length is a u32.
-            structured::hole(&mut buf, flags, req.handle, at, e.len as u32);
+            to.hole(&mut buf, flags, at, e.len as u32);
         } else {
             let begin = buf.len();
-            let len = e.len as usize;
-            buf.resize(begin + DATA_HEADER_LEN, 0);
-            structured::data_header(&mut buf[begin..], flags, req.handle, at, len);
-            buf = match fill(s, buf, at, begin + DATA_HEADER_LEN + len).await {
+            let (head, len) = (to.data_header_len(), e.len as usize);
+            buf.resize(begin + head, 0);
+            to.data_header(&mut buf[begin..], flags, at, len);
+            buf = match fill(s, buf, at, begin + head + len).await {
                 Ok(b) => b,
                 Err(error) => return t.finish_with(error),
             };

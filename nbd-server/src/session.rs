@@ -19,7 +19,7 @@ use crate::conn::Sock;
 use crate::export::Export;
 use crate::handshake::Negotiated;
 use crate::proto::{self, REPLY_LEN, Request, cmd, err};
-use crate::structured;
+use crate::structured::{self, ReplyTo};
 
 /// Requests of one connection in flight at once; the reader waits for a slot beyond this.
 pub const MAX_IN_FLIGHT: usize = 128;
@@ -85,9 +85,9 @@ pub(crate) struct Session {
 pub(crate) struct Ticket {
     s: Rc<Session>,
     handle: u64,
-    /// The reply must be structured (a READ or BLOCK_STATUS after structured replies were
-    /// negotiated), errors included.
-    structured: bool,
+    /// Where the reply's chunks go when it must be made of chunks (see
+    /// [`Session::reply_to`]), errors included; `None` for a simple reply.
+    chunks: Option<ReplyTo>,
     bytes: usize,
     grant: Option<Grant>,
     done: bool,
@@ -104,14 +104,14 @@ impl Ticket {
         self.s.complete(reply, self.bytes, self.grant.take());
     }
 
-    /// Whether the reply must be made of structured chunks.
-    pub(crate) fn structured(&self) -> bool {
-        self.structured
+    /// Where the reply's chunks go, when it must be made of chunks.
+    pub(crate) fn chunks(&self) -> Option<ReplyTo> {
+        self.chunks
     }
 
     /// Queues a reply without data: `error` 0 for success.
     pub(crate) fn finish_with(self, error: u32) {
-        let reply = self.s.header(error, self.handle, self.structured);
+        let reply = self.s.header(error, self.handle, self.chunks);
         self.finish(reply);
     }
 }
@@ -119,7 +119,7 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         if !self.done {
-            let reply = self.s.header(err::EIO, self.handle, self.structured);
+            let reply = self.s.header(err::EIO, self.handle, self.chunks);
             self.s.complete(reply, self.bytes, self.grant.take());
         }
     }
@@ -189,28 +189,36 @@ impl Session {
         }
     }
 
-    /// Whether the reply to `req` must be made of structured chunks.
-    pub(crate) fn chunked(&self, req: &Request) -> bool {
-        self.negotiated.structured && matches!(req.kind, cmd::READ | cmd::BLOCK_STATUS)
+    /// Where the reply to `req` goes when it must be made of chunks: every reply with
+    /// extended headers, READ and BLOCK_STATUS with structured replies; `None` for a simple
+    /// reply.
+    pub(crate) fn reply_to(&self, req: &Request) -> Option<ReplyTo> {
+        let n = self.negotiated;
+        let chunked =
+            n.extended || n.structured && matches!(req.kind, cmd::READ | cmd::BLOCK_STATUS);
+        chunked.then_some(ReplyTo {
+            handle: req.handle,
+            offset: req.offset,
+            extended: n.extended,
+        })
     }
 
-    /// A reply without data in a pooled buffer: a simple reply, or for a `structured` one an
-    /// error chunk (a final `NONE` chunk for success).
-    pub(crate) fn header(&self, error: u32, handle: u64, structured: bool) -> Vec<u8> {
-        let mut b = self.take_buf(structured::ERROR_LEN);
-        match (structured, error) {
-            (false, _) => {
+    /// A reply without data in a pooled buffer: a simple reply, or with `chunks` an error
+    /// chunk (a final `NONE` chunk for success).
+    pub(crate) fn header(&self, error: u32, handle: u64, chunks: Option<ReplyTo>) -> Vec<u8> {
+        let mut b = self.take_buf(structured::EXTENDED_HEADER_LEN + 6);
+        match (chunks, error) {
+            (None, _) => {
                 b.resize(REPLY_LEN, 0);
                 proto::simple_reply(&mut b, error, handle);
             }
-            (true, 0) => {
-                b.resize(structured::HEADER_LEN, 0);
-                let done = structured::FLAG_DONE;
-                structured::header(&mut b, done, structured::kind::NONE, handle, 0);
+            (Some(to), 0) => {
+                b.resize(to.header_len(), 0);
+                to.header(&mut b, structured::FLAG_DONE, structured::kind::NONE, 0);
             }
-            (true, _) => {
-                b.resize(structured::ERROR_LEN, 0);
-                structured::error(&mut b, handle, error);
+            (Some(to), _) => {
+                b.resize(to.error_len(), 0);
+                to.error(&mut b, error);
             }
         }
         if error != 0 {
@@ -223,7 +231,7 @@ impl Session {
     /// Queues a reply to `req` that needs no task (an error found while parsing, an empty
     /// request).
     pub(crate) fn reply_now(&self, req: &Request, error: u32) {
-        let b = self.header(error, req.handle, self.chunked(req));
+        let b = self.header(error, req.handle, self.reply_to(req));
         self.bytes.set(self.bytes.get() + REPLY_LEN);
         self.outbox.borrow_mut().push_back((b, REPLY_LEN, None));
         wake(&self.writer_waker);
@@ -269,7 +277,7 @@ impl Session {
         Ticket {
             s: self.clone(),
             handle: req.handle,
-            structured: self.chunked(req),
+            chunks: self.reply_to(req),
             bytes,
             grant,
             done: false,

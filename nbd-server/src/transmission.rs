@@ -82,7 +82,7 @@ fn refusal(s: &Session, req: &Request, allowed: u16, past_end: u32) -> u32 {
 /// Whether `offset + length` lies inside the export.
 fn in_bounds(export: &Export, req: &Request) -> bool {
     req.offset
-        .checked_add(u64::from(req.length))
+        .checked_add(req.length)
         .is_some_and(|end| end <= export.size())
 }
 
@@ -92,13 +92,21 @@ async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
     loop {
         // Between requests, a server shutdown ends the connection like a DISC: what is in
         // flight is finished and answered, nothing more is read.
+        let extended = s.negotiated.extended;
         let next = stop
             .unless_stopped(async {
                 s.room(0).await;
-                rd.read_array::<{ proto::REQUEST_LEN }>(sock).await
+                if extended {
+                    let h = rd
+                        .read_array::<{ proto::EXTENDED_REQUEST_LEN }>(sock)
+                        .await?;
+                    Request::parse_extended(&h)
+                } else {
+                    Request::parse(&rd.read_array::<{ proto::REQUEST_LEN }>(sock).await?)
+                }
             })
             .await;
-        let Some(header) = next else {
+        let Some(req) = next else {
             tracing::debug!("nbd: server shutting down; closing after the requests in flight");
             return Ok(());
         };
@@ -108,21 +116,36 @@ async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
                 "the client stopped taking replies; its remaining requests are dropped",
             ));
         }
-        let req = Request::parse(&header?)?;
+        let req = req?;
         s.requests.set(s.requests.get() + 1);
+        // A payload follows a WRITE (whose length is always the payload's: QEMU's client
+        // does not flag it), and with extended headers any request flagged PAYLOAD_LEN.
+        let flagged = extended && req.flags & cflag::PAYLOAD_LEN != 0;
+        let payload = req.kind == cmd::WRITE || flagged;
+        if payload && req.length > u64::from(proto::MAX_PAYLOAD) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "a payload of {} bytes exceeds the 32 MiB maximum",
+                    req.length
+                ),
+            ));
+        }
+        if payload && req.kind != cmd::WRITE {
+            // A payload where none belongs: read past, then refused.
+            rd.skip(sock, req.length).await?;
+            s.reply_now(&req, err::EINVAL);
+            continue;
+        }
+        // At most MAX_PAYLOAD for the commands that use it as a size (checked below).
         let len = req.length as usize;
         match req.kind {
             cmd::DISC => return Ok(()),
             cmd::WRITE => {
-                if req.length > proto::MAX_PAYLOAD {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("WRITE of {} bytes exceeds the 32 MiB maximum", req.length),
-                    ));
-                }
-                let refuse = refusal(s, &req, cflag::FUA, err::ENOSPC);
+                let allowed = cflag::FUA | if extended { cflag::PAYLOAD_LEN } else { 0 };
+                let refuse = refusal(s, &req, allowed, err::ENOSPC);
                 if refuse != 0 || len == 0 {
-                    rd.skip(sock, u64::from(req.length)).await?;
+                    rd.skip(sock, req.length).await?;
                     s.reply_now(&req, refuse);
                     continue;
                 }
@@ -139,10 +162,10 @@ async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
                     0
                 };
                 let mut refuse = refusal(s, &req, cflag::FUA | df, err::EINVAL);
-                if req.length > proto::MAX_PAYLOAD {
+                if req.length > u64::from(proto::MAX_PAYLOAD) {
                     refuse = err::EINVAL;
                 }
-                if refuse != 0 || len == 0 {
+                if refuse != 0 || req.length == 0 {
                     s.reply_now(&req, refuse);
                     continue;
                 }
@@ -164,7 +187,7 @@ async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
                     (cflag::FUA | cflag::NO_HOLE | cflag::FAST_ZERO, err::ENOSPC)
                 };
                 let refuse = refusal(s, &req, allowed, past_end);
-                if refuse != 0 || len == 0 {
+                if refuse != 0 || req.length == 0 {
                     s.reply_now(&req, refuse);
                     continue;
                 }
@@ -173,7 +196,7 @@ async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
             }
             cmd::CACHE => {
                 let refuse = refusal(s, &req, 0, err::EINVAL);
-                if refuse != 0 || len == 0 {
+                if refuse != 0 || req.length == 0 {
                     s.reply_now(&req, refuse);
                     continue;
                 }
@@ -184,7 +207,7 @@ async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
                 let mut refuse = refusal(s, &req, cflag::REQ_ONE, err::EINVAL);
                 // Without a meta context selected there is nothing to report; a zero length
                 // has no extent to describe.
-                if !s.negotiated.base_allocation || len == 0 {
+                if !s.negotiated.base_allocation || req.length == 0 {
                     refuse = err::EINVAL;
                 }
                 if refuse != 0 {

@@ -146,7 +146,7 @@ fn reads(n: u64, len: u32) -> Vec<u8> {
                 kind: cmd::READ,
                 handle: h,
                 offset: 0,
-                length: len,
+                length: len.into(),
             }
             .encode()
         })

@@ -49,18 +49,18 @@ fn client(s: &Server) -> Client {
 }
 
 /// The extents the file should report from `at` to `end`: (length, hole).
-fn expected_map(at: u64, end: u64) -> Vec<(u32, u32)> {
-    let mut v: Vec<(u32, u32)> = Vec::new();
+fn expected_map(at: u64, end: u64) -> Vec<(u64, u32)> {
+    let mut v: Vec<(u64, u32)> = Vec::new();
     let mut pos = at;
     let hole = state::HOLE | state::ZERO;
     for (d, len) in DATA.iter().copied().chain([(SIZE, 0)]) {
         if pos < d.min(end) {
-            v.push(((d.min(end) - pos) as u32, hole));
+            v.push((d.min(end) - pos, hole));
             pos = d.min(end);
         }
         let stop = (d + len).min(end);
         if pos < stop {
-            v.push(((stop - pos) as u32, 0));
+            v.push((stop - pos, 0));
             pos = stop;
         }
     }
@@ -164,12 +164,12 @@ backend_tests! {
         let (srv, path) = start(r, "status");
         let mut c = client(&srv);
         c.structured_go("disk", true);
-        assert_eq!(c.block_status(0, 1, 0, SIZE as u32), Ok(expected_map(0, SIZE)));
+        assert_eq!(c.block_status(0, 1, 0, SIZE), Ok(expected_map(0, SIZE)));
         // A range starting and ending inside extents is cut to it.
-        assert_eq!(c.block_status(0, 2, 100 * K, 1000 * K as u32), Ok(expected_map(100 * K, 1100 * K)));
+        assert_eq!(c.block_status(0, 2, 100 * K, 1000 * K), Ok(expected_map(100 * K, 1100 * K)));
         // REQ_ONE: one descriptor, never past the request.
         assert_eq!(c.block_status(cflag::REQ_ONE, 3, 0, 4096), Ok(vec![(4096, state::HOLE | state::ZERO)]));
-        assert_eq!(c.block_status(cflag::REQ_ONE, 4, 64 * K, SIZE as u32 - 64 * K as u32), Ok(vec![(64 * K as u32, 0)]));
+        assert_eq!(c.block_status(cflag::REQ_ONE, 4, 64 * K, SIZE - 64 * K), Ok(vec![(64 * K, 0)]));
         // Refused: past the end, zero length, unknown flags.
         assert_eq!(c.block_status(0, 5, SIZE - 512, 1024), Err(err::EINVAL));
         assert_eq!(c.block_status(0, 6, 0, 0), Err(err::EINVAL));
@@ -177,9 +177,58 @@ backend_tests! {
         // A TRIM makes a hole that block status then reports; a write fills one.
         assert_eq!(c.simple(0, cmd::TRIM, 8, 1024 * K, 200 * K as u32), 0);
         assert_eq!(c.write(0, 9, 2048 * K, &[5u8; 4096]), 0);
-        let map = c.block_status(0, 10, 1024 * K, 2048 * K as u32).unwrap();
+        let map = c.block_status(0, 10, 1024 * K, 2048 * K).unwrap();
         let hole = state::HOLE | state::ZERO;
-        assert_eq!(map, [(1024 * K as u32, hole), (4096, 0), (1020 * K as u32, hole)]);
+        assert_eq!(map, [(1024 * K, hole), (4096, 0), (1020 * K, hole)]);
+        drop(srv);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    fn extended_headers_carry_64_bit_lengths_and_every_reply_is_a_chunk(r: &Reactor) {
+        let (srv, path) = start(r, "extended");
+        let mut c = client(&srv);
+        c.handshake(proto::FLAG_C_FIXED_NEWSTYLE);
+        c.option(opt::EXTENDED_HEADERS, b"x");
+        assert_eq!(c.opt_reply().kind, rep::ERR_INVALID, "no data allowed");
+        c.option(opt::EXTENDED_HEADERS, &[]);
+        assert_eq!(c.opt_reply().kind, rep::ACK);
+        c.option(opt::EXTENDED_HEADERS, &[]);
+        assert_eq!(c.opt_reply().kind, rep::ERR_INVALID, "negotiated already");
+        c.option(opt::STRUCTURED_REPLY, &[]);
+        assert_eq!(c.opt_reply().kind, rep::ERR_EXT_HEADER_REQD);
+        assert_eq!(c.meta_context(opt::SET_META_CONTEXT, "disk", &["base:allocation"]).len(), 1);
+        let v = c.info_or_go(opt::GO, "disk", &[]);
+        assert_eq!(v.last().unwrap().kind, rep::ACK);
+        c.extended = true;
+        let file = std::fs::read(&path).unwrap();
+        // READ: data and hole chunks, each repeating the request's offset.
+        let (e, data, chunks) = c.read_chunks(0, 1, 0, SIZE as u32);
+        assert_eq!((e, chunks.len()), (0, 6));
+        assert!(data == file);
+        // BLOCK_STATUS_EXT: 64-bit descriptors with their count.
+        assert_eq!(c.block_status(0, 8, 0, SIZE), Ok(expected_map(0, SIZE)));
+        // Every other reply is a chunk too: NONE for success, an error chunk otherwise.
+        assert_eq!(c.write(cflag::FUA, 2, 8192, &[3u8; 512]), 0);
+        assert_eq!(c.simple(0, cmd::FLUSH, 3, 0, 0), 0);
+        assert_eq!(c.simple(0, cmd::CACHE, 4, 0, SIZE as u32), 0);
+        assert_eq!(c.simple(0, cmd::TRIM, 5, SIZE - 4096, 8192), err::EINVAL);
+        // 64-bit effect lengths: past the end is refused, not truncated.
+        c.request64(0, cmd::WRITE_ZEROES, 6, 0, 1 << 33);
+        assert_eq!(c.reply(), (err::ENOSPC, 6));
+        assert_eq!(c.block_status(0, 7, 0, 1 << 33), Err(err::EINVAL));
+        // A WRITE's length is its payload's, flagged or not (QEMU's client does not flag it).
+        c.request(0, cmd::WRITE, 9, 8192, 512);
+        c.send(&[4u8; 512]);
+        assert_eq!(c.reply(), (0, 9));
+        // A payload where none belongs is read past and refused; the stream stays in step.
+        c.request(cflag::PAYLOAD_LEN, cmd::READ, 10, 0, 100);
+        c.send(&[0u8; 100]);
+        assert_eq!(c.reply(), (err::EINVAL, 10));
+        let (e, data, _) = c.read_chunks(0, 11, 8192, 512);
+        assert_eq!((e, data), (0, vec![4u8; 512]));
+        // A payload over 32 MiB ends the connection.
+        c.request64(cflag::PAYLOAD_LEN, cmd::WRITE, 12, 0, (32 << 20) + 1);
+        assert!(c.closed_by_server());
         drop(srv);
         std::fs::remove_file(path).unwrap();
     }

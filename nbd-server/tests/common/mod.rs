@@ -15,6 +15,8 @@ pub use nbd_server::structured;
 /// A client connection with a read timeout, so a server that hangs fails the test.
 pub struct Client {
     pub s: TcpStream,
+    /// Extended headers are in use: requests and replies have the 32-byte layouts.
+    pub extended: bool,
 }
 
 /// What the server sent for an option.
@@ -30,7 +32,7 @@ impl Client {
         let s = TcpStream::connect(addr).expect("connect to the server");
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         s.set_nodelay(true).unwrap();
-        Client { s }
+        Client { s, extended: false }
     }
 
     pub fn send(&mut self, b: &[u8]) {
@@ -125,6 +127,11 @@ impl Client {
     }
 
     pub fn request(&mut self, flags: u16, kind: u16, handle: u64, offset: u64, length: u32) {
+        self.request64(flags, kind, handle, offset, length.into());
+    }
+
+    /// A request with a 64-bit length (extended headers only, beyond 32 bits).
+    pub fn request64(&mut self, flags: u16, kind: u16, handle: u64, offset: u64, length: u64) {
         let r = proto::Request {
             flags,
             kind,
@@ -132,11 +139,27 @@ impl Client {
             offset,
             length,
         };
-        self.send(&r.encode());
+        if self.extended {
+            self.send(&r.encode_extended());
+        } else {
+            self.send(&r.encode());
+        }
     }
 
-    /// Reads a simple reply header: (error, handle).
+    /// Reads a reply without data: (error, handle). A simple reply, or with extended headers
+    /// a single `NONE` or error chunk.
     pub fn reply(&mut self) -> (u32, u64) {
+        if self.extended {
+            let c = self.chunk();
+            assert_eq!(c.flags, structured::FLAG_DONE, "{c:?}");
+            let e = if c.kind == structured::kind::NONE {
+                assert!(c.payload.is_empty());
+                0
+            } else {
+                c.error()
+            };
+            return (e, c.handle);
+        }
         let h = self.recv(16);
         assert_eq!(&h[0..4], &proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
         (
@@ -146,6 +169,7 @@ impl Client {
     }
 
     pub fn write(&mut self, flags: u16, handle: u64, offset: u64, data: &[u8]) -> u32 {
+        let flags = flags | if self.extended { cflag::PAYLOAD_LEN } else { 0 };
         self.request(flags, cmd::WRITE, handle, offset, data.len() as u32);
         self.send(data);
         let (e, h) = self.reply();
@@ -181,6 +205,8 @@ pub struct Chunk {
     pub flags: u16,
     pub kind: u16,
     pub handle: u64,
+    /// The request's offset, repeated in extended headers.
+    pub request_offset: Option<u64>,
     pub payload: Vec<u8>,
 }
 
@@ -256,19 +282,60 @@ impl Client {
 
     /// Reads one structured chunk.
     pub fn chunk(&mut self) -> Chunk {
-        let h = self.recv(structured::HEADER_LEN);
+        let (magic, n) = if self.extended {
+            (structured::EXTENDED_MAGIC, structured::EXTENDED_HEADER_LEN)
+        } else {
+            (structured::MAGIC, structured::HEADER_LEN)
+        };
+        let h = self.recv(n);
         assert_eq!(
             &h[0..4],
-            &structured::MAGIC.to_be_bytes(),
-            "not a structured reply: {h:?}"
+            &magic.to_be_bytes(),
+            "not a chunk of the negotiated kind: {h:?}"
         );
-        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        let (request_offset, len) = if self.extended {
+            let len = u64::from_be_bytes(h[24..32].try_into().unwrap());
+            (
+                Some(u64::from_be_bytes(h[16..24].try_into().unwrap())),
+                len as usize,
+            )
+        } else {
+            (
+                None,
+                u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize,
+            )
+        };
         Chunk {
             flags: u16::from_be_bytes(h[4..6].try_into().unwrap()),
             kind: u16::from_be_bytes(h[6..8].try_into().unwrap()),
             handle: u64::from_be_bytes(h[8..16].try_into().unwrap()),
+            request_offset,
             payload: self.recv(len),
         }
+    }
+
+    /// Handshake, extended headers, `base:allocation` if `meta`, then GO for `name`:
+    /// returns (size, transmission flags); requests and replies are extended from then on.
+    pub fn extended_go(&mut self, name: &str, meta: bool) -> (u64, u16) {
+        self.handshake(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES);
+        self.option(opt::EXTENDED_HEADERS, &[]);
+        let r = self.opt_reply();
+        assert_eq!((r.option, r.kind), (opt::EXTENDED_HEADERS, rep::ACK));
+        if meta {
+            let got = self.meta_context(opt::SET_META_CONTEXT, name, &["base:allocation"]);
+            assert_eq!(got.len(), 1);
+        }
+        let replies = self.info_or_go(opt::GO, name, &[]);
+        assert_eq!(
+            replies.last().unwrap().kind,
+            rep::ACK,
+            "GO refused: {replies:?}"
+        );
+        self.extended = true;
+        let export = &replies[0];
+        let size = u64::from_be_bytes(export.data[2..10].try_into().unwrap());
+        let flags = u16::from_be_bytes(export.data[10..12].try_into().unwrap());
+        (size, flags)
     }
 
     /// Reads the chunks of one reply, up to and including the one marked done; every chunk
@@ -297,6 +364,12 @@ impl Client {
     ) -> (u32, Vec<u8>, Vec<Chunk>) {
         self.request(flags, cmd::READ, handle, offset, len);
         let chunks = self.chunks(handle);
+        if self.extended {
+            assert!(
+                chunks.iter().all(|c| c.request_offset == Some(offset)),
+                "{chunks:?}"
+            );
+        }
         let mut data = vec![0u8; len as usize];
         let mut covered = vec![false; len as usize];
         for c in &chunks {
@@ -328,34 +401,47 @@ impl Client {
         (0, data, chunks)
     }
 
-    /// BLOCK_STATUS: the error, or the descriptors (length, status) of the one chunk.
+    /// BLOCK_STATUS: the error, or the descriptors (length, status) of the one chunk
+    /// (`BLOCK_STATUS`, or `BLOCK_STATUS_EXT` with extended headers).
     pub fn block_status(
         &mut self,
         flags: u16,
         handle: u64,
         offset: u64,
-        len: u32,
-    ) -> Result<Vec<(u32, u32)>, u32> {
-        self.request(flags, cmd::BLOCK_STATUS, handle, offset, len);
+        len: u64,
+    ) -> Result<Vec<(u64, u32)>, u32> {
+        self.request64(flags, cmd::BLOCK_STATUS, handle, offset, len);
         let chunks = self.chunks(handle);
         assert_eq!(chunks.len(), 1, "{chunks:?}");
         let c = &chunks[0];
         if c.kind == structured::kind::ERROR {
             return Err(c.error());
         }
-        assert_eq!(c.kind, structured::kind::BLOCK_STATUS);
         assert_eq!(
             &c.payload[0..4],
             &structured::BASE_ALLOCATION_ID.to_be_bytes()
         );
+        let be64 = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap());
+        let be32 = |b: &[u8]| u32::from_be_bytes(b.try_into().unwrap());
+        if self.extended {
+            assert_eq!(c.kind, structured::kind::BLOCK_STATUS_EXT);
+            assert_eq!(c.request_offset, Some(offset));
+            let n = be32(&c.payload[4..8]) as usize;
+            let d: Vec<(u64, u32)> = c.payload[8..]
+                .chunks_exact(16)
+                .map(|d| {
+                    let status = be64(&d[8..16]);
+                    assert!(status >> 32 == 0, "base:allocation has 32-bit flags");
+                    (be64(&d[0..8]), status as u32)
+                })
+                .collect();
+            assert_eq!(d.len(), n, "the descriptor count");
+            return Ok(d);
+        }
+        assert_eq!(c.kind, structured::kind::BLOCK_STATUS);
         Ok(c.payload[4..]
             .chunks_exact(8)
-            .map(|d| {
-                (
-                    u32::from_be_bytes(d[0..4].try_into().unwrap()),
-                    u32::from_be_bytes(d[4..8].try_into().unwrap()),
-                )
-            })
+            .map(|d| (u64::from(be32(&d[0..4])), be32(&d[4..8])))
             .collect())
     }
 }
