@@ -100,11 +100,16 @@ fn cannot_fallocate(r: &io::Result<()>) -> bool {
     matches!(r, Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)))
 }
 
-/// Writes `len` zero bytes at `offset` from one static block of zeros.
+/// Writes `len` zero bytes at `offset` from one static block of zeros; stops (with an
+/// error nobody reads) once the client is gone, since with extended headers one request may
+/// cover the whole export.
 async fn write_zeros(s: &crate::session::Session, offset: u64, len: u64) -> io::Result<()> {
     static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
     let mut done = 0;
     while done < len {
+        if s.broken() {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
         let n = (len - done).min(ZEROS.len() as u64) as usize;
         let (res, _) = s.export.file().write_at(&ZEROS[..n], offset + done).await;
         match res? {
