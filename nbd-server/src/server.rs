@@ -91,6 +91,14 @@ pub struct Config {
     /// poll window, so polling cost 5–15 µs of CPU per request (writes at QD1: 49.7 µs
     /// with the IoThread default of 32 µs, 34.5 µs without) for at most 20 % more
     /// requests/s. [`PollParams::IOTHREAD`] turns it on.
+    ///
+    /// A ceiling longer than the machine takes to wake a halted CPU pays more: on the 2-vCPU
+    /// bench VM, 200 µs (`--poll-max-ns 200000`, bench row `reactor-uring-poll200us`) took
+    /// `qemu-img bench` from 11.1k to 24.0k reads/s at QD1 (CPU per request 37 → 42 µs:
+    /// waking from a halt costs about what the polling does) and from 100k to 168k at QD32
+    /// (5.2 → 6.0 µs), writes from 8.5k to 18.0k at QD1 and 68k to 79k at QD32 (10.8 →
+    /// 17.8 µs). It stays off by default because that CPU is spent whether or not requests
+    /// come soon enough to use it; polling shrinks back to nothing when the server idles.
     pub poll: PollParams,
     /// How the IoThreads' sockets do I/O on the io_uring backend (see
     /// [`SocketIo`](reactor::net::SocketIo); ignored on epoll). Default: the reactor's,

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::nbd_servers::{FILE_SIZE, Running, SERVERS, available, prepare, start};
+use super::nbd_servers::{FILE_SIZE, Running, SERVERS, Server, available, prepare, start};
 use super::{Ctx, Row, qemu};
 use crate::measure::{Metric, Sample};
 
@@ -79,7 +79,9 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
     });
     // Servers in the outer loop (one process serves all of its rows), rows grouped after.
     let mut by_case: Vec<Vec<Row>> = cases.iter().map(|_| Vec::new()).collect();
-    for server in SERVERS {
+    // The reactor with adaptive polling too: what `--poll-max-ns` buys a queue-depth-1 client.
+    let servers = SERVERS.iter().copied().chain([Server::ReactorPolling]);
+    for server in servers {
         prepare(&path);
         let system = server.system();
         let srv = start(server, &path);
