@@ -108,17 +108,7 @@ pub(crate) fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn data(name: &str, queries: &[&str]) -> Vec<u8> {
-        let mut d = (name.len() as u32).to_be_bytes().to_vec();
-        d.extend_from_slice(name.as_bytes());
-        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-        for q in queries {
-            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
-            d.extend_from_slice(q.as_bytes());
-        }
-        d
-    }
+    use crate::proto::meta_context_data as data;
 
     #[test]
     fn parsing_checks_every_length() {

@@ -297,6 +297,24 @@ pub fn option_reply(out: &mut Vec<u8>, option: u32, kind: u32, data: &[u8]) {
     out.extend_from_slice(data);
 }
 
+/// The data of an `NBD_OPT_LIST_META_CONTEXT` or `NBD_OPT_SET_META_CONTEXT` option: the
+/// export name and the queries (what a client sends; used by tests).
+///
+/// ```
+/// let d = nbd_server::proto::meta_context_data("disk", &["base:allocation"]);
+/// assert_eq!(d.len(), 4 + 4 + 4 + 4 + 15);
+/// ```
+pub fn meta_context_data(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
+    d
+}
+
 /// The NBD error value for a failed file operation.
 pub fn errno(e: &io::Error) -> u32 {
     match e.raw_os_error() {

@@ -447,16 +447,7 @@ impl Client {
 }
 
 /// The data of a LIST or SET meta context option.
-pub fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-    for q in queries {
-        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
-        d.extend_from_slice(q.as_bytes());
-    }
-    d
-}
+pub use nbd_server::proto::meta_context_data as meta_data;
 
 /// A scratch file of `size` bytes filled with a known pattern, under the target directory.
 pub fn scratch_file(tag: &str, size: usize) -> std::path::PathBuf {
