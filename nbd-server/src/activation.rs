@@ -4,13 +4,15 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The first fd systemd passes (`SD_LISTEN_FDS_START`).
 pub const LISTEN_FDS_START: RawFd = 3;
+/// More passed sockets than this is taken for a corrupt `LISTEN_FDS`.
+const MAX_PASSED: usize = 1024;
 
 /// A listening socket made outside the server (by systemd, or by a daemon embedding
 /// [`Server`](crate::Server)) that it accepts connections on, besides
@@ -93,7 +95,7 @@ fn passed(
     let bad = |what: &str, v: &str| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("socket activation: {what}={v:?} is not a number"),
+            format!("socket activation: {what}={v:?} is not a number (up to {MAX_PASSED} fds)"),
         )
     };
     let Some(p) = listen_pid else {
@@ -111,7 +113,11 @@ fn passed(
     let Some(n) = listen_fds else {
         return Ok(None);
     };
-    let n = n.parse::<usize>().map_err(|_| bad("LISTEN_FDS", n))?;
+    let n = n
+        .parse::<usize>()
+        .ok()
+        .filter(|&n| n <= MAX_PASSED)
+        .ok_or_else(|| bad("LISTEN_FDS", n))?;
     Ok((n > 0).then_some(n))
 }
 
@@ -121,7 +127,10 @@ static TAKEN: AtomicBool = AtomicBool::new(false);
 /// The listening sockets systemd passed to this process (`LISTEN_PID` names it,
 /// `LISTEN_FDS` counts them from fd 3), each checked to be a listening stream socket
 /// (TCP or Unix) and marked close-on-exec. Empty when none were passed. Only the first
-/// call takes them; later calls return nothing (each fd has one owner).
+/// call takes them; later calls return nothing (each fd has one owner). The program must
+/// not have given those fd numbers to anything else (the protocol reserves them); the
+/// variables are left set (unsetting them is not safe once threads run), and a child
+/// process is not named by `LISTEN_PID` anyway.
 ///
 /// # Errors
 /// `InvalidInput` for malformed variables, or a passed fd that is not open or not a
@@ -157,32 +166,36 @@ fn sockopt(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
     Ok(v)
 }
 
-/// Takes ownership of passed fd `fd` as a listener.
+/// Takes ownership of passed fd `fd` as a listener, once it is checked to be one; an fd that
+/// is not is left as it is (it may be something else's).
 fn adopt(fd: RawFd) -> io::Result<Listener> {
     let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
-    // SAFETY: fcntl on an fd number; fails with EBADF if it is not open.
+    let kind = sockopt(fd, libc::SO_TYPE);
+    let listening = sockopt(fd, libc::SO_ACCEPTCONN);
+    let domain = sockopt(fd, libc::SO_DOMAIN);
+    let tcp = match (kind, listening, domain) {
+        (Ok(libc::SOCK_STREAM), Ok(1), Ok(libc::AF_INET | libc::AF_INET6)) => true,
+        (Ok(libc::SOCK_STREAM), Ok(1), Ok(libc::AF_UNIX)) => false,
+        (Err(e), _, _) => return Err(invalid(format!("socket activation: passed fd {fd}: {e}"))),
+        _ => {
+            return Err(invalid(format!(
+                "socket activation: passed fd {fd} is not a listening TCP or Unix stream socket"
+            )));
+        }
+    };
+    // SAFETY: fcntl on an open fd (getsockopt succeeded on it).
     if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
         let e = io::Error::last_os_error();
         return Err(invalid(format!("socket activation: passed fd {fd}: {e}")));
     }
-    // SAFETY: the fd is open (above), and the socket activation protocol passes it to this
-    // process to own; `TAKEN` makes sure only one caller takes it.
+    // SAFETY: the fd is an open listening socket (above) that the socket activation protocol
+    // passes to this process to own; `TAKEN` makes sure only one caller takes it.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let kind = sockopt(fd, libc::SO_TYPE);
-    let listening = sockopt(fd, libc::SO_ACCEPTCONN);
-    let domain = sockopt(fd, libc::SO_DOMAIN);
-    match (kind, listening, domain) {
-        (Ok(libc::SOCK_STREAM), Ok(1), Ok(libc::AF_INET | libc::AF_INET6)) => {
-            Ok(std::net::TcpListener::from(owned).into())
-        }
-        (Ok(libc::SOCK_STREAM), Ok(1), Ok(libc::AF_UNIX)) => {
-            Ok(std::os::unix::net::UnixListener::from(owned).into())
-        }
-        _ => Err(invalid(format!(
-            "socket activation: passed fd {} is not a listening TCP or Unix stream socket",
-            owned.as_raw_fd()
-        ))),
-    }
+    Ok(if tcp {
+        std::net::TcpListener::from(owned).into()
+    } else {
+        std::os::unix::net::UnixListener::from(owned).into()
+    })
 }
 
 /// Tells systemd the service is ready (`READY=1` to `NOTIFY_SOCKET`, for `Type=notify`
@@ -263,6 +276,7 @@ impl Drop for PidFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn the_environment_names_the_process_and_the_count() {
@@ -278,6 +292,7 @@ mod tests {
         for (pid, fds) in [
             (Some("x"), Some("1")),
             (Some("7"), Some("-1")),
+            (Some("7"), Some("99999999999")),
             (None, Some("1")),
         ] {
             let e = passed(pid, fds, 7).unwrap_err();
@@ -291,13 +306,11 @@ mod tests {
 
     #[test]
     fn only_listening_stream_sockets_are_adopted() {
-        // A connected socket is refused (and closed).
+        // A connected socket is refused and left open (it is not ours).
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let fd = OwnedFd::from(a);
-        let raw = fd.as_raw_fd();
-        std::mem::forget(fd);
-        let e = adopt(raw).unwrap_err();
+        let e = adopt(a.as_raw_fd()).unwrap_err();
         assert!(e.to_string().contains("not a listening"), "{e}");
+        assert!(a.peer_addr().is_ok(), "still open");
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let raw = OwnedFd::from(l);

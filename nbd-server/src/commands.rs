@@ -72,6 +72,8 @@ pub(crate) async fn discard_or_zero(t: Ticket, req: Request) {
             break;
         }
     }
+    // A hole may have been made where a data region was remembered.
+    s.export.data_region.forget();
     let mut error = match result {
         Ok(()) => 0,
         Err(_) if cannot_fallocate(&result) => {
@@ -120,10 +122,11 @@ async fn write_zeros(s: &crate::session::Session, offset: u64, len: u64) -> io::
     Ok(())
 }
 
-/// CACHE: starts reading the range into the page cache (`POSIX_FADV_WILLNEED`, in pieces of
-/// at most 1 GiB) and replies without waiting for the data.
+/// CACHE: starts reading the range (at most 32 MiB) into the page cache and replies without
+/// waiting for the data: `POSIX_FADV_WILLNEED` in pieces of 2 MiB, since the kernel starts at
+/// most about one device I/O size of read-ahead per call.
 pub(crate) async fn cache(t: Ticket, req: Request) {
-    const PIECE: u64 = 1 << 30;
+    const PIECE: u64 = 2 << 20;
     let s = t.session();
     let mut done = 0;
     while done < req.length {
@@ -158,7 +161,8 @@ pub(crate) async fn block_status(t: Ticket, req: Request) {
         MAX_EXTENTS
     };
     let mut descriptors = Vec::new();
-    let res = extents::walk(s.export.file(), req.offset, req.length, max, |e| {
+    let known = &s.export.data_region;
+    let res = extents::walk(s.export.file(), known, req.offset, req.length, max, |e| {
         let status = if e.hole { state::HOLE | state::ZERO } else { 0 };
         descriptors.push((e.len, status));
     });

@@ -18,6 +18,8 @@ pub struct Export {
     size: u64,
     read_only: bool,
     pub(crate) stats: Counters,
+    /// The last data region found in the file (see `extents.rs`).
+    pub(crate) data_region: crate::extents::DataRegion,
 }
 
 /// Counters of the work done for an export, summed over its connections.
@@ -94,6 +96,7 @@ impl Export {
             size,
             read_only,
             stats: Counters::default(),
+            data_region: Default::default(),
         }))
     }
 

@@ -178,8 +178,14 @@ fn info_or_go(
     item.extend_from_slice(&export.size().to_be_bytes());
     item.extend_from_slice(&export.transmission_flags(structured).to_be_bytes());
     proto::option_reply(out, option, rep::INFO, &item);
+    // Each kind answered once: a request list may repeat one 32,000 times.
+    let mut answered = [false; 4];
     for req in requests.chunks_exact(2) {
         let req = u16::from_be_bytes([req[0], req[1]]);
+        match answered.get_mut(usize::from(req)) {
+            Some(done) if !*done => *done = true,
+            _ => continue,
+        }
         item.clear();
         item.extend_from_slice(&req.to_be_bytes());
         match req {

@@ -156,8 +156,6 @@ pub mod err {
     pub const EINVAL: u32 = 22;
     /// No space (also a write past the end).
     pub const ENOSPC: u32 = 28;
-    /// Too large to serve (a range beyond what one request may cover).
-    pub const EOVERFLOW: u32 = 75;
     /// A fast zero that would be slow (only for `NBD_CMD_FLAG_FAST_ZERO`).
     pub const ENOTSUP: u32 = 95;
 }

@@ -3,7 +3,7 @@
 //! - With simple replies: one header, then the data.
 //! - With structured replies: one data chunk; or, for a READ of at least [`SPARSE_MIN`]
 //!   bytes without `NBD_CMD_FLAG_DF`, a data chunk per data extent and a hole chunk per hole
-//!   (from `SEEK_HOLE`/`SEEK_DATA`), so holes cross the wire as 32 bytes. An error is one
+//!   (from `SEEK_HOLE`/`SEEK_DATA`), so a hole crosses the wire as one 32-byte chunk (44 with extended headers). An error is one
 //!   error chunk and no data.
 
 use reactor::io::Slice;
@@ -21,8 +21,8 @@ const READ_CHUNK: usize = 1 << 20;
 /// `lseek` calls, which would cost more than the zeros they could save.
 pub const SPARSE_MIN: usize = 64 * 1024;
 
-/// Chunks in one sparse READ reply at most; past them the rest of the range is one data
-/// chunk (it reads as zeros where it has holes).
+/// Extents looked up for one sparse READ at most; past them the rest of the range is one
+/// more data chunk (it reads as zeros where it has holes), so a reply has at most 65 chunks.
 const MAX_CHUNKS: usize = 64;
 
 /// Reads the file from `at` into `buf` until it holds `end` bytes, in pieces of at most
@@ -88,14 +88,13 @@ pub(crate) async fn read(t: Ticket, req: Request) {
     }
 }
 
-/// The extents of the READ's range, at most [`MAX_CHUNKS`]; what they leave uncovered (and a
+/// The extents of the READ's range, at most [`MAX_CHUNKS`] + 1; what they leave uncovered (and a
 /// range whose holes cannot be found) is data.
 fn allocation(s: &Session, req: &Request) -> Vec<Extent> {
     let len = req.length;
     let mut map = Vec::new();
-    let covered = extents::walk(s.export.file(), req.offset, len, MAX_CHUNKS, |e| {
-        map.push(e)
-    });
+    let (file, known) = (s.export.file(), &s.export.data_region);
+    let covered = extents::walk(file, known, req.offset, len, MAX_CHUNKS, |e| map.push(e));
     let covered = match covered {
         Ok(n) => n,
         Err(e) => {

@@ -242,9 +242,10 @@ impl Session {
     /// replies queued. Returns at once when the connection is broken.
     pub(crate) async fn room(&self, bytes: usize) {
         poll_fn(|cx| {
-            let full = !self.broken.get() && self.pending.get() >= MAX_IN_FLIGHT
-                || (self.bytes.get() + bytes > MAX_BYTES_IN_FLIGHT && self.bytes.get() > 0)
-                || self.outbox.borrow().len() >= MAX_QUEUED_REPLIES;
+            let full = !self.broken.get()
+                && (self.pending.get() >= MAX_IN_FLIGHT
+                    || (self.bytes.get() + bytes > MAX_BYTES_IN_FLIGHT && self.bytes.get() > 0)
+                    || self.outbox.borrow().len() >= MAX_QUEUED_REPLIES);
             if full {
                 self.reader_waker.set(Some(cx.waker().clone()));
                 Poll::Pending

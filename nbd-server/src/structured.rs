@@ -113,6 +113,7 @@ impl ReplyTo {
             out[24..32].copy_from_slice(&len.to_be_bytes());
         } else {
             // Payloads are at most 32 MiB of data or a bounded descriptor list.
+            debug_assert!(len <= u64::from(u32::MAX), "a compact chunk of {len} bytes");
             out[16..20].copy_from_slice(&(len as u32).to_be_bytes());
         }
     }

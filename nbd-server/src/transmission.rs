@@ -195,7 +195,12 @@ async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
                 spawn(commands::discard_or_zero(ticket, req)).detach();
             }
             cmd::CACHE => {
-                let refuse = refusal(s, &req, 0, err::EINVAL);
+                // FUA is valid on every command (and means nothing here); the length is
+                // bounded like a READ's.
+                let mut refuse = refusal(s, &req, cflag::FUA, err::EINVAL);
+                if req.length > u64::from(proto::MAX_PAYLOAD) {
+                    refuse = err::EINVAL;
+                }
                 if refuse != 0 || req.length == 0 {
                     s.reply_now(&req, refuse);
                     continue;
@@ -204,7 +209,7 @@ async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
                 spawn(commands::cache(ticket, req)).detach();
             }
             cmd::BLOCK_STATUS => {
-                let mut refuse = refusal(s, &req, cflag::REQ_ONE, err::EINVAL);
+                let mut refuse = refusal(s, &req, cflag::REQ_ONE | cflag::FUA, err::EINVAL);
                 // Without a meta context selected there is nothing to report; a zero length
                 // has no extent to describe.
                 if !s.negotiated.base_allocation || req.length == 0 {

@@ -173,7 +173,8 @@ backend_tests! {
         // Refused: past the end, zero length, unknown flags.
         assert_eq!(c.block_status(0, 5, SIZE - 512, 1024), Err(err::EINVAL));
         assert_eq!(c.block_status(0, 6, 0, 0), Err(err::EINVAL));
-        assert_eq!(c.block_status(cflag::FUA, 7, 0, 512), Err(err::EINVAL));
+        assert_eq!(c.block_status(cflag::NO_HOLE, 7, 0, 512), Err(err::EINVAL));
+        assert_eq!(c.block_status(cflag::FUA | cflag::REQ_ONE, 7, 0, 512), Ok(vec![(512, state::HOLE | state::ZERO)]));
         // A TRIM makes a hole that block status then reports; a write fills one.
         assert_eq!(c.simple(0, cmd::TRIM, 8, 1024 * K, 200 * K as u32), 0);
         assert_eq!(c.write(0, 9, 2048 * K, &[5u8; 4096]), 0);
@@ -238,8 +239,11 @@ backend_tests! {
         let mut c = client(&srv);
         c.go("disk");
         assert_eq!(c.simple(0, cmd::CACHE, 1, 0, SIZE as u32), 0);
+        assert_eq!(c.simple(0, cmd::CACHE, 1, 0, 1 << 20), 0);
         assert_eq!(c.simple(0, cmd::CACHE, 2, 0, 0), 0);
-        assert_eq!(c.simple(cflag::FUA, cmd::CACHE, 3, 0, 4096), err::EINVAL, "no flags allowed");
+        assert_eq!(c.simple(cflag::FUA, cmd::CACHE, 3, 0, 4096), 0, "FUA is valid on every command");
+        assert_eq!(c.simple(cflag::NO_HOLE, cmd::CACHE, 3, 0, 4096), err::EINVAL, "other flags are not");
+        assert_eq!(c.simple(0, cmd::CACHE, 3, 0, (32 << 20) + 1), err::EINVAL, "past the end (and over 32 MiB)");
         assert_eq!(c.simple(0, cmd::CACHE, 4, SIZE, 1), err::EINVAL, "past the end");
         // The data is what it was: CACHE is only a hint.
         let (e, data) = c.read(5, 64 * K, 4096);

@@ -377,6 +377,7 @@ impl Client {
                 structured::kind::ERROR => return (c.error(), Vec::new(), chunks),
                 structured::kind::OFFSET_DATA => {
                     let n = c.payload.len() - 8;
+                    assert!(n > 0, "an empty data chunk");
                     let at = (c.offset() - offset) as usize;
                     data[at..at + n].copy_from_slice(&c.payload[8..]);
                     (at, n)
@@ -436,14 +437,25 @@ impl Client {
                 })
                 .collect();
             assert_eq!(d.len(), n, "the descriptor count");
-            return Ok(d);
+            return Ok(check_descriptors(d, len));
         }
         assert_eq!(c.kind, structured::kind::BLOCK_STATUS);
-        Ok(c.payload[4..]
+        let d = c.payload[4..]
             .chunks_exact(8)
             .map(|d| (u64::from(be32(&d[0..4])), be32(&d[4..8])))
-            .collect())
+            .collect();
+        Ok(check_descriptors(d, len))
     }
+}
+
+/// Checks what the protocol asks of block status descriptors for a request of `len` bytes:
+/// at least one, none empty, and all but the last short of the request's end.
+fn check_descriptors(d: Vec<(u64, u32)>, len: u64) -> Vec<(u64, u32)> {
+    assert!(!d.is_empty(), "at least one descriptor");
+    assert!(d.iter().all(|e| e.0 > 0), "an empty descriptor: {d:?}");
+    let before_last: u64 = d[..d.len() - 1].iter().map(|e| e.0).sum();
+    assert!(before_last < len, "descriptors past the request: {d:?}");
+    d
 }
 
 /// The data of a LIST or SET meta context option.
