@@ -123,10 +123,11 @@ async fn write_zeros(s: &crate::session::Session, offset: u64, len: u64) -> io::
 }
 
 /// CACHE: starts reading the range (at most 32 MiB) into the page cache and replies without
-/// waiting for the data: `POSIX_FADV_WILLNEED` in pieces of 2 MiB, since the kernel starts at
-/// most about one device I/O size of read-ahead per call.
+/// waiting for the data: `POSIX_FADV_WILLNEED` in pieces of 1 MiB, since the kernel reads
+/// ahead at most about one read-ahead window or device I/O size per call (measured here:
+/// one 32 MiB call brought 8 MiB in; 2 MiB pieces brought all of it).
 pub(crate) async fn cache(t: Ticket, req: Request) {
-    const PIECE: u64 = 2 << 20;
+    const PIECE: u64 = 1 << 20;
     let s = t.session();
     let mut done = 0;
     while done < req.length {

@@ -252,6 +252,30 @@ backend_tests! {
         std::fs::remove_file(path).unwrap();
     }
 
+    fn cache_brings_a_whole_32_mib_range_into_the_page_cache(r: &Reactor) {
+        // One WILLNEED call reads ahead only about the device's read-ahead window (8 MiB
+        // here); the server advises in pieces, so all of it comes in.
+        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("nbd-cache32-{}-{}.img", r.backend(), std::process::id()));
+        std::fs::write(&path, vec![0x42u8; 32 << 20]).unwrap();
+        let mut cfg = Config::new(&path);
+        cfg.tcp = Some("127.0.0.1:0".parse().unwrap());
+        cfg.backend = r.backend();
+        let srv = Server::start(cfg).unwrap();
+        let mut c = client(&srv);
+        c.go("");
+        drop_cache(&path);
+        assert!(resident_pages(&path) < 1024, "the file's pages were dropped");
+        assert_eq!(c.simple(0, cmd::CACHE, 1, 0, 32 << 20), 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while resident_pages(&path) < 8192 {
+            assert!(std::time::Instant::now() < deadline, "CACHE read the whole range ahead: {} of 8192 pages", resident_pages(&path));
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(srv);
+        std::fs::remove_file(path).unwrap();
+    }
+
     fn every_connection_sees_one_file(r: &Reactor) {
         // NBD_FLAG_CAN_MULTI_CONN: a write acknowledged on one connection is read back by
         // another, and a FLUSH on any connection makes it durable (one fdatasync of the one

@@ -448,6 +448,40 @@ impl Client {
     }
 }
 
+/// Pages of `path` in the page cache (`mincore` over a mapping of it).
+pub fn resident_pages(path: &std::path::Path) -> usize {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    let mut vec = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: a fresh read-only shared mapping of an open file, unmapped below; mincore
+    // writes one byte per page into a vector that long.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED, "mmap");
+        assert_eq!(libc::mincore(p, len, vec.as_mut_ptr()), 0, "mincore");
+        libc::munmap(p, len);
+    }
+    vec.iter().filter(|&&b| b & 1 != 0).count()
+}
+
+/// Drops the clean pages of `path` from the page cache.
+pub fn drop_cache(path: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: posix_fadvise on an open fd; it touches no memory.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0);
+}
+
 /// Checks what the protocol asks of block status descriptors for a request of `len` bytes:
 /// at least one, none empty, and all but the last short of the request's end.
 fn check_descriptors(d: Vec<(u64, u32)>, len: u64) -> Vec<(u64, u32)> {
