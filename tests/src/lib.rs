@@ -7,7 +7,7 @@
 pub mod seccomp;
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 pub use reactor::{Backend, Reactor};
 
@@ -83,7 +83,6 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 
 /// Writes `data` to `fd` (which must accept it without blocking).
 pub fn write_fd(fd: &OwnedFd, data: &[u8]) {
-    use std::os::fd::AsRawFd;
     // SAFETY: reads `data.len()` bytes from a live slice.
     let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
     assert_eq!(
@@ -96,7 +95,6 @@ pub fn write_fd(fd: &OwnedFd, data: &[u8]) {
 
 /// Reads what is available from the non-blocking `fd` (0 bytes if nothing).
 pub fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> usize {
-    use std::os::fd::AsRawFd;
     // SAFETY: writes at most `buf.len()` bytes into a live slice.
     let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
@@ -105,6 +103,28 @@ pub fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> usize {
         return 0;
     }
     n as usize
+}
+
+/// Pages of the first `len` bytes of the file `fd` names that are in the page cache
+/// (`mincore` over a mapping of them).
+pub fn resident_pages(fd: &impl AsRawFd, len: usize) -> usize {
+    let mut vec = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: a fresh read-only shared mapping of an open file, unmapped below; mincore
+    // writes one byte per page into a vector that long.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED, "mmap");
+        assert_eq!(libc::mincore(p, len, vec.as_mut_ptr()), 0, "mincore");
+        libc::munmap(p, len);
+    }
+    vec.iter().filter(|&&b| b & 1 != 0).count()
 }
 
 /// Number of open fds of this process.

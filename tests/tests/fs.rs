@@ -187,10 +187,10 @@ backend_tests! {
             f.fsync().await.unwrap();
             // Clean pages go with DONTNEED; WILLNEED brings them back without a read.
             f.fadvise(0, 0, libc::POSIX_FADV_DONTNEED).await.unwrap();
-            assert!(resident(&f, LEN) < LEN / 4096 / 2, "DONTNEED dropped the pages");
+            assert!(tests::resident_pages(&f, LEN) < LEN / 4096 / 2, "DONTNEED dropped the pages");
             f.fadvise(0, LEN as u32, libc::POSIX_FADV_WILLNEED).await.unwrap();
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while resident(&f, LEN) < LEN / 4096 {
+            while tests::resident_pages(&f, LEN) < LEN / 4096 {
                 assert!(std::time::Instant::now() < deadline, "WILLNEED read the range ahead");
                 reactor::time::sleep(std::time::Duration::from_millis(5)).await;
             }
@@ -243,27 +243,4 @@ backend_tests! {
         assert_eq!(res.unwrap_err().kind(), std::io::ErrorKind::Other);
         assert_eq!(buf.capacity(), 8, "the buffer comes back");
     }
-}
-
-/// Pages of the first `len` bytes of `f` in the page cache (`mincore` over a mapping).
-fn resident(f: &File, len: usize) -> usize {
-    use std::os::fd::AsRawFd;
-    let pages = len.div_ceil(4096);
-    let mut vec = vec![0u8; pages];
-    // SAFETY: a fresh read-only shared mapping of an open file, unmapped below; mincore
-    // writes one byte per page into a vector that long.
-    unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        );
-        assert_ne!(p, libc::MAP_FAILED, "mmap");
-        assert_eq!(libc::mincore(p, len, vec.as_mut_ptr()), 0, "mincore");
-        libc::munmap(p, len);
-    }
-    vec.iter().filter(|&&b| b & 1 != 0).count()
 }

@@ -448,28 +448,10 @@ impl Client {
     }
 }
 
-/// Pages of `path` in the page cache (`mincore` over a mapping of it).
+/// Pages of `path` in the page cache.
 pub fn resident_pages(path: &std::path::Path) -> usize {
-    use std::os::fd::AsRawFd;
     let f = std::fs::File::open(path).unwrap();
-    let len = f.metadata().unwrap().len() as usize;
-    let mut vec = vec![0u8; len.div_ceil(4096)];
-    // SAFETY: a fresh read-only shared mapping of an open file, unmapped below; mincore
-    // writes one byte per page into a vector that long.
-    unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        );
-        assert_ne!(p, libc::MAP_FAILED, "mmap");
-        assert_eq!(libc::mincore(p, len, vec.as_mut_ptr()), 0, "mincore");
-        libc::munmap(p, len);
-    }
-    vec.iter().filter(|&&b| b & 1 != 0).count()
+    tests::resident_pages(&f, f.metadata().unwrap().len() as usize)
 }
 
 /// Drops the clean pages of `path` from the page cache.
