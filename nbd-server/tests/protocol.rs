@@ -79,6 +79,11 @@ backend_tests! {
             let r = c.opt_reply();
             assert_eq!((r.option, r.kind), (o, rep::ERR_UNSUP), "option {o}");
         }
+        // An info request repeated (here 30,000 times, the most 64 KiB of option data holds)
+        // is answered once: a client cannot make the server build megabytes of replies.
+        let many: Vec<u16> = std::iter::repeat_n([info::NAME, info::DESCRIPTION, info::BLOCK_SIZE], 10_000).flatten().collect();
+        let v = c.info_or_go(opt::INFO, "disk", &many);
+        assert_eq!(v.len(), 5, "EXPORT, NAME, DESCRIPTION, BLOCK_SIZE once each, then ACK");
         // The default export answers to "" too; INFO does not enter transmission.
         let v = c.info_or_go(opt::INFO, "", &[]);
         assert_eq!(v.last().unwrap().kind, rep::ACK);
