@@ -21,6 +21,23 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use crate::failure::{self, Inject};
 use crate::measure::{Metric, Sample, Summary, repeat};
 
+/// Makes `cmd`'s child run on CPU `cpu` only (`sched_setaffinity` before it executes).
+pub fn pin_child(cmd: &mut std::process::Command, cpu: usize) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only sched_setaffinity (a system call, async-signal-safe) on a set built on the
+    // stack, in the child before it executes.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// One measured system of one scenario.
 pub type Row = Summary;
 

@@ -2,11 +2,12 @@
 //! the client of the NBD servers of [`super::nbd_servers`] (this repository's `nbd-server`
 //! on each backend, `qemu-storage-daemon`, `qemu-nbd`, `nbdkit`) exporting the same
 //! page-cached file over loopback TCP. Requests/s as the client sees them, and the server
-//! process's CPU time per request (all its threads, helpers included).
+//! process's CPU time per request (all its threads, helpers included). The `-1cpu` rows run
+//! server and client on CPU 0 only (see [`Case::one_cpu`]).
 
 use std::path::{Path, PathBuf};
 
-use super::nbd_servers::{FILE_SIZE, Running, SERVERS, Server, available, prepare, start};
+use super::nbd_servers::{FILE_SIZE, Running, SERVERS, Server, available, prepare, start_on};
 use super::{Ctx, Row, qemu};
 use crate::measure::{Metric, Sample};
 
@@ -18,12 +19,17 @@ struct Case {
     write: bool,
     depth: usize,
     requests: u64,
+    /// Server and client both on CPU 0: what the server costs at queue depth 1 without the
+    /// scheduler's placement (unpinned, each wake of a halted vCPU of this VM costs tens of
+    /// µs, and which servers get woken next to the client decides the QD1 rows).
+    one_cpu: bool,
 }
 
 impl Case {
     fn name(&self) -> String {
         let op = if self.write { "write" } else { "read" };
-        format!("nbd-{op}-4k-qd{}", self.depth)
+        let pinned = if self.one_cpu { "-1cpu" } else { "" };
+        format!("nbd-{op}-4k-qd{}{pinned}", self.depth)
     }
 }
 
@@ -38,7 +44,7 @@ fn client_run(srv: &Running, case: Case) -> Sample {
     }
     args.push(&url);
     let cpu0 = srv.cpu_ns();
-    let took = qemu::img_bench(&args);
+    let took = qemu::img_bench_on(&args, case.one_cpu.then_some(0));
     let cpu = srv.cpu_ns() - cpu0;
     Sample::timed(Metric::OpsPerSec, case.requests, took)
         .with_cpu(cpu as f64 / case.requests as f64)
@@ -67,34 +73,42 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
     std::fs::create_dir_all(&dir).expect("create target/bench-data");
     let path: PathBuf = dir.join("nbd-64M.img");
     let cases = [
-        (false, 1, ctx.scale(40_000, 3_000)),
-        (false, 32, ctx.scale(200_000, 15_000)),
-        (true, 1, ctx.scale(40_000, 3_000)),
-        (true, 32, ctx.scale(100_000, 8_000)),
+        (false, 1, ctx.scale(40_000, 3_000), false),
+        (false, 32, ctx.scale(200_000, 15_000), false),
+        (true, 1, ctx.scale(40_000, 3_000), false),
+        (true, 32, ctx.scale(100_000, 8_000), false),
+        (false, 1, ctx.scale(100_000, 10_000), true),
+        (true, 1, ctx.scale(100_000, 10_000), true),
     ]
-    .map(|(write, depth, requests)| Case {
+    .map(|(write, depth, requests, one_cpu)| Case {
         write,
         depth,
         requests,
+        one_cpu,
     });
-    // Servers in the outer loop (one process serves all of its rows), rows grouped after.
+    // Servers in the outer loop (one process serves all of its rows, a pinned one the
+    // one-CPU rows), rows grouped after.
     let mut by_case: Vec<Vec<Row>> = cases.iter().map(|_| Vec::new()).collect();
     // The reactor with adaptive polling too: what `--poll-max-ns` buys a queue-depth-1 client.
     let servers = SERVERS.iter().copied().chain([Server::ReactorPolling]);
     for server in servers {
-        prepare(&path);
         let system = server.system();
-        let srv = start(server, &path);
-        for (i, case) in cases.iter().enumerate() {
-            let row = ctx.row(&case.name(), &system, Metric::OpsPerSec, || {
-                client_run(&srv, *case)
-            });
-            if case.write {
-                check_writes(&path, &system, case.requests);
+        for one_cpu in [false, true] {
+            prepare(&path);
+            let srv = start_on(server, &path, one_cpu.then_some(0));
+            for (i, case) in cases.iter().enumerate() {
+                if case.one_cpu != one_cpu {
+                    continue;
+                }
+                let row = ctx.row(&case.name(), &system, Metric::OpsPerSec, || {
+                    client_run(&srv, *case)
+                });
+                if case.write {
+                    check_writes(&path, &system, case.requests);
+                }
+                by_case[i].push(row);
             }
-            by_case[i].push(row);
         }
-        drop(srv);
     }
     by_case.into_iter().flatten().collect()
 }

@@ -96,6 +96,11 @@ fn free_port() -> u16 {
 /// Starts `server` exporting `file` as `disk` on a free loopback port; returns once it
 /// accepts connections.
 pub fn start(server: Server, file: &Path) -> Running {
+    start_on(server, file, None)
+}
+
+/// [`start`], with every thread of the server on CPU `cpu` only when given.
+pub fn start_on(server: Server, file: &Path, cpu: Option<usize>) -> Running {
     let port = free_port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let f = file.to_str().expect("a UTF-8 path");
@@ -166,6 +171,9 @@ pub fn start(server: Server, file: &Path) -> Running {
             }
             Ok(())
         });
+    }
+    if let Some(cpu) = cpu {
+        super::pin_child(&mut cmd, cpu);
     }
     let mut child = cmd
         .stdout(Stdio::piped())

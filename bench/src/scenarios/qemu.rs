@@ -14,11 +14,17 @@ pub fn available(tool: &str) -> bool {
 /// Runs `qemu-img bench ARGS` (the caller gives everything after `bench`) and returns the
 /// time it reports for its run; panics with its output if it fails or reports nothing.
 pub fn img_bench(args: &[&str]) -> Duration {
-    let out = Command::new("qemu-img")
-        .arg("bench")
-        .args(args)
-        .output()
-        .expect("run qemu-img bench");
+    img_bench_on(args, None)
+}
+
+/// [`img_bench`], on CPU `cpu` only when given.
+pub fn img_bench_on(args: &[&str], cpu: Option<usize>) -> Duration {
+    let mut cmd = Command::new("qemu-img");
+    cmd.arg("bench").args(args);
+    if let Some(cpu) = cpu {
+        super::pin_child(&mut cmd, cpu);
+    }
+    let out = cmd.output().expect("run qemu-img bench");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
