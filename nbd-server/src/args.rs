@@ -200,13 +200,13 @@ impl Args {
         cfg.max_connections = self.max_connections.map(NonZeroUsize::get);
         cfg.idle_timeout = self.idle_timeout.0;
         cfg.backend = self.backend;
-        cfg.poll = PollParams {
-            max: Duration::from_nanos(self.poll_max_ns),
-            ..PollParams::IOTHREAD
+        cfg.poll = match self.poll_max_ns {
+            0 => PollParams::OFF,
+            ns => PollParams {
+                max: Duration::from_nanos(ns),
+                ..PollParams::IOTHREAD
+            },
         };
-        if self.poll_max_ns == 0 {
-            cfg.poll = PollParams::OFF;
-        }
         cfg.socket_io = match self.socket_io {
             SocketIoArg::Completion => reactor::net::SocketIo::Completion,
             SocketIoArg::Readiness => reactor::net::SocketIo::Readiness,
