@@ -60,12 +60,14 @@ pub fn qemu(tool: &str, args: &[&str]) -> String {
     run(tool, args)
 }
 
-/// Runs `tool` (a QEMU or libnbd program); panics with its output unless it succeeds, and
+/// Runs `tool` (a QEMU or libnbd program, or Python); panics with its output unless it succeeds, and
 /// says which package brings it when it is missing. Returns stdout.
 pub fn run(tool: &str, args: &[&str]) -> String {
     let out = Command::new(tool).args(args).output().unwrap_or_else(|e| {
         let package = if tool.starts_with("qemu") {
             "qemu-utils"
+        } else if tool.contains("python") {
+            "python3-libnbd"
         } else {
             "libnbd-bin"
         };
