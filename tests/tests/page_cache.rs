@@ -168,6 +168,8 @@ backend_tests! {
             .unwrap();
         let path = scratch("lane", &r);
         let f = std::rc::Rc::new(cached_file(&path, &pattern(1 << 20, 3)));
+        // Else the writes would run on the loop thread, one by one (`inline_writes.rs`).
+        f.set_inline_writes(false);
         let before = r.stats().inline_io;
         // 64 writes at once, overlapping in pairs: each later one must win.
         let writes: Vec<_> = (0..64u32)

@@ -313,6 +313,11 @@ impl Reactor {
         self.stats.inline_io.set(self.stats.inline_io.get() + 1);
     }
 
+    pub(crate) fn count_inline_write_stall(&self) {
+        let n = &self.stats.inline_write_stalls;
+        n.set(n.get() + 1);
+    }
+
     pub(crate) fn count_task(&self) {
         self.stats.task_polls.set(self.stats.task_polls.get() + 1);
     }

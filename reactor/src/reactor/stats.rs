@@ -43,6 +43,11 @@ pub struct Stats {
     /// (`RWF_NOWAIT`: served by the page cache, or failed with an error the blocking call would
     /// give too) instead of going to the ring (io_uring) or the thread pool (epoll).
     pub inline_io: u64,
+    /// Buffered writes made on the loop thread (counted in `inline_io`) that took long enough
+    /// to have waited for something: dirty-page throttling, the journal, reclaim, the inode's
+    /// lock. Each turns inline writes off for its file until its writes on the thread pool are
+    /// fast again (see [`File::set_inline_writes`](crate::fs::File::set_inline_writes)).
+    pub inline_write_stalls: u64,
     /// Multishot receives armed ([`SocketIo::Multishot`](crate::net::SocketIo::Multishot)):
     /// one per stream while the application keeps up; more when back-pressure or a ring with
     /// every buffer held stopped one and a read armed it again.
@@ -78,6 +83,7 @@ pub(crate) struct LocalStats {
     pub(crate) poll_hits: Cell<u64>,
     pub(crate) poll_misses: Cell<u64>,
     pub(crate) inline_io: Cell<u64>,
+    pub(crate) inline_write_stalls: Cell<u64>,
     pub(crate) recv_arms: Cell<u64>,
 }
 
@@ -102,6 +108,7 @@ impl LocalStats {
             poll_misses: self.poll_misses.get(),
             monitor_errors,
             inline_io: self.inline_io.get(),
+            inline_write_stalls: self.inline_write_stalls.get(),
             recv_arms: self.recv_arms.get(),
             recv_buffers_held: 0,
         }

@@ -3,17 +3,28 @@
 //! A read or write first tries what the page cache can do at once, on the loop thread
 //! (`preadv2`/`pwritev2` with `RWF_NOWAIT`; never on `O_DIRECT` or append-mode writes, and never
 //! returning a short transfer that the blocking call would not): on a cached file that is the
-//! whole operation, one system call. Otherwise, and for every other operation, on the io_uring
-//! backend it is an io_uring operation on the reactor's ring, except buffered writes to a file
-//! system that cannot do them without blocking (ext4, tmpfs), which io_uring would give one by
-//! one to its own worker thread and which go to the reactor's thread pool instead; on epoll it
-//! runs on the reactor's thread pool. On the pool, a file's buffered writes run one at a time
-//! in the order they were made, on one thread (a lane): the kernel holds the file's lock
+//! whole operation, one system call.
+//!
+//! Buffered writes to a file system that cannot make them without blocking (ext4, tmpfs) are
+//! made on the loop thread too, while they are small and fast: a copy into the page cache costs
+//! less than a hand-over to another thread. Every such write is timed, and one that waited
+//! (dirty-page throttling, the journal) sends the file's writes to the thread pool until they
+//! are fast again: see [`File::set_inline_writes`], which also turns this off.
+//!
+//! Otherwise, and for every other operation, on the io_uring backend it is an io_uring
+//! operation on the reactor's ring, except those buffered writes, which io_uring would give one
+//! by one to its own worker thread and which go to the reactor's thread pool instead; on epoll
+//! it runs on the reactor's thread pool. On the pool, a file's buffered writes run one at a
+//! time in the order they were made, on one thread (a lane): the kernel holds the file's lock
 //! through each of them anyway, so more threads would only queue on it (io_uring's workers do
-//! the same). Writes in flight together that overlap still have no defined order, as with any
-//! asynchronous I/O: one may have run at once and a later one not. Either way the reactor
-//! thread never waits for a device,
-//! and the buffer is owned by the operation while it is in flight: it comes back with the
+//! the same); a write runs on the loop thread only when no earlier one is still there. Writes
+//! in flight together that overlap still have no defined order, as with any asynchronous I/O:
+//! one may have run at once and a later one not. The reactor thread never waits for a device
+//! to read or write (a stalled inline write, counted in
+//! [`Stats::inline_write_stalls`](crate::Stats::inline_write_stalls), is the one exception
+//! the guard bounds).
+//!
+//! The buffer is owned by the operation while it is in flight: it comes back with the
 //! result, `(io::Result<usize>, B)`. Dropping an operation's future cancels it (on the ring) or
 //! lets the pool finish it; the buffer is freed only after the kernel is done with it, and a
 //! file descriptor opened by a cancelled `open` is closed.
@@ -234,6 +245,48 @@ impl File {
         }
         let fd = self.fd.clone();
         run(WriteAt { fd, buf, offset }).await
+    }
+
+    /// Whether buffered writes that the file system cannot make without blocking (ext4 and
+    /// tmpfs refuse `RWF_NOWAIT` writes) may be made on the loop thread. On by default; the
+    /// setting is shared by every clone of this `File`.
+    ///
+    /// Such a write normally waits for nothing: it copies into the page cache, a few
+    /// microseconds for 4 KiB, which is less than handing it to a pool thread and back. So
+    /// while it is on, a write of at most 256 KiB is made on the loop thread when no earlier
+    /// write of the file is still on the pool. Every such write, there or on the pool, is
+    /// timed: one that took over 1 ms (plus 1 ns per byte) waited for something the system
+    /// was doing (dirty-page throttling, the journal, reclaim, another thread's long write to
+    /// the file), and from then on the file's writes go to the pool until 64 in a row there
+    /// were fast again. The loop thread can therefore wait once per episode of slow writes;
+    /// [`Stats::inline_write_stalls`](crate::Stats::inline_write_stalls) counts those waits.
+    /// A daemon that must never wait on the loop thread turns this off, and every such write
+    /// goes to the pool. Writes served by `RWF_NOWAIT` (XFS, btrfs) never block and run on the
+    /// loop thread either way.
+    ///
+    /// ```
+    /// use reactor::{Reactor, fs::File};
+    /// let r = Reactor::new()?;
+    /// let path = std::env::temp_dir().join(format!("reactor-inline-doc-{}", std::process::id()));
+    /// r.block_on(async {
+    ///     let f = File::create(&path).await?;
+    ///     assert!(f.inline_writes());
+    ///     f.set_inline_writes(false);
+    ///     let (res, _) = f.write_at(vec![7u8; 4096], 0).await;
+    ///     assert_eq!(res?, 4096);
+    ///     std::io::Result::Ok(())
+    /// })?;
+    /// # std::fs::remove_file(&path)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn set_inline_writes(&self, on: bool) {
+        self.fd.inline_writes().set_allowed(on);
+    }
+
+    /// Whether buffered writes may be made on the loop thread (see
+    /// [`set_inline_writes`](Self::set_inline_writes)).
+    pub fn inline_writes(&self) -> bool {
+        self.fd.inline_writes().allowed()
     }
 
     /// [`read_at`](Self::read_at) into a buffer of a [`FixedBufPool`]: when the read goes to

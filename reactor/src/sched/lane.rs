@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::pool::{Closure, Job, ThreadPool};
@@ -22,7 +23,14 @@ const TURN: usize = 64;
 /// A queue of jobs that run one after another on a pool. Cloning shares the lane.
 #[derive(Clone, Default)]
 pub(crate) struct Lane {
-    state: Arc<Mutex<State>>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    /// [`Pending`] marks alive: work for the lane that has not finished.
+    unfinished: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -34,7 +42,7 @@ struct State {
 
 impl std::fmt::Debug for Lane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         f.debug_struct("Lane")
             .field("queued", &st.queue.len())
             .field("running", &st.running)
@@ -47,11 +55,29 @@ impl Lane {
         Lane::default()
     }
 
+    /// Whether no [`Pending`] mark of the lane is alive: all the work given to it has finished
+    /// (and what it did, on any thread, happened before what the caller does next).
+    pub(crate) fn idle(&self) -> bool {
+        // Acquire: pairs with the Release decrement in `Pending::drop`, so the last job's
+        // work (its system call) is ordered before the caller's next step.
+        self.shared.unfinished.load(Ordering::Acquire) == 0
+    }
+
+    /// Marks work for the lane as pending until the mark is dropped. The job given to
+    /// [`execute`](Self::execute) carries it and drops it as soon as its work is done (before
+    /// it wakes anyone with the result), or when it unwinds or is dropped unrun.
+    pub(crate) fn pending(&self) -> Pending {
+        // Relaxed: only the caller's own later `idle` must see it, in program order; other
+        // threads learn of it through the job's hand-over.
+        self.shared.unfinished.fetch_add(1, Ordering::Relaxed);
+        Pending(self.shared.clone())
+    }
+
     /// Runs `job` on `pool` after every job given to this lane before it, and never at the
     /// same time as another of them. A job that panics is caught; the lane goes on.
     pub(crate) fn execute(&self, pool: &ThreadPool, job: Job) {
         let start = {
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
             st.queue.push_back(job);
             !std::mem::replace(&mut st.running, true)
         };
@@ -71,7 +97,7 @@ impl Lane {
     fn drain(self, pool: ThreadPool) {
         for _ in 0..TURN {
             let job = {
-                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
                 match st.queue.pop_front() {
                     Some(job) => job,
                     None => {
@@ -84,6 +110,16 @@ impl Lane {
         }
         // Turn over with jobs left (`running` stays set): to the back of the pool's queue.
         self.schedule(pool);
+    }
+}
+
+/// Work for a lane that has not finished: the lane is not [idle](Lane::idle) while it lives.
+pub(crate) struct Pending(Arc<Shared>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        // Release: pairs with the Acquire load in `Lane::idle`.
+        self.0.unfinished.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -116,6 +152,59 @@ mod tests {
         }
         let got: Vec<i32> = (0..500).map(|_| rx.recv().unwrap()).collect();
         assert_eq!(got, (0..500).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn idle_only_while_no_pending_mark_lives() {
+        let pool = ThreadPool::new(0, 2, Duration::from_secs(1));
+        let lane = Lane::new();
+        assert!(lane.idle());
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let (done_tx, done_rx) = mpsc::channel();
+        let (first, second) = (lane.pending(), lane.pending());
+        lane.execute(
+            &pool,
+            Closure::job(move || {
+                go_rx.recv().unwrap();
+                drop(first);
+            }),
+        );
+        lane.execute(
+            &pool,
+            Closure::job(move || {
+                drop(second);
+                done_tx.send(()).unwrap();
+            }),
+        );
+        assert!(!lane.idle(), "two jobs given, none finished");
+        go_tx.send(()).unwrap();
+        done_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(
+            lane.idle(),
+            "each job dropped its mark before it told anyone"
+        );
+        // A job that panics, or is dropped unrun, drops its mark too.
+        let mark = lane.pending();
+        lane.execute(
+            &pool,
+            Closure::job(move || {
+                let _mark = mark;
+                panic!("job fails on purpose")
+            }),
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !lane.idle() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a panicked job kept the lane busy"
+            );
+            std::thread::yield_now();
+        }
+        drop(Closure::job({
+            let mark = lane.pending();
+            move || drop(mark)
+        }));
+        assert!(lane.idle());
     }
 
     #[test]

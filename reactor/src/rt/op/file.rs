@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use io_uring::squeue::Entry;
 use io_uring::{opcode, types};
 
+use super::inline_writes::InlineWrites;
 use super::{Op, len32};
 use crate::io::{IoBuf, IoBufMut};
 use crate::rt::fixed::FixedBuf;
@@ -36,6 +37,8 @@ pub(crate) struct FileFd {
     /// Where its buffered writes run when they go to the thread pool: in order, one at a
     /// time (see `sched/lane.rs`).
     writes: Lane,
+    /// Whether its buffered writes may run on the loop thread (see `inline_writes.rs`).
+    inline: InlineWrites,
 }
 
 impl FileFd {
@@ -52,6 +55,7 @@ impl FileFd {
             read: NoWait::new(buffered),
             write: NoWait::new(buffered && !append),
             writes: Lane::new(),
+            inline: InlineWrites::new(),
         }
     }
 }
@@ -71,6 +75,33 @@ impl FileFd {
     /// queueing on that lock on many. `O_DIRECT` writes run side by side.
     fn write_lane(&self) -> Option<&Lane> {
         self.buffered.then_some(&self.writes)
+    }
+
+    /// The guard of this file's inline writes.
+    pub(crate) fn inline_writes(&self) -> &InlineWrites {
+        &self.inline
+    }
+
+    /// Whether a write of `len` bytes runs on the loop thread now (see `inline_writes.rs`): a
+    /// buffered write the file system cannot make without blocking, which the guard lets
+    /// through, while no earlier write of the file is still on the pool.
+    fn write_inline_now(&self, len: usize) -> bool {
+        self.writes_punted_by_the_ring() && self.inline.may_run(len) && self.writes.idle()
+    }
+
+    /// A write's blocking `call` of `len` bytes, timed by the guard when it is a buffered
+    /// write the file system cannot make without blocking (wherever it runs: a stall seen on
+    /// the pool keeps the loop's writes off too).
+    fn blocking_write(
+        &self,
+        len: usize,
+        call: impl FnOnce() -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        if self.writes_punted_by_the_ring() {
+            self.inline.timed(len, call)
+        } else {
+            call()
+        }
     }
 }
 
@@ -314,9 +345,17 @@ unsafe impl<B: IoBuf> Op for WriteAt<B> {
 
     fn call(&mut self) -> io::Result<usize> {
         let (ptr, len) = (self.buf.stable_ptr(), self.buf.bytes_init());
-        // SAFETY: the kernel reads `len` initialised bytes; the offset fits an off_t.
-        cvt(unsafe { libc::pwrite(self.fd.as_raw_fd(), ptr.cast(), len, self.offset as i64) })
-            .map(|n| n as usize)
+        let (fd, offset) = (self.fd.as_raw_fd(), self.offset as i64);
+        self.fd.blocking_write(len, || {
+            // SAFETY: the kernel reads `len` initialised bytes; the offset fits an off_t.
+            cvt(unsafe { libc::pwrite(fd, ptr.cast(), len, offset) }).map(|n| n as usize)
+        })
+    }
+
+    fn call_inline(&mut self) -> Option<io::Result<usize>> {
+        self.fd
+            .write_inline_now(self.buf.bytes_init())
+            .then(|| self.call())
     }
 
     fn call_nowait(&mut self) -> Option<io::Result<usize>> {
@@ -461,16 +500,18 @@ unsafe impl<B: IoBuf> Op for WritevAt<B> {
 
     fn call(&mut self) -> io::Result<usize> {
         self.fill_iov();
-        // SAFETY: as above.
-        cvt(unsafe {
-            libc::pwritev(
-                self.fd.as_raw_fd(),
-                self.iov.as_ptr(),
-                self.iov.len() as i32,
-                self.offset as i64,
-            )
+        let len = self.iov.iter().map(|v| v.iov_len).sum();
+        let (fd, iov, offset) = (self.fd.as_raw_fd(), &self.iov, self.offset as i64);
+        self.fd.blocking_write(len, || {
+            // SAFETY: as above.
+            cvt(unsafe { libc::pwritev(fd, iov.as_ptr(), iov.len() as i32, offset) })
+                .map(|n| n as usize)
         })
-        .map(|n| n as usize)
+    }
+
+    fn call_inline(&mut self) -> Option<io::Result<usize>> {
+        let len = self.bufs.iter().map(|b| b.bytes_init()).sum();
+        self.fd.write_inline_now(len).then(|| self.call())
     }
 
     fn call_nowait(&mut self) -> Option<io::Result<usize>> {
@@ -561,6 +602,10 @@ unsafe impl Op for WriteAtFixed {
 
     fn call_nowait(&mut self) -> Option<io::Result<usize>> {
         self.write.call_nowait()
+    }
+
+    fn call_inline(&mut self) -> Option<io::Result<usize>> {
+        self.write.call_inline()
     }
 
     fn prefers_pool(&self) -> bool {

@@ -6,8 +6,8 @@
 //! operations and hand them to a driver; the drivers here are the only code in the async
 //! layer that asks which backend runs:
 //!
-//! - [`run`] (files): what the page cache can serve at once, on the loop thread; the rest an
-//!   io_uring operation on the uring backend, the blocking call on the reactor's thread pool
+//! - [`run`] (files): what the page cache can serve at once, and small buffered writes while
+//!   they are fast (`inline_writes.rs`), on the loop thread; the rest an io_uring operation on the uring backend, the blocking call on the reactor's thread pool
 //!   on epoll;
 //! - [`run_when_ready`] (sockets): an io_uring operation when the reactor does socket I/O by
 //!   completion ([`SocketIo::Completion`](crate::net::SocketIo) or `Multishot` on io_uring);
@@ -18,6 +18,7 @@
 //! A new operation is one new type in `file.rs` or `socket.rs`.
 
 pub(crate) mod file;
+pub(crate) mod inline_writes;
 pub(crate) mod multishot;
 pub(crate) mod multishot_accept;
 mod ring;
@@ -60,6 +61,14 @@ pub(crate) unsafe trait Op: 'static {
     /// blocking [`call`](Op::call) or the ring can do it. Both backends try it on the loop
     /// thread before they hand the operation to the ring or the thread pool.
     fn call_nowait(&mut self) -> Option<io::Result<usize>> {
+        None
+    }
+
+    /// The blocking [`call`](Op::call), made on the loop thread because it is expected to be
+    /// short: a small buffered write while the file's writes are fast (`inline_writes.rs`).
+    /// Its result, or `None` when the operation goes to the ring or the thread pool. Tried
+    /// after [`call_nowait`](Op::call_nowait).
+    fn call_inline(&mut self) -> Option<io::Result<usize>> {
         None
     }
 
@@ -113,7 +122,8 @@ fn backend() -> io::Result<Backend> {
 
 /// Runs a file operation: first its non-blocking form on the loop thread, if it has one and
 /// the page cache can serve it (`RWF_NOWAIT`: one system call, no ring entry and no thread
-/// hand-over); otherwise on the io_uring backend an io_uring operation (unless it
+/// hand-over), or its blocking call there if it is a small buffered write expected to be fast
+/// ([`Op::call_inline`]); otherwise on the io_uring backend an io_uring operation (unless it
 /// [prefers the pool](Op::prefers_pool)), and on epoll the blocking call on the reactor's
 /// thread pool, where the output is also made, so that what an uncollected operation produced
 /// (an opened fd) is dropped there, not leaked.
@@ -126,7 +136,7 @@ where
         Err(e) => return op.complete(Err(e)),
     };
     let mut op = op;
-    if let Some(res) = op.call_nowait() {
+    if let Some(res) = op.call_nowait().or_else(|| op.call_inline()) {
         Reactor::with_current(|r| r.count_inline_io());
         return op.complete(res);
     }
@@ -134,8 +144,12 @@ where
         return ring::run(op).await;
     }
     let lane = op.pool_lane().cloned();
+    // The lane is busy (no inline writes to the file) until the call is done, not until the
+    // task has the result: the task's next write must find it idle.
+    let pending = lane.as_ref().map(Lane::pending);
     let work = move || {
         let res = op.call();
+        drop(pending);
         op.complete(res)
     };
     let job = match lane {
