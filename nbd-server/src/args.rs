@@ -105,6 +105,10 @@ pub struct Args {
     /// How sockets do I/O on io_uring (ignored on epoll).
     #[arg(long, value_name = "M", value_enum, default_value = "completion")]
     socket_io: SocketIoArg,
+    /// Hand every buffered write to a pool thread, so that no IoThread ever waits for one
+    /// (by default small writes are made by the IoThread while they are fast).
+    #[arg(long, env = "NBD_SERVER_NO_INLINE_WRITES")]
+    pub no_inline_writes: bool,
     /// Write the process id to PATH once serving (replacing a stale file); removed at exit.
     #[arg(long, value_name = "PATH", env = "NBD_SERVER_PID_FILE")]
     pub pid_file: Option<PathBuf>,
@@ -211,6 +215,7 @@ impl Args {
             SocketIoArg::Completion => reactor::net::SocketIo::Completion,
             SocketIoArg::Readiness => reactor::net::SocketIo::Readiness,
         };
+        cfg.inline_writes = !self.no_inline_writes;
         Ok(cfg)
     }
 }
@@ -335,6 +340,9 @@ mod tests {
         assert_eq!(c.socket_io, reactor::net::SocketIo::Completion);
         let r = serve(&["--socket-io", "readiness", "disk"]);
         assert_eq!(r.socket_io, reactor::net::SocketIo::Readiness);
+        assert!(c.inline_writes, "inline writes are on by default");
+        let n = serve(&["--no-inline-writes", "disk"]);
+        assert!(!n.inline_writes);
         assert_eq!(c.export_name, "d");
         assert_eq!(c.handshake_limit, Some(Duration::from_secs(10)));
         let c = serve(&["--handshake-limit", "0", "disk"]);

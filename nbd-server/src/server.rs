@@ -104,6 +104,14 @@ pub struct Config {
     /// [`SocketIo`](reactor::net::SocketIo); ignored on epoll). Default: the reactor's,
     /// [`SocketIo::Completion`](reactor::net::SocketIo::Completion).
     pub socket_io: reactor::net::SocketIo,
+    /// Whether the IoThreads make small buffered writes themselves while they are fast,
+    /// instead of handing each to a pool thread (see
+    /// [`File::set_inline_writes`](reactor::fs::File::set_inline_writes): a write that waited
+    /// sends the writes to the pool until they are fast again). On by default. With 4 KiB
+    /// writes from `qemu-img bench` on ext4 it took server CPU per request from 13.3 to 8.6 µs
+    /// at QD1 (server and client on one CPU) and from 7.0–7.7 to 5.8–6.3 µs at QD32, where
+    /// requests/s went from 89–92k to 107–114k. Off, no IoThread ever waits for a write.
+    pub inline_writes: bool,
 }
 
 impl Config {
@@ -126,6 +134,7 @@ impl Config {
             backend: Backend::Auto,
             poll: PollParams::OFF,
             socket_io: reactor::net::SocketIo::default(),
+            inline_writes: true,
         }
     }
 }
@@ -231,6 +240,7 @@ impl Server {
             &config.description,
             config.read_only,
         )?;
+        export.file().set_inline_writes(config.inline_writes);
         let tcp = config.tcp.map(std::net::TcpListener::bind).transpose()?;
         let mut tcp_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
         let mut endpoints: Vec<Endpoint> = tcp_addr.iter().map(|a| Endpoint::Tcp(*a)).collect();

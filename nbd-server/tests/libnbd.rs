@@ -19,17 +19,20 @@ const CHECKS: usize = 11;
 backend_tests! {
     fn libnbd_python_bindings_check_every_command_and_option(r: &Reactor) {
         let backend = &*r.backend().to_string();
-        // 64 MiB whose only data is [4 MiB, 6 MiB): what the script expects.
-        let export = scratch("libnbd-py", backend);
-        let f = std::fs::File::create(&export).unwrap();
-        f.set_len(64 * MIB).unwrap();
-        f.write_all_at(&random_bytes(2 * MIB as usize, 7), 4 * MIB).unwrap();
-        drop(f);
-        let srv = serve(backend, &export, &[]);
-        let out = run("/usr/bin/python3", &[SCRIPT, &srv.url, export.to_str().unwrap()]);
-        let passed = out.lines().filter(|l| l.starts_with("ok ")).count();
-        assert_eq!(passed, CHECKS, "{out}");
-        drop(srv);
-        std::fs::remove_file(export).unwrap();
+        // Writes made by the IoThread (the default), and all handed to the pool.
+        for extra in [&[][..], &["--no-inline-writes"]] {
+            // 64 MiB whose only data is [4 MiB, 6 MiB): what the script expects.
+            let export = scratch("libnbd-py", backend);
+            let f = std::fs::File::create(&export).unwrap();
+            f.set_len(64 * MIB).unwrap();
+            f.write_all_at(&random_bytes(2 * MIB as usize, 7), 4 * MIB).unwrap();
+            drop(f);
+            let srv = serve(backend, &export, extra);
+            let out = run("/usr/bin/python3", &[SCRIPT, &srv.url, export.to_str().unwrap()]);
+            let passed = out.lines().filter(|l| l.starts_with("ok ")).count();
+            assert_eq!(passed, CHECKS, "{extra:?}: {out}");
+            drop(srv);
+            std::fs::remove_file(export).unwrap();
+        }
     }
 }
