@@ -105,8 +105,9 @@ pub struct Args {
     /// How sockets do I/O on io_uring (ignored on epoll).
     #[arg(long, value_name = "M", value_enum, default_value = "completion")]
     socket_io: SocketIoArg,
-    /// Hand every buffered write to a pool thread, so that no IoThread ever waits for one
-    /// (by default small writes are made by the IoThread while they are fast).
+    /// Hand every write that needs a blocking call (buffered writes on ext4 and tmpfs) to a
+    /// pool thread, so that no IoThread ever waits in one (by default small writes of whole
+    /// pages are made by the IoThread while they are fast).
     #[arg(long, env = "NBD_SERVER_NO_INLINE_WRITES")]
     pub no_inline_writes: bool,
     /// Write the process id to PATH once serving (replacing a stale file); removed at exit.

@@ -104,13 +104,14 @@ pub struct Config {
     /// [`SocketIo`](reactor::net::SocketIo); ignored on epoll). Default: the reactor's,
     /// [`SocketIo::Completion`](reactor::net::SocketIo::Completion).
     pub socket_io: reactor::net::SocketIo,
-    /// Whether the IoThreads make small buffered writes themselves while they are fast,
-    /// instead of handing each to a pool thread (see
+    /// Whether the IoThreads make small buffered writes of whole pages themselves while they
+    /// are fast, instead of handing each to a pool thread (see
     /// [`File::set_inline_writes`](reactor::fs::File::set_inline_writes): a write that waited
     /// sends the writes to the pool until they are fast again). On by default. With 4 KiB
-    /// writes from `qemu-img bench` on ext4 it took server CPU per request from 13.3 to 8.6 µs
-    /// at QD1 (server and client on one CPU) and from 7.0–7.7 to 5.8–6.3 µs at QD32, where
-    /// requests/s went from 89–92k to 107–114k. Off, no IoThread ever waits for a write.
+    /// writes from `qemu-img bench` on ext4 (three A/B runs) it took server CPU per request
+    /// from 13.0–13.7 to 8.4–9.5 µs at QD1 (server and client on one CPU) and from 7.1–7.7 to
+    /// 5.8–6.3 µs at QD32, where requests/s went from 89–92k to 107–114k. Off, no IoThread
+    /// ever waits in a write.
     pub inline_writes: bool,
 }
 

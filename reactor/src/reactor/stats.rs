@@ -39,14 +39,17 @@ pub struct Stats {
     /// Waits of the fd monitor that failed with an OS error after the backend's own retries
     /// (see [`Reactor::poll`](crate::Reactor::poll) for what the loop does then).
     pub monitor_errors: u64,
-    /// File reads and writes completed on the loop thread by their non-blocking form
-    /// (`RWF_NOWAIT`: served by the page cache, or failed with an error the blocking call would
-    /// give too) instead of going to the ring (io_uring) or the thread pool (epoll).
+    /// File reads and writes completed on the loop thread instead of going to the ring
+    /// (io_uring) or the thread pool: by their non-blocking form (`RWF_NOWAIT`: served by the
+    /// page cache, or failed with an error the blocking call would give too), or, for small
+    /// buffered writes the file system cannot make without blocking, by the blocking call
+    /// while such writes are fast (see
+    /// [`File::set_inline_writes`](crate::fs::File::set_inline_writes)).
     pub inline_io: u64,
     /// Buffered writes made on the loop thread (counted in `inline_io`) that took long enough
     /// to have waited for something: dirty-page throttling, the journal, reclaim, the inode's
-    /// lock. Each turns inline writes off for its file until its writes on the thread pool are
-    /// fast again (see [`File::set_inline_writes`](crate::fs::File::set_inline_writes)).
+    /// lock, or a preemption. Each turns inline writes off for its file until its writes on the
+    /// thread pool are fast again (see [`File::set_inline_writes`](crate::fs::File::set_inline_writes)).
     pub inline_write_stalls: u64,
     /// Multishot receives armed ([`SocketIo::Multishot`](crate::net::SocketIo::Multishot)):
     /// one per stream while the application keeps up; more when back-pressure or a ring with

@@ -6,10 +6,11 @@
 //! whole operation, one system call.
 //!
 //! Buffered writes to a file system that cannot make them without blocking (ext4, tmpfs) are
-//! made on the loop thread too, while they are small and fast: a copy into the page cache costs
-//! less than a hand-over to another thread. Every such write is timed, and one that waited
-//! (dirty-page throttling, the journal) sends the file's writes to the thread pool until they
-//! are fast again: see [`File::set_inline_writes`], which also turns this off.
+//! made on the loop thread too, while they are small, cover whole pages and are fast: a copy
+//! into the page cache costs less than a hand-over to another thread. Every such write is
+//! timed, and one that waited (dirty-page throttling, the journal) sends the file's writes to
+//! the thread pool until they are fast again: see [`File::set_inline_writes`], which also
+//! turns this off.
 //!
 //! Otherwise, and for every other operation, on the io_uring backend it is an io_uring
 //! operation on the reactor's ring, except those buffered writes, which io_uring would give one
@@ -19,10 +20,9 @@
 //! through each of them anyway, so more threads would only queue on it (io_uring's workers do
 //! the same); a write runs on the loop thread only when no earlier one is still there. Writes
 //! in flight together that overlap still have no defined order, as with any asynchronous I/O:
-//! one may have run at once and a later one not. The reactor thread never waits for a device
-//! to read or write (a stalled inline write, counted in
-//! [`Stats::inline_write_stalls`](crate::Stats::inline_write_stalls), is the one exception
-//! the guard bounds).
+//! one may have run at once and a later one not. The reactor thread does not read from or
+//! write to a device itself; an inline write can still wait for what the system is doing, and
+//! [`File::set_inline_writes`] says how long and how often.
 //!
 //! The buffer is owned by the operation while it is in flight: it comes back with the
 //! result, `(io::Result<usize>, B)`. Dropping an operation's future cancels it (on the ring) or
@@ -247,22 +247,28 @@ impl File {
         run(WriteAt { fd, buf, offset }).await
     }
 
-    /// Whether buffered writes that the file system cannot make without blocking (ext4 and
-    /// tmpfs refuse `RWF_NOWAIT` writes) may be made on the loop thread. On by default; the
-    /// setting is shared by every clone of this `File`.
+    /// Whether buffered writes that must be made by a blocking call may be made on the loop
+    /// thread: writes the file system cannot make without blocking (ext4 and tmpfs refuse
+    /// `RWF_NOWAIT` writes), and on any file system writes to a file opened `O_APPEND` (which
+    /// never use `RWF_NOWAIT`). On by default; the setting is shared by every clone of this
+    /// `File`.
     ///
-    /// Such a write normally waits for nothing: it copies into the page cache, a few
-    /// microseconds for 4 KiB, which is less than handing it to a pool thread and back. So
-    /// while it is on, a write of at most 256 KiB is made on the loop thread when no earlier
-    /// write of the file is still on the pool. Every such write, there or on the pool, is
-    /// timed: one that took over 1 ms (plus 1 ns per byte) waited for something the system
-    /// was doing (dirty-page throttling, the journal, reclaim, another thread's long write to
-    /// the file), and from then on the file's writes go to the pool until 64 in a row there
-    /// were fast again. The loop thread can therefore wait once per episode of slow writes;
-    /// [`Stats::inline_write_stalls`](crate::Stats::inline_write_stalls) counts those waits.
-    /// A daemon that must never wait on the loop thread turns this off, and every such write
-    /// goes to the pool. Writes served by `RWF_NOWAIT` (XFS, btrfs) never block and run on the
-    /// loop thread either way.
+    /// Such a write of whole pages normally waits for nothing: it copies into the page cache,
+    /// a few microseconds for 4 KiB, which is less than handing it to a pool thread and back.
+    /// So while this is on, a write is made on the loop thread when it covers whole pages
+    /// (a write to part of a page the cache does not hold would read the page first), is at
+    /// most 256 KiB, the file is not opened `O_SYNC`/`O_DSYNC`, and no earlier write of the
+    /// file is still on the pool. Every such write, there or on the pool, is timed: one that
+    /// took over 1 ms (plus 1 ns per byte) waited for something the system was doing
+    /// (dirty-page throttling, the journal, reclaim, another thread's long write to the file,
+    /// or the thread was preempted), and from then on the file's writes go to the pool until
+    /// 64 in a row were fast again. Each loop thread writing to the file can therefore wait
+    /// once per episode of slow writes; [`Stats::inline_write_stalls`](crate::Stats::inline_write_stalls)
+    /// counts those waits. Shorter waits are not seen: on a device that needs stable pages
+    /// (some RAID and checksumming setups), a write to a page under writeback waits for the
+    /// device. A daemon that must never wait on the loop thread turns this off, and every such
+    /// write goes to the pool. Writes that `RWF_NOWAIT` serves (XFS and btrfs, on files not
+    /// opened `O_APPEND`) never block and run on the loop thread either way.
     ///
     /// ```
     /// use reactor::{Reactor, fs::File};

@@ -65,7 +65,8 @@ impl Lane {
 
     /// Marks work for the lane as pending until the mark is dropped. The job given to
     /// [`execute`](Self::execute) carries it and drops it as soon as its work is done (before
-    /// it wakes anyone with the result), or when it unwinds or is dropped unrun.
+    /// it wakes anyone with the result), or when it unwinds; a job dropped unrun drops it with
+    /// its closure (for `spawn_blocking_in`, once the awaiting future is gone too).
     pub(crate) fn pending(&self) -> Pending {
         // Relaxed: only the caller's own later `idle` must see it, in program order; other
         // threads learn of it through the job's hand-over.

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use io_uring::squeue::Entry;
 use io_uring::{opcode, types};
 
-use super::inline_writes::InlineWrites;
+use super::inline_writes::{self, InlineWrites};
 use super::{Op, len32};
 use crate::io::{IoBuf, IoBufMut};
 use crate::rt::fixed::FixedBuf;
@@ -39,6 +39,8 @@ pub(crate) struct FileFd {
     writes: Lane,
     /// Whether its buffered writes may run on the loop thread (see `inline_writes.rs`).
     inline: InlineWrites,
+    /// Opened `O_SYNC` or `O_DSYNC`: every write waits for the device, so none runs inline.
+    sync: bool,
 }
 
 impl FileFd {
@@ -49,6 +51,8 @@ impl FileFd {
         // An append-mode write ignores its offset: a partial non-blocking write could not be
         // redone whole without appending its first part twice.
         let append = flags >= 0 && flags & libc::O_APPEND != 0;
+        // O_SYNC includes the O_DSYNC bit.
+        let sync = flags >= 0 && flags & libc::O_DSYNC != 0;
         FileFd {
             fd,
             buffered,
@@ -56,6 +60,7 @@ impl FileFd {
             write: NoWait::new(buffered && !append),
             writes: Lane::new(),
             inline: InlineWrites::new(),
+            sync,
         }
     }
 }
@@ -82,11 +87,16 @@ impl FileFd {
         &self.inline
     }
 
-    /// Whether a write of `len` bytes runs on the loop thread now (see `inline_writes.rs`): a
-    /// buffered write the file system cannot make without blocking, which the guard lets
+    /// Whether a write of `len` bytes at `offset` runs on the loop thread now (see
+    /// `inline_writes.rs`): a buffered write of whole pages that the file system cannot make
+    /// without blocking, to a file not opened for synchronous writes, which the guard lets
     /// through, while no earlier write of the file is still on the pool.
-    fn write_inline_now(&self, len: usize) -> bool {
-        self.writes_punted_by_the_ring() && self.inline.may_run(len) && self.writes.idle()
+    fn write_inline_now(&self, offset: u64, len: usize) -> bool {
+        self.writes_punted_by_the_ring()
+            && !self.sync
+            && inline_writes::whole_pages(offset, len)
+            && self.inline.may_run(len)
+            && self.writes.idle()
     }
 
     /// A write's blocking `call` of `len` bytes, timed by the guard when it is a buffered
@@ -141,6 +151,11 @@ impl NoWait {
             skip: AtomicU32::new(0),
             next_skip: AtomicU32::new(1),
         }
+    }
+
+    fn enabled(&self) -> bool {
+        // Relaxed: a hint (see the type's doc); pairs with nothing.
+        self.enabled.load(Ordering::Relaxed)
     }
 
     fn should_try(&self) -> bool {
@@ -354,7 +369,7 @@ unsafe impl<B: IoBuf> Op for WriteAt<B> {
 
     fn call_inline(&mut self) -> Option<io::Result<usize>> {
         self.fd
-            .write_inline_now(self.buf.bytes_init())
+            .write_inline_now(self.offset, self.buf.bytes_init())
             .then(|| self.call())
     }
 
@@ -511,10 +526,16 @@ unsafe impl<B: IoBuf> Op for WritevAt<B> {
 
     fn call_inline(&mut self) -> Option<io::Result<usize>> {
         let len = self.bufs.iter().map(|b| b.bytes_init()).sum();
-        self.fd.write_inline_now(len).then(|| self.call())
+        self.fd
+            .write_inline_now(self.offset, len)
+            .then(|| self.call())
     }
 
     fn call_nowait(&mut self) -> Option<io::Result<usize>> {
+        if !self.fd.write.enabled() {
+            // Not worth building the iovecs (`call` builds them).
+            return None;
+        }
         self.fill_iov();
         let want = self.iov.iter().map(|v| v.iov_len).sum();
         let (fd, iov, offset) = (self.fd.as_raw_fd(), &self.iov, self.offset);
