@@ -113,6 +113,10 @@ pub struct Args {
     /// Write the process id to PATH once serving (replacing a stale file); removed at exit.
     #[arg(long, value_name = "PATH", env = "NBD_SERVER_PID_FILE")]
     pub pid_file: Option<PathBuf>,
+    /// Run in the background: the command returns once the server serves (its pid file and
+    /// listening lines written), and the server's standard streams then go to /dev/null.
+    #[arg(long)]
+    pub fork: bool,
 }
 
 /// Seconds given on the command line; `None` for 0 (no limit).
@@ -242,6 +246,19 @@ pub fn main(args: impl IntoIterator<Item = String>) -> std::process::ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Before any thread starts (logging and the allocator start none).
+    let detached = if args.fork {
+        match crate::daemon::fork() {
+            Ok(crate::daemon::Forked::Parent(status)) => return status,
+            Ok(crate::daemon::Forked::Child(d)) => Some(d),
+            Err(e) => {
+                eprintln!("nbd-server: --fork: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     init_logging();
     crate::tune_allocator();
     // Block SIGINT and SIGTERM before any thread starts, so every thread inherits the mask
@@ -278,6 +295,11 @@ pub fn main(args: impl IntoIterator<Item = String>) -> std::process::ExitCode {
     }
     if let Err(e) = activation::notify_ready() {
         tracing::warn!("nbd-server: telling systemd it is ready (NOTIFY_SOCKET): {e}");
+    }
+    if let Some(d) = detached {
+        if let Err(e) = d.ready() {
+            tracing::warn!("nbd-server: --fork: detaching the standard streams: {e}");
+        }
     }
     let mut sig = 0;
     // SAFETY: `set` is a valid signal set and `sig` a valid out-pointer.

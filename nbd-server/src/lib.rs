@@ -59,6 +59,7 @@ pub mod args;
 mod budget;
 mod commands;
 mod conn;
+pub mod daemon;
 mod export;
 mod extents;
 mod handshake;

@@ -1,6 +1,6 @@
 //! The `nbd-server` binary as a service, on both backends: listening sockets passed the way
 //! systemd passes them (`LISTEN_PID`, `LISTEN_FDS`, fds from 3), the readiness message to
-//! `NOTIFY_SOCKET`, and `--pid-file`.
+//! `NOTIFY_SOCKET`, `--pid-file`, and `--fork`.
 
 mod common;
 
@@ -71,6 +71,72 @@ backend_tests! {
         for p in [file, sock, notify] {
             std::fs::remove_file(p).unwrap();
         }
+    }
+
+    fn fork_returns_once_serving_and_the_server_runs_on_detached(r: &Reactor) {
+        let backend = r.backend().to_string();
+        let file = scratch("fork", &backend);
+        std::fs::write(&file, vec![9u8; 1 << 20]).unwrap();
+        let pid_file = scratch("fork-pid", &backend);
+        let child = Command::new(env!("CARGO_BIN_EXE_nbd-server"))
+            .args(["--fork", "--backend", &backend, "--bind", "127.0.0.1:0", "-x", "disk"])
+            .args(["--pid-file", pid_file.to_str().unwrap()])
+            .arg(&file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start nbd-server");
+        let parent = child.id();
+        // The output ends (both streams) only once the parent has exited and the server has
+        // let go of them: waited for on a thread, so a server that keeps them fails the test.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(child.wait_with_output()).unwrap());
+        let out = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the parent returns and the server lets go of its output")
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let addr = stdout
+            .trim()
+            .strip_prefix("nbd-server: listening on tcp ")
+            .unwrap_or_else(|| panic!("listening line: {stdout:?}"))
+            .parse()
+            .unwrap();
+        // The pid file, written before the parent returned, names the server: another
+        // process, leading a session of its own.
+        let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        assert_ne!(pid as u32, parent);
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        assert_eq!(fields[3], pid.to_string(), "session id is the server's pid: {stat}");
+        let mut c = Client::connect(addr);
+        let (size, _) = c.go("disk");
+        assert_eq!(size, 1 << 20);
+        assert_eq!(c.read(1, 4096, 4096), (0, vec![9u8; 4096]));
+        drop(c);
+        // SIGTERM: a clean exit, which removes the pid file.
+        // SAFETY: kill on the server's pid, read from its pid file just now.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while pid_file.exists() {
+            assert!(std::time::Instant::now() < deadline, "the server did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::fs::remove_file(file).unwrap();
+    }
+
+    fn fork_reports_a_server_that_cannot_start(r: &Reactor) {
+        let backend = r.backend().to_string();
+        let missing = scratch("fork-missing", &backend);
+        let out = Command::new(env!("CARGO_BIN_EXE_nbd-server"))
+            .args(["--fork", "--backend", &backend, "--bind", "127.0.0.1:0"])
+            .arg(&missing)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(missing.to_str().unwrap()), "the child's error: {err}");
     }
 
     fn passed_sockets_and_explicit_listeners_do_not_mix(r: &Reactor) {
