@@ -7,8 +7,8 @@
 //! layer that asks which backend runs:
 //!
 //! - [`run`] (files): what the page cache can serve at once, and small buffered writes while
-//!   they are fast (`inline_writes.rs`), on the loop thread; the rest an io_uring operation on the uring backend, the blocking call on the reactor's thread pool
-//!   on epoll;
+//!   they are fast (`inline_writes.rs`), on the loop thread; the rest an io_uring operation
+//!   on the uring backend, the blocking call on the reactor's thread pool on epoll;
 //! - [`run_when_ready`] (sockets): an io_uring operation when the reactor does socket I/O by
 //!   completion ([`SocketIo::Completion`](crate::net::SocketIo) or `Multishot` on io_uring);
 //!   otherwise the non-blocking call, made when the socket is ready;
