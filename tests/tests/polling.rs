@@ -74,6 +74,22 @@ backend_tests! {
         r.remove_fd(id).unwrap();
     }
 
+    fn a_long_spin_gives_the_cpu_away_now_and_then(r: &Reactor) {
+        r.set_poll(PollParams { max: Duration::from_millis(50), grow: 2, shrink: 0 });
+        grow_to(r, Duration::from_millis(3), Duration::from_millis(2));
+        let before = r.stats();
+        // The next wait (1 ms) is within the poll time: the poll spins all of it, and a
+        // thread sharing this CPU must get it on the way (a sched_yield every 2 µs).
+        let t = r.timer(|_| {});
+        t.arm_after(Duration::from_millis(1));
+        while t.is_armed() {
+            r.poll(true);
+        }
+        let after = r.stats();
+        assert!(after.poll_misses > before.poll_misses, "the spin ran to its end: {after:?}");
+        assert!(after.poll_yields > before.poll_yields, "no yield in a 1 ms spin: {after:?}");
+    }
+
     fn poll_time_grows_on_short_waits_and_resets_on_long_ones(r: &Reactor) {
         assert_eq!(r.poll_params(), PollParams::OFF, "off by default on a bare reactor");
         r.set_poll(PollParams { max: Duration::from_millis(2), grow: 2, shrink: 0 });

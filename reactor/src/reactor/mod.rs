@@ -52,6 +52,11 @@ const EXTERNAL_TIMER_TOKEN: u64 = u64::MAX - 1;
 /// Most consecutive iterations that skip the fd monitor because busy polling found work.
 const MAX_SKIPPED_WAITS: u32 = 8;
 
+/// How long busy polling spins between two `sched_yield` calls (see [`PollParams`]). A thread
+/// that shares the spinner's CPU waits at most about this long for it; and a hand-over
+/// between two spinning threads (well under a microsecond) never reaches a call.
+const POLL_YIELD_NS: u64 = 2_000;
+
 /// What a reactor shares with other threads (through [`Handle`], [`Bh`] and [`Timer`]).
 pub(crate) struct Shared {
     pub(crate) notifier: Notifier,

@@ -10,6 +10,13 @@
 //! (spin plus wait). If that was within the current poll time, polling paid off and nothing
 //! changes; if it was longer than `poll_max`, polling is pointless for this load and the time
 //! shrinks; in between, a longer spin would have covered it, so the time grows.
+//!
+//! A spin gives its CPU away for a moment (`sched_yield`) every 2 µs, counted in
+//! [`Stats::poll_yields`](crate::Stats::poll_yields). A thread that shares the CPU, often the
+//! very client whose next request the spin waits for, then runs at once instead of after the
+//! window; with nothing else runnable the call returns at once. Measured with `nbd-server`
+//! and `qemu-img bench` pinned to one CPU, queue depth 1, 200 µs polling: 36–38k requests/s
+//! without the yield, 56–60k with it (65k without polling).
 
 use std::cell::Cell;
 use std::time::Duration;

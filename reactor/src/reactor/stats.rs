@@ -36,6 +36,9 @@ pub struct Stats {
     pub poll_hits: u64,
     /// Busy polls that spun their whole window and then waited.
     pub poll_misses: u64,
+    /// Times busy polling gave its CPU away for a moment (`sched_yield`, every 2 µs of a
+    /// spin), so that a thread sharing the CPU is not kept waiting for the whole window.
+    pub poll_yields: u64,
     /// Waits of the fd monitor that failed with an OS error after the backend's own retries
     /// (see [`Reactor::poll`](crate::Reactor::poll) for what the loop does then).
     pub monitor_errors: u64,
@@ -85,6 +88,7 @@ pub(crate) struct LocalStats {
     pub(crate) timers_fired: Cell<u64>,
     pub(crate) poll_hits: Cell<u64>,
     pub(crate) poll_misses: Cell<u64>,
+    pub(crate) poll_yields: Cell<u64>,
     pub(crate) inline_io: Cell<u64>,
     pub(crate) inline_write_stalls: Cell<u64>,
     pub(crate) recv_arms: Cell<u64>,
@@ -109,6 +113,7 @@ impl LocalStats {
             timers_fired: self.timers_fired.get(),
             poll_hits: self.poll_hits.get(),
             poll_misses: self.poll_misses.get(),
+            poll_yields: self.poll_yields.get(),
             monitor_errors,
             inline_io: self.inline_io.get(),
             inline_write_stalls: self.inline_write_stalls.get(),
