@@ -95,7 +95,8 @@ impl Inject {
         }
     }
 
-    /// Called as row number `row` (from 0) of the scenario starts.
+    /// Called as row number `row` (from 0) of the scenario starts (an interleaved row: as its
+    /// last run starts).
     pub fn at_row(self, row: usize) {
         match (self, row) {
             (Inject::Panic, 0) => panic!("injected failure (--inject-failure …:panic)"),

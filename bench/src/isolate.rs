@@ -2,7 +2,8 @@
 //! panic, an abort, a hang, a crash in a peer's runtime) can lose the results of the others.
 //!
 //! The child (`bench --run-scenario NAME ...`) prints each row on standard output as soon as
-//! it is measured (`BENCH-ROW <json>`), and the scenario's final list (`BENCH-FINAL <json>`)
+//! it is measured (`BENCH-ROW <json>`; a row measured in rounds, again after each of its
+//! runs, and the latest stands), and the scenario's final list (`BENCH-FINAL <json>`)
 //! when it ends. The parent keeps what it received: the final list if it came, else the rows
 //! streamed before the child died, plus a failed row that says how the child ended. A child
 //! that outlives its time limit is killed.
@@ -95,8 +96,16 @@ pub fn run(sc: &Scenario, set: &Settings) -> Vec<Row> {
     while exited.is_none() {
         let take = |line: String, streamed: &mut Vec<Row>, final_rows: &mut Option<Vec<Row>>| {
             if let Some(j) = line.strip_prefix(ROW) {
-                match serde_json::from_str(j) {
-                    Ok(r) => streamed.push(r),
+                match serde_json::from_str::<Row>(j) {
+                    // An interleaved row is reported again after each of its runs: the
+                    // latest report stands for it.
+                    Ok(r) => match streamed
+                        .iter_mut()
+                        .find(|s| s.scenario == r.scenario && s.system == r.system)
+                    {
+                        Some(s) => *s = r,
+                        None => streamed.push(r),
+                    },
                     Err(e) => eprintln!("  bench: unreadable row from the child ({e}): {j}"),
                 }
             } else if let Some(j) = line.strip_prefix(FINAL) {

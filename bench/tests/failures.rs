@@ -7,11 +7,16 @@ use std::process::Command;
 struct Run {
     status: Option<i32>,
     table: String,
+    stderr: String,
     json: serde_json::Value,
     svg: String,
 }
 
 fn bench(inject: &str, extra: &[&str]) -> Run {
+    bench_runs(inject, "1", extra)
+}
+
+fn bench_runs(inject: &str, runs: &str, extra: &[&str]) -> Run {
     let dir = std::env::temp_dir().join(format!(
         "bench-failures-{}-{}",
         std::process::id(),
@@ -26,7 +31,7 @@ fn bench(inject: &str, extra: &[&str]) -> Run {
             "--scenario",
             "idle-cpu",
             "--runs",
-            "1",
+            runs,
         ])
         .args(["--inject-failure", inject])
         .args(extra)
@@ -40,6 +45,7 @@ fn bench(inject: &str, extra: &[&str]) -> Run {
     let run = Run {
         status: out.status.code(),
         table: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         json: serde_json::from_str(&std::fs::read_to_string(&json).expect("JSON written"))
             .expect("valid JSON"),
         svg: std::fs::read_to_string(&svg).expect("plot written"),
@@ -114,6 +120,45 @@ fn an_aborted_scenario_keeps_the_rows_it_measured() {
     let ok = rows(&run, "results", "bh-local");
     assert_eq!(ok.len(), 1);
     assert_eq!(ok[0]["system"], "reactor-uring");
+    others_present(&run);
+}
+
+#[test]
+fn runs_go_in_rounds_and_a_scenario_that_dies_keeps_every_run_it_made() {
+    // bh-local's three rows, two runs each, the process aborted as the second row's last run
+    // starts: the rounds made runs 1 of every row first, then run 2 of the first.
+    let run = bench_runs("bh-local:abort", "2", &[]);
+    let order: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.trim_start().starts_with("bh-local ") && l.contains(" of 2)"))
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "bh-local     reactor-uring (run 1 of 2)",
+            "bh-local     reactor-epoll (run 1 of 2)",
+            "bh-local     tokio (run 1 of 2)",
+            "bh-local     reactor-uring (run 2 of 2)",
+            "bh-local     reactor-epoll (run 2 of 2)",
+        ],
+        "{}",
+        run.stderr
+    );
+    // Each row once, with the runs it had when the process died: the latest report of a row
+    // stands for it.
+    let ok: Vec<(&str, u64)> = rows(&run, "results", "bh-local")
+        .iter()
+        .map(|r| (r["system"].as_str().unwrap(), r["runs"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        ok,
+        [("reactor-uring", 2), ("reactor-epoll", 1), ("tokio", 1)]
+    );
+    let failed = rows(&run, "failures", "bh-local");
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0]["reason"].as_str().unwrap().contains("SIGABRT"));
     others_present(&run);
 }
 

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use reactor::{Backend, Bh, Reactor};
 
 use crate::measure::{Metric, Sample, time};
-use crate::scenarios::{Ctx, Row};
+use crate::scenarios::{Ctx, Row, System};
 
 fn reactor_on(backend: Backend) -> Reactor {
     let r = Reactor::builder()
@@ -21,16 +21,12 @@ fn reactor_on(backend: Backend) -> Reactor {
 
 pub fn local(ctx: &Ctx) -> Vec<Row> {
     let n = ctx.scale(2_000_000, 300_000);
-    let mut rows: Vec<Row> = [Backend::Uring, Backend::Epoll]
+    let mut systems: Vec<System> = [Backend::Uring, Backend::Epoll]
         .into_iter()
-        .map(|b| {
-            ctx.row("bh-local", &format!("reactor-{b}"), Metric::NsPerOp, || {
-                bh_local(b, n)
-            })
-        })
+        .map(|b| System::new(format!("reactor-{b}"), move || bh_local(b, n)))
         .collect();
-    rows.push(ctx.row("bh-local", "tokio", Metric::NsPerOp, || tokio_yield(n)));
-    rows
+    systems.push(System::new("tokio", move || tokio_yield(n)));
+    ctx.interleave("bh-local", Metric::NsPerOp, systems)
 }
 
 /// tokio's equivalent: a task doing `yield_now` in a loop on a current_thread runtime.
@@ -84,19 +80,12 @@ fn bh_local(backend: Backend, n: u64) -> Sample {
 
 pub fn cross(ctx: &Ctx) -> Vec<Row> {
     let n = ctx.scale(2_000_000, 300_000);
-    let mut rows: Vec<Row> = [Backend::Uring, Backend::Epoll]
+    let mut systems: Vec<System> = [Backend::Uring, Backend::Epoll]
         .into_iter()
-        .map(|b| {
-            ctx.row(
-                "bh-cross",
-                &format!("reactor-{b}"),
-                Metric::OpsPerSec,
-                || bh_cross(b, n),
-            )
-        })
+        .map(|b| System::new(format!("reactor-{b}"), move || bh_cross(b, n)))
         .collect();
-    rows.push(ctx.row("bh-cross", "tokio", Metric::OpsPerSec, || tokio_cross(n)));
-    rows
+    systems.push(System::new("tokio", move || tokio_cross(n)));
+    ctx.interleave("bh-cross", Metric::OpsPerSec, systems)
 }
 
 /// tokio's equivalent: a producer thread spawning `n` tasks into a current_thread runtime kept

@@ -10,33 +10,34 @@ use std::thread;
 use reactor::{Backend, FdHandler, PollParams, Reactor};
 
 use crate::measure::{Metric, Sample, time};
-use crate::scenarios::{Ctx, Row};
+use crate::scenarios::{Ctx, Row, System};
 
 pub fn run(ctx: &Ctx) -> Vec<Row> {
     let n = ctx.scale(20_000, 2_000);
-    let mut rows = Vec::new();
-    for backend in [Backend::Uring, Backend::Epoll] {
-        let system = format!("reactor-{backend}");
-        rows.push(ctx.row("fd-pingpong", &system, Metric::NsPerOp, || {
-            reactor_side(backend, PollParams::OFF, n)
-        }));
-    }
-    rows.push(ctx.row("fd-pingpong", "tokio", Metric::NsPerOp, || tokio_side(n)));
-    rows.push(
-        ctx.row("fd-pingpong", "floor-blocking-rw", Metric::NsPerOp, || {
-            floor(n)
-        }),
-    );
+    let mut systems: Vec<System> = [Backend::Uring, Backend::Epoll]
+        .into_iter()
+        .map(|b| {
+            System::new(format!("reactor-{b}"), move || {
+                reactor_side(b, PollParams::OFF, n)
+            })
+        })
+        .collect();
+    systems.push(System::new("tokio", move || tokio_side(n)));
+    systems.push(System::new("floor-blocking-rw", move || floor(n)));
+    let mut rows = ctx.interleave("fd-pingpong", Metric::NsPerOp, systems);
     // With adaptive polling: on io_uring, the POLL_ADD completion lands in the ring, which the
     // spin sees without a system call; on epoll only a system call could see the fd, so the
     // spin helps only through the notifier (nothing here), and the row shows that.
     let np = ctx.scale(100_000, 10_000);
-    for backend in [Backend::Uring, Backend::Epoll] {
-        let system = format!("reactor-{backend}");
-        rows.push(ctx.row("fd-pingpong-poll", &system, Metric::NsPerOp, || {
-            reactor_side(backend, crate::scenarios::pingpong::POLL, np)
-        }));
-    }
+    let systems = [Backend::Uring, Backend::Epoll]
+        .into_iter()
+        .map(|b| {
+            System::new(format!("reactor-{b}"), move || {
+                reactor_side(b, crate::scenarios::pingpong::POLL, np)
+            })
+        })
+        .collect();
+    rows.extend(ctx.interleave("fd-pingpong-poll", Metric::NsPerOp, systems));
     rows
 }
 

@@ -19,7 +19,7 @@ use reactor::fs::FixedBufPool;
 use reactor::{AlignedBuf, Backend, IoBufMut, Reactor};
 
 use crate::measure::{Metric, Sample, time};
-use crate::scenarios::{Ctx, Row};
+use crate::scenarios::{Ctx, Row, System};
 
 const FILE_SIZE: u64 = 256 << 20;
 const BLOCK: usize = 4096;
@@ -180,58 +180,43 @@ fn settle(path: &Path, case: Case) {
 
 fn case_rows(ctx: &Ctx, path: &Path, case: Case) -> Vec<Row> {
     let name = case.name();
-    let mut rows = Vec::new();
-    for b in [Backend::Uring, Backend::Epoll] {
-        rows.push(
-            ctx.row(&name, &format!("reactor-{b}"), Metric::OpsPerSec, || {
-                settle(path, case);
-                reactor_io(path, case, b, false)
-            }),
-        );
-    }
-    rows.push(
-        ctx.row(&name, "reactor-uring-fixed", Metric::OpsPerSec, || {
+    // Each run starts from a settled page cache (see `settle`).
+    let settled = |name: &str, f: fn(&Path, Case) -> Sample| {
+        System::new(name, move || {
             settle(path, case);
-            reactor_io(path, case, Backend::Uring, true)
+            f(path, case)
+        })
+    };
+    let mut systems = vec![
+        settled("reactor-uring", |p, c| {
+            reactor_io(p, c, Backend::Uring, false)
         }),
-    );
-    rows.push(ctx.row(&name, "tokio", Metric::OpsPerSec, || {
-        settle(path, case);
-        tokio_io(path, case)
-    }));
-    rows.push(ctx.row(&name, "compio", Metric::OpsPerSec, || {
-        settle(path, case);
-        compio_io(path, case)
-    }));
-    rows.push(ctx.row(&name, "floor-raw-uring", Metric::OpsPerSec, || {
-        settle(path, case);
-        raw_uring_io(path, case)
-    }));
-    rows.push(ctx.row(&name, "floor-tuned-uring", Metric::OpsPerSec, || {
-        settle(path, case);
-        tuned_uring_io(path, case)
-    }));
+        settled("reactor-epoll", |p, c| {
+            reactor_io(p, c, Backend::Epoll, false)
+        }),
+        settled("reactor-uring-fixed", |p, c| {
+            reactor_io(p, c, Backend::Uring, true)
+        }),
+        settled("tokio", tokio_io),
+        settled("compio", compio_io),
+        settled("floor-raw-uring", raw_uring_io),
+        settled("floor-tuned-uring", tuned_uring_io),
+    ];
     if !case.direct {
         let floor = if case.write {
             "floor-pwrite"
         } else {
             "floor-pread"
         };
-        rows.push(ctx.row(&name, floor, Metric::OpsPerSec, || {
-            settle(path, case);
-            sync_io(path, case)
-        }));
+        systems.push(settled(floor, sync_io));
     }
     if case.pattern == Pattern::Sequential {
         match super::qemu::available("qemu-img") {
-            true => rows.push(ctx.row(&name, "qemu-img-bench", Metric::OpsPerSec, || {
-                settle(path, case);
-                qemu_img_bench(path, case)
-            })),
+            true => systems.push(settled("qemu-img-bench", qemu_img_bench)),
             false => eprintln!("  qemu-img is not on the PATH: no QEMU row for {name}"),
         }
     }
-    rows
+    ctx.interleave(&name, Metric::OpsPerSec, systems)
 }
 
 /// Checks a block read at `off`: its bytes are the ones `data_file` wrote there.

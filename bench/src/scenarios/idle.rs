@@ -8,21 +8,15 @@ use std::time::{Duration, Instant};
 use reactor::{Backend, Builder, IoThread};
 
 use crate::measure::{Metric, Sample};
-use crate::scenarios::{Ctx, Row};
+use crate::scenarios::{Ctx, Row, System};
 
 pub fn run(ctx: &Ctx) -> Vec<Row> {
     let idle = Duration::from_millis(ctx.scale(1000, 400));
-    [Backend::Uring, Backend::Epoll]
+    let systems = [Backend::Uring, Backend::Epoll]
         .into_iter()
-        .map(|b| {
-            ctx.row(
-                "idle-cpu-poll",
-                &format!("reactor-{b}"),
-                Metric::Percent,
-                || idle_cpu(b, idle),
-            )
-        })
-        .collect()
+        .map(|b| System::new(format!("reactor-{b}"), move || idle_cpu(b, idle)))
+        .collect();
+    ctx.interleave("idle-cpu-poll", Metric::Percent, systems)
 }
 
 /// CPU time of thread `tid` of this process, in nanoseconds (`/proc/.../schedstat`).

@@ -105,6 +105,80 @@ impl Ctx {
     }
 }
 
+/// One system of an [`Ctx::interleave`]d measurement: its name and one run of it.
+pub struct System<'a> {
+    name: String,
+    run: Box<dyn FnMut() -> Sample + 'a>,
+}
+
+impl<'a> System<'a> {
+    pub fn new(name: impl Into<String>, run: impl FnMut() -> Sample + 'a) -> System<'a> {
+        System {
+            name: name.into(),
+            run: Box::new(run),
+        }
+    }
+}
+
+impl Ctx {
+    /// Measures the `systems` of `scenario` in rounds: run 1 of each, then run 2 of each, and
+    /// so on. This VM drifts over seconds (its vCPUs move between SMT siblings and separate
+    /// cores, a neighbour's load comes and goes), and consecutive runs of one system would
+    /// put a drift on that system alone; in rounds it falls on all of them alike, which is
+    /// what the ratios between them need.
+    ///
+    /// As with [`row`](Self::row), a panic fails that system's row only (its later rounds
+    /// are skipped), and each row is reported (`on_row`) as it grows, after every run, so
+    /// that a scenario that dies keeps the runs it made.
+    pub fn interleave(&self, scenario: &str, metric: Metric, systems: Vec<System<'_>>) -> Vec<Row> {
+        let first = self.started.get();
+        self.started.set(first + systems.len());
+        let mut state: Vec<(System<'_>, Vec<Sample>, Option<String>)> =
+            systems.into_iter().map(|s| (s, Vec::new(), None)).collect();
+        let summary = |name: &str, samples: &[Sample], failed: &Option<String>| match failed {
+            Some(why) => Row::failed(scenario, name, metric, why.clone()),
+            None => Summary::of(scenario, name, metric, samples),
+        };
+        for round in 0..self.runs {
+            for (i, (sys, samples, failed)) in state.iter_mut().enumerate() {
+                if failed.is_some() {
+                    continue;
+                }
+                eprintln!(
+                    "  {scenario:<12} {} (run {} of {})",
+                    sys.name,
+                    round + 1,
+                    self.runs
+                );
+                let mark = failure::mark();
+                let res = catch_unwind(AssertUnwindSafe(|| {
+                    // In the last round, so that a scenario made to die there has made runs
+                    // of every row before (what `tests/failures.rs` checks it keeps).
+                    if let (true, Some(inject)) = (round + 1 == self.runs, self.inject) {
+                        inject.at_row(first + i);
+                    }
+                    (sys.run)()
+                }));
+                match res {
+                    Ok(sample) => samples.push(sample),
+                    Err(p) => {
+                        let why = failure::reason(mark, p.as_ref());
+                        eprintln!("  {scenario:<12} {}: FAILED: {why}", sys.name);
+                        *failed = Some(why);
+                    }
+                }
+                (self.on_row)(&summary(&sys.name, samples, failed));
+            }
+        }
+        let rows: Vec<Row> = state
+            .iter()
+            .map(|(sys, samples, failed)| summary(&sys.name, samples, failed))
+            .collect();
+        self.measured.borrow_mut().extend(rows.iter().cloned());
+        rows
+    }
+}
+
 /// A scenario: a name, what it measures, and the function that runs it.
 pub struct Scenario {
     pub name: &'static str,

@@ -1,14 +1,14 @@
 //! `nbd`: `qemu-img bench` (4 KiB, sequential, reads and writes, queue depth 1 and 32) as
 //! the client of the NBD servers of [`super::nbd_servers`] (this repository's `nbd-server`
-//! on each backend, `qemu-storage-daemon`, `qemu-nbd`, `nbdkit`) exporting the same
-//! page-cached file over loopback TCP. Requests/s as the client sees them, and the server
+//! on each backend, `qemu-storage-daemon`, `qemu-nbd`, `nbdkit`), each exporting a
+//! page-cached file of its own (the same bytes) over loopback TCP. Requests/s as the client sees them, and the server
 //! process's CPU time per request (all its threads, helpers included). The `-1cpu` rows run
 //! server and client on CPU 0 only (see [`Case::one_cpu`]).
 
 use std::path::{Path, PathBuf};
 
 use super::nbd_servers::{FILE_SIZE, Running, SERVERS, Server, available, prepare, start_on};
-use super::{Ctx, Row, qemu};
+use super::{Ctx, Row, System, qemu};
 use crate::measure::{Metric, Sample};
 
 /// The byte qemu-img bench writes, checked in the file afterwards.
@@ -71,7 +71,6 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
     );
     let dir = Path::new("target").join("bench-data");
     std::fs::create_dir_all(&dir).expect("create target/bench-data");
-    let path: PathBuf = dir.join("nbd-64M.img");
     let cases = [
         (false, 1, ctx.scale(40_000, 3_000), false),
         (false, 32, ctx.scale(200_000, 15_000), false),
@@ -86,29 +85,42 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
         requests,
         one_cpu,
     });
-    // Servers in the outer loop (one process serves all of its rows, a pinned one the
-    // one-CPU rows), rows grouped after.
-    let mut by_case: Vec<Vec<Row>> = cases.iter().map(|_| Vec::new()).collect();
+    // One process per server and placement (a pinned one for the one-CPU rows), each with a
+    // file of its own (QEMU's servers lock their image), all running for the whole scenario,
+    // so that each row's runs go in rounds over the servers (see `Ctx::interleave`).
     // The reactor with adaptive polling too: what `--poll-max-ns` buys a queue-depth-1 client.
     let servers = SERVERS.iter().copied().chain([Server::ReactorPolling]);
+    let mut running: Vec<(String, bool, PathBuf, Running)> = Vec::new();
     for server in servers {
-        let system = server.system();
         for one_cpu in [false, true] {
+            let system = server.system();
+            let pinned = if one_cpu { "-1cpu" } else { "" };
+            let path = dir.join(format!("nbd-64M-{system}{pinned}.img"));
             prepare(&path);
             let srv = start_on(server, &path, one_cpu.then_some(0));
-            for (i, case) in cases.iter().enumerate() {
-                if case.one_cpu != one_cpu {
-                    continue;
-                }
-                let row = ctx.row(&case.name(), &system, Metric::OpsPerSec, || {
-                    client_run(&srv, *case)
-                });
-                if case.write {
-                    check_writes(&path, &system, case.requests);
-                }
-                by_case[i].push(row);
-            }
+            running.push((system, one_cpu, path, srv));
         }
     }
-    by_case.into_iter().flatten().collect()
+    let mut rows = Vec::new();
+    for case in cases {
+        let systems = running
+            .iter()
+            .filter(|(_, one_cpu, _, _)| *one_cpu == case.one_cpu)
+            .map(|(system, _, path, srv)| {
+                System::new(system.as_str(), move || {
+                    let sample = client_run(srv, case);
+                    if case.write {
+                        check_writes(path, system, case.requests);
+                    }
+                    sample
+                })
+            })
+            .collect();
+        rows.extend(ctx.interleave(&case.name(), Metric::OpsPerSec, systems));
+    }
+    for (_, _, path, srv) in running {
+        drop(srv);
+        let _ = std::fs::remove_file(path);
+    }
+    rows
 }

@@ -5,12 +5,12 @@
 //! between requests. Requests/s from fio's own run time, and the server process's CPU time
 //! per request.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use super::nbd_servers::{Running, SERVERS, prepare, start};
-use super::{Ctx, Row};
+use super::{Ctx, Row, System};
 use crate::measure::{Metric, Sample};
 
 #[derive(Clone, Copy, Debug)]
@@ -105,7 +105,6 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
     );
     let dir = Path::new("target").join("bench-data");
     std::fs::create_dir_all(&dir).expect("create target/bench-data");
-    let path = dir.join("nbd-fio-64M.img");
     let cases = [
         ("randread", 1, 1, ctx.scale(40_000, 3_000)),
         ("randread", 32, 1, ctx.scale(200_000, 15_000)),
@@ -119,17 +118,30 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
         jobs,
         requests,
     });
-    let mut by_case: Vec<Vec<Row>> = cases.iter().map(|_| Vec::new()).collect();
-    for server in SERVERS {
-        prepare(&path);
-        let system = server.system();
-        let srv = start(server, &path);
-        for (i, case) in cases.iter().enumerate() {
-            by_case[i].push(ctx.row(&case.name(), &system, Metric::OpsPerSec, || {
-                client_run(&srv, *case)
-            }));
-        }
-        drop(srv);
+    // Every server running for the whole scenario, each with a file of its own (QEMU's
+    // servers lock their image), so that each row's runs go in rounds over the servers (see
+    // `Ctx::interleave`).
+    let running: Vec<(String, PathBuf, Running)> = SERVERS
+        .iter()
+        .map(|&server| {
+            let system = server.system();
+            let path = dir.join(format!("nbd-fio-64M-{system}.img"));
+            prepare(&path);
+            let srv = start(server, &path);
+            (system, path, srv)
+        })
+        .collect();
+    let mut rows = Vec::new();
+    for case in cases {
+        let systems = running
+            .iter()
+            .map(|(system, _, srv)| System::new(system.as_str(), move || client_run(srv, case)))
+            .collect();
+        rows.extend(ctx.interleave(&case.name(), Metric::OpsPerSec, systems));
     }
-    by_case.into_iter().flatten().collect()
+    for (_, path, srv) in running {
+        drop(srv);
+        let _ = std::fs::remove_file(path);
+    }
+    rows
 }

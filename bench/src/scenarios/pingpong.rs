@@ -12,7 +12,7 @@ use std::thread;
 use reactor::{Backend, Bh, PollParams, Reactor, Wakeup};
 
 use crate::measure::{Metric, Sample, time};
-use crate::scenarios::{Ctx, Row};
+use crate::scenarios::{Ctx, Row, System};
 
 /// Adaptive polling for the `-poll` rows. The poll time must be allowed to exceed a sleeping
 /// round trip (~40 µs here), or a first wait longer than the maximum shrinks it to zero before
@@ -25,42 +25,37 @@ pub const POLL: PollParams = PollParams {
 
 pub fn run(ctx: &Ctx) -> Vec<Row> {
     let n = ctx.scale(20_000, 2_000);
-    let mut rows = Vec::new();
-    for backend in [Backend::Uring, Backend::Epoll] {
-        let system = format!("reactor-{backend}");
-        rows.push(ctx.row("pingpong", &system, Metric::NsPerOp, || {
-            reactor_pingpong(backend, Wakeup::Auto, PollParams::OFF, n)
-        }));
-    }
-    // io_uring woken through its eventfd instead of ring messages.
-    rows.push(
-        ctx.row("pingpong", "reactor-uring-eventfd", Metric::NsPerOp, || {
+    let mut systems: Vec<System> = [Backend::Uring, Backend::Epoll]
+        .into_iter()
+        .map(|b| {
+            System::new(format!("reactor-{b}"), move || {
+                reactor_pingpong(b, Wakeup::Auto, PollParams::OFF, n)
+            })
+        })
+        .collect();
+    systems.extend([
+        // io_uring woken through its eventfd instead of ring messages.
+        System::new("reactor-uring-eventfd", move || {
             reactor_pingpong(Backend::Uring, Wakeup::EventFd, PollParams::OFF, n)
         }),
-    );
-    rows.push(ctx.row("pingpong", "tokio", Metric::NsPerOp, || tokio_pingpong(n)));
-    rows.push(
-        ctx.row("pingpong", "floor-eventfd-epoll", Metric::NsPerOp, || {
-            eventfd_pingpong(n)
-        }),
-    );
-    rows.push(ctx.row("pingpong", "floor-futex", Metric::NsPerOp, || {
-        futex_pingpong(n)
-    }));
-    rows.push(ctx.row("pingpong", "floor-msg-ring", Metric::NsPerOp, || {
-        msg_ring_pingpong(n)
-    }));
+        System::new("tokio", move || tokio_pingpong(n)),
+        System::new("floor-eventfd-epoll", move || eventfd_pingpong(n)),
+        System::new("floor-futex", move || futex_pingpong(n)),
+        System::new("floor-msg-ring", move || msg_ring_pingpong(n)),
+    ]);
+    let mut rows = ctx.interleave("pingpong", Metric::NsPerOp, systems);
     // With adaptive polling on, the same bounce against the in-process spinning floor.
     let np = ctx.scale(200_000, 50_000);
-    for backend in [Backend::Uring, Backend::Epoll] {
-        let system = format!("reactor-{backend}");
-        rows.push(ctx.row("pingpong-poll", &system, Metric::NsPerOp, || {
-            reactor_pingpong(backend, Wakeup::Auto, POLL, np)
-        }));
-    }
-    rows.push(ctx.row("pingpong-poll", "floor-spin", Metric::NsPerOp, || {
-        spin_pingpong(np)
-    }));
+    let mut systems: Vec<System> = [Backend::Uring, Backend::Epoll]
+        .into_iter()
+        .map(|b| {
+            System::new(format!("reactor-{b}"), move || {
+                reactor_pingpong(b, Wakeup::Auto, POLL, np)
+            })
+        })
+        .collect();
+    systems.push(System::new("floor-spin", move || spin_pingpong(np)));
+    rows.extend(ctx.interleave("pingpong-poll", Metric::NsPerOp, systems));
     rows
 }
 

@@ -10,24 +10,19 @@ use io_uring::{IoUring, opcode};
 use reactor::{Backend, Reactor};
 
 use crate::measure::{Metric, Sample, time};
-use crate::scenarios::{Ctx, Row};
+use crate::scenarios::{Ctx, Row, System};
 
 pub fn run(ctx: &Ctx) -> Vec<Row> {
     let n = ctx.scale(1_000_000, 200_000);
     let mut rows = Vec::new();
     for depth in [1u64, 32] {
         let name = format!("ring-nop-qd{depth}");
-        rows.push(ctx.row(&name, "reactor-uring", Metric::NsPerOp, || {
-            reactor_nops(depth, n)
-        }));
-        rows.push(ctx.row(&name, "floor-raw-uring", Metric::NsPerOp, || {
-            raw_nops(depth, n, false)
-        }));
-        rows.push(
-            ctx.row(&name, crate::table::TUNED_FLOOR, Metric::NsPerOp, || {
-                raw_nops(depth, n, true)
-            }),
-        );
+        let systems = vec![
+            System::new("reactor-uring", move || reactor_nops(depth, n)),
+            System::new("floor-raw-uring", move || raw_nops(depth, n, false)),
+            System::new(crate::table::TUNED_FLOOR, move || raw_nops(depth, n, true)),
+        ];
+        rows.extend(ctx.interleave(&name, Metric::NsPerOp, systems));
     }
     rows
 }

@@ -16,7 +16,7 @@ use reactor::net::SocketIo;
 use reactor::{Backend, Reactor};
 
 use crate::measure::{Metric, Sample, thread_cpu_ns, time};
-use crate::scenarios::{Ctx, Row, echo_floors};
+use crate::scenarios::{Ctx, Row, System, echo_floors};
 
 /// Connections of the request/response and streaming rows.
 const CONNS: usize = 64;
@@ -80,11 +80,13 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
         ),
     ];
     for (scenario, size, conns, n, metric) in cases {
-        for (name, server) in servers {
-            rows.push(ctx.row(scenario, name, metric, || {
-                one_run(server, conns, size, n, metric)
-            }));
-        }
+        let systems = servers
+            .iter()
+            .map(|&(name, server)| {
+                System::new(name, move || one_run(server, conns, size, n, metric))
+            })
+            .collect();
+        rows.extend(ctx.interleave(scenario, metric, systems));
     }
     rows
 }

@@ -6,30 +6,31 @@ use std::time::{Duration, Instant};
 use reactor::{Backend, Reactor};
 
 use crate::measure::{Metric, Sample, time};
-use crate::scenarios::{Ctx, Row};
+use crate::scenarios::{Ctx, Row, System};
 
 pub fn run(ctx: &Ctx) -> Vec<Row> {
     let n = ctx.scale(100_000, 100_000);
     let sleeps = ctx.scale(1000, 200) as usize;
     let mut rows = Vec::new();
-    for b in [Backend::Uring, Backend::Epoll] {
-        rows.push(ctx.row(
-            "timers-100k",
-            &format!("reactor-{b}"),
-            Metric::NsPerOp,
-            || reactor_many(b, n),
-        ));
-    }
-    rows.push(ctx.row("timers-100k", "tokio", Metric::NsPerOp, || tokio_many(n)));
+    let mut systems: Vec<System> = [Backend::Uring, Backend::Epoll]
+        .into_iter()
+        .map(|b| System::new(format!("reactor-{b}"), move || reactor_many(b, n)))
+        .collect();
+    systems.push(System::new("tokio", move || tokio_many(n)));
+    rows.extend(ctx.interleave("timers-100k", Metric::NsPerOp, systems));
     for (name, q) in [("sleep-1ms-p50-late", 0.50), ("sleep-1ms-p99-late", 0.99)] {
-        for b in [Backend::Uring, Backend::Epoll] {
-            rows.push(ctx.row(name, &format!("reactor-{b}"), Metric::NsPerOp, || {
-                quantile(reactor_lateness(b, sleeps), q)
-            }));
-        }
-        rows.push(ctx.row(name, "tokio", Metric::NsPerOp, || {
+        let mut systems: Vec<System> = [Backend::Uring, Backend::Epoll]
+            .into_iter()
+            .map(|b| {
+                System::new(format!("reactor-{b}"), move || {
+                    quantile(reactor_lateness(b, sleeps), q)
+                })
+            })
+            .collect();
+        systems.push(System::new("tokio", move || {
             quantile(tokio_lateness(sleeps), q)
         }));
+        rows.extend(ctx.interleave(name, Metric::NsPerOp, systems));
     }
     rows
 }
