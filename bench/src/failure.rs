@@ -65,11 +65,12 @@ pub fn one_line(s: &str) -> String {
 pub enum Inject {
     /// The scenario panics before its first row (like an unmet precondition).
     Setup,
-    /// The first row panics; the scenario's other rows still run.
+    /// The first row panics (as its last run starts); the scenario's other rows still run.
     Panic,
-    /// The process aborts when the second row starts (the first one is already reported).
+    /// The process aborts as the second row's last run starts (every run made before is
+    /// already reported).
     Abort,
-    /// The second row never finishes (the scenario's time limit ends it).
+    /// The second row's last run never finishes (the scenario's time limit ends it).
     Hang,
 }
 

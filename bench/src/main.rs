@@ -40,8 +40,8 @@ struct Args {
     /// Run this scenario only (repeatable; --list names them all).
     #[arg(long = "scenario", value_name = "NAME", value_parser = scenario)]
     scenarios: Vec<String>,
-    /// Measured runs of each row, made in rounds over a row's systems; medians and min–max
-    /// are reported.
+    /// Measured runs of each row, made in rounds over a row's systems (all but
+    /// nbd-sparse-copy's); medians and min–max are reported.
     #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..), env = "BENCH_RUNS")]
     runs: u32,
     /// Short measurements (the default).

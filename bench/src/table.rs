@@ -126,7 +126,8 @@ pub fn render(rows: &[Summary]) -> String {
     let runs = rows.iter().map(|r| r.runs).max().unwrap_or(0);
     out.push_str(&format!(
         "\nCells: median (min–max) over {runs} runs, made in rounds (run 1 of every system of a \
-         row, then run 2 of every one, and so on: a drift of the machine falls on all alike); `sc/op`: system calls per operation where \
+         row, then run 2 of every one, and so on: a drift of the machine falls on all alike; all rows but \
+         `nbd-sparse-copy`); `sc/op`: system calls per operation where \
          counted; `allocs/op`: heap allocations per operation on the reactor's thread where counted; `cpu/op`: CPU time of the server per request (its thread; for `nbd-*` its whole process; per 64 KiB message in `tcp-echo-64KiB`); `ns/op over floor-tuned-uring`: the reactor's time per operation above the tuned ring's, from the medians. Ratios divide medians: for ns/op below 1 means uring is faster, for ops/s \
          and MB/s above 1 does.\n"
     ));

@@ -18,7 +18,7 @@ fn bench(inject: &str, extra: &[&str]) -> Run {
 
 fn bench_runs(inject: &str, runs: &str, extra: &[&str]) -> Run {
     let dir = std::env::temp_dir().join(format!(
-        "bench-failures-{}-{}",
+        "bench-failures-{}-{}-runs{runs}",
         std::process::id(),
         inject.replace(':', "-")
     ));
@@ -106,16 +106,24 @@ fn a_failed_precondition_fails_the_scenario_only() {
     others_present(&run);
 }
 
+/// The reason of the failed row of `system` in `scenario`.
+fn failure<'a>(run: &'a Run, scenario: &str, system: &str) -> &'a str {
+    rows(run, "failures", scenario)
+        .into_iter()
+        .find(|r| r["system"] == system)
+        .unwrap_or_else(|| panic!("no failed row of {system}: {:?}", run.json))["reason"]
+        .as_str()
+        .unwrap()
+}
+
 #[test]
 fn an_aborted_scenario_keeps_the_rows_it_measured() {
     let run = bench("bh-local:abort", &[]);
+    // The row whose run was under way is failed (not missing), and so is the scenario.
     let failed = rows(&run, "failures", "bh-local");
-    assert_eq!(failed.len(), 1);
-    assert!(
-        failed[0]["reason"].as_str().unwrap().contains("SIGABRT"),
-        "{:?}",
-        failed[0]
-    );
+    assert_eq!(failed.len(), 2, "{:?}", run.json);
+    assert!(failure(&run, "bh-local", "reactor-epoll").contains("never ended"));
+    assert!(failure(&run, "bh-local", "(scenario)").contains("SIGABRT"));
     // The first row was reported before the abort.
     let ok = rows(&run, "results", "bh-local");
     assert_eq!(ok.len(), 1);
@@ -146,19 +154,20 @@ fn runs_go_in_rounds_and_a_scenario_that_dies_keeps_every_run_it_made() {
         "{}",
         run.stderr
     );
-    // Each row once, with the runs it had when the process died: the latest report of a row
-    // stands for it.
+    // Each row once, as it stood when the process died: the latest report of a row stands
+    // for it.
     let ok: Vec<(&str, u64)> = rows(&run, "results", "bh-local")
         .iter()
         .map(|r| (r["system"].as_str().unwrap(), r["runs"].as_u64().unwrap()))
         .collect();
-    assert_eq!(
-        ok,
-        [("reactor-uring", 2), ("reactor-epoll", 1), ("tokio", 1)]
+    assert_eq!(ok, [("reactor-uring", 2), ("tokio", 1)]);
+    // The row whose run the abort interrupted is failed, not shown with its first run only.
+    assert!(
+        failure(&run, "bh-local", "reactor-epoll").contains("its run 2 of 2 never ended"),
+        "{:?}",
+        run.json
     );
-    let failed = rows(&run, "failures", "bh-local");
-    assert_eq!(failed.len(), 1);
-    assert!(failed[0]["reason"].as_str().unwrap().contains("SIGABRT"));
+    assert!(failure(&run, "bh-local", "(scenario)").contains("SIGABRT"));
     others_present(&run);
 }
 
@@ -167,12 +176,9 @@ fn a_hanging_scenario_is_killed_at_its_time_limit() {
     let t0 = std::time::Instant::now();
     let run = bench("bh-local:hang", &["--timeout", "3"]);
     let failed = rows(&run, "failures", "bh-local");
-    assert_eq!(failed.len(), 1);
-    assert!(
-        failed[0]["reason"].as_str().unwrap().contains("timed out"),
-        "{:?}",
-        failed[0]
-    );
+    assert_eq!(failed.len(), 2, "{:?}", run.json);
+    assert!(failure(&run, "bh-local", "reactor-epoll").contains("never ended"));
+    assert!(failure(&run, "bh-local", "(scenario)").contains("timed out"));
     assert!(t0.elapsed() < std::time::Duration::from_secs(60));
     others_present(&run);
 }

@@ -128,8 +128,9 @@ impl Ctx {
     /// what the ratios between them need.
     ///
     /// As with [`row`](Self::row), a panic fails that system's row only (its later rounds
-    /// are skipped), and each row is reported (`on_row`) as it grows, after every run, so
-    /// that a scenario that dies keeps the runs it made.
+    /// are skipped). Each row is reported (`on_row`) as it grows, after every run, so that a
+    /// scenario that dies keeps the runs it made; and before every run as failed, so that a
+    /// run that crashes or hangs the process leaves its row failed rather than short.
     pub fn interleave(&self, scenario: &str, metric: Metric, systems: Vec<System<'_>>) -> Vec<Row> {
         let first = self.started.get();
         self.started.set(first + systems.len());
@@ -150,6 +151,15 @@ impl Ctx {
                     round + 1,
                     self.runs
                 );
+                // Until this run ends, the row stands as failed: if the process dies or is
+                // killed during it, that is the row that did it.
+                let unfinished = Some(format!(
+                    "its run {} of {} never ended: the scenario's process died or was killed \
+                     during it",
+                    round + 1,
+                    self.runs
+                ));
+                (self.on_row)(&summary(&sys.name, samples, &unfinished));
                 let mark = failure::mark();
                 let res = catch_unwind(AssertUnwindSafe(|| {
                     // In the last round, so that a scenario made to die there has made runs

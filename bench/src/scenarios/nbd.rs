@@ -5,9 +5,9 @@
 //! process's CPU time per request (all its threads, helpers included). The `-1cpu` rows run
 //! server and client on CPU 0 only (see [`Case::one_cpu`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use super::nbd_servers::{FILE_SIZE, Running, SERVERS, Server, available, prepare, start_on};
+use super::nbd_servers::{FILE_SIZE, Fleet, Running, SERVERS, Server, available, up};
 use super::{Ctx, Row, System, qemu};
 use crate::measure::{Metric, Sample};
 
@@ -90,25 +90,23 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
     // so that each row's runs go in rounds over the servers (see `Ctx::interleave`).
     // The reactor with adaptive polling too: what `--poll-max-ns` buys a queue-depth-1 client.
     let servers = SERVERS.iter().copied().chain([Server::ReactorPolling]);
-    let mut running: Vec<(String, bool, PathBuf, Running)> = Vec::new();
+    let mut fleets = [Fleet::default(), Fleet::default()]; // unpinned, pinned
     for server in servers {
-        for one_cpu in [false, true] {
+        for (one_cpu, fleet) in [false, true].into_iter().zip(fleets.iter_mut()) {
             let system = server.system();
             let pinned = if one_cpu { "-1cpu" } else { "" };
             let path = dir.join(format!("nbd-64M-{system}{pinned}.img"));
-            prepare(&path);
-            let srv = start_on(server, &path, one_cpu.then_some(0));
-            running.push((system, one_cpu, path, srv));
+            fleet.start(system, server, path, one_cpu.then_some(0));
         }
     }
     let mut rows = Vec::new();
     for case in cases {
-        let systems = running
+        let systems = fleets[usize::from(case.one_cpu)]
+            .servers
             .iter()
-            .filter(|(_, one_cpu, _, _)| *one_cpu == case.one_cpu)
-            .map(|(system, _, path, srv)| {
+            .map(|(system, path, srv)| {
                 System::new(system.as_str(), move || {
-                    let sample = client_run(srv, case);
+                    let sample = client_run(up(system, srv), case);
                     if case.write {
                         check_writes(path, system, case.requests);
                     }
@@ -117,10 +115,6 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
             })
             .collect();
         rows.extend(ctx.interleave(&case.name(), Metric::OpsPerSec, systems));
-    }
-    for (_, _, path, srv) in running {
-        drop(srv);
-        let _ = std::fs::remove_file(path);
     }
     rows
 }

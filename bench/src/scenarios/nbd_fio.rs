@@ -5,11 +5,11 @@
 //! between requests. Requests/s from fio's own run time, and the server process's CPU time
 //! per request.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use super::nbd_servers::{Running, SERVERS, prepare, start};
+use super::nbd_servers::{Fleet, Running, SERVERS, up};
 use super::{Ctx, Row, System};
 use crate::measure::{Metric, Sample};
 
@@ -121,27 +121,22 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
     // Every server running for the whole scenario, each with a file of its own (QEMU's
     // servers lock their image), so that each row's runs go in rounds over the servers (see
     // `Ctx::interleave`).
-    let running: Vec<(String, PathBuf, Running)> = SERVERS
-        .iter()
-        .map(|&server| {
-            let system = server.system();
-            let path = dir.join(format!("nbd-fio-64M-{system}.img"));
-            prepare(&path);
-            let srv = start(server, &path);
-            (system, path, srv)
-        })
-        .collect();
+    let mut fleet = Fleet::default();
+    for server in SERVERS {
+        let system = server.system();
+        let path = dir.join(format!("nbd-fio-64M-{system}.img"));
+        fleet.start(system, server, path, None);
+    }
     let mut rows = Vec::new();
     for case in cases {
-        let systems = running
+        let systems = fleet
+            .servers
             .iter()
-            .map(|(system, _, srv)| System::new(system.as_str(), move || client_run(srv, case)))
+            .map(|(system, _, srv)| {
+                System::new(system.as_str(), move || client_run(up(system, srv), case))
+            })
             .collect();
         rows.extend(ctx.interleave(&case.name(), Metric::OpsPerSec, systems));
-    }
-    for (_, path, srv) in running {
-        drop(srv);
-        let _ = std::fs::remove_file(path);
     }
     rows
 }

@@ -7,7 +7,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -208,6 +208,47 @@ pub fn start_on(server: Server, file: &Path, cpu: Option<usize>) -> Running {
     let rc = unsafe { libc::clock_getcpuclockid(child.id() as libc::pid_t, &mut clock) };
     assert_eq!(rc, 0, "no CPU clock for the server process");
     Running { child, addr, clock }
+}
+
+/// Servers started for a whole scenario, each on an export file of its own (QEMU's servers
+/// lock their image). A server that cannot start is kept as the reason, so that only its rows
+/// fail. The files are removed when this is dropped, however the scenario ends (a process
+/// killed at its time limit leaves them to the next run, which recreates them).
+#[derive(Default)]
+pub struct Fleet {
+    pub servers: Vec<(String, PathBuf, Result<Running, String>)>,
+}
+
+impl Fleet {
+    /// Starts `server` on a fresh `path`, on CPU `cpu` only when given, under the name
+    /// `system`.
+    pub fn start(&mut self, system: String, server: Server, path: PathBuf, cpu: Option<usize>) {
+        let mark = crate::failure::mark();
+        let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            prepare(&path);
+            start_on(server, &path, cpu)
+        }))
+        .map_err(|p| crate::failure::reason(mark, p.as_ref()));
+        self.servers.push((system, path, started));
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for (_, path, srv) in self.servers.drain(..) {
+            drop(srv);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The running server of a fleet's entry, or a panic with the reason it did not start (which
+/// fails the row being measured).
+pub fn up<'a>(system: &str, srv: &'a Result<Running, String>) -> &'a Running {
+    match srv {
+        Ok(s) => s,
+        Err(why) => panic!("{system} did not start: {why}"),
+    }
 }
 
 /// The file, created (non-zero, so reads are not of holes) or reset, then read once into the

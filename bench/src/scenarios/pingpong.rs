@@ -180,9 +180,13 @@ fn reactor_pingpong(backend: Backend, wakeup: Wakeup, poll: PollParams, n: u64) 
         n,
         "every round trip completed"
     );
-    // Wakeups per round trip, both directions: each is one system call by the waker (an
-    // eventfd write(2) or a ring message), plus on the eventfd the reader's read, not counted.
-    let writes = (a.wakeups() - before.wakeups()) + stats_b.wakeups();
+    // System calls per round trip, both directions: the wakeups (each one system call by the
+    // waker: an eventfd write(2) or a ring message; on the eventfd the reader's read is not
+    // counted) and the spinners' sched_yield calls.
+    let writes = (a.wakeups() - before.wakeups())
+        + stats_b.wakeups()
+        + (a.poll_yields - before.poll_yields)
+        + stats_b.poll_yields;
     sample.with_syscalls(writes as f64 / n as f64)
 }
 
