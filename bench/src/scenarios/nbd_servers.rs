@@ -186,10 +186,29 @@ pub fn start_on(server: Server, file: &Path, cpu: Option<usize>) -> Running {
         BufReader::new(child.stdout.take().expect("piped"))
             .read_line(&mut line)
             .expect("read nbd-server's first line");
-        assert!(
-            line.contains("listening on tcp"),
-            "nbd-server said {line:?}"
-        );
+        if !line.contains("listening on tcp") {
+            // Most likely it refused its arguments and exited: say how it ended (its own
+            // message went to standard error, which the bench shares).
+            let t0 = Instant::now();
+            let ended = loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => break status.to_string(),
+                    Ok(None) if t0.elapsed() < Duration::from_secs(5) => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Ok(None) => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break "it was still running, and was killed".into();
+                    }
+                    Err(e) => break format!("it cannot be waited for: {e}"),
+                }
+            };
+            panic!(
+                "nbd-server did not start: its first line was {line:?}, then {ended} (its \
+                 error, if any, is on standard error)"
+            );
+        }
     }
     let t0 = Instant::now();
     while TcpStream::connect(addr).is_err() {
