@@ -66,12 +66,7 @@ impl Served {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .expect("nbd-server's listening line");
-        let addr = line
-            .trim()
-            .strip_prefix("nbd-server: listening on tcp ")
-            .unwrap_or_else(|| panic!("unexpected line from nbd-server: {line:?}"))
-            .parse()
-            .unwrap();
+        let addr = served::tcp_address(&line);
         Served { child, addr, log }
     }
 

@@ -97,12 +97,7 @@ backend_tests! {
             .unwrap();
         assert!(out.status.success(), "{out:?}");
         let stdout = String::from_utf8(out.stdout).unwrap();
-        let addr = stdout
-            .trim()
-            .strip_prefix("nbd-server: listening on tcp ")
-            .unwrap_or_else(|| panic!("listening line: {stdout:?}"))
-            .parse()
-            .unwrap();
+        let addr = common::served::tcp_address(&stdout);
         // The pid file, written before the parent returned, names the server: another
         // process, leading a session of its own.
         let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();

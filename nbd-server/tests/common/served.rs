@@ -55,6 +55,15 @@ pub fn serve(backend: &str, file: &Path, extra: &[&str]) -> Served {
     }
 }
 
+/// The address in nbd-server's "listening on tcp" line; panics on any other line.
+pub fn tcp_address(line: &str) -> std::net::SocketAddr {
+    line.trim()
+        .strip_prefix("nbd-server: listening on tcp ")
+        .unwrap_or_else(|| panic!("unexpected line from nbd-server: {line:?}"))
+        .parse()
+        .expect("an address after \"listening on tcp\"")
+}
+
 /// Runs a QEMU tool; panics with its output unless it succeeds. Returns stdout.
 pub fn qemu(tool: &str, args: &[&str]) -> String {
     run(tool, args)
