@@ -37,6 +37,8 @@ pub struct Sample {
     pub cpu_ns_per_op: Option<f64>,
     /// Heap allocations per operation on the thread that runs the system under test.
     pub allocs_per_op: Option<f64>,
+    /// The part of `cpu_ns_per_op` the kernel accounted as system time (0 to 1).
+    pub kernel_share: Option<f64>,
 }
 
 impl Sample {
@@ -54,6 +56,7 @@ impl Sample {
             syscalls_per_op: None,
             cpu_ns_per_op: None,
             allocs_per_op: None,
+            kernel_share: None,
         }
     }
 
@@ -62,8 +65,10 @@ impl Sample {
         self
     }
 
-    pub fn with_cpu(mut self, cpu_ns_per_op: f64) -> Sample {
-        self.cpu_ns_per_op = Some(cpu_ns_per_op);
+    /// CPU time `cpu` spent on `ops` operations: per operation, and the kernel's share.
+    pub fn with_cpu_of(mut self, cpu: Cpu, ops: u64) -> Sample {
+        self.cpu_ns_per_op = Some(cpu.ns as f64 / ops as f64);
+        self.kernel_share = cpu.kernel_share();
         self
     }
 
@@ -88,6 +93,9 @@ pub struct Summary {
     /// Heap allocations per operation, where counted.
     #[serde(default)]
     pub allocs_per_op: Option<f64>,
+    /// The kernel's share of `cpu_ns_per_op` (0 to 1), where measured.
+    #[serde(default)]
+    pub kernel_share: Option<f64>,
     /// Set when the row failed (a panic, a crash, a time-out, an unmet precondition): the
     /// reason. The figures of a failed row are zero and are never shown.
     pub failed: Option<String>,
@@ -107,6 +115,7 @@ impl Summary {
             syscalls_per_op: None,
             cpu_ns_per_op: None,
             allocs_per_op: None,
+            kernel_share: None,
             failed: Some(reason),
         }
     }
@@ -140,6 +149,7 @@ impl Summary {
             syscalls_per_op: median_of(|s| s.syscalls_per_op),
             cpu_ns_per_op: median_of(|s| s.cpu_ns_per_op),
             allocs_per_op: median_of(|s| s.allocs_per_op),
+            kernel_share: median_of(|s| s.kernel_share),
             failed: None,
         }
     }
@@ -155,6 +165,48 @@ pub fn repeat(
 ) -> Summary {
     let samples: Vec<Sample> = (0..runs).map(|_| f()).collect();
     Summary::of(scenario, system, metric, &samples)
+}
+
+/// CPU time of a thread or a process: the total, and the part the kernel accounted as
+/// system time. `user_ns` and `system_ns` come from the kernel's tick-sampled accounting and
+/// serve only to split `ns`, which is exact.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Cpu {
+    pub ns: u64,
+    pub user_ns: u64,
+    pub system_ns: u64,
+}
+
+impl Cpu {
+    /// What was used between `before` and `self`.
+    pub fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            ns: self.ns.saturating_sub(before.ns),
+            user_ns: self.user_ns.saturating_sub(before.user_ns),
+            system_ns: self.system_ns.saturating_sub(before.system_ns),
+        }
+    }
+
+    /// The kernel's share of the time (0 to 1); `None` when the accounting saw no time at all.
+    pub fn kernel_share(&self) -> Option<f64> {
+        let total = self.user_ns + self.system_ns;
+        (total > 0).then(|| self.system_ns as f64 / total as f64)
+    }
+}
+
+/// The calling thread's CPU time so far: [`thread_cpu_ns`], split by `getrusage(RUSAGE_THREAD)`.
+pub fn thread_cpu() -> Cpu {
+    // SAFETY: an all-zero `rusage` is a valid value of this plain C struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid out-parameter.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    assert_eq!(rc, 0, "getrusage: {}", std::io::Error::last_os_error());
+    let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1_000;
+    Cpu {
+        ns: thread_cpu_ns(),
+        user_ns: ns(ru.ru_utime),
+        system_ns: ns(ru.ru_stime),
+    }
 }
 
 /// CPU time consumed so far by the calling thread, in nanoseconds.
@@ -173,4 +225,58 @@ pub fn time(metric: Metric, ops: u64, f: impl FnOnce()) -> Sample {
     let t0 = Instant::now();
     f();
     Sample::timed(metric, ops, t0.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernel_share_comes_from_the_split_and_survives_the_median() {
+        let before = Cpu {
+            ns: 1_000,
+            user_ns: 100,
+            system_ns: 100,
+        };
+        let after = Cpu {
+            ns: 5_000,
+            user_ns: 1_100,
+            system_ns: 3_100,
+        };
+        let used = after.since(before);
+        assert_eq!(used.ns, 4_000);
+        assert_eq!(used.kernel_share(), Some(0.75));
+        assert_eq!(Cpu::default().kernel_share(), None);
+        let took = Duration::from_micros(1);
+        let samples: Vec<Sample> = [0.5, 0.75, 0.6]
+            .iter()
+            .map(|&k| {
+                let cpu = Cpu {
+                    ns: 4_000,
+                    user_ns: ((1.0 - k) * 1000.0) as u64,
+                    system_ns: (k * 1000.0) as u64,
+                };
+                Sample::timed(Metric::OpsPerSec, 4, took).with_cpu_of(cpu, 4)
+            })
+            .collect();
+        assert_eq!(samples[0].cpu_ns_per_op, Some(1_000.0));
+        let s = Summary::of("x", "y", Metric::OpsPerSec, &samples);
+        assert_eq!(s.kernel_share, Some(0.6));
+    }
+
+    #[test]
+    fn this_thread_spends_its_time_in_the_kernel_when_it_makes_system_calls() {
+        let before = thread_cpu();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(60) {
+            // SAFETY: getppid has no preconditions; a cheap system call to spend time in.
+            unsafe { libc::syscall(libc::SYS_getppid) };
+        }
+        let used = thread_cpu().since(before);
+        assert!(used.ns > 0);
+        assert!(
+            used.kernel_share().is_some_and(|k| k > 0.2),
+            "system-call loop accounted as {used:?}"
+        );
+    }
 }

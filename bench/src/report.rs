@@ -24,6 +24,8 @@ struct Result<'a> {
     syscalls_per_op: Option<f64>,
     cpu_ns_per_op: Option<f64>,
     allocs_per_op: Option<f64>,
+    /// The kernel's share (0 to 1) of `cpu_ns_per_op`.
+    kernel_cpu_share: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -97,6 +99,7 @@ pub fn json(rows: &[Summary]) -> String {
             syscalls_per_op: r.syscalls_per_op,
             cpu_ns_per_op: r.cpu_ns_per_op,
             allocs_per_op: r.allocs_per_op,
+            kernel_cpu_share: r.kernel_share,
         })
         .collect();
     serde_json::to_string_pretty(&Report {

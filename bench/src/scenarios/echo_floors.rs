@@ -17,7 +17,7 @@ use std::sync::mpsc;
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
-use crate::measure::thread_cpu_ns;
+use crate::measure::{Cpu, thread_cpu};
 
 fn listener(tx: &mpsc::Sender<SocketAddr>) -> TcpListener {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind a loopback listener");
@@ -41,7 +41,7 @@ fn set_nodelay(fd: RawFd) {
 }
 
 /// The raw epoll echo server. Returns its thread's CPU time.
-pub fn raw_epoll(tx: mpsc::Sender<SocketAddr>, conns: usize) -> u64 {
+pub fn raw_epoll(tx: mpsc::Sender<SocketAddr>, conns: usize) -> Cpu {
     let l = listener(&tx);
     // SAFETY: plain epoll calls on fds owned by this function.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -94,7 +94,7 @@ pub fn raw_epoll(tx: mpsc::Sender<SocketAddr>, conns: usize) -> u64 {
     }
     // SAFETY: closing the epoll fd this function created.
     unsafe { libc::close(ep) };
-    thread_cpu_ns()
+    thread_cpu()
 }
 
 /// Writes all of `data` to a blocking socket (loopback takes it at once: one call).
@@ -201,7 +201,7 @@ struct Conn {
 }
 
 /// The raw io_uring echo server. Returns its thread's CPU time.
-pub fn raw_uring(tx: mpsc::Sender<SocketAddr>, n_conns: usize) -> u64 {
+pub fn raw_uring(tx: mpsc::Sender<SocketAddr>, n_conns: usize) -> Cpu {
     let l = listener(&tx);
     let mut ring: IoUring = IoUring::builder()
         .setup_single_issuer()
@@ -326,7 +326,7 @@ pub fn raw_uring(tx: mpsc::Sender<SocketAddr>, n_conns: usize) -> u64 {
         .unregister_buf_ring(BGID)
         .expect("IORING_UNREGISTER_PBUF_RING");
     drop(bufs);
-    thread_cpu_ns()
+    thread_cpu()
 }
 
 /// A multishot recv on connection `idx` into the buffer ring.

@@ -92,6 +92,7 @@ fn idle_cpu(backend: Backend, idle: Duration) -> Sample {
         value: pct,
         syscalls_per_op: None,
         cpu_ns_per_op: None,
+        kernel_share: None,
         allocs_per_op: None,
     }
 }

@@ -43,11 +43,10 @@ fn client_run(srv: &Running, case: Case) -> Sample {
         args.extend(["-w", &pattern]);
     }
     args.push(&url);
-    let cpu0 = srv.cpu_ns();
+    let cpu0 = srv.cpu();
     let took = qemu::img_bench_on(&args, case.one_cpu.then_some(0));
-    let cpu = srv.cpu_ns() - cpu0;
-    Sample::timed(Metric::OpsPerSec, case.requests, took)
-        .with_cpu(cpu as f64 / case.requests as f64)
+    let cpu = srv.cpu().since(cpu0);
+    Sample::timed(Metric::OpsPerSec, case.requests, took).with_cpu_of(cpu, case.requests)
 }
 
 /// After the write runs: the bytes qemu-img bench wrote must be in the file.

@@ -56,9 +56,9 @@ fn client_run(srv: &Running, case: Case) -> Sample {
         format!("--io_size={}", per_job * 4096),
         "--output-format=json".into(),
     ];
-    let cpu0 = srv.cpu_ns();
+    let cpu0 = srv.cpu();
     let out = Command::new("fio").args(&args).output().expect("run fio");
-    let cpu = srv.cpu_ns() - cpu0;
+    let cpu = srv.cpu().since(cpu0);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -93,8 +93,7 @@ fn client_run(srv: &Running, case: Case) -> Sample {
         ios += per_job;
         runtime_ms = runtime_ms.max(job[dir]["runtime"].as_u64().expect("runtime"));
     }
-    Sample::timed(Metric::OpsPerSec, ios, Duration::from_millis(runtime_ms))
-        .with_cpu(cpu as f64 / ios as f64)
+    Sample::timed(Metric::OpsPerSec, ios, Duration::from_millis(runtime_ms)).with_cpu_of(cpu, ios)
 }
 
 pub fn run(ctx: &Ctx) -> Vec<Row> {

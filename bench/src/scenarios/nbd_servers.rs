@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::qemu;
+use crate::measure::Cpu;
 
 /// The exported file's size for the request/response rows: qemu-img bench's sequential
 /// offsets wrap at its end.
@@ -73,8 +74,28 @@ impl Drop for Running {
 }
 
 impl Running {
+    /// CPU time the server process has used (all its threads, ended ones included): exact
+    /// from its CPU clock, split by the user and system times of `/proc/PID/stat`.
+    pub fn cpu(&self) -> Cpu {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("read the server's /proc/PID/stat");
+        // The fields after the command name, which ends at the last ')': state is the 3rd
+        // field of the line, utime the 14th and stime the 15th.
+        let fields: Vec<&str> = stat[stat.rfind(')').expect("a stat line") + 1..]
+            .split_whitespace()
+            .collect();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let ticks = |i: usize| -> u64 { fields[i].parse().expect("a tick count") };
+        Cpu {
+            ns: self.cpu_ns(),
+            user_ns: ticks(14 - 3) * 1_000_000_000 / hz,
+            system_ns: ticks(15 - 3) * 1_000_000_000 / hz,
+        }
+    }
+
     /// CPU time the server process has used (all its threads), in ns.
-    pub fn cpu_ns(&self) -> u64 {
+    fn cpu_ns(&self) -> u64 {
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,

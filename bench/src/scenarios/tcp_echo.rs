@@ -15,7 +15,7 @@ use std::thread;
 use reactor::net::SocketIo;
 use reactor::{Backend, Reactor};
 
-use crate::measure::{Metric, Sample, thread_cpu_ns, time};
+use crate::measure::{Cpu, Metric, Sample, thread_cpu, time};
 use crate::scenarios::{Ctx, Row, System, echo_floors};
 
 /// Connections of the request/response and streaming rows.
@@ -25,7 +25,7 @@ const MANY: usize = 1000;
 
 /// A server: reports its address, serves exactly `conns` connections (echoing until each peer
 /// closes), returns its thread's CPU time.
-type ServerFn = fn(mpsc::Sender<SocketAddr>, usize) -> u64;
+type ServerFn = fn(mpsc::Sender<SocketAddr>, usize) -> Cpu;
 
 pub fn run(ctx: &Ctx) -> Vec<Row> {
     let servers: [(&str, ServerFn); 9] = [
@@ -118,7 +118,7 @@ fn one_run(server: ServerFn, conns: usize, size: usize, n: u64, metric: Metric) 
     let addr = rx.recv().expect("the server reports its address");
     let sample = client(addr, conns, size, n, metric);
     let cpu = t.join().expect("server thread");
-    sample.with_cpu(cpu as f64 / n as f64)
+    sample.with_cpu_of(cpu, n)
 }
 
 /// Serves exactly `conns_n` connections, echoing until each peer closes, then returns.
@@ -127,7 +127,7 @@ fn reactor_server(
     io: SocketIo,
     tx: mpsc::Sender<SocketAddr>,
     conns_n: usize,
-) -> u64 {
+) -> Cpu {
     use reactor::net::TcpListener;
     let r = Reactor::builder()
         .backend(backend)
@@ -164,10 +164,10 @@ fn reactor_server(
             c.await.unwrap();
         }
     });
-    thread_cpu_ns()
+    thread_cpu()
 }
 
-fn tokio_server(tx: mpsc::Sender<SocketAddr>, conns_n: usize) -> u64 {
+fn tokio_server(tx: mpsc::Sender<SocketAddr>, conns_n: usize) -> Cpu {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -195,10 +195,10 @@ fn tokio_server(tx: mpsc::Sender<SocketAddr>, conns_n: usize) -> u64 {
             c.await.unwrap();
         }
     });
-    thread_cpu_ns()
+    thread_cpu()
 }
 
-fn monoio_server(tx: mpsc::Sender<SocketAddr>, conns_n: usize) -> u64 {
+fn monoio_server(tx: mpsc::Sender<SocketAddr>, conns_n: usize) -> Cpu {
     use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
     let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
         .build()
@@ -228,10 +228,10 @@ fn monoio_server(tx: mpsc::Sender<SocketAddr>, conns_n: usize) -> u64 {
             c.await;
         }
     });
-    thread_cpu_ns()
+    thread_cpu()
 }
 
-fn compio_server(tx: mpsc::Sender<SocketAddr>, conns_n: usize) -> u64 {
+fn compio_server(tx: mpsc::Sender<SocketAddr>, conns_n: usize) -> Cpu {
     use compio::io::{AsyncRead, AsyncWriteExt};
     let rt = compio::runtime::Runtime::new().expect("compio runtime");
     rt.block_on(async move {
@@ -259,7 +259,7 @@ fn compio_server(tx: mpsc::Sender<SocketAddr>, conns_n: usize) -> u64 {
             let _ = c.await;
         }
     });
-    thread_cpu_ns()
+    thread_cpu()
 }
 
 /// One connection of the client: the request in flight and how much of its echo came back.

@@ -131,6 +131,7 @@ fn quantile(mut v: Vec<u64>, q: f64) -> Sample {
         value: v[i] as f64,
         syscalls_per_op: None,
         cpu_ns_per_op: None,
+        kernel_share: None,
         allocs_per_op: None,
     }
 }
