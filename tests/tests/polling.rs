@@ -10,6 +10,64 @@ use std::time::{Duration, Instant};
 use reactor::{FdHandler, PollParams, Reactor};
 use tests::{backend_tests, flush, pipe, read_fd, write_fd};
 
+/// The calling thread and a busy one pinned to the first CPU this thread may use, for the
+/// guard's life; the thread's own CPU set comes back on drop (a test thread is reused).
+struct SharedCpu {
+    saved: libc::cpu_set_t,
+    stop: Arc<AtomicBool>,
+    busy: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SharedCpu {
+    fn start() -> SharedCpu {
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        // SAFETY: an all-zero cpu_set_t is an empty set; the calls get its true size.
+        let mut saved: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::sched_getaffinity(0, size, &mut saved) }, 0);
+        // SAFETY: CPU_ISSET reads the set within its size.
+        let cpu = (0..libc::CPU_SETSIZE as usize)
+            .find(|&c| unsafe { libc::CPU_ISSET(c, &saved) })
+            .expect("this thread may run on some CPU");
+        let pin = move || {
+            // SAFETY: as above; a set of one CPU this process may use.
+            let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `cpu` is below CPU_SETSIZE.
+            unsafe { libc::CPU_SET(cpu, &mut one) };
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::sched_setaffinity(0, size, &one) }, 0);
+        };
+        pin();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let busy = std::thread::spawn(move || {
+            pin();
+            // Relaxed: a plain stop flag, joined afterwards.
+            while !stop2.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        });
+        SharedCpu {
+            saved,
+            stop,
+            busy: Some(busy),
+        }
+    }
+}
+
+impl Drop for SharedCpu {
+    fn drop(&mut self) {
+        // Relaxed: see the loop.
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(b) = self.busy.take() {
+            let _ = b.join();
+        }
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        // SAFETY: the set this thread had before.
+        unsafe { libc::sched_setaffinity(0, size, &self.saved) };
+    }
+}
+
 /// Blocking polls on timers `wait` out, until the poll time reaches `target` (each such wait is
 /// shorter than `max`, so the poll time grows).
 fn grow_to(r: &Reactor, wait: Duration, target: Duration) {
@@ -95,6 +153,26 @@ backend_tests! {
         let after = r.stats();
         assert!(after.poll_misses > before.poll_misses, "the spin ran to its end: {after:?}");
         assert!(after.poll_yields > before.poll_yields, "no yield in a 1 ms spin: {after:?}");
+    }
+
+    fn a_spin_that_finds_its_cpu_shared_lets_the_other_thread_run_and_waits(r: &Reactor) {
+        // This thread and a busy one on one CPU: a yield of the spin runs the busy thread,
+        // so the loop learns that it shares its CPU and stops spinning.
+        let _pin = SharedCpu::start();
+        r.set_poll(PollParams { max: Duration::from_millis(20), grow: 2, shrink: 0 });
+        let before = r.stats();
+        let t = r.timer(|_| {});
+        let give_up = Instant::now() + Duration::from_secs(20);
+        while r.stats().poll_shared == before.poll_shared {
+            assert!(Instant::now() < give_up, "never found its CPU shared: {:?}", r.stats());
+            // Short waits (within max): the poll time grows, and each wait starts with a spin.
+            t.arm_after(Duration::from_micros(500));
+            while t.is_armed() {
+                r.poll(true);
+            }
+        }
+        let after = r.stats();
+        assert!(after.poll_yields > before.poll_yields, "{after:?}");
     }
 
     fn poll_time_grows_on_short_waits_and_resets_on_long_ones(r: &Reactor) {

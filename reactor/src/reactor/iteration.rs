@@ -218,7 +218,22 @@ impl Reactor {
             self.handlers.set_poll_mode(self, true);
         }
         let clock = &self.shared.clock;
-        let start = clock.now_ns();
+        let mut start = clock.now_ns();
+        if self.adaptive.shared() {
+            // The last yield ran another thread on this CPU: most likely the peer this loop
+            // has just answered (a client woken by the reply), whose next request the spin
+            // would wait for. It runs first, rather than after 2 µs of spinning.
+            start = self.poll_yield(start);
+        }
+        // Still shared: the CPU's other thread ran again. Spinning on would take the CPU from
+        // it, and a wait here is cheap (whoever wakes this thread runs on its CPU, which is
+        // not halted): one look, then the wait.
+        let window = if self.adaptive.shared() {
+            self.stats.poll_shared.set(self.stats.poll_shared.get() + 1);
+            0
+        } else {
+            window
+        };
         let deadline = start.saturating_add(window);
         let mut next_yield = start.saturating_add(POLL_YIELD_NS);
         let mut spins = 0u32;
@@ -259,14 +274,22 @@ impl Reactor {
                     // A thread that shares this CPU (often the very client whose next request
                     // the spin waits for) gets it now rather than when the window ends.
                     // With nothing else runnable this returns at once.
-                    // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
-                    unsafe { libc::sched_yield() };
-                    self.stats.poll_yields.set(self.stats.poll_yields.get() + 1);
-                    next_yield = clock.now_ns().saturating_add(POLL_YIELD_NS);
+                    next_yield = self.poll_yield(now).saturating_add(POLL_YIELD_NS);
                 }
             }
             std::hint::spin_loop();
         }
+    }
+
+    /// A spin's `sched_yield` at `now`; notes whether another thread ran meanwhile. Returns
+    /// the time after it.
+    fn poll_yield(&self, now: u64) -> u64 {
+        // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
+        unsafe { libc::sched_yield() };
+        self.stats.poll_yields.set(self.stats.poll_yields.get() + 1);
+        let after = self.shared.clock.now_ns();
+        self.adaptive.yielded(after.saturating_sub(now));
+        after
     }
 
     /// Changes the adaptive polling parameters (see [`PollParams`]); takes effect at the next

@@ -39,6 +39,10 @@ pub struct Stats {
     /// Times busy polling gave its CPU away for a moment (`sched_yield`, every 2 µs of a
     /// spin), so that a thread sharing the CPU is not kept waiting for the whole window.
     pub poll_yields: u64,
+    /// Spins cut short because the loop shares its CPU: a yield had run another thread, so
+    /// the next spin yields first, looks once, and then waits rather than spinning on (see
+    /// [`PollParams`](crate::PollParams)).
+    pub poll_shared: u64,
     /// Waits of the fd monitor that failed with an OS error after the backend's own retries
     /// (see [`Reactor::poll`](crate::Reactor::poll) for what the loop does then).
     pub monitor_errors: u64,
@@ -89,6 +93,7 @@ pub(crate) struct LocalStats {
     pub(crate) poll_hits: Cell<u64>,
     pub(crate) poll_misses: Cell<u64>,
     pub(crate) poll_yields: Cell<u64>,
+    pub(crate) poll_shared: Cell<u64>,
     pub(crate) inline_io: Cell<u64>,
     pub(crate) inline_write_stalls: Cell<u64>,
     pub(crate) recv_arms: Cell<u64>,
@@ -114,6 +119,7 @@ impl LocalStats {
             poll_hits: self.poll_hits.get(),
             poll_misses: self.poll_misses.get(),
             poll_yields: self.poll_yields.get(),
+            poll_shared: self.poll_shared.get(),
             monitor_errors,
             inline_io: self.inline_io.get(),
             inline_write_stalls: self.inline_write_stalls.get(),
