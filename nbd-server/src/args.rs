@@ -93,15 +93,23 @@ pub struct Args {
     /// Reactor backend: auto, uring or epoll (auto follows REACTOR_BACKEND if set).
     #[arg(long, value_name = "B", default_value = "auto")]
     pub backend: reactor::Backend,
-    /// Adaptive busy polling ceiling of the IoThreads in ns (0: off; 32768 is the IoThread
-    /// default).
+    /// Adaptive busy polling ceiling of the IoThreads in ns (0: off).
     #[arg(
         long,
         value_name = "N",
-        default_value_t = 0,
+        default_value_t = 64_000,
         env = "NBD_SERVER_POLL_MAX_NS"
     )]
     pub poll_max_ns: u64,
+    /// IoThreads poll only while no connection of theirs has more than D requests in flight
+    /// (0: at any depth).
+    #[arg(
+        long,
+        value_name = "D",
+        default_value_t = crate::DEFAULT_POLL_DEPTH,
+        env = "NBD_SERVER_POLL_DEPTH"
+    )]
+    pub poll_depth: usize,
     /// How sockets do I/O on io_uring (ignored on epoll).
     #[arg(long, value_name = "M", value_enum, default_value = "completion")]
     socket_io: SocketIoArg,
@@ -213,9 +221,10 @@ impl Args {
             0 => PollParams::OFF,
             ns => PollParams {
                 max: Duration::from_nanos(ns),
-                ..PollParams::IOTHREAD
+                ..crate::DEFAULT_POLL
             },
         };
+        cfg.poll_depth = self.poll_depth;
         cfg.socket_io = match self.socket_io {
             SocketIoArg::Completion => reactor::net::SocketIo::Completion,
             SocketIoArg::Readiness => reactor::net::SocketIo::Readiness,
@@ -341,7 +350,10 @@ mod tests {
         let c = serve(&["disk"]);
         assert_eq!(c.tcp, Some("127.0.0.1:10809".parse().unwrap()));
         assert_eq!((c.unix, c.iothreads, c.read_only), (None, 1, false));
-        assert_eq!(c.poll, PollParams::OFF, "polling is off unless asked for");
+        assert_eq!(c.poll, crate::DEFAULT_POLL);
+        assert_eq!(c.poll_depth, crate::DEFAULT_POLL_DEPTH);
+        let d = serve(&["--poll-depth", "0", "disk"]);
+        assert_eq!(d.poll_depth, 0);
         let c = serve(&["-k", "/tmp/s", "disk"]);
         assert_eq!(
             c.tcp, None,
@@ -378,7 +390,7 @@ mod tests {
             c.poll,
             PollParams {
                 max: Duration::from_nanos(32768),
-                ..PollParams::IOTHREAD
+                ..crate::DEFAULT_POLL
             }
         );
         let c = serve(&["--max-connections", "5", "--max-memory", "64M", "disk"]);

@@ -29,6 +29,7 @@ pub(crate) struct Counters {
     pub(crate) requests: AtomicU64,
     pub(crate) syncs: AtomicU64,
     pub(crate) errors: AtomicU64,
+    pub(crate) polling_pauses: AtomicU64,
 }
 
 /// A snapshot of an export's counters.
@@ -42,6 +43,9 @@ pub struct ExportStats {
     pub syncs: u64,
     /// Requests answered with an error.
     pub errors: u64,
+    /// Times an IoThread stopped busy polling because one of its connections had more than
+    /// [`Config::poll_depth`](crate::Config::poll_depth) requests in flight.
+    pub polling_pauses: u64,
 }
 
 impl Export {
@@ -165,6 +169,7 @@ impl Export {
             requests: c.requests.load(Ordering::Relaxed),
             syncs: c.syncs.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
+            polling_pauses: c.polling_pauses.load(Ordering::Relaxed),
         }
     }
 }

@@ -65,6 +65,7 @@ mod extents;
 mod handshake;
 mod log;
 mod meta;
+mod polling;
 pub mod proto;
 mod read;
 mod server;
@@ -76,9 +77,10 @@ pub mod transmission;
 pub use activation::{Endpoint, Listener, PidFile};
 pub use budget::{DEFAULT_MAX_MEMORY, MIN_MAX_MEMORY};
 pub use export::{Export, ExportStats};
+pub use polling::DEFAULT_POLL_DEPTH;
 pub use server::{
-    Config, DEFAULT_HANDSHAKE_LIMIT, DEFAULT_IDLE_TIMEOUT, RESERVED_FDS, SHUTDOWN_GRACE, Server,
-    Stopper,
+    Config, DEFAULT_HANDSHAKE_LIMIT, DEFAULT_IDLE_TIMEOUT, DEFAULT_POLL, RESERVED_FDS,
+    SHUTDOWN_GRACE, Server, Stopper,
 };
 
 /// Makes the memory of large buffers go back to the system when they are freed, so that a

@@ -35,6 +35,13 @@ use crate::transmission;
 /// How long a shutdown waits for connections to finish their requests in flight.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// The default polling of the IoThreads ([`Config::poll`]): adaptive, up to 64 µs.
+pub const DEFAULT_POLL: PollParams = PollParams {
+    max: Duration::from_micros(64),
+    grow: 2,
+    shrink: 0,
+};
+
 /// How to run a [`Server`].
 ///
 /// ```
@@ -85,21 +92,24 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     /// The reactor backend of every thread.
     pub backend: Backend,
-    /// Adaptive polling of the IoThreads: off by default ([`PollParams::OFF`]), unlike a
-    /// plain [`IoThread`]. Measured with `qemu-img bench` over loopback TCP (bench scenario
-    /// `nbd`): the next request of a queue-depth-1 client comes later than any sensible
-    /// poll window, so polling cost 5–15 µs of CPU per request (writes at QD1: 49.7 µs
-    /// with the IoThread default of 32 µs, 34.5 µs without) for at most 20 % more
-    /// requests/s. [`PollParams::IOTHREAD`] turns it on.
+    /// Adaptive polling of the IoThreads ([`DEFAULT_POLL`]: up to 64 µs), while none of
+    /// their connections has more than [`poll_depth`](Self::poll_depth) requests in flight.
+    /// [`PollParams::OFF`] turns it off.
     ///
-    /// A ceiling longer than the machine takes to wake a halted CPU pays more: on the 2-vCPU
-    /// bench VM, 200 µs (`--poll-max-ns 200000`, bench row `reactor-uring-poll200us`) took
-    /// `qemu-img bench` from 11.1k to 24.0k reads/s at QD1 (CPU per request 37 → 42 µs:
-    /// waking from a halt costs about what the polling does) and from 100k to 168k at QD32
-    /// (5.2 → 6.0 µs), writes from 8.5k to 18.0k at QD1 and 68k to 79k at QD32 (10.8 →
-    /// 17.8 µs). It stays off by default because that CPU is spent whether or not requests
-    /// come soon enough to use it; polling shrinks back to nothing when the server idles.
+    /// The ceiling must cover the time a client takes to answer a reply with its next
+    /// request, and on a VM that includes waking its halted CPU: on the 2-vCPU bench VM,
+    /// `qemu-img bench` at queue depth 1 went from about 10k requests/s without polling to
+    /// 11k with 32 µs and 24–30k with 64 µs, 100 µs or 200 µs; a spin that ends without work
+    /// is CPU spent for nothing, so the default is the shortest that covered it. Polling
+    /// shrinks back to nothing when the server idles (a wait longer than the ceiling).
     pub poll: PollParams,
+    /// IoThreads poll only while no connection of theirs has more than this many requests in
+    /// flight (default [`DEFAULT_POLL_DEPTH`]; 0: at any depth). A deep queue keeps the
+    /// server busy without polling, and polling between its batches costs CPU: at QD32,
+    /// 64 µs of polling took reads from 5.1–5.2 to 5.4–6.0 µs of CPU per request, writes from
+    /// 5.7–6.9 to 7.6–8.0 µs, for 20 % more requests/s. See
+    /// [`ExportStats::polling_pauses`](crate::ExportStats::polling_pauses).
+    pub poll_depth: usize,
     /// How the IoThreads' sockets do I/O on the io_uring backend (see
     /// [`SocketIo`](reactor::net::SocketIo); ignored on epoll). Default: the reactor's,
     /// [`SocketIo::Completion`](reactor::net::SocketIo::Completion).
@@ -133,7 +143,8 @@ impl Config {
             max_connections: None,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             backend: Backend::Auto,
-            poll: PollParams::OFF,
+            poll: DEFAULT_POLL,
+            poll_depth: crate::polling::DEFAULT_POLL_DEPTH,
             socket_io: reactor::net::SocketIo::default(),
             inline_writes: true,
         }
@@ -288,6 +299,10 @@ impl Server {
             limits: Limits {
                 budget: server.budget.clone(),
                 idle: config.idle_timeout,
+                poll: crate::polling::Policy {
+                    params: config.poll,
+                    depth: config.poll_depth,
+                },
             },
             max_connections,
             connections: AtomicUsize::new(0),

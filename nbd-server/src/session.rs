@@ -45,6 +45,8 @@ pub(crate) struct Limits {
     pub(crate) budget: Arc<Budget>,
     /// A send that makes no progress for this long disconnects the client (`None`: never).
     pub(crate) idle: Option<Duration>,
+    /// When the IoThread busy-polls.
+    pub(crate) poll: crate::polling::Policy,
 }
 
 /// A reply ready to send: its bytes, the bytes it accounts for on the connection, and its
@@ -57,6 +59,8 @@ pub(crate) struct Session {
     pub(crate) export: Arc<Export>,
     pub(crate) negotiated: Negotiated,
     limits: Limits,
+    /// This connection's part in its IoThread's polling.
+    depth: crate::polling::Depth,
     /// Replies ready to send.
     outbox: RefCell<VecDeque<Ready>>,
     /// Requests admitted whose reply is not yet in the outbox.
@@ -142,6 +146,7 @@ impl Session {
             sock,
             export,
             negotiated,
+            depth: crate::polling::Depth::new(limits.poll),
             limits,
             outbox: RefCell::new(VecDeque::with_capacity(MAX_IN_FLIGHT)),
             pending: Cell::new(0),
@@ -273,6 +278,8 @@ impl Session {
             None
         };
         self.pending.set(self.pending.get() + 1);
+        self.depth
+            .admitted(self.pending.get(), &self.export.stats.polling_pauses);
         let bytes = bytes + REPLY_LEN;
         self.bytes.set(self.bytes.get() + bytes);
         Ticket {
@@ -423,6 +430,10 @@ mod tests {
         Limits {
             budget: Budget::new(crate::budget::DEFAULT_MAX_MEMORY),
             idle: None,
+            poll: crate::polling::Policy {
+                params: reactor::PollParams::OFF,
+                depth: 0,
+            },
         }
     }
 

@@ -376,6 +376,47 @@ backend_tests! {
         std::fs::remove_file(path).unwrap();
     }
 
+    fn a_client_with_a_deep_queue_pauses_polling_and_a_shallow_one_does_not(r: &Reactor) {
+        let (srv, path) = start(r, "pollpause", false);
+        let mut c = session(&srv);
+        // Queue depth 1: a request, its reply, then the next.
+        for h in 0..100u64 {
+            let (e, data) = c.read(h, h * 4096, 4096);
+            assert_eq!((e, data), (0, initial(h * 4096, 4096)));
+        }
+        assert_eq!(srv.stats().polling_pauses, 0, "queue depth 1 keeps the IoThread polling");
+        let burst = |c: &mut Client| {
+            // 32 reads in one send: the server finds them in flight together.
+            let mut out = Vec::new();
+            for h in 0..32u64 {
+                out.extend_from_slice(&proto::Request { flags: 0, kind: cmd::READ, handle: h, offset: h * 4096, length: 4096 }.encode());
+            }
+            c.send(&out);
+            for _ in 0..32 {
+                let (e, h) = c.reply();
+                assert_eq!(e, 0);
+                assert_eq!(c.recv(4096), initial(h * 4096, 4096), "read {h}");
+            }
+        };
+        burst(&mut c);
+        assert_eq!(srv.stats().polling_pauses, 1, "32 in flight stop the polling once");
+        drop(c);
+        drop(srv);
+        // With depth 0 the IoThreads poll at any depth.
+        let mut cfg = Config::new(&path);
+        cfg.tcp = Some("127.0.0.1:0".parse().unwrap());
+        cfg.backend = r.backend();
+        cfg.poll_depth = 0;
+        let srv = Server::start(cfg).unwrap();
+        let mut c = client(&srv);
+        c.go("");
+        burst(&mut c);
+        assert_eq!(srv.stats().polling_pauses, 0);
+        drop(c);
+        drop(srv);
+        std::fs::remove_file(path).unwrap();
+    }
+
     fn a_client_that_never_reads_replies_is_throttled(r: &Reactor) {
         let (srv, path) = start(r, "throttle", false);
         let c = session(&srv);

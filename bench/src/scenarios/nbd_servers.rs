@@ -27,8 +27,9 @@ pub const SERVE_ARG: &str = "--nbd-server";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Server {
     Reactor(&'static str),
-    /// `nbd-server` on io_uring with adaptive polling up to [`POLL_NS`].
-    ReactorPolling,
+    /// `nbd-server` on io_uring without busy polling (`--poll-max-ns 0`): what its default
+    /// polling (while the client's queue is shallow) changes.
+    ReactorNoPoll,
     StorageDaemon,
     QemuNbd,
     Nbdkit,
@@ -43,15 +44,11 @@ pub const SERVERS: [Server; 5] = [
     Server::Nbdkit,
 ];
 
-/// The polling ceiling of [`Server::ReactorPolling`]: longer than this VM takes to wake a
-/// halted vCPU, so that a client's next request usually finds the IoThread still polling.
-pub const POLL_NS: u64 = 200_000;
-
 impl Server {
     pub fn system(self) -> String {
         match self {
             Server::Reactor(b) => format!("reactor-{b}"),
-            Server::ReactorPolling => format!("reactor-uring-poll{}us", POLL_NS / 1000),
+            Server::ReactorNoPoll => "reactor-uring-nopoll".into(),
             Server::StorageDaemon => "qemu-storage-daemon".into(),
             Server::QemuNbd => "qemu-nbd".into(),
             Server::Nbdkit => "nbdkit".into(),
@@ -126,7 +123,7 @@ pub fn start_on(server: Server, file: &Path, cpu: Option<usize>) -> Running {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let f = file.to_str().expect("a UTF-8 path");
     let mut cmd = match server {
-        Server::Reactor(_) | Server::ReactorPolling => {
+        Server::Reactor(_) | Server::ReactorNoPoll => {
             let mut c = Command::new(std::env::current_exe().expect("the bench's own path"));
             let backend = match server {
                 Server::Reactor(b) => b,
@@ -134,8 +131,8 @@ pub fn start_on(server: Server, file: &Path, cpu: Option<usize>) -> Running {
             };
             c.args([SERVE_ARG, "--backend", backend, "-x", "disk"])
                 .args(["--bind", &addr.to_string()]);
-            if server == Server::ReactorPolling {
-                c.args(["--poll-max-ns", &POLL_NS.to_string()]);
+            if server == Server::ReactorNoPoll {
+                c.args(["--poll-max-ns", "0"]);
             }
             // Extra nbd-server options to experiment with (e.g. "--poll-max-ns 0").
             if let Ok(extra) = std::env::var(EXTRA_ARGS_ENV) {
@@ -201,7 +198,7 @@ pub fn start_on(server: Server, file: &Path, cpu: Option<usize>) -> Running {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap_or_else(|e| panic!("starting {}: {e}", server.system()));
-    if let Server::Reactor(_) | Server::ReactorPolling = server {
+    if let Server::Reactor(_) | Server::ReactorNoPoll = server {
         // It says when it listens.
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("piped"))
