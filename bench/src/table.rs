@@ -132,7 +132,7 @@ pub fn render(rows: &[Summary]) -> String {
         "\nCells: median (min–max) over {runs} runs, made in rounds (run 1 of every system of a \
          row, then run 2 of every one, and so on: a drift of the machine falls on all alike; all rows but \
          `nbd-sparse-copy`); `sc/op`: system calls per operation where \
-         counted; `allocs/op`: heap allocations per operation on the reactor's thread where counted; `cpu/op`: CPU time of the server per request (its thread; for `nbd-*` its whole process; per 64 KiB message in `tcp-echo-64KiB`), and the part of it the kernel accounted as system time (`% kernel`); `ns/op over floor-tuned-uring`: the reactor's time per operation above the tuned ring's, from the medians. Ratios divide medians: for ns/op below 1 means uring is faster, for ops/s \
+         counted; `allocs/op`: heap allocations per operation on the reactor's thread where counted; `cpu/op`: CPU time of the server per request (its thread; for `nbd-*` its whole process; per 64 KiB message in `tcp-echo-64KiB`), and the part of it the kernel accounted as system time (`% kernel`: from 10 ms ticks, so coarse on short runs, and a median of its own); `ns/op over floor-tuned-uring`: the reactor's time per operation above the tuned ring's, from the medians. Ratios divide medians: for ns/op below 1 means uring is faster, for ops/s \
          and MB/s above 1 does.\n"
     ));
     out

@@ -42,7 +42,10 @@
 //!   dropped and a READ in flight stops at its next 1 MiB piece; connections beyond
 //!   [`Config::max_connections`] are closed at once; `accept` errors back off and resume as
 //!   soon as a connection closes; client strings are escaped and cut short in logs, and
-//!   repeating conditions are logged at most once per interval.
+//!   repeating conditions are logged at most once per interval. One exception, by design:
+//!   an IoThread busy-polls for up to [`Config::poll`] (64 µs) before each wait while its
+//!   clients' queues are shallow, so a client sending a request every few tens of
+//!   microseconds keeps it spinning; `--poll-max-ns 0` turns that off.
 //!
 //! ```no_run
 //! use nbd_server::{Config, Server};
@@ -77,7 +80,7 @@ pub mod transmission;
 pub use activation::{Endpoint, Listener, PidFile};
 pub use budget::{DEFAULT_MAX_MEMORY, MIN_MAX_MEMORY};
 pub use export::{Export, ExportStats};
-pub use polling::DEFAULT_POLL_DEPTH;
+pub use polling::{CALM as POLL_CALM, DEFAULT_POLL_DEPTH};
 pub use server::{
     Config, DEFAULT_HANDSHAKE_LIMIT, DEFAULT_IDLE_TIMEOUT, DEFAULT_POLL, RESERVED_FDS,
     SHUTDOWN_GRACE, Server, Stopper,

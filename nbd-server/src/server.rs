@@ -98,16 +98,23 @@ pub struct Config {
     ///
     /// The ceiling must cover the time a client takes to answer a reply with its next
     /// request, and on a VM that includes waking its halted CPU: on the 2-vCPU bench VM,
-    /// `qemu-img bench` at queue depth 1 went from about 10k requests/s without polling to
-    /// 11k with 32 µs and 24–30k with 64 µs, 100 µs or 200 µs; a spin that ends without work
+    /// `qemu-img bench` at queue depth 1 went from about 10–15k requests/s without polling
+    /// to 11k with 32 µs and 24–30k with 64 µs, 100 µs or 200 µs, at about the same CPU per
+    /// request (24–36 µs against 27–35 µs: the IoThread spins for most of the time between
+    /// requests, where it would otherwise sleep and be woken). A spin that ends without work
     /// is CPU spent for nothing, so the default is the shortest that covered it. Polling
-    /// shrinks back to nothing when the server idles (a wait longer than the ceiling).
+    /// shrinks back to nothing when the server idles (a wait longer than the ceiling), and
+    /// stops spinning while the IoThread shares its CPU with a busy thread (see
+    /// [`PollParams`]).
     pub poll: PollParams,
-    /// IoThreads poll only while no connection of theirs has more than this many requests in
-    /// flight (default [`DEFAULT_POLL_DEPTH`]; 0: at any depth). A deep queue keeps the
-    /// server busy without polling, and polling between its batches costs CPU: at QD32,
-    /// 64 µs of polling took reads from 5.1–5.2 to 5.4–6.0 µs of CPU per request, writes from
-    /// 5.7–6.9 to 7.6–8.0 µs, for 20 % more requests/s. See
+    /// An IoThread stops polling when a request is admitted with more than this many
+    /// requests of its connection in flight, and polls again once 64 requests in a row over
+    /// its connections were admitted at most this deep (default [`DEFAULT_POLL_DEPTH`]; 0:
+    /// poll at any depth). A deep queue keeps the server busy without polling, and polling
+    /// between its batches costs CPU: at QD32, 64 µs of polling took reads from 5.1–5.2 to
+    /// 5.4–6.0 µs of CPU per request, writes from 5.7–6.9 to 7.6–8.0 µs, for 20 % more
+    /// requests/s. The pause is the IoThread's: one deep client pauses it for the shallow
+    /// clients it serves too (more IoThreads keep them apart). See
     /// [`ExportStats::polling_pauses`](crate::ExportStats::polling_pauses).
     pub poll_depth: usize,
     /// How the IoThreads' sockets do I/O on the io_uring backend (see

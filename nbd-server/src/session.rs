@@ -59,8 +59,6 @@ pub(crate) struct Session {
     pub(crate) export: Arc<Export>,
     pub(crate) negotiated: Negotiated,
     limits: Limits,
-    /// This connection's part in its IoThread's polling.
-    depth: crate::polling::Depth,
     /// Replies ready to send.
     outbox: RefCell<VecDeque<Ready>>,
     /// Requests admitted whose reply is not yet in the outbox.
@@ -146,7 +144,6 @@ impl Session {
             sock,
             export,
             negotiated,
-            depth: crate::polling::Depth::new(limits.poll),
             limits,
             outbox: RefCell::new(VecDeque::with_capacity(MAX_IN_FLIGHT)),
             pending: Cell::new(0),
@@ -278,8 +275,7 @@ impl Session {
             None
         };
         self.pending.set(self.pending.get() + 1);
-        self.depth
-            .admitted(self.pending.get(), &self.export.stats.polling_pauses);
+        (self.limits.poll).admitted(self.pending.get(), &self.export.stats.polling_pauses);
         let bytes = bytes + REPLY_LEN;
         self.bytes.set(self.bytes.get() + bytes);
         Ticket {

@@ -400,6 +400,14 @@ backend_tests! {
         };
         burst(&mut c);
         assert_eq!(srv.stats().polling_pauses, 1, "32 in flight stop the polling once");
+        burst(&mut c);
+        assert_eq!(srv.stats().polling_pauses, 1, "still paused");
+        // Enough requests at depth 1 and it polls again, so the next burst pauses it again.
+        for h in 0..nbd_server::POLL_CALM as u64 {
+            assert_eq!(c.read(h, h * 4096, 4096).0, 0);
+        }
+        burst(&mut c);
+        assert_eq!(srv.stats().polling_pauses, 2, "polling came back and paused again");
         drop(c);
         drop(srv);
         // With depth 0 the IoThreads poll at any depth.

@@ -134,7 +134,7 @@ pub fn start_on(server: Server, file: &Path, cpu: Option<usize>) -> Running {
             if server == Server::ReactorNoPoll {
                 c.args(["--poll-max-ns", "0"]);
             }
-            // Extra nbd-server options to experiment with (e.g. "--poll-max-ns 0").
+            // Extra nbd-server options to experiment with (e.g. "--poll-depth 0").
             if let Ok(extra) = std::env::var(EXTRA_ARGS_ENV) {
                 c.args(extra.split_whitespace());
             }

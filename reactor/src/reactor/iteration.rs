@@ -222,29 +222,26 @@ impl Reactor {
         if self.adaptive.shared() {
             // The last yield ran another thread on this CPU: most likely the peer this loop
             // has just answered (a client woken by the reply), whose next request the spin
-            // would wait for. It runs first, rather than after 2 µs of spinning.
+            // would wait for. After one look for work already there, it runs first, rather
+            // than after 2 µs of spinning.
+            if self.poll_found() {
+                return Ok(true);
+            }
             start = self.poll_yield(start);
         }
         // Still shared: the CPU's other thread ran again. Spinning on would take the CPU from
         // it, and a wait here is cheap (whoever wakes this thread runs on its CPU, which is
-        // not halted): one look, then the wait.
-        let window = if self.adaptive.shared() {
+        // not halted): one more look, then the wait.
+        if self.adaptive.shared() {
             self.stats.poll_shared.set(self.stats.poll_shared.get() + 1);
-            0
-        } else {
-            window
-        };
+            return Ok(self.poll_found());
+        }
         let deadline = start.saturating_add(window);
         let mut next_yield = start.saturating_add(POLL_YIELD_NS);
         let mut spins = 0u32;
         let syscall_poll = self.monitor.borrow().needs_syscall_to_poll();
         loop {
-            // The notifier's own poll check: a load of the announcement word, no system call.
-            let found = self.shared.notifier.is_notified()
-                || self.handlers.poll_recent(self)
-                || self.monitor.borrow_mut().has_events_hint();
-            if found {
-                self.stats.poll_hits.set(self.stats.poll_hits.get() + 1);
+            if self.poll_found() {
                 return Ok(true);
             }
             spins = spins.wrapping_add(1);
@@ -279,6 +276,18 @@ impl Reactor {
             }
             std::hint::spin_loop();
         }
+    }
+
+    /// One look of a spin for work, counted as a hit when it finds some.
+    fn poll_found(&self) -> bool {
+        // The notifier's own poll check: a load of the announcement word, no system call.
+        let found = self.shared.notifier.is_notified()
+            || self.handlers.poll_recent(self)
+            || self.monitor.borrow_mut().has_events_hint();
+        if found {
+            self.stats.poll_hits.set(self.stats.poll_hits.get() + 1);
+        }
+        found
     }
 
     /// A spin's `sched_yield` at `now`; notes whether another thread ran meanwhile. Returns

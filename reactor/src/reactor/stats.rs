@@ -37,7 +37,8 @@ pub struct Stats {
     /// Busy polls that spun their whole window and then waited.
     pub poll_misses: u64,
     /// Times busy polling gave its CPU away for a moment (`sched_yield`, every 2 µs of a
-    /// spin), so that a thread sharing the CPU is not kept waiting for the whole window.
+    /// spin, and at the start of a spin once a yield has run another thread), so that a
+    /// thread sharing the CPU is not kept waiting for the whole window.
     pub poll_yields: u64,
     /// Spins cut short because the loop shares its CPU: a yield had run another thread, so
     /// the next spin yields first, looks once, and then waits rather than spinning on (see
