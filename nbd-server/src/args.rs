@@ -97,7 +97,7 @@ pub struct Args {
     #[arg(
         long,
         value_name = "N",
-        default_value_t = 64_000,
+        default_value_t = 200_000,
         env = "NBD_SERVER_POLL_MAX_NS"
     )]
     pub poll_max_ns: u64,

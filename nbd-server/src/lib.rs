@@ -43,7 +43,7 @@
 //!   [`Config::max_connections`] are closed at once; `accept` errors back off and resume as
 //!   soon as a connection closes; client strings are escaped and cut short in logs, and
 //!   repeating conditions are logged at most once per interval. One exception, by design:
-//!   an IoThread busy-polls for up to [`Config::poll`] (64 µs) before each wait while its
+//!   an IoThread busy-polls for up to [`Config::poll`] (200 µs) before each wait while its
 //!   clients' queues are shallow, so a client sending a request every few tens of
 //!   microseconds keeps it spinning; `--poll-max-ns 0` turns that off.
 //!

@@ -2,16 +2,17 @@
 //!
 //! A client with one request in flight (queue depth 1) sends its next request only after the
 //! reply has reached it, and every microsecond the server takes to notice that request is
-//! the client's. Waking a halted CPU costs tens of microseconds on a VM, so a short spin
-//! pays there: on the 2-vCPU bench VM, 64 µs of polling took `qemu-img bench` at QD1 from
-//! about 10–15k to 24–30k requests/s, reads and writes alike. The IoThread then spins for
-//! most of the time between requests: its CPU per request stays about the same (24–36 µs
-//! against 27–35 µs), but it is spent whether or not the next request comes in time.
+//! the client's. Waking a halted CPU costs tens of microseconds on a VM, so a spin pays
+//! there: on the 2-vCPU bench VM, 200 µs of polling took `qemu-img bench` at QD1 from about
+//! 10–15k to 27–33k requests/s, reads and writes alike. The IoThread then spins for most of
+//! the time between requests: its CPU per request stays about the same (29–36 µs against
+//! 27–35 µs), but it is spent whether or not the next request comes in time.
 //!
 //! A client with a deep queue keeps the server busy with the requests it has already sent,
-//! and a spin between its batches only buys throughput with CPU: at QD32, 64 µs of polling
-//! took reads from 5.1–5.2 to 5.4–6.0 µs of server CPU per request, writes from 5.7–6.9 to
-//! 7.6–8.0 µs. So an IoThread stops polling when a request is admitted with more than
+//! and a spin between its batches only buys throughput with CPU: at QD32, polling always
+//! (200 µs) took reads from 4.7 to 6.2 µs of server CPU per request and writes from 7.8 to
+//! 9.7 µs in one bench run (64 µs: reads 5.1–5.2 → 5.4–6.0 µs, writes 5.7–6.9 → 7.6–8.0 µs,
+//! standalone). So an IoThread stops polling when a request is admitted with more than
 //! [`Config::poll_depth`](crate::Config::poll_depth) requests of its connection in flight,
 //! and polls again once [`CALM`] requests in a row, over all its connections, were admitted
 //! at most that deep. The pause is the IoThread's: a deep client pauses it for the shallow
@@ -100,7 +101,7 @@ mod tests {
     }
 
     const POLL: PollParams = PollParams {
-        max: Duration::from_micros(64),
+        max: Duration::from_micros(200),
         grow: 2,
         shrink: 0,
     };

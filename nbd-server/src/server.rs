@@ -35,9 +35,9 @@ use crate::transmission;
 /// How long a shutdown waits for connections to finish their requests in flight.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// The default polling of the IoThreads ([`Config::poll`]): adaptive, up to 64 µs.
+/// The default polling of the IoThreads ([`Config::poll`]): adaptive, up to 200 µs.
 pub const DEFAULT_POLL: PollParams = PollParams {
-    max: Duration::from_micros(64),
+    max: Duration::from_micros(200),
     grow: 2,
     shrink: 0,
 };
@@ -92,17 +92,19 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     /// The reactor backend of every thread.
     pub backend: Backend,
-    /// Adaptive polling of the IoThreads ([`DEFAULT_POLL`]: up to 64 µs), while none of
+    /// Adaptive polling of the IoThreads ([`DEFAULT_POLL`]: up to 200 µs), while none of
     /// their connections has more than [`poll_depth`](Self::poll_depth) requests in flight.
     /// [`PollParams::OFF`] turns it off.
     ///
     /// The ceiling must cover the time a client takes to answer a reply with its next
     /// request, and on a VM that includes waking its halted CPU: on the 2-vCPU bench VM,
     /// `qemu-img bench` at queue depth 1 went from about 10–15k requests/s without polling
-    /// to 11k with 32 µs and 24–30k with 64 µs, 100 µs or 200 µs, at about the same CPU per
-    /// request (24–36 µs against 27–35 µs: the IoThread spins for most of the time between
-    /// requests, where it would otherwise sleep and be woken). A spin that ends without work
-    /// is CPU spent for nothing, so the default is the shortest that covered it. Polling
+    /// to 11k with 32 µs, 24–30k with 64 µs (13k in one bench run, where the client's turn
+    /// took longer) and 27–33k with 200 µs, at about the same CPU per request (29–36 µs
+    /// against 27–35 µs: the IoThread spins for most of the time between requests, where it
+    /// would otherwise sleep and be woken). A spin that ends without work is CPU spent for
+    /// nothing: a client whose requests come further apart than the ceiling costs a spin of
+    /// up to the ceiling now and then, as the poll time grows back after each reset. Polling
     /// shrinks back to nothing when the server idles (a wait longer than the ceiling), and
     /// stops spinning while the IoThread shares its CPU with a busy thread (see
     /// [`PollParams`]).
@@ -111,8 +113,8 @@ pub struct Config {
     /// requests of its connection in flight, and polls again once 64 requests in a row over
     /// its connections were admitted at most this deep (default [`DEFAULT_POLL_DEPTH`]; 0:
     /// poll at any depth). A deep queue keeps the server busy without polling, and polling
-    /// between its batches costs CPU: at QD32, 64 µs of polling took reads from 5.1–5.2 to
-    /// 5.4–6.0 µs of CPU per request, writes from 5.7–6.9 to 7.6–8.0 µs, for 20 % more
+    /// between its batches costs CPU: at QD32, polling always (200 µs) took reads from 4.7 to
+    /// 6.2 µs of CPU per request and writes from 7.8 to 9.7 µs in one bench run, for more
     /// requests/s. The pause is the IoThread's: one deep client pauses it for the shallow
     /// clients it serves too (more IoThreads keep them apart). See
     /// [`ExportStats::polling_pauses`](crate::ExportStats::polling_pauses).
