@@ -69,6 +69,19 @@ mod handshake;
 mod log;
 mod meta;
 mod polling;
+
+/// The backends this build has, for the unit tests that run on each.
+#[cfg(test)]
+pub(crate) fn test_backends() -> Vec<reactor::Backend> {
+    let mut v = Vec::new();
+    if cfg!(feature = "uring") {
+        v.push(reactor::Backend::Uring);
+    }
+    if cfg!(feature = "epoll") {
+        v.push(reactor::Backend::Epoll);
+    }
+    v
+}
 pub mod proto;
 mod read;
 mod server;

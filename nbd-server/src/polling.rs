@@ -81,18 +81,17 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_backends as backends;
     use reactor::Backend;
     use std::time::Duration;
 
-    fn backends() -> Vec<Backend> {
-        let mut v = Vec::new();
-        if cfg!(feature = "uring") {
-            v.push(Backend::Uring);
-        }
-        if cfg!(feature = "epoll") {
-            v.push(Backend::Epoll);
-        }
-        v
+    /// A reactor on `backend` polling up to [`POLL`].
+    fn polling_reactor(backend: Backend) -> Reactor {
+        Reactor::builder()
+            .backend(backend)
+            .poll(POLL)
+            .build()
+            .unwrap()
     }
 
     /// Runs `f` with `r` current, as a connection's code runs.
@@ -109,11 +108,7 @@ mod tests {
     #[test]
     fn a_deep_request_pauses_the_threads_polling_until_enough_shallow_ones_follow() {
         for backend in backends() {
-            let r = Reactor::builder()
-                .backend(backend)
-                .poll(POLL)
-                .build()
-                .unwrap();
+            let r = polling_reactor(backend);
             inside(&r, || {
                 let pauses = AtomicU64::new(0);
                 let policy = Policy {
@@ -167,11 +162,7 @@ mod tests {
         policy.admitted(32, &pauses);
         assert!(!PAUSED.with(Cell::get));
         for backend in backends() {
-            let r = Reactor::builder()
-                .backend(backend)
-                .poll(POLL)
-                .build()
-                .unwrap();
+            let r = polling_reactor(backend);
             inside(&r, || {
                 let any = Policy {
                     params: POLL,

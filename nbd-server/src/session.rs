@@ -420,7 +420,8 @@ pub(crate) async fn writer(s: Rc<Session>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reactor::{Backend, Reactor};
+    use crate::test_backends as backends;
+    use reactor::Reactor;
 
     fn test_limits() -> Limits {
         Limits {
@@ -431,17 +432,6 @@ mod tests {
                 depth: 0,
             },
         }
-    }
-
-    fn backends() -> Vec<Backend> {
-        let mut v = Vec::new();
-        if cfg!(feature = "uring") {
-            v.push(Backend::Uring);
-        }
-        if cfg!(feature = "epoll") {
-            v.push(Backend::Epoll);
-        }
-        v
     }
 
     #[test]
