@@ -10,9 +10,9 @@
 //!
 //! A client with a deep queue keeps the server busy with the requests it has already sent,
 //! and a spin between its batches only buys throughput with CPU: at QD32, polling always
-//! (200 µs) took reads from 4.7 to 6.2 µs of server CPU per request and writes from 7.8 to
-//! 9.7 µs in one bench run (64 µs: reads 5.1–5.2 → 5.4–6.0 µs, writes 5.7–6.9 → 7.6–8.0 µs,
-//! standalone). So an IoThread stops polling when a request is admitted with more than
+//! (200 µs) added 1.5–3.2 µs of server CPU to each read (4.7–5.2 → 6.2–8.4 µs) and 1.1–1.9 µs
+//! to each write (6.9–8.5 → 8.8–9.7 µs) in three bench runs (64 µs, standalone: reads
+//! 5.1–5.2 → 5.4–6.0 µs, writes 5.7–6.9 → 7.6–8.0 µs). So an IoThread stops polling when a request is admitted with more than
 //! [`Config::poll_depth`](crate::Config::poll_depth) requests of its connection in flight,
 //! and polls again once [`CALM`] requests in a row, over all its connections, were admitted
 //! at most that deep. The pause is the IoThread's: a deep client pauses it for the shallow
@@ -68,7 +68,7 @@ impl Policy {
             }
         } else if PAUSED.with(Cell::get) {
             let calm = CALM_SO_FAR.with(|c| {
-                c.set(c.get() + 1);
+                c.set(c.get().saturating_add(1));
                 c.get()
             });
             if calm >= CALM && Reactor::with_current(|r| r.set_poll(self.params)).is_some() {

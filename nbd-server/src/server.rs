@@ -113,8 +113,8 @@ pub struct Config {
     /// requests of its connection in flight, and polls again once 64 requests in a row over
     /// its connections were admitted at most this deep (default [`DEFAULT_POLL_DEPTH`]; 0:
     /// poll at any depth). A deep queue keeps the server busy without polling, and polling
-    /// between its batches costs CPU: at QD32, polling always (200 µs) took reads from 4.7 to
-    /// 6.2 µs of CPU per request and writes from 7.8 to 9.7 µs in one bench run, for more
+    /// between its batches costs CPU: at QD32, polling always (200 µs) added 1.5–3.2 µs of
+    /// CPU to each read and 1.1–1.9 µs to each write in three bench runs, for more
     /// requests/s. The pause is the IoThread's: one deep client pauses it for the shallow
     /// clients it serves too (more IoThreads keep them apart). See
     /// [`ExportStats::polling_pauses`](crate::ExportStats::polling_pauses).
