@@ -91,6 +91,7 @@ pub use reactor::{Builder, DEFAULT_TASK_BUDGET, DEFAULT_URING_ENTRIES, Reactor, 
 pub use rt::blocking::{Blocking, spawn_blocking};
 pub use rt::iothread::IoThread;
 pub use sched::bh::Bh;
+pub use sched::coop::DEFAULT_IO_BUDGET;
 pub use sched::handle::{Closed, Handle};
 pub use sched::pool::{DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_THREADS, ThreadPool};
 pub use sched::task::{JoinError, JoinHandle, yield_now};

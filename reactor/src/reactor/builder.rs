@@ -107,6 +107,7 @@ pub struct Builder {
     backend: Backend,
     uring_entries: u32,
     task_budget: u32,
+    io_budget: u32,
     pool: Option<ThreadPool>,
     socket_io: SocketIo,
     poll: Option<PollParams>,
@@ -122,6 +123,7 @@ impl Default for Builder {
             backend: Backend::Auto,
             uring_entries: DEFAULT_URING_ENTRIES,
             task_budget: DEFAULT_TASK_BUDGET,
+            io_budget: crate::sched::coop::DEFAULT_IO_BUDGET,
             pool: None,
             socket_io: SocketIo::default(),
             poll: None,
@@ -154,6 +156,37 @@ impl Builder {
     /// iteration, after fd handlers and timers have had their turn.
     pub fn task_budget(mut self, polls: u32) -> Self {
         self.task_budget = polls.max(1);
+        self
+    }
+
+    /// Most I/O operations one task poll may complete without waiting (at least 1; default
+    /// [`DEFAULT_IO_BUDGET`](crate::DEFAULT_IO_BUDGET)): file reads the page cache serves,
+    /// inline writes, socket reads and writes that find the socket ready. The next one yields
+    /// first, so that a task copying a cached file or draining a busy socket lets fd
+    /// handlers, timers and other tasks run in between
+    /// ([`Stats::io_budget_yields`](crate::Stats::io_budget_yields)).
+    ///
+    /// ```
+    /// use reactor::{Async, Reactor};
+    /// use std::io::{Read, Write};
+    /// use std::os::unix::net::UnixStream;
+    ///
+    /// let r = Reactor::builder().io_budget(2).build()?;
+    /// let (a, b) = UnixStream::pair()?;
+    /// (&a).write_all(b"abc")?;
+    /// r.block_on(async move {
+    ///     let b = Async::new(b).unwrap();
+    ///     for _ in 0..3 {
+    ///         // Each read finds a byte waiting; the third one in a poll yields first.
+    ///         let mut byte = [0u8];
+    ///         assert_eq!(b.read_with(|s| (&*s).read(&mut byte)).await.unwrap(), 1);
+    ///     }
+    /// });
+    /// assert_eq!(r.stats().io_budget_yields, 1);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn io_budget(mut self, ops: u32) -> Self {
+        self.io_budget = ops.max(1);
         self
     }
 
@@ -239,6 +272,7 @@ impl Builder {
             ops: Ops::new(),
             depth: Cell::new(0),
             task_budget: self.task_budget,
+            io_budget: crate::sched::coop::Budget::new(self.io_budget),
             pool: self.pool.unwrap_or_else(ThreadPool::default_pool),
             socket_io: self.socket_io,
             adaptive: Adaptive::new(self.poll.unwrap_or(PollParams::OFF)),

@@ -100,6 +100,8 @@ pub struct Reactor {
     /// Nesting depth of `poll` on this reactor.
     depth: Cell<u32>,
     task_budget: u32,
+    /// What is left of the current task poll's I/O budget (see `sched/coop.rs`).
+    io_budget: crate::sched::coop::Budget,
     pool: ThreadPool,
     socket_io: SocketIo,
     adaptive: Adaptive,
@@ -320,6 +322,15 @@ impl Reactor {
 
     pub(crate) fn count_inline_write_stall(&self) {
         let n = &self.stats.inline_write_stalls;
+        n.set(n.get() + 1);
+    }
+
+    pub(crate) fn io_budget(&self) -> &crate::sched::coop::Budget {
+        &self.io_budget
+    }
+
+    pub(crate) fn count_io_budget_yield(&self) {
+        let n = &self.stats.io_budget_yields;
         n.set(n.get() + 1);
     }
 

@@ -59,6 +59,10 @@ pub struct Stats {
     /// lock, or a preemption. Each turns inline writes off for its file until its writes on the
     /// thread pool are fast again (see [`File::set_inline_writes`](crate::fs::File::set_inline_writes)).
     pub inline_write_stalls: u64,
+    /// I/O operations that yielded to the loop before running because their task had
+    /// completed its budget of operations without waiting in this poll (see
+    /// [`Builder::io_budget`](crate::Builder::io_budget)).
+    pub io_budget_yields: u64,
     /// Multishot receives armed ([`SocketIo::Multishot`](crate::net::SocketIo::Multishot)):
     /// one per stream while the application keeps up; more when back-pressure or a ring with
     /// every buffer held stopped one and a read armed it again.
@@ -97,6 +101,7 @@ pub(crate) struct LocalStats {
     pub(crate) poll_shared: Cell<u64>,
     pub(crate) inline_io: Cell<u64>,
     pub(crate) inline_write_stalls: Cell<u64>,
+    pub(crate) io_budget_yields: Cell<u64>,
     pub(crate) recv_arms: Cell<u64>,
 }
 
@@ -124,6 +129,7 @@ impl LocalStats {
             monitor_errors,
             inline_io: self.inline_io.get(),
             inline_write_stalls: self.inline_write_stalls.get(),
+            io_budget_yields: self.io_budget_yields.get(),
             recv_arms: self.recv_arms.get(),
             recv_buffers_held: 0,
         }

@@ -366,6 +366,7 @@ impl BhHome {
             let node = unsafe { Arc::from_raw(p) };
             if old & SCHEDULED != 0 {
                 r.count_task();
+                r.io_budget().refill();
                 self.call(r, &node);
                 return true;
             }

@@ -15,6 +15,7 @@ use crate::fd::interest::Interest;
 use crate::io::no_reactor;
 use crate::lockfree::sync::Arc;
 use crate::reactor::{Reactor, Shared};
+use crate::sched::coop;
 use crate::sched::handle::post_oneshot;
 use crate::sys::cvt;
 
@@ -230,6 +231,7 @@ impl<T: AsFd + 'static> Async<T> {
     /// Runs the non-blocking `op` until it does not return `WouldBlock`, waiting for read
     /// readiness in between (and first, if the last attempt found nothing to read).
     pub async fn read_with<R>(&self, mut op: impl FnMut(&T) -> io::Result<R>) -> io::Result<R> {
+        coop::proceed().await;
         if !self.reg.read.ready.get() {
             self.readable().await?;
         }
@@ -252,6 +254,7 @@ impl<T: AsFd + 'static> Async<T> {
     /// Runs the non-blocking `op` until it does not return `WouldBlock`, waiting for write
     /// readiness in between.
     pub async fn write_with<R>(&self, mut op: impl FnMut(&T) -> io::Result<R>) -> io::Result<R> {
+        coop::proceed().await;
         loop {
             match op(self.get_ref()) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -269,6 +272,7 @@ impl<T: AsFd + 'static> Async<T> {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
+        std::task::ready!(coop::poll_proceed(cx));
         loop {
             if !self.reg.read.ready.get() {
                 std::task::ready!(self.poll_readable(cx))?;
@@ -299,6 +303,7 @@ impl<T: AsFd + 'static> Async<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        std::task::ready!(coop::poll_proceed(cx));
         loop {
             if !self.reg.write.ready.get() {
                 std::task::ready!(self.poll_writable(cx))?;

@@ -34,6 +34,7 @@ use crate::io::{Async, no_reactor};
 use crate::reactor::Reactor;
 use crate::reactor::SocketIo;
 use crate::rt::blocking::{spawn_blocking, spawn_blocking_in};
+use crate::sched::coop;
 use crate::sched::lane::Lane;
 
 /// One I/O operation with everything it needs.
@@ -136,6 +137,8 @@ where
         Err(e) => return op.complete(Err(e)),
     };
     let mut op = op;
+    // It may complete here, inside the task's poll: that takes from the task's budget.
+    coop::proceed().await;
     if let Some(res) = op.call_nowait().or_else(|| op.call_inline()) {
         Reactor::with_current(|r| r.count_inline_io());
         return op.complete(res);

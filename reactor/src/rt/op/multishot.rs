@@ -34,6 +34,7 @@ use crate::fd::recv_ring::{RECV_GROUP, RecvRing};
 use crate::lockfree::sync::Arc;
 use crate::reactor::recv_ring::STREAM_BUFS;
 use crate::reactor::{Reactor, Shared};
+use crate::sched::coop;
 
 /// `IORING_CQE_F_BUFFER`: the completion names a provided buffer in its upper 16 bits.
 const CQE_F_BUFFER: u32 = 1 << 0;
@@ -161,6 +162,10 @@ impl MultiRecv {
     ) -> Option<Poll<io::Result<usize>>> {
         if dst.is_empty() {
             return Some(Poll::Ready(Ok(0)));
+        }
+        // What was received is read without waiting: that takes from the task's budget.
+        if coop::poll_proceed(cx).is_pending() {
+            return Some(Poll::Pending);
         }
         let n = self.copy_out(dst);
         if n > 0 {

@@ -1,0 +1,184 @@
+//! A task whose I/O completes without waiting (cached file reads, a socket that always has
+//! data) still returns to the loop: after its budget of such operations in one poll, the next
+//! one yields first, so that other tasks, timers and fd handlers run in between.
+
+use std::cell::Cell;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_lite::AsyncReadExt;
+use reactor::fs::File;
+use reactor::{Async, DEFAULT_IO_BUDGET, Reactor};
+use tests::backend_tests;
+
+const OPS: u64 = 1000;
+
+/// What a busy task saw of the rest of the loop: after how many of its own operations another
+/// task first ran, and a timer first fired (`None`: not before it finished).
+#[derive(Default)]
+struct Seen {
+    other_task: Cell<Option<u64>>,
+    timer: Cell<Option<u64>>,
+}
+
+/// Runs `busy` (given the count of its operations so far, as it goes) beside another task and
+/// an already expired timer, and returns when each of those was first seen.
+fn run_beside<F>(r: &Reactor, busy: impl FnOnce(Rc<Cell<u64>>) -> F) -> Rc<Seen>
+where
+    F: std::future::Future<Output = ()> + 'static,
+{
+    let done = Rc::new(Cell::new(0u64));
+    let seen = Rc::new(Seen::default());
+    let (d, s) = (done.clone(), seen.clone());
+    r.oneshot_after(Duration::ZERO, move |_| s.timer.set(Some(d.get())));
+    // Let the timer expire before the busy task starts.
+    std::thread::sleep(Duration::from_millis(2));
+    r.block_on(async {
+        let busy = Reactor::with_current(|r| r.spawn_local(busy(done.clone()))).unwrap();
+        let (d, s) = (done.clone(), seen.clone());
+        let other = Reactor::with_current(|r| {
+            r.spawn_local(async move { s.other_task.set(Some(d.get())) })
+        })
+        .unwrap();
+        busy.await.unwrap();
+        other.await.unwrap();
+    });
+    assert_eq!(done.get(), OPS);
+    seen
+}
+
+/// Both were seen while the busy task was at most about one budget into its operations.
+fn assert_took_turns(seen: &Seen, what: &str) {
+    let bound = 2 * u64::from(DEFAULT_IO_BUDGET) + 2;
+    for (who, at) in [
+        ("another task", seen.other_task.get()),
+        ("a timer", seen.timer.get()),
+    ] {
+        let at = at.unwrap_or_else(|| panic!("{who} never ran while {what}"));
+        assert!(at <= bound, "{who} waited for {at} operations while {what}");
+    }
+}
+
+fn scratch(name: &str, r: &Reactor) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    dir.join(format!(
+        "budget-{name}-{}-{}",
+        r.backend(),
+        std::process::id()
+    ))
+}
+
+backend_tests! {
+    fn a_task_reading_a_cached_file_lets_other_tasks_and_timers_run(r: &Reactor) {
+        let path = scratch("cached", r);
+        std::fs::write(&path, vec![9u8; 1 << 16]).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap().len(), 1 << 16);
+        let f = File::from_std(std::fs::File::open(&path).unwrap());
+        let before = r.stats();
+        let seen = run_beside(r, move |done| async move {
+            let mut buf = Vec::with_capacity(4096);
+            for i in 0..OPS {
+                let (res, b) = f.read_at(buf, (i % 16) * 4096).await;
+                assert_eq!(res.unwrap(), 4096);
+                buf = b;
+                done.set(i + 1);
+            }
+        });
+        let after = r.stats();
+        // The premise: the page cache served the reads on the loop thread.
+        assert!(after.inline_io - before.inline_io >= OPS - 10, "{after:?}");
+        assert_took_turns(&seen, "a task read a cached file");
+        let yields = after.io_budget_yields - before.io_budget_yields;
+        let per = u64::from(DEFAULT_IO_BUDGET);
+        assert!((OPS / per - 1..=OPS / per + 1).contains(&yields), "{yields} yields");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    fn a_task_draining_a_socket_that_always_has_data_lets_others_run(r: &Reactor) {
+        let (a, b) = UnixStream::pair().unwrap();
+        // Everything the reads want is there before they start.
+        (&a).write_all(&vec![5u8; (OPS * 16) as usize]).unwrap();
+        let before = r.stats();
+        let seen = run_beside(r, move |done| async move {
+            let b = Async::new(b).unwrap();
+            for i in 0..OPS {
+                let mut buf = [0u8; 16];
+                let n = b.read_with(|s| (&*s).read(&mut buf)).await.unwrap();
+                assert_eq!(n, 16);
+                done.set(i + 1);
+            }
+        });
+        assert_took_turns(&seen, "a task read a socket that always had data");
+        assert!(r.stats().io_budget_yields - before.io_budget_yields >= OPS / 64 - 1);
+        drop(a);
+    }
+
+    fn a_futures_io_reader_of_a_full_socket_lets_others_run(r: &Reactor) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (&a).write_all(&vec![6u8; (OPS * 16) as usize]).unwrap();
+        let seen = run_beside(r, move |done| async move {
+            let mut b = Async::new(b).unwrap();
+            for i in 0..OPS {
+                let mut buf = [0u8; 16];
+                b.read_exact(&mut buf).await.unwrap();
+                assert_eq!(buf, [6u8; 16]);
+                done.set(i + 1);
+            }
+        });
+        assert_took_turns(&seen, "an AsyncRead reader read a full socket");
+        drop(a);
+    }
+
+    fn a_task_reading_a_multishot_stream_with_data_held_lets_others_run(r: &Reactor) {
+        // On io_uring the stream's receive holds what arrived in ring buffers; on epoll this
+        // is readiness again.
+        let r = tests::multishot_on(r.backend());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sender = std::thread::spawn(move || {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.write_all(&vec![7u8; (OPS * 16) as usize]).unwrap();
+            c
+        });
+        let stream = r.block_on(async {
+            let listener = reactor::net::TcpListener::from_std(listener).unwrap();
+            let (s, _) = listener.accept().await.unwrap();
+            // Arm the receive, then let everything arrive before the busy reads start.
+            let (res, _) = s.read(Vec::with_capacity(16)).await;
+            assert_eq!(res.unwrap(), 16);
+            reactor::time::sleep(Duration::from_millis(100)).await;
+            s
+        });
+        let seen = run_beside(&r, move |done| async move {
+            done.set(1);
+            for i in 1..OPS {
+                let (res, buf) = stream.read(Vec::with_capacity(16)).await;
+                assert_eq!((res.unwrap(), buf[0]), (16, 7));
+                done.set(i + 1);
+            }
+        });
+        assert_took_turns(&seen, "a task read a stream whose data was already received");
+        drop(sender.join().unwrap());
+    }
+
+    fn the_budget_is_per_task_poll_and_can_be_set(r: &Reactor) {
+        // Two reads per poll: every second read of a cached file yields first.
+        let small = Reactor::builder().backend(r.backend()).io_budget(2).build().unwrap();
+        let path = scratch("small", r);
+        std::fs::write(&path, [3u8; 4096]).unwrap();
+        let f = File::from_std(std::fs::File::open(&path).unwrap());
+        small.block_on(async {
+            for _ in 0..10 {
+                let (res, _) = f.read_at(Vec::with_capacity(4096), 0).await;
+                assert_eq!(res.unwrap(), 4096);
+            }
+        });
+        let s = small.stats();
+        assert!(s.inline_io >= 9, "{s:?}");
+        assert!((4..=5).contains(&s.io_budget_yields), "{s:?}");
+        std::fs::remove_file(&path).unwrap();
+    }
+}
