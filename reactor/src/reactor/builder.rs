@@ -159,12 +159,13 @@ impl Builder {
         self
     }
 
-    /// Most I/O operations one task poll may complete without waiting (at least 1; default
-    /// [`DEFAULT_IO_BUDGET`](crate::DEFAULT_IO_BUDGET)): file reads the page cache serves,
-    /// inline writes, socket reads and writes that find the socket ready. The next one yields
-    /// first, so that a task copying a cached file or draining a busy socket lets fd
-    /// handlers, timers and other tasks run in between
-    /// ([`Stats::io_budget_yields`](crate::Stats::io_budget_yields)).
+    /// Most I/O operations one poll of a task (or of `block_on`'s future) may complete (at
+    /// least 1; default [`DEFAULT_IO_BUDGET`](crate::DEFAULT_IO_BUDGET)): file reads the page
+    /// cache serves, inline writes, socket reads and writes that find the socket ready,
+    /// accepted connections already queued. The next one yields first, so that a task copying
+    /// a cached file or draining a busy socket lets fd handlers, timers and other tasks run in
+    /// between ([`Stats::io_budget_yields`](crate::Stats::io_budget_yields)). Operations that
+    /// wait (on the ring, the thread pool or readiness) spend nothing.
     ///
     /// ```
     /// use reactor::{Async, Reactor};

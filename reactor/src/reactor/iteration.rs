@@ -66,7 +66,6 @@ impl Reactor {
     fn iterate(&self, blocking: bool, on_error: OnError) -> io::Result<bool> {
         let _enter = Enter::new(self);
         self.stats.iterations.set(self.stats.iterations.get() + 1);
-        self.io_budget.refill();
         let notifier = &self.shared.notifier;
         self.end_external_wait();
 

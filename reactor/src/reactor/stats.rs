@@ -59,8 +59,8 @@ pub struct Stats {
     /// lock, or a preemption. Each turns inline writes off for its file until its writes on the
     /// thread pool are fast again (see [`File::set_inline_writes`](crate::fs::File::set_inline_writes)).
     pub inline_write_stalls: u64,
-    /// I/O operations that yielded to the loop before running because their task had
-    /// completed its budget of operations without waiting in this poll (see
+    /// I/O operations that yielded to the loop before they started, because the task (or
+    /// `block_on`'s future) had already completed its budget of operations in this poll (see
     /// [`Builder::io_budget`](crate::Builder::io_budget)).
     pub io_budget_yields: u64,
     /// Multishot receives armed ([`SocketIo::Multishot`](crate::net::SocketIo::Multishot)):

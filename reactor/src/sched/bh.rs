@@ -366,7 +366,7 @@ impl BhHome {
             let node = unsafe { Arc::from_raw(p) };
             if old & SCHEDULED != 0 {
                 r.count_task();
-                r.io_budget().refill();
+                let _budget = r.io_budget().task_poll();
                 self.call(r, &node);
                 return true;
             }

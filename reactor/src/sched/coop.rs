@@ -4,18 +4,23 @@
 //! socket read that finds data already there: each completes inside the task's poll, and the
 //! task never returns to the loop. A task doing such operations in a loop (copying a cached
 //! file, draining a socket a peer keeps full) would keep the reactor's thread until it
-//! stopped, and fd handlers, timers and every other task would wait. So each task poll may
-//! complete a budget of them ([`Builder::io_budget`](crate::Builder::io_budget), default
-//! [`DEFAULT_IO_BUDGET`]); the next one first yields, as
-//! [`yield_now`](crate::yield_now) does: the task is queued behind the others and resumes in
-//! the next iteration, after the fd monitor and the timers have had their turn
-//! ([`Stats::io_budget_yields`](crate::Stats::io_budget_yields) counts these). The budget is
-//! refilled at every task poll and at every iteration (for futures polled outside a task,
-//! such as `block_on`'s).
+//! stopped, and fd handlers, timers and every other task would wait. So each poll of a task,
+//! or of `block_on`'s future, may complete a budget of I/O operations
+//! ([`Builder::io_budget`](crate::Builder::io_budget), default [`DEFAULT_IO_BUDGET`]). Once it
+//! is spent, the next operation yields before it starts, as [`yield_now`](crate::yield_now)
+//! does: the task is queued behind the others and resumes in the next iteration, after the fd
+//! monitor and the timers have had their turn, with a full budget
+//! ([`Stats::io_budget_yields`](crate::Stats::io_budget_yields) counts these).
 //!
-//! An operation that waits (one that goes to the ring or the thread pool, or finds a socket
-//! not ready) returns to the loop anyway and is not held back. Operations made outside any
-//! reactor's poll are not counted.
+//! Only operations that complete in the poll spend the budget. One that waits (it goes to the
+//! ring or the thread pool, or finds its socket not ready) returns to the loop anyway and
+//! spends nothing, so a task may wait on any number of sources at once.
+//!
+//! Outside a task's or `block_on`'s poll (an fd handler, a BH, a future polled by another
+//! executor) there is no budget and nothing yields. Inside one, a future polled by another
+//! executor nested in the task (a `futures::executor::block_on` within a task, which would
+//! block the reactor anyway) may find the budget spent and be woken at once, again and again:
+//! don't nest executors on a reactor's thread.
 
 use std::cell::Cell;
 use std::future::poll_fn;
@@ -25,45 +30,71 @@ use crate::reactor::Reactor;
 
 /// Default number of I/O operations one task poll may complete without waiting (see
 /// [`Builder::io_budget`](crate::Builder::io_budget)).
+///
+/// ```
+/// let r = reactor::Reactor::builder().io_budget(reactor::DEFAULT_IO_BUDGET).build()?;
+/// assert_eq!(r.stats().io_budget_yields, 0);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub const DEFAULT_IO_BUDGET: u32 = 64;
 
-/// A reactor's budget: what is left of it in the current task poll.
+/// A reactor's budget: what is left of it in the task poll that is running, if any.
 pub(crate) struct Budget {
     full: u32,
-    left: Cell<u32>,
+    /// `None` outside a task's (or `block_on`'s) poll.
+    left: Cell<Option<u32>>,
+}
+
+/// The budget of one task poll: restores the enclosing poll's (a nested `poll` inside a task
+/// runs other tasks) when dropped.
+pub(crate) struct TaskPoll<'a> {
+    budget: &'a Budget,
+    outer: Option<u32>,
+}
+
+impl Drop for TaskPoll<'_> {
+    fn drop(&mut self) {
+        self.budget.left.set(self.outer);
+    }
 }
 
 impl Budget {
     pub(crate) fn new(full: u32) -> Self {
-        let full = full.max(1);
         Budget {
-            full,
-            left: Cell::new(full),
+            full: full.max(1),
+            left: Cell::new(None),
         }
     }
 
-    /// A task poll or an iteration starts: the whole budget again.
-    pub(crate) fn refill(&self) {
-        self.left.set(self.full);
+    /// A task poll (or a poll of `block_on`'s future) starts, with the whole budget, until the
+    /// guard is dropped.
+    pub(crate) fn task_poll(&self) -> TaskPoll<'_> {
+        let outer = self.left.replace(Some(self.full));
+        TaskPoll {
+            budget: self,
+            outer,
+        }
     }
 
-    /// Takes one operation's worth; `false` when the budget is spent.
-    fn take(&self) -> bool {
-        let left = self.left.get();
-        if left == 0 {
-            return false;
+    /// Whether an operation may start without yielding first.
+    fn may_proceed(&self) -> bool {
+        self.left.get() != Some(0)
+    }
+
+    /// An operation completed in this poll.
+    fn spend(&self) {
+        if let Some(left) = self.left.get() {
+            self.left.set(Some(left.saturating_sub(1)));
         }
-        self.left.set(left - 1);
-        true
     }
 }
 
-/// Before an I/O operation that may complete without waiting: `Ready` with one unit of the
-/// current reactor's budget taken, or, once the budget is spent, `Pending` with the task woken
-/// (it resumes in the next iteration with a full budget).
+/// Before an I/O operation that may complete without waiting: `Ready` while the current task
+/// poll has budget left (or outside one), else `Pending` with the task woken, so that it
+/// resumes in the next iteration with a full budget. Takes nothing: see [`spend`].
 pub(crate) fn poll_proceed(cx: &mut Context<'_>) -> Poll<()> {
     let spent = Reactor::with_current(|r| {
-        let spent = !r.io_budget().take();
+        let spent = !r.io_budget().may_proceed();
         if spent {
             r.count_io_budget_yield();
         }
@@ -82,20 +113,46 @@ pub(crate) async fn proceed() {
     poll_fn(poll_proceed).await;
 }
 
+/// An I/O operation completed (returned its result) in the current poll: one unit of its
+/// budget.
+pub(crate) fn spend() {
+    Reactor::with_current(|r| r.io_budget().spend());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn a_budget_gives_its_units_then_refuses_until_refilled() {
-        let b = Budget::new(3);
-        assert!(b.take() && b.take() && b.take());
-        assert!(!b.take());
-        b.refill();
-        assert!(b.take());
+    fn a_task_poll_has_the_whole_budget_and_gives_the_outer_one_back() {
+        let b = Budget::new(2);
+        // Outside a task poll: no budget, nothing yields.
+        b.spend();
+        assert!(b.may_proceed());
+        {
+            let _outer = b.task_poll();
+            b.spend();
+            assert!(b.may_proceed());
+            {
+                // A nested poll runs another task, with a budget of its own.
+                let _inner = b.task_poll();
+                b.spend();
+                b.spend();
+                assert!(!b.may_proceed());
+                b.spend();
+                assert!(!b.may_proceed(), "a spent budget stays spent");
+            }
+            // Back in the outer task: one unit left.
+            assert!(b.may_proceed());
+            b.spend();
+            assert!(!b.may_proceed());
+        }
+        assert!(b.may_proceed());
         // At least one unit, whatever was asked for.
         let one = Budget::new(0);
-        assert!(one.take());
-        assert!(!one.take());
+        let _poll = one.task_poll();
+        assert!(one.may_proceed());
+        one.spend();
+        assert!(!one.may_proceed());
     }
 }

@@ -253,6 +253,7 @@ impl Reactor {
         loop {
             if woken.replace(false) {
                 let _enter = self.enter();
+                let _budget = self.io_budget().task_poll();
                 if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
                     return v;
                 }

@@ -241,7 +241,10 @@ impl<T: AsFd + 'static> Async<T> {
                     self.reg.read.ready.set(false);
                     self.readable().await?;
                 }
-                r => return r,
+                r => {
+                    coop::spend();
+                    return r;
+                }
             }
         }
     }
@@ -261,7 +264,10 @@ impl<T: AsFd + 'static> Async<T> {
                     self.reg.write.ready.set(false);
                     self.writable().await?;
                 }
-                r => return r,
+                r => {
+                    coop::spend();
+                    return r;
+                }
             }
         }
     }
@@ -285,6 +291,7 @@ impl<T: AsFd + 'static> Async<T> {
                         // Drained: the next read waits for an event first (see `Op::drained`).
                         self.reg.read.ready.set(false);
                     }
+                    coop::spend();
                     return Poll::Ready(Ok(n as usize));
                 }
                 Err(e) => e,
@@ -311,7 +318,10 @@ impl<T: AsFd + 'static> Async<T> {
             // SAFETY: reads at most `buf.len()` bytes from `buf`.
             let n = unsafe { libc::write(self.fd(), buf.as_ptr().cast(), buf.len()) };
             let e = match cvt(n) {
-                Ok(n) => return Poll::Ready(Ok(n as usize)),
+                Ok(n) => {
+                    coop::spend();
+                    return Poll::Ready(Ok(n as usize));
+                }
                 Err(e) => e,
             };
             match e.kind() {

@@ -137,10 +137,11 @@ where
         Err(e) => return op.complete(Err(e)),
     };
     let mut op = op;
-    // It may complete here, inside the task's poll: that takes from the task's budget.
+    // It may complete here, inside the task's poll: only while the poll has budget left.
     coop::proceed().await;
     if let Some(res) = op.call_nowait().or_else(|| op.call_inline()) {
         Reactor::with_current(|r| r.count_inline_io());
+        coop::spend();
         return op.complete(res);
     }
     if backend == Backend::Uring && !op.prefers_pool() {

@@ -163,12 +163,13 @@ impl MultiRecv {
         if dst.is_empty() {
             return Some(Poll::Ready(Ok(0)));
         }
-        // What was received is read without waiting: that takes from the task's budget.
+        // What was received is read without waiting: only while the poll has budget left.
         if coop::poll_proceed(cx).is_pending() {
             return Some(Poll::Pending);
         }
         let n = self.copy_out(dst);
         if n > 0 {
+            coop::spend();
             return Some(Poll::Ready(Ok(n)));
         }
         if let Some(e) = self.error.borrow_mut().take() {

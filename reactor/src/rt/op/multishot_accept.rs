@@ -27,6 +27,7 @@ use super::multishot::{Armed, Close};
 use crate::fd::ops::{Completion, OnComplete, OpCallback};
 use crate::lockfree::sync::Arc;
 use crate::reactor::{Reactor, Shared};
+use crate::sched::coop;
 
 /// Accepted sockets a listener queues before its accept pauses.
 const BACKLOG: usize = 64;
@@ -58,7 +59,11 @@ impl MultiAccept {
 
     /// The next accepted socket, else the accept's error, else arms the accept and waits.
     pub(crate) fn poll_accept(self: &Rc<Self>, cx: &mut Context<'_>) -> Poll<io::Result<OwnedFd>> {
-        if let Some(fd) = self.queue.borrow_mut().pop_front() {
+        // A queued socket is accepted without waiting: only while the poll has budget left.
+        std::task::ready!(coop::poll_proceed(cx));
+        let queued = self.queue.borrow_mut().pop_front();
+        if let Some(fd) = queued {
+            coop::spend();
             return Poll::Ready(Ok(fd));
         }
         if let Some(e) = self.error.borrow_mut().take() {
