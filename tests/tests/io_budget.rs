@@ -175,6 +175,46 @@ backend_tests! {
         drop(sender.join().unwrap());
     }
 
+    fn large_reads_spend_the_budget_by_their_size(r: &Reactor) {
+        // A 1 MiB copy from the page cache costs what a hundred small reads do: each spends
+        // 1 + 16 units (one per 64 KiB), so a task yields after 4 of them, not after 64.
+        const MIB: usize = 1 << 20;
+        let path = scratch("large", r);
+        std::fs::write(&path, vec![8u8; 4 * MIB]).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap().len(), 4 * MIB);
+        let f = File::from_std(std::fs::File::open(&path).unwrap());
+        let before = r.stats();
+        let done = Rc::new(Cell::new(0u64));
+        let seen = Rc::new(Cell::new(None::<u64>));
+        r.block_on(async {
+            let d = done.clone();
+            let busy = Reactor::with_current(|r| {
+                r.spawn_local(async move {
+                    let mut buf = Vec::with_capacity(MIB);
+                    for i in 0..40u64 {
+                        let (res, b) = f.read_at(buf, (i % 4) * MIB as u64).await;
+                        assert_eq!(res.unwrap(), MIB);
+                        buf = b;
+                        d.set(i + 1);
+                    }
+                })
+            })
+            .unwrap();
+            let (d, s) = (done.clone(), seen.clone());
+            let other = Reactor::with_current(|r| r.spawn_local(async move { s.set(Some(d.get())) }))
+                .unwrap();
+            busy.await.unwrap();
+            other.await.unwrap();
+        });
+        let after = r.stats();
+        assert!(after.inline_io - before.inline_io >= 38, "{after:?}");
+        let at = seen.get().expect("the other task ran");
+        assert!(at <= 4, "the other task waited for {at} reads of 1 MiB");
+        let yields = after.io_budget_yields - before.io_budget_yields;
+        assert!((9..=11).contains(&yields), "{yields} yields for 40 reads of 1 MiB");
+        std::fs::remove_file(&path).unwrap();
+    }
+
     fn each_task_poll_has_a_budget_of_its_own(r: &Reactor) {
         let path = scratch("per-task", r);
         std::fs::write(&path, [4u8; 4096]).unwrap();

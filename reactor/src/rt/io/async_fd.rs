@@ -242,7 +242,7 @@ impl<T: AsFd + 'static> Async<T> {
                     self.readable().await?;
                 }
                 r => {
-                    coop::spend();
+                    coop::spend(0);
                     return r;
                 }
             }
@@ -265,7 +265,7 @@ impl<T: AsFd + 'static> Async<T> {
                     self.writable().await?;
                 }
                 r => {
-                    coop::spend();
+                    coop::spend(0);
                     return r;
                 }
             }
@@ -291,7 +291,7 @@ impl<T: AsFd + 'static> Async<T> {
                         // Drained: the next read waits for an event first (see `Op::drained`).
                         self.reg.read.ready.set(false);
                     }
-                    coop::spend();
+                    coop::spend(n as usize);
                     return Poll::Ready(Ok(n as usize));
                 }
                 Err(e) => e,
@@ -319,7 +319,7 @@ impl<T: AsFd + 'static> Async<T> {
             let n = unsafe { libc::write(self.fd(), buf.as_ptr().cast(), buf.len()) };
             let e = match cvt(n) {
                 Ok(n) => {
-                    coop::spend();
+                    coop::spend(n as usize);
                     return Poll::Ready(Ok(n as usize));
                 }
                 Err(e) => e,

@@ -141,7 +141,7 @@ where
     coop::proceed().await;
     if let Some(res) = op.call_nowait().or_else(|| op.call_inline()) {
         Reactor::with_current(|r| r.count_inline_io());
-        coop::spend();
+        coop::spend(*res.as_ref().unwrap_or(&0));
         return op.complete(res);
     }
     if backend == Backend::Uring && !op.prefers_pool() {
@@ -198,6 +198,8 @@ pub(crate) async fn run_when_ready<O: Op, T: AsFd>(
                 }
                 Ready::Write => io.write_with(|_| op.call()).await,
             };
+            // The size of what it moved, beyond the one unit `read_with`/`write_with` spent.
+            coop::spend_bytes(*res.as_ref().unwrap_or(&0));
             op.complete(res)
         }
         None => op.complete(Err(no_reactor())),

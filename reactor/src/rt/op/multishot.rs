@@ -169,7 +169,7 @@ impl MultiRecv {
         }
         let n = self.copy_out(dst);
         if n > 0 {
-            coop::spend();
+            coop::spend(n);
             return Some(Poll::Ready(Ok(n)));
         }
         if let Some(e) = self.error.borrow_mut().take() {

@@ -63,7 +63,7 @@ impl MultiAccept {
         std::task::ready!(coop::poll_proceed(cx));
         let queued = self.queue.borrow_mut().pop_front();
         if let Some(fd) = queued {
-            coop::spend();
+            coop::spend(0);
             return Poll::Ready(Ok(fd));
         }
         if let Some(e) = self.error.borrow_mut().take() {
