@@ -165,9 +165,10 @@ impl Builder {
     /// accepted connections already queued. The next one yields first, so that a task copying
     /// a cached file or draining a busy socket lets fd handlers, timers and other tasks run in
     /// between ([`Stats::io_budget_yields`](crate::Stats::io_budget_yields)). Operations that
-    /// wait (on the ring, the thread pool or readiness) spend nothing; one that moved more than
-    /// 64 KiB counts once more per 64 KiB, so with the default a poll copies at most about
-    /// 4 MiB.
+    /// wait (on the ring, the thread pool or readiness) spend nothing. One that moved 64 KiB or
+    /// more counts once more per full 64 KiB (except through `Async::read_with`/`write_with`,
+    /// whose closure's result is not a length), so with the default a poll copies about 4 MiB,
+    /// plus what its last operation moves.
     ///
     /// ```
     /// use reactor::{Async, Reactor};

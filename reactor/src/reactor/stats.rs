@@ -60,7 +60,7 @@ pub struct Stats {
     /// thread pool are fast again (see [`File::set_inline_writes`](crate::fs::File::set_inline_writes)).
     pub inline_write_stalls: u64,
     /// I/O operations that yielded to the loop before they started, because the task (or
-    /// `block_on`'s future) had already completed its budget of operations in this poll (see
+    /// `block_on`'s future) had already spent its I/O budget in this poll (see
     /// [`Builder::io_budget`](crate::Builder::io_budget)).
     pub io_budget_yields: u64,
     /// Multishot receives armed ([`SocketIo::Multishot`](crate::net::SocketIo::Multishot)):

@@ -15,9 +15,11 @@
 //! Only operations that complete in the poll spend the budget. One that waits (it goes to the
 //! ring or the thread pool, or finds its socket not ready) returns to the loop anyway and
 //! spends nothing, so a task may wait on any number of sources at once. An operation spends one
-//! unit, plus one per [`BYTES_PER_UNIT`] it moved: a copy of 1 MiB from the page cache takes
-//! as long as a hundred small reads, so with the default budget a task's poll copies at most
-//! about 4 MiB before it yields.
+//! unit, plus one per full [`BYTES_PER_UNIT`] (64 KiB) it moved: a copy of 1 MiB from the page
+//! cache, which takes longer than a hundred small reads, spends 17. With the default budget a
+//! task's poll so copies about 4 MiB, plus what its last operation moves (a single operation
+//! is never cut short), before it yields. `Async::read_with` and `write_with` run a closure
+//! whose result is not a length: they spend one unit whatever it moved.
 //!
 //! Outside a task's or `block_on`'s poll (an fd handler, a BH, a future polled by another
 //! executor) there is no budget and nothing yields. Inside one, a future polled by another

@@ -299,7 +299,10 @@ impl<T: AsFd + 'static> Async<T> {
             match e.kind() {
                 io::ErrorKind::WouldBlock => self.reg.read.ready.set(false),
                 io::ErrorKind::Interrupted => {}
-                _ => return Poll::Ready(Err(e)),
+                _ => {
+                    coop::spend(0);
+                    return Poll::Ready(Err(e));
+                }
             }
         }
     }
@@ -327,7 +330,10 @@ impl<T: AsFd + 'static> Async<T> {
             match e.kind() {
                 io::ErrorKind::WouldBlock => self.reg.write.ready.set(false),
                 io::ErrorKind::Interrupted => {}
-                _ => return Poll::Ready(Err(e)),
+                _ => {
+                    coop::spend(0);
+                    return Poll::Ready(Err(e));
+                }
             }
         }
     }

@@ -275,6 +275,10 @@ unsafe impl Op for Open {
         cvt(unsafe { libc::open(self.path.as_ptr(), self.flags, self.mode) }).map(|fd| fd as usize)
     }
 
+    fn moved(&self, _fd: usize) -> usize {
+        0
+    }
+
     fn complete(self, res: io::Result<usize>) -> io::Result<OwnedFd> {
         // SAFETY: a fresh descriptor from the kernel, owned by nobody else.
         res.map(|fd| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })

@@ -97,6 +97,12 @@ pub(crate) unsafe trait Op: 'static {
         false
     }
 
+    /// How many bytes a successful call that returned `n` moved, for the task's I/O budget
+    /// (`sched/coop.rs`): `n` for reads and writes, 0 where `n` is not a length (an fd).
+    fn moved(&self, n: usize) -> usize {
+        n
+    }
+
     /// The caller's output from the kernel's result (from either backend).
     fn complete(self, res: io::Result<usize>) -> Self::Output;
 
@@ -141,7 +147,7 @@ where
     coop::proceed().await;
     if let Some(res) = op.call_nowait().or_else(|| op.call_inline()) {
         Reactor::with_current(|r| r.count_inline_io());
-        coop::spend(*res.as_ref().unwrap_or(&0));
+        coop::spend(res.as_ref().map_or(0, |&n| op.moved(n)));
         return op.complete(res);
     }
     if backend == Backend::Uring && !op.prefers_pool() {
@@ -199,7 +205,7 @@ pub(crate) async fn run_when_ready<O: Op, T: AsFd>(
                 Ready::Write => io.write_with(|_| op.call()).await,
             };
             // The size of what it moved, beyond the one unit `read_with`/`write_with` spent.
-            coop::spend_bytes(*res.as_ref().unwrap_or(&0));
+            coop::spend_bytes(res.as_ref().map_or(0, |&n| op.moved(n)));
             op.complete(res)
         }
         None => op.complete(Err(no_reactor())),

@@ -172,10 +172,14 @@ impl MultiRecv {
             coop::spend(n);
             return Some(Poll::Ready(Ok(n)));
         }
-        if let Some(e) = self.error.borrow_mut().take() {
+        let error = self.error.borrow_mut().take();
+        if let Some(e) = error {
+            coop::spend(0);
             return Some(Poll::Ready(Err(e)));
         }
         if self.eof.get() {
+            // (A task that reads on after the end gets it at once each time: it spends too.)
+            coop::spend(0);
             return Some(Poll::Ready(Ok(0)));
         }
         if self.armed.id().is_none() {

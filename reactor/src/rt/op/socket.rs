@@ -124,6 +124,10 @@ unsafe impl<T: AsFd + 'static> Op for Accept<T> {
         .map(|fd| fd as usize)
     }
 
+    fn moved(&self, _fd: usize) -> usize {
+        0
+    }
+
     fn complete(self, res: io::Result<usize>) -> io::Result<OwnedFd> {
         // SAFETY: a fresh descriptor from the kernel, owned by nobody else.
         res.map(|fd| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
@@ -224,6 +228,10 @@ unsafe impl<T: AsFd + 'static> Op for Connect<T> {
             }
             Err(e) => Err(e),
         }
+    }
+
+    fn moved(&self, _n: usize) -> usize {
+        0
     }
 
     fn complete(self, res: io::Result<usize>) -> io::Result<()> {
