@@ -68,6 +68,30 @@ async fn read(s: &mut Async<UnixStream>) -> std::io::Result<u8> {
     s.read_exact(&mut buf).await.map(|()| buf[0])
 }
 
+/// A loopback connection accepted on `r` (a multishot reactor) from a peer thread that sends
+/// `data` and then keeps (`keep`) or closes its end; the peer's thread returns its socket.
+fn accepted(
+    r: &Reactor,
+    data: Vec<u8>,
+    keep: bool,
+) -> (
+    reactor::net::TcpStream,
+    std::thread::JoinHandle<Option<std::net::TcpStream>>,
+) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let peer = std::thread::spawn(move || {
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.write_all(&data).unwrap();
+        keep.then_some(c)
+    });
+    let stream = r.block_on(async {
+        let listener = reactor::net::TcpListener::from_std(listener).unwrap();
+        listener.accept().await.unwrap().0
+    });
+    (stream, peer)
+}
+
 fn scratch(name: &str, r: &Reactor) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     dir.join(format!(
@@ -143,16 +167,8 @@ backend_tests! {
         // On io_uring the stream's receive holds what arrived in ring buffers; on epoll this
         // is readiness again.
         let r = tests::multishot_on(r.backend());
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let sender = std::thread::spawn(move || {
-            let mut c = std::net::TcpStream::connect(addr).unwrap();
-            c.write_all(&vec![7u8; (OPS * 16) as usize]).unwrap();
-            c
-        });
+        let (s, sender) = accepted(&r, vec![7u8; (OPS * 16) as usize], true);
         let stream = r.block_on(async {
-            let listener = reactor::net::TcpListener::from_std(listener).unwrap();
-            let (s, _) = listener.accept().await.unwrap();
             // Arm the receive, then let everything arrive before the busy reads start.
             let (res, _) = s.read(Vec::with_capacity(16)).await;
             assert_eq!(res.unwrap(), 16);
@@ -179,15 +195,8 @@ backend_tests! {
         // Each read after the peer closed returns 0 at once (on io_uring from the multishot
         // receive's state): that spends the budget too.
         let r = tests::multishot_on(r.backend());
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let peer = std::thread::spawn(move || {
-            let mut c = std::net::TcpStream::connect(addr).unwrap();
-            c.write_all(b"last words").unwrap();
-        });
+        let (s, peer) = accepted(&r, b"last words".to_vec(), false);
         let stream = r.block_on(async {
-            let listener = reactor::net::TcpListener::from_std(listener).unwrap();
-            let (s, _) = listener.accept().await.unwrap();
             let mut got = Vec::new();
             loop {
                 let (res, buf) = s.read(Vec::with_capacity(64)).await;
