@@ -280,6 +280,7 @@ impl Builder {
             pool: self.pool.unwrap_or_else(ThreadPool::default_pool),
             socket_io: self.socket_io,
             adaptive: Adaptive::new(self.poll.unwrap_or(PollParams::OFF)),
+            contention: super::contention::Contention::new(),
             poll_mode: Cell::new(false),
             external_wait: Cell::new(false),
             skipped_waits: Cell::new(0),

@@ -69,12 +69,19 @@ impl Reactor {
         let notifier = &self.shared.notifier;
         self.end_external_wait();
 
-        let adaptive = blocking && self.adaptive.enabled();
+        let mut adaptive = blocking && self.adaptive.enabled();
         let start = if adaptive {
             self.shared.clock.now_ns()
         } else {
             0
         };
+        if adaptive && self.contention.suspends(start) {
+            // The thread waits for its CPU: a spin would take it from whoever holds it.
+            adaptive = false;
+            self.stats
+                .poll_contended
+                .set(self.stats.poll_contended.get() + 1);
+        }
         self.handlers.set_now(start);
         let mut timeout = if blocking {
             self.timeout()

@@ -8,6 +8,7 @@
 //! its public surface and `Reactor::with_current`.
 
 mod builder;
+mod contention;
 pub(crate) mod embed;
 mod external;
 mod fds;
@@ -105,6 +106,8 @@ pub struct Reactor {
     pool: ThreadPool,
     socket_io: SocketIo,
     adaptive: Adaptive,
+    /// The loop thread's wait for a CPU, which makes busy polling stand down.
+    contention: contention::Contention,
     /// Busy polling has started and the loop has not blocked since.
     poll_mode: Cell<bool>,
     /// `prepare_external_wait` announced a wait that `poll` has not ended yet.

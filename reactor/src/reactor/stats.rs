@@ -44,6 +44,10 @@ pub struct Stats {
     /// the next spin yields first, looks once, and then waits rather than spinning on (see
     /// [`PollParams`](crate::PollParams)).
     pub poll_shared: u64,
+    /// Blocking iterations that did not busy-poll because the loop's thread had spent over a
+    /// tenth of the last few milliseconds waiting for a CPU (see
+    /// [`PollParams`](crate::PollParams)).
+    pub poll_contended: u64,
     /// Waits of the fd monitor that failed with an OS error after the backend's own retries
     /// (see [`Reactor::poll`](crate::Reactor::poll) for what the loop does then).
     pub monitor_errors: u64,
@@ -99,6 +103,7 @@ pub(crate) struct LocalStats {
     pub(crate) poll_misses: Cell<u64>,
     pub(crate) poll_yields: Cell<u64>,
     pub(crate) poll_shared: Cell<u64>,
+    pub(crate) poll_contended: Cell<u64>,
     pub(crate) inline_io: Cell<u64>,
     pub(crate) inline_write_stalls: Cell<u64>,
     pub(crate) io_budget_yields: Cell<u64>,
@@ -126,6 +131,7 @@ impl LocalStats {
             poll_misses: self.poll_misses.get(),
             poll_yields: self.poll_yields.get(),
             poll_shared: self.poll_shared.get(),
+            poll_contended: self.poll_contended.get(),
             monitor_errors,
             inline_io: self.inline_io.get(),
             inline_write_stalls: self.inline_write_stalls.get(),
