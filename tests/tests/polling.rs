@@ -208,6 +208,61 @@ backend_tests! {
         }
     }
 
+    fn a_loop_that_waits_for_its_cpu_stops_polling_until_the_cpu_is_its_own_again(r: &Reactor) {
+        let _serial = serial();
+        r.set_poll(PollParams { max: Duration::from_millis(20), grow: 2, shrink: 0 });
+        let t = r.timer(|_| {});
+        // Short waits (within max): every one of them would start with a spin.
+        let wait_once = || {
+            t.arm_after(Duration::from_micros(500));
+            while t.is_armed() {
+                r.poll(true);
+            }
+        };
+        {
+            // This thread and a busy one on one CPU: whenever the loop is runnable, it waits
+            // for the CPU about half the time, far above a tenth.
+            let busy = SharedCpu::start();
+            let give_up = Instant::now() + Duration::from_secs(10);
+            loop {
+                assert!(Instant::now() < give_up, "never stood down: {:?}", r.stats());
+                let before = r.stats();
+                wait_once();
+                if r.stats().poll_contended > before.poll_contended {
+                    break;
+                }
+            }
+            // Standing down, an iteration waits at once: no spin, no yield, no look.
+            let before = r.stats();
+            let ran = busy.progress();
+            wait_once();
+            let after = r.stats();
+            assert!(after.poll_contended > before.poll_contended, "{after:?}");
+            assert_eq!(
+                (after.poll_hits, after.poll_misses, after.poll_yields, after.poll_shared),
+                (before.poll_hits, before.poll_misses, before.poll_yields, before.poll_shared),
+                "it spun while standing down"
+            );
+            assert!(after.blocking_waits > before.blocking_waits, "{after:?}");
+            assert!(busy.progress() > ran, "the busy thread never ran");
+        }
+        // The busy thread is gone and this thread has its CPUs back: within a few samples
+        // (4 ms each) the loop spins again.
+        let give_up = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(Instant::now() < give_up, "never polled again: {:?}", r.stats());
+            let before = r.stats();
+            wait_once();
+            let after = r.stats();
+            if after.poll_contended == before.poll_contended
+                && after.poll_misses + after.poll_hits > before.poll_misses + before.poll_hits
+            {
+                break;
+            }
+        }
+        r.set_poll(PollParams::OFF);
+    }
+
     fn poll_time_grows_on_short_waits_and_resets_on_long_ones(r: &Reactor) {
         let _serial = serial();
         assert_eq!(r.poll_params(), PollParams::OFF, "off by default on a bare reactor");

@@ -27,6 +27,10 @@
 //! thread that wakes the loop runs on the loop's own CPU. The same one-CPU measurement with
 //! a 64 µs ceiling, medians of four alternating runs: reads 51.3k → 58.5k requests/s, writes
 //! 53.0k → 55.0k (without polling: 63.2k and 50.3k).
+//!
+//! Polling without the spin still costs passes and system calls on a shared CPU. So while the
+//! loop's thread waits for a CPU more than a tenth of the time, it does not poll at all (see
+//! [`contention`](super::contention)).
 
 use std::cell::Cell;
 use std::time::Duration;
@@ -50,6 +54,10 @@ const SHARED_YIELD_FACTOR: u64 = 8;
 /// kept waiting for the whole window; with nothing else runnable the call returns at once.
 /// Once a yield has run another thread, the loop yields before it spins, and spins no
 /// further while its CPU stays shared ([`Stats::poll_shared`](crate::Stats::poll_shared)).
+/// And while the loop's thread spends over a tenth of its time waiting for a CPU (read every
+/// 4 ms from `/proc/thread-self/schedstat`), it does not poll at all until that share drops
+/// under a twentieth ([`Stats::poll_contended`](crate::Stats::poll_contended)): a spin there
+/// would only take the CPU from the thread that gives the loop its work.
 ///
 /// ```
 /// use reactor::PollParams;
