@@ -30,6 +30,7 @@ pub(crate) struct Counters {
     pub(crate) syncs: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) polling_pauses: AtomicU64,
+    pub(crate) requests_waited: AtomicU64,
 }
 
 /// A snapshot of an export's counters.
@@ -46,6 +47,11 @@ pub struct ExportStats {
     /// Times an IoThread stopped busy polling because one of its connections had more than
     /// [`Config::poll_depth`](crate::Config::poll_depth) requests in flight.
     pub polling_pauses: u64,
+    /// Requests that had to wait for their I/O (a READ of data the page cache did not hold, a
+    /// WRITE that could not be made on the IoThread, a FLUSH) and went on as a task of their
+    /// own. The others, cached READs and inline WRITEs above all, were served within the
+    /// reader's poll, without a task.
+    pub requests_waited: u64,
 }
 
 impl Export {
@@ -170,6 +176,7 @@ impl Export {
             syncs: c.syncs.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             polling_pauses: c.polling_pauses.load(Ordering::Relaxed),
+            requests_waited: c.requests_waited.load(Ordering::Relaxed),
         }
     }
 }

@@ -63,6 +63,9 @@ pub(crate) struct Session {
     outbox: RefCell<VecDeque<Ready>>,
     /// Requests admitted whose reply is not yet in the outbox.
     pending: Cell<usize>,
+    /// Requests admitted whose reply is not yet sent: what the client has in flight, as far
+    /// as the server can tell (its queue depth), for the polling policy.
+    unsent: Cell<usize>,
     /// Bytes admitted and not yet sent: payloads, and every reply's header.
     bytes: Cell<usize>,
     /// The reader has stopped: the writer ends once everything admitted is sent.
@@ -147,6 +150,7 @@ impl Session {
             limits,
             outbox: RefCell::new(VecDeque::with_capacity(MAX_IN_FLIGHT)),
             pending: Cell::new(0),
+            unsent: Cell::new(0),
             bytes: Cell::new(0),
             closing: Cell::new(false),
             broken: Cell::new(false),
@@ -235,6 +239,7 @@ impl Session {
     pub(crate) fn reply_now(&self, req: &Request, error: u32) {
         let b = self.header(error, req.handle, self.reply_to(req));
         self.bytes.set(self.bytes.get() + REPLY_LEN);
+        self.unsent.set(self.unsent.get() + 1);
         self.outbox.borrow_mut().push_back((b, REPLY_LEN, None));
         wake(&self.writer_waker);
     }
@@ -275,7 +280,10 @@ impl Session {
             None
         };
         self.pending.set(self.pending.get() + 1);
-        (self.limits.poll).admitted(self.pending.get(), &self.export.stats.polling_pauses);
+        self.unsent.set(self.unsent.get() + 1);
+        // The depth that counts is the client's: a request served at once (a READ from the
+        // page cache) leaves `pending` at once, but the client waits for it until it is sent.
+        (self.limits.poll).admitted(self.unsent.get(), &self.export.stats.polling_pauses);
         let bytes = bytes + REPLY_LEN;
         self.bytes.set(self.bytes.get() + bytes);
         Ticket {
@@ -389,7 +397,7 @@ pub(crate) async fn writer(s: Rc<Session>) {
         if queue.is_empty() {
             return;
         }
-        let mut sent_bytes = 0;
+        let (mut sent_bytes, replies) = (0, queue.len());
         // Grants are given back once what they account for is sent (or dropped).
         while let Some((reply, bytes, _grant)) = queue.pop_front() {
             sent_bytes += bytes;
@@ -413,6 +421,7 @@ pub(crate) async fn writer(s: Rc<Session>) {
         }
         batch.clear();
         s.bytes.set(s.bytes.get() - sent_bytes);
+        s.unsent.set(s.unsent.get() - replies);
         wake(&s.reader_waker);
     }
 }

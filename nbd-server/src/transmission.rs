@@ -1,11 +1,15 @@
 //! The transmission phase: requests are read in order and checked here, then served
-//! concurrently (a task each, many in flight, see the `commands` module), their replies sent
+//! concurrently (see the `commands` module): each is first run in the reader's own task, and
+//! one that has to wait goes on as a task of its own, many in flight. Their replies are sent
 //! by the session's writer in completion order.
 
+use std::future::poll_fn;
 use std::io;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 
 use reactor::Reactor;
 
@@ -61,6 +65,34 @@ pub(crate) async fn serve(
 
 fn spawn<F: Future + 'static>(f: F) -> reactor::JoinHandle<F::Output> {
     Reactor::with_current(|r| r.spawn_local(f)).expect("connections run inside a reactor")
+}
+
+/// Serves one admitted request: its future is polled once here, in the reader's task, and
+/// becomes a task of its own only if it has to wait. A READ the page cache serves, or a
+/// WRITE made inline, is done within that poll, without a task's allocations, its schedule
+/// and its separate poll. Both count against the reader's I/O budget, so a client with many
+/// such requests still lets the loop run others: once the budget is spent, the next request
+/// yields at its first operation and goes on as a task.
+///
+/// A panic in a request's code ends that request only, as it would in a task of its own: its
+/// ticket, dropped, answers EIO.
+async fn serve_request<F: Future<Output = ()> + 'static>(s: &Session, f: F) {
+    let mut f = Box::pin(f);
+    let waits = poll_fn(|cx| {
+        // The leaf futures store the waker of each poll, so once the request is a task,
+        // its first poll there replaces the reader's waker with the task's.
+        let polled = catch_unwind(AssertUnwindSafe(|| f.as_mut().poll(cx)));
+        Poll::Ready(matches!(polled, Ok(Poll::Pending)))
+    })
+    .await;
+    if waits {
+        // Relaxed: a statistics counter.
+        s.export
+            .stats
+            .requests_waited
+            .fetch_add(1, Ordering::Relaxed);
+        spawn(f).detach();
+    }
 }
 
 /// Why `req` is refused before it runs (0: it is not): flags outside `allowed`, a write to
@@ -152,7 +184,7 @@ async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
                 let ticket = s.admit(&req, len).await;
                 // (On an error the ticket is dropped: an EIO reply nobody will read.)
                 let payload = rd.read_into(sock, s.take_buf(len), len).await?;
-                spawn(commands::write(ticket, req, payload)).detach();
+                serve_request(s, commands::write(ticket, req, payload)).await;
             }
             cmd::READ => {
                 // Don't-fragment means something only with structured replies.
@@ -170,7 +202,7 @@ async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
                     continue;
                 }
                 let ticket = s.admit(&req, len).await;
-                spawn(commands::read(ticket, req)).detach();
+                serve_request(s, commands::read(ticket, req)).await;
             }
             cmd::FLUSH => {
                 if req.flags & !cflag::FUA != 0 {
@@ -178,7 +210,7 @@ async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
                     continue;
                 }
                 let ticket = s.admit(&req, 0).await;
-                spawn(commands::flush(ticket)).detach();
+                serve_request(s, commands::flush(ticket)).await;
             }
             cmd::TRIM | cmd::WRITE_ZEROES => {
                 let (allowed, past_end) = if req.kind == cmd::TRIM {
@@ -192,7 +224,7 @@ async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
                     continue;
                 }
                 let ticket = s.admit(&req, 0).await;
-                spawn(commands::discard_or_zero(ticket, req)).detach();
+                serve_request(s, commands::discard_or_zero(ticket, req)).await;
             }
             cmd::CACHE => {
                 // FUA is valid on every command (and means nothing here); the length is
@@ -206,7 +238,7 @@ async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
                     continue;
                 }
                 let ticket = s.admit(&req, 0).await;
-                spawn(commands::cache(ticket, req)).detach();
+                serve_request(s, commands::cache(ticket, req)).await;
             }
             cmd::BLOCK_STATUS => {
                 let mut refuse = refusal(s, &req, cflag::REQ_ONE | cflag::FUA, err::EINVAL);
@@ -220,7 +252,7 @@ async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
                     continue;
                 }
                 let ticket = s.admit(&req, 0).await;
-                spawn(commands::block_status(ticket, req)).detach();
+                serve_request(s, commands::block_status(ticket, req)).await;
             }
             _ => s.reply_now(&req, err::EINVAL),
         }

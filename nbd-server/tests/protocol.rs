@@ -376,6 +376,39 @@ backend_tests! {
         std::fs::remove_file(path).unwrap();
     }
 
+    fn requests_that_need_not_wait_are_served_without_a_task_of_their_own(r: &Reactor) {
+        let (srv, path) = start(r, "atonce", false);
+        let _ = std::fs::read(&path).unwrap(); // all of it in the page cache
+        let mut c = session(&srv);
+        for h in 0..100u64 {
+            let (e, data) = c.read(h, h * 4096, 4096);
+            assert_eq!((e, data), (0, initial(h * 4096, 4096)));
+        }
+        // 32 in one send: each is served as it is read, the replies go out together.
+        let mut out = Vec::new();
+        for h in 0..32u64 {
+            out.extend_from_slice(&proto::Request { flags: 0, kind: cmd::READ, handle: h, offset: h * 8192, length: 4096 }.encode());
+        }
+        c.send(&out);
+        for _ in 0..32 {
+            let (e, h) = c.reply();
+            assert_eq!(e, 0);
+            assert_eq!(c.recv(4096), initial(h * 8192, 4096), "read {h}");
+        }
+        assert_eq!(srv.stats().requests_waited, 0, "cached reads need no task: {:?}", srv.stats());
+        // A FLUSH waits for the device: a task of its own, and the connection reads on.
+        assert_eq!(c.simple(0, cmd::FLUSH, 1000, 0, 0), 0);
+        assert_eq!(srv.stats().requests_waited, 1, "{:?}", srv.stats());
+        // So does a READ of data the page cache dropped.
+        drop_cache(&path);
+        let (e, data) = c.read(1001, 512 * 1024, 4096);
+        assert_eq!((e, data), (0, initial(512 * 1024, 4096)));
+        assert_eq!(srv.stats().requests_waited, 2, "{:?}", srv.stats());
+        drop(c);
+        drop(srv);
+        std::fs::remove_file(path).unwrap();
+    }
+
     fn a_client_with_a_deep_queue_pauses_polling_and_a_shallow_one_does_not(r: &Reactor) {
         let (srv, path) = start(r, "pollpause", false);
         let mut c = session(&srv);
