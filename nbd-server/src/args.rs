@@ -101,8 +101,8 @@ pub struct Args {
         env = "NBD_SERVER_POLL_MAX_NS"
     )]
     pub poll_max_ns: u64,
-    /// IoThreads poll only while no connection of theirs has more than D requests in flight
-    /// (0: at any depth).
+    /// IoThreads poll only while no connection of theirs has more than D requests unanswered
+    /// (admitted, reply not yet sent; 0: at any depth).
     #[arg(
         long,
         value_name = "D",

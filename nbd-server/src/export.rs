@@ -45,11 +45,12 @@ pub struct ExportStats {
     /// Requests answered with an error.
     pub errors: u64,
     /// Times an IoThread stopped busy polling because one of its connections had more than
-    /// [`Config::poll_depth`](crate::Config::poll_depth) requests in flight.
+    /// [`Config::poll_depth`](crate::Config::poll_depth) requests unanswered (admitted, and
+    /// their reply not yet sent).
     pub polling_pauses: u64,
     /// Requests that had to wait for their I/O (a READ of data the page cache did not hold, a
-    /// WRITE that could not be made on the IoThread, a FLUSH) and went on as a task of their
-    /// own. The others, cached READs and inline WRITEs above all, were served within the
+    /// WRITE that could not be made on the IoThread, a FLUSH), or met the reader's I/O budget
+    /// spent, and went on as a task of their own. The others, cached READs and inline WRITEs above all, were served within the
     /// reader's poll, without a task.
     pub requests_waited: u64,
 }

@@ -21,8 +21,10 @@
 //!
 //! - Each connection lives on one IoThread (connections are spread round robin). Its
 //!   requests are read in order and served concurrently, up to
-//!   [`MAX_IN_FLIGHT`](transmission::MAX_IN_FLIGHT) at once; replies go out in completion
-//!   order, several in one `send` when they are ready together.
+//!   [`MAX_IN_FLIGHT`](transmission::MAX_IN_FLIGHT) unfinished at once; one that need not
+//!   wait (a cached READ, an inline WRITE) is served by the reader itself, without a task of
+//!   its own. Replies go out in completion order, several in one `send` when they are ready
+//!   together.
 //! - File I/O goes through [`reactor::fs`]: io_uring operations on the uring backend, the
 //!   thread pool on epoll. FLUSH and FUA are `fdatasync`; TRIM punches a hole;
 //!   WRITE_ZEROES punches a hole (or, with `NO_HOLE`, zeroes the range in place) and falls

@@ -13,8 +13,9 @@
 //! (200 µs) added 1.5–3.2 µs of server CPU to each read (4.7–5.2 → 6.2–8.4 µs) and 1.1–1.9 µs
 //! to each write (6.9–8.5 → 8.8–9.7 µs) in three bench runs (64 µs, standalone: reads
 //! 5.1–5.2 → 5.4–6.0 µs, writes 5.7–6.9 → 7.6–8.0 µs). So an IoThread stops polling when a request is admitted with more than
-//! [`Config::poll_depth`](crate::Config::poll_depth) requests of its connection in flight,
-//! and polls again once [`CALM`] requests in a row, over all its connections, were admitted
+//! [`Config::poll_depth`](crate::Config::poll_depth) requests of its connection unanswered
+//! (admitted, and their reply not yet sent: the depth of the client's queue as the server
+//! sees it; a request served at once still counts until its reply is sent), and polls again once [`CALM`] requests in a row, over all its connections, were admitted
 //! at most that deep. The pause is the IoThread's: a deep client pauses it for the shallow
 //! clients it serves too. [`ExportStats::polling_pauses`](crate::ExportStats::polling_pauses)
 //! counts the pauses.
@@ -43,7 +44,7 @@ thread_local! {
 }
 
 /// How the IoThreads poll: up to `params`, while no connection has more than `depth`
-/// requests in flight (`depth` 0: at any depth).
+/// requests unanswered (`depth` 0: at any depth).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Policy {
     pub(crate) params: PollParams,
@@ -52,7 +53,7 @@ pub(crate) struct Policy {
 
 impl Policy {
     /// A request was admitted on the current IoThread with `in_flight` requests of its
-    /// connection in flight, itself included. `pauses` counts the pauses this starts.
+    /// connection unanswered, itself included. `pauses` counts the pauses this starts.
     pub(crate) fn admitted(&self, in_flight: usize, pauses: &AtomicU64) {
         if self.depth == 0 || self.params.max.is_zero() {
             return;

@@ -93,7 +93,7 @@ pub struct Config {
     /// The reactor backend of every thread.
     pub backend: Backend,
     /// Adaptive polling of the IoThreads ([`DEFAULT_POLL`]: up to 200 µs), while none of
-    /// their connections has more than [`poll_depth`](Self::poll_depth) requests in flight.
+    /// their connections has more than [`poll_depth`](Self::poll_depth) requests unanswered.
     /// [`PollParams::OFF`] turns it off.
     ///
     /// The ceiling must cover the time a client takes to answer a reply with its next
@@ -110,7 +110,7 @@ pub struct Config {
     /// [`PollParams`]).
     pub poll: PollParams,
     /// An IoThread stops polling when a request is admitted with more than this many
-    /// requests of its connection in flight, and polls again once 64 requests in a row over
+    /// requests of its connection unanswered (admitted, and their reply not yet sent), and polls again once 64 requests in a row over
     /// its connections were admitted at most this deep (default [`DEFAULT_POLL_DEPTH`]; 0:
     /// poll at any depth). A deep queue keeps the server busy without polling, and polling
     /// between its batches costs CPU: at QD32, polling always (200 µs) added 1.5–3.2 µs of

@@ -21,7 +21,8 @@ use crate::handshake::Negotiated;
 use crate::proto::{self, REPLY_LEN, Request, cmd, err};
 use crate::structured::{self, ReplyTo};
 
-/// Requests of one connection in flight at once; the reader waits for a slot beyond this.
+/// Requests of one connection admitted and not yet finished at once; the reader waits for a
+/// slot beyond this.
 pub const MAX_IN_FLIGHT: usize = 128;
 /// Payload bytes (write data being written, read data not yet sent) of one connection in
 /// flight at once; the reader waits beyond this unless nothing is in flight.
@@ -53,7 +54,8 @@ pub(crate) struct Limits {
 /// hold on the server's budget (given back once it is sent).
 type Ready = (Vec<u8>, usize, Option<Grant>);
 
-/// What one connection shares between its reader, its request tasks and its writer.
+/// What one connection shares between its reader, its requests (served in the reader or as
+/// tasks) and its writer.
 pub(crate) struct Session {
     pub(crate) sock: Sock,
     pub(crate) export: Arc<Export>,
@@ -85,7 +87,7 @@ pub(crate) struct Session {
 }
 
 /// An admitted request's claim to a reply. [`finish`](Ticket::finish) queues the reply;
-/// a ticket dropped unfinished (its task panicked or was dropped) answers `EIO`, so the
+/// a ticket dropped unfinished (its request panicked or was dropped) answers `EIO`, so the
 /// connection's count of requests in flight always returns to zero and it can close.
 pub(crate) struct Ticket {
     s: Rc<Session>,
@@ -469,14 +471,20 @@ mod tests {
                 };
                 let dropped = s.admit(&req(42), 4096).await;
                 let finished = s.admit(&req(43), 0).await;
+                assert_eq!(s.unsent.get(), 2, "the client's depth");
                 finished.finish_with(0);
+                assert_eq!(
+                    (s.pending.get(), s.unsent.get()),
+                    (1, 2),
+                    "finished, not sent"
+                );
                 drop(dropped); // as when its task panics or is dropped
                 s.close();
                 // The writer ends: nothing is left in flight.
                 w.await.unwrap();
                 assert_eq!(
-                    (s.pending.get(), s.bytes.get()),
-                    (0, 0),
+                    (s.pending.get(), s.unsent.get(), s.bytes.get()),
+                    (0, 0, 0),
                     "every byte accounted for"
                 );
                 let (res, got) = b.read(Vec::with_capacity(64)).await;

@@ -67,12 +67,18 @@ fn spawn<F: Future + 'static>(f: F) -> reactor::JoinHandle<F::Output> {
     Reactor::with_current(|r| r.spawn_local(f)).expect("connections run inside a reactor")
 }
 
+/// Requests the reader serves before it yields to the loop once, whatever they cost: what
+/// one client's burst can hold its IoThread for is at most this many requests' work.
+const READER_TURN: u64 = 32;
+
 /// Serves one admitted request: its future is polled once here, in the reader's task, and
 /// becomes a task of its own only if it has to wait. A READ the page cache serves, or a
 /// WRITE made inline, is done within that poll, without a task's allocations, its schedule
-/// and its separate poll. Both count against the reader's I/O budget, so a client with many
-/// such requests still lets the loop run others: once the budget is spent, the next request
-/// yields at its first operation and goes on as a task.
+/// and its separate poll. Their file operations count against the reader's I/O budget, so a
+/// client with many such requests still lets the loop run others: once the budget is spent,
+/// the next request yields at its first operation and goes on as a task (and counts as one
+/// that waited). The reader also yields every [`READER_TURN`] requests, for work that spends
+/// no budget.
 ///
 /// A panic in a request's code ends that request only, as it would in a task of its own: its
 /// ticket, dropped, answers EIO.
@@ -150,6 +156,11 @@ async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
         }
         let req = req?;
         s.requests.set(s.requests.get() + 1);
+        if s.requests.get() % READER_TURN == 0 {
+            // Requests served here may do work that spends no I/O budget (BLOCK_STATUS's
+            // `lseek`s): the loop gets a turn anyway.
+            reactor::yield_now().await;
+        }
         // A payload follows a WRITE (whose length is always the payload's: QEMU's client
         // does not flag it), and with extended headers any request flagged PAYLOAD_LEN.
         let flagged = extended && req.flags & cflag::PAYLOAD_LEN != 0;

@@ -399,11 +399,32 @@ backend_tests! {
         // A FLUSH waits for the device: a task of its own, and the connection reads on.
         assert_eq!(c.simple(0, cmd::FLUSH, 1000, 0, 0), 0);
         assert_eq!(srv.stats().requests_waited, 1, "{:?}", srv.stats());
+        // A request that does some of its work in the reader and then waits goes on as a
+        // task and finishes there: a FUA WRITE (an inline write, then the sync), and a READ
+        // that finds the reader's I/O budget spent.
+        let data = pattern(7, 8192);
+        assert_eq!(c.write(cflag::FUA, 1001, 8192, &data), 0);
+        assert_eq!(srv.stats().requests_waited, 2, "{:?}", srv.stats());
+        // Two in one send: the first spends 68 units (its last piece starts with 51 spent),
+        // so the second meets the budget spent at its first piece.
+        let mut out = Vec::new();
+        for h in [1002u64, 1003] {
+            out.extend_from_slice(&proto::Request { flags: 0, kind: cmd::READ, handle: h, offset: 0, length: SIZE as u64 }.encode());
+        }
+        c.send(&out);
+        for _ in 0..2 {
+            let (e, h) = c.reply();
+            assert_eq!(e, 0, "read {h}");
+            let all = c.recv(SIZE);
+            assert_eq!(&all[8192..16384], &data[..], "the FUA write, read {h}");
+            assert_eq!(&all[16384..], &initial(16384, SIZE - 16384)[..], "read {h}");
+        }
+        assert_eq!(srv.stats().requests_waited, 3, "{:?}", srv.stats());
         // So does a READ of data the page cache dropped.
         drop_cache(&path);
-        let (e, data) = c.read(1001, 512 * 1024, 4096);
+        let (e, data) = c.read(1004, 512 * 1024, 4096);
         assert_eq!((e, data), (0, initial(512 * 1024, 4096)));
-        assert_eq!(srv.stats().requests_waited, 2, "{:?}", srv.stats());
+        assert_eq!(srv.stats().requests_waited, 4, "{:?}", srv.stats());
         drop(c);
         drop(srv);
         std::fs::remove_file(path).unwrap();

@@ -113,6 +113,8 @@ fn grow_to(r: &Reactor, wait: Duration, target: Duration) {
 backend_tests! {
     fn an_fd_found_ready_while_spinning_is_dispatched_by_that_poll(r: &Reactor) {
         let _serial = serial();
+        // What is tested is the spin: a loaded machine must not make it stand down.
+        r.set_poll_stand_down(false);
         r.set_poll(PollParams { max: Duration::from_millis(50), grow: 2, shrink: 0 });
         grow_to(r, Duration::from_millis(3), Duration::from_millis(2));
         let (rd, wr) = pipe().unwrap();
@@ -158,6 +160,8 @@ backend_tests! {
 
     fn a_long_spin_gives_the_cpu_away_now_and_then(r: &Reactor) {
         let _serial = serial();
+        // What is tested is the spin: a loaded machine must not make it stand down.
+        r.set_poll_stand_down(false);
         r.set_poll(PollParams { max: Duration::from_millis(50), grow: 2, shrink: 0 });
         let before = r.stats();
         // A wait (1 ms) within the poll time: the poll spins all of it, and a thread sharing
@@ -182,6 +186,8 @@ backend_tests! {
 
     fn a_spin_that_finds_its_cpu_shared_lets_the_other_thread_run_and_waits(r: &Reactor) {
         let _serial = serial();
+        // What is tested is the spin: a loaded machine must not make it stand down.
+        r.set_poll_stand_down(false);
         // This thread and a busy one on one CPU: a yield of the spin runs the busy thread,
         // so the loop learns that it shares its CPU and waits instead of spinning on.
         let busy = SharedCpu::start();
@@ -232,10 +238,15 @@ backend_tests! {
                     break;
                 }
             }
-            // Standing down, an iteration waits at once: no spin, no yield, no look.
+            // Standing down, an iteration waits at once: no spin, no yield, no look. And it
+            // stays down (for 64 ms at least, whatever the samples say meanwhile): 40 ms of
+            // such waits, not one spin.
             let before = r.stats();
             let ran = busy.progress();
-            wait_once();
+            let until = Instant::now() + Duration::from_millis(40);
+            while Instant::now() < until {
+                wait_once();
+            }
             let after = r.stats();
             assert!(after.poll_contended > before.poll_contended, "{after:?}");
             assert_eq!(
@@ -243,8 +254,20 @@ backend_tests! {
                 (before.poll_hits, before.poll_misses, before.poll_yields, before.poll_shared),
                 "it spun while standing down"
             );
-            assert!(after.blocking_waits > before.blocking_waits, "{after:?}");
+            assert!(
+                after.poll_contended - before.poll_contended
+                    >= after.blocking_waits - before.blocking_waits,
+                "every wait stood down: {after:?}"
+            );
             assert!(busy.progress() > ran, "the busy thread never ran");
+            // A loop that may not stand down spins on the same contended CPU.
+            r.set_poll_stand_down(false);
+            let before = r.stats();
+            wait_once();
+            let after = r.stats();
+            assert_eq!(after.poll_contended, before.poll_contended);
+            assert!(after.poll_misses + after.poll_hits + after.poll_shared > before.poll_misses + before.poll_hits + before.poll_shared, "{after:?}");
+            r.set_poll_stand_down(true);
         }
         // The busy thread is gone and this thread has its CPUs back: within a few samples
         // (4 ms each) the loop spins again.
@@ -265,6 +288,8 @@ backend_tests! {
 
     fn poll_time_grows_on_short_waits_and_resets_on_long_ones(r: &Reactor) {
         let _serial = serial();
+        // What is tested is the spin: a loaded machine must not make it stand down.
+        r.set_poll_stand_down(false);
         assert_eq!(r.poll_params(), PollParams::OFF, "off by default on a bare reactor");
         r.set_poll(PollParams { max: Duration::from_millis(2), grow: 2, shrink: 0 });
         assert_eq!(r.poll_time(), Duration::ZERO);
@@ -286,6 +311,8 @@ backend_tests! {
 
     fn poll_handler_finds_work_without_the_fd(r: &Reactor) {
         let _serial = serial();
+        // What is tested is the spin: a loaded machine must not make it stand down.
+        r.set_poll_stand_down(false);
         r.set_poll(PollParams { max: Duration::from_millis(2), grow: 2, shrink: 0 });
         let (rd, wr) = pipe().unwrap();
         let rd = Rc::new(rd);
@@ -357,6 +384,8 @@ backend_tests! {
 
     fn a_cross_thread_schedule_is_seen_while_spinning_without_an_eventfd_write(r: &Reactor) {
         let _serial = serial();
+        // What is tested is the spin: a loaded machine must not make it stand down.
+        r.set_poll_stand_down(false);
         // A long poll window, and a pollable handler whose poll-mode callback tells the other
         // thread that the reactor is spinning.
         r.set_poll(PollParams { max: Duration::from_millis(200), grow: 16, shrink: 0 });

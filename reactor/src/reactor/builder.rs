@@ -111,6 +111,7 @@ pub struct Builder {
     pool: Option<ThreadPool>,
     socket_io: SocketIo,
     poll: Option<PollParams>,
+    poll_stand_down: bool,
     wakeup: Wakeup,
 }
 
@@ -127,6 +128,7 @@ impl Default for Builder {
             pool: None,
             socket_io: SocketIo::default(),
             poll: None,
+            poll_stand_down: true,
             wakeup: Wakeup::Auto,
         }
     }
@@ -228,6 +230,20 @@ impl Builder {
         self
     }
 
+    /// Whether busy polling stands down while the loop's thread waits for a CPU (default
+    /// `true`; see [`Reactor::set_poll_stand_down`](crate::Reactor::set_poll_stand_down)).
+    ///
+    /// ```
+    /// use reactor::{Builder, PollParams};
+    /// let r = Builder::new().poll(PollParams::IOTHREAD).poll_stand_down(false).build()?;
+    /// assert!(!r.poll_stand_down());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn poll_stand_down(mut self, on: bool) -> Self {
+        self.poll_stand_down = on;
+        self
+    }
+
     /// Whether adaptive polling was left unset (for [`IoThread`](crate::IoThread)'s default).
     pub(crate) fn poll_is_default(&self) -> bool {
         self.poll.is_none()
@@ -267,7 +283,7 @@ impl Builder {
             stop: AtomicBool::new(false),
         });
         monitor.update(shared.notifier.fd(), NOTIFIER_TOKEN, 0, libc::POLLIN as u32)?;
-        Ok(Reactor {
+        let r = Reactor {
             shared,
             monitor: RefCell::new(monitor),
             bhs: BhHome::new(),
@@ -280,7 +296,9 @@ impl Builder {
             pool: self.pool.unwrap_or_else(ThreadPool::default_pool),
             socket_io: self.socket_io,
             adaptive: Adaptive::new(self.poll.unwrap_or(PollParams::OFF)),
-            contention: super::contention::Contention::new(),
+            contention: super::contention::Contention::new(
+                self.poll_stand_down && self.poll.is_some_and(|p| !p.max.is_zero()),
+            ),
             poll_mode: Cell::new(false),
             external_wait: Cell::new(false),
             skipped_waits: Cell::new(0),
@@ -290,6 +308,8 @@ impl Builder {
             fixed_buffers: RefCell::new(None),
             recv_ring: RefCell::new(None),
             _not_send: PhantomData,
-        })
+        };
+        r.contention.set_enabled(self.poll_stand_down);
+        Ok(r)
     }
 }

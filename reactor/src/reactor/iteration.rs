@@ -75,19 +75,21 @@ impl Reactor {
         } else {
             0
         };
-        if adaptive && self.contention.suspends(start) {
-            // The thread waits for its CPU: a spin would take it from whoever holds it.
-            adaptive = false;
-            self.stats
-                .poll_contended
-                .set(self.stats.poll_contended.get() + 1);
-        }
+        // The thread waits for its CPU: a spin would take it from whoever holds it.
+        let contended = adaptive && self.contention.suspends(start);
+        adaptive &= !contended;
         self.handlers.set_now(start);
         let mut timeout = if blocking {
             self.timeout()
         } else {
             Some(Duration::ZERO)
         };
+        if contended && timeout != Some(Duration::ZERO) {
+            // (Counted only where the iteration would have spun.)
+            self.stats
+                .poll_contended
+                .set(self.stats.poll_contended.get() + 1);
+        }
         let mut skip_wait = false;
         let mut polled_hit = false;
         if adaptive && timeout != Some(Duration::ZERO) && self.busy_poll(timeout, on_error)? {
@@ -312,6 +314,29 @@ impl Reactor {
     /// iteration.
     pub fn set_poll(&self, params: PollParams) {
         self.adaptive.set(params);
+    }
+
+    /// Whether busy polling stands down while this loop's thread waits for a CPU more than a
+    /// tenth of the time (on by default; see [`PollParams`] and
+    /// [`Stats::poll_contended`](crate::Stats::poll_contended)). Off, the loop spins whatever
+    /// its CPU does: for a thread that owns its CPU and must never miss a spin, or a test of
+    /// the spin itself.
+    ///
+    /// ```
+    /// let r = reactor::Reactor::new()?;
+    /// assert!(r.poll_stand_down());
+    /// r.set_poll_stand_down(false);
+    /// assert!(!r.poll_stand_down());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn set_poll_stand_down(&self, on: bool) {
+        self.contention.set_enabled(on);
+    }
+
+    /// Whether busy polling stands down on a contended CPU (see
+    /// [`set_poll_stand_down`](Self::set_poll_stand_down)).
+    pub fn poll_stand_down(&self) -> bool {
+        self.contention.enabled()
     }
 
     /// The adaptive polling parameters.
