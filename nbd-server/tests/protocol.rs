@@ -385,16 +385,7 @@ backend_tests! {
             assert_eq!((e, data), (0, initial(h * 4096, 4096)));
         }
         // 32 in one send: each is served as it is read, the replies go out together.
-        let mut out = Vec::new();
-        for h in 0..32u64 {
-            out.extend_from_slice(&proto::Request { flags: 0, kind: cmd::READ, handle: h, offset: h * 8192, length: 4096 }.encode());
-        }
-        c.send(&out);
-        for _ in 0..32 {
-            let (e, h) = c.reply();
-            assert_eq!(e, 0);
-            assert_eq!(c.recv(4096), initial(h * 8192, 4096), "read {h}");
-        }
+        read_burst(&mut c, 8192);
         assert_eq!(srv.stats().requests_waited, 0, "cached reads need no task: {:?}", srv.stats());
         // A FLUSH waits for the device: a task of its own, and the connection reads on.
         assert_eq!(c.simple(0, cmd::FLUSH, 1000, 0, 0), 0);
@@ -439,19 +430,8 @@ backend_tests! {
             assert_eq!((e, data), (0, initial(h * 4096, 4096)));
         }
         assert_eq!(srv.stats().polling_pauses, 0, "queue depth 1 keeps the IoThread polling");
-        let burst = |c: &mut Client| {
-            // 32 reads in one send: the server finds them in flight together.
-            let mut out = Vec::new();
-            for h in 0..32u64 {
-                out.extend_from_slice(&proto::Request { flags: 0, kind: cmd::READ, handle: h, offset: h * 4096, length: 4096 }.encode());
-            }
-            c.send(&out);
-            for _ in 0..32 {
-                let (e, h) = c.reply();
-                assert_eq!(e, 0);
-                assert_eq!(c.recv(4096), initial(h * 4096, 4096), "read {h}");
-            }
-        };
+        // 32 reads in one send: the server finds them in flight together.
+        let burst = |c: &mut Client| read_burst(c, 4096);
         burst(&mut c);
         assert_eq!(srv.stats().polling_pauses, 1, "32 in flight stop the polling once");
         burst(&mut c);
@@ -611,6 +591,28 @@ backend_tests! {
 }
 
 /// The bytes a fresh scratch file holds at `off..off + len` (see `scratch_file`).
+/// Sends 32 READs of 4 KiB, `stride` bytes apart from offset 0, in one send, and checks their
+/// replies (in whatever order they come).
+fn read_burst(c: &mut Client, stride: u64) {
+    let mut out = Vec::new();
+    for h in 0..32u64 {
+        let r = proto::Request {
+            flags: 0,
+            kind: cmd::READ,
+            handle: h,
+            offset: h * stride,
+            length: 4096,
+        };
+        out.extend_from_slice(&r.encode());
+    }
+    c.send(&out);
+    for _ in 0..32 {
+        let (e, h) = c.reply();
+        assert_eq!(e, 0);
+        assert_eq!(c.recv(4096), initial(h * stride, 4096), "read {h}");
+    }
+}
+
 fn initial(off: u64, len: usize) -> Vec<u8> {
     (off as usize..off as usize + len)
         .map(|i| (i % 251) as u8 | 1)
