@@ -241,6 +241,82 @@ mod uring_completion {
         locked(Backend::Uring, SocketIo::Completion, cancelled_accept);
     }
 
+    /// Polls `f` once inside the reactor's poll (so its operation is submitted) and gives it
+    /// back, still pending, to be dropped outside the loop.
+    #[allow(clippy::async_yields_async)] // on purpose: the future comes back unfinished
+    fn started<F: std::future::Future + Unpin>(r: &Reactor, f: F) -> F {
+        r.block_on(async move {
+            let mut f = f;
+            std::future::poll_fn(|cx| {
+                assert!(std::pin::Pin::new(&mut f).poll(cx).is_pending());
+                std::task::Poll::Ready(())
+            })
+            .await;
+            f
+        })
+    }
+
+    #[test]
+    fn a_receive_dropped_outside_the_loop_is_cancelled_and_closes_its_socket() {
+        locked(Backend::Uring, SocketIo::Completion, |r| {
+            let before = open_fds();
+            let (a, b) = r.block_on(async { UnixStream::pair() }).unwrap();
+            let read = started(r, Box::pin(async move { a.read(vec![0u8; 64]).await }));
+            flush(r);
+            assert_eq!(r.ops_in_flight(), 1, "the receive waits for data");
+            // Outside the loop: the stream and the read's future go; the receive, which keeps
+            // the socket open, must not wait for data that never comes.
+            drop(read);
+            settle(r, || r.ops_in_flight() == 0);
+            assert_eq!(open_fds(), before + 1, "the stream's socket is closed");
+            drop(b);
+        });
+    }
+
+    #[test]
+    fn bytes_of_a_receive_whose_future_was_dropped_come_back_first() {
+        locked(Backend::Uring, SocketIo::Completion, |r| {
+            let (a, b) = r.block_on(async { UnixStream::pair() }).unwrap();
+            let read = started(r, Box::pin(a.read(Vec::with_capacity(4))));
+            flush(r);
+            r.block_on(async { b.write_all(b"abcdef".to_vec()).await.0 })
+                .unwrap();
+            // The receive completes (with "abcd"), but its future is never polled again.
+            settle(r, || r.ops_in_flight() == 0);
+            drop(read);
+            let got = r.block_on(async {
+                let mut got = Vec::new();
+                while got.len() < 6 {
+                    let (res, buf) = a.read(Vec::with_capacity(3)).await;
+                    got.extend_from_slice(&buf[..res.unwrap()]);
+                }
+                got
+            });
+            assert_eq!(got, b"abcdef", "in order, none lost, none twice");
+        });
+    }
+
+    #[test]
+    fn a_stream_holding_bytes_of_a_dropped_read_refuses_to_become_std() {
+        locked(Backend::Uring, SocketIo::Completion, |r| {
+            let (a, b) = r.block_on(async { UnixStream::pair() }).unwrap();
+            let a = Rc::new(a);
+            let a2 = a.clone();
+            let read = started(
+                r,
+                Box::pin(async move { a2.read(Vec::with_capacity(8)).await }),
+            );
+            flush(r);
+            r.block_on(async { b.write_all(b"held".to_vec()).await.0 })
+                .unwrap();
+            settle(r, || r.ops_in_flight() == 0);
+            drop(read);
+            let a = Rc::try_unwrap(a).ok().unwrap();
+            let err = r.block_on(a.into_std()).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        });
+    }
+
     #[test]
     fn connect_then_cancel_many_reads_with_completion_ops() {
         locked(Backend::Uring, SocketIo::Completion, |r| {

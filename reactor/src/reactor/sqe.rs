@@ -90,6 +90,23 @@ impl Reactor {
         }
     }
 
+    /// Cancels the operation `id` of the reactor owning `shared`, from its thread: at once
+    /// inside its poll, else at its next iteration (a oneshot through its handle), so that an
+    /// operation whose future was dropped outside the loop does not stay in the kernel, holding
+    /// its fd and buffer, until something completes it. A reactor already gone cancelled it
+    /// when it went.
+    pub(crate) fn cancel_for(shared: &Arc<Shared>, id: OpId) {
+        let done = Reactor::with_current_for(shared, |r| {
+            let _ = r.cancel_sqe(id);
+        });
+        if done.is_none() {
+            let _ = Handle::new(shared.clone()).oneshot(move |r| {
+                // (`NotFound` if it completed meanwhile: nothing to do.)
+                let _ = r.cancel_sqe(id);
+            });
+        }
+    }
+
     /// Number of io_uring operations in flight.
     pub fn ops_in_flight(&self) -> usize {
         self.ops.in_flight()

@@ -11,6 +11,11 @@
 //!
 //! Dropping an operation's future cancels it: on the completion path its buffer lives until
 //! the kernel's completion arrives, and a socket a cancelled `accept` produced is closed.
+//! Stream reads are cancel-safe on every backend and mode: bytes a cancelled `RECV` took from
+//! the socket before its cancellation landed are kept with the stream and returned, in order,
+//! by its next read. A dropped write sent nothing by readiness, and may have sent a prefix of
+//! its buffer by an io_uring `SEND`; [`TcpStream::bytes_sent`] after [`TcpStream::flush`]
+//! says how much (see [`TcpStream::write`]). A stream runs one read and one write at a time.
 //!
 //! [`Builder::socket_io`]: crate::Builder::socket_io
 //!
@@ -46,6 +51,7 @@ use crate::fd::backend::Backend;
 use crate::io::no_reactor;
 use crate::io::{Async, IoBuf, IoBufMut, Slice};
 use crate::reactor::Reactor;
+use crate::rt::op::in_order::{self, Dir};
 use crate::rt::op::multishot::{CloseOnDrop, MultiRecv};
 use crate::rt::op::multishot_accept::MultiAccept;
 use crate::rt::op::socket::{Accept, Connect, Recv, SendOp};
@@ -60,6 +66,9 @@ struct Stream<T: AsFd + 'static> {
     /// The multishot receive, under [`SocketIo::Multishot`] on io_uring (made on first read;
     /// its buffers given back and its receive cancelled when the stream goes).
     recv: CloseOnDrop<MultiRecv>,
+    /// One read and one write in flight at a time, and what dropped ones did
+    /// (`rt/op/in_order.rs`).
+    order: Rc<in_order::Shared>,
 }
 
 impl<T: AsFd + 'static> Stream<T> {
@@ -67,6 +76,7 @@ impl<T: AsFd + 'static> Stream<T> {
         Ok(Stream {
             io: Rc::new(Async::new(io)?),
             recv: CloseOnDrop::new(),
+            order: in_order::Shared::new(),
         })
     }
 
@@ -90,50 +100,83 @@ impl<T: AsFd + 'static> Stream<T> {
         Ok(self.recv.0.get_or_init(|| m).as_ref())
     }
 
+    /// A receive into `buf`, counted as the stream's read in flight.
+    fn recv_op<B: IoBufMut>(&self, buf: B) -> Recv<T, B> {
+        Recv {
+            io: self.io.clone(),
+            buf,
+            turn: self.order.in_flight(Dir::Read),
+        }
+    }
+
+    /// Moves bytes that a dropped read's receive took into `buf`; how many (0: none).
+    fn take_held<B: IoBufMut>(&self, buf: &mut B) -> usize {
+        if !self.order.has_held() {
+            return 0;
+        }
+        let n = self.order.take_held(room(buf));
+        // SAFETY: `take_held` wrote the first `n` bytes of the room.
+        unsafe { buf.set_init(n) };
+        n
+    }
+
     async fn read<B: IoBufMut>(&self, buf: B) -> (io::Result<usize>, B) {
-        let m = match self.multishot() {
-            Ok(Some(m)) => m.clone(),
-            Ok(None) => {
-                let io = self.io.clone();
-                return run_when_ready(&self.io, Ready::Read, Recv { io, buf }).await;
-            }
-            Err(e) => return (Err(e), buf),
-        };
         let mut buf = buf;
-        let res = std::future::poll_fn(|cx| {
-            let room = buf.bytes_total();
-            // SAFETY: the buffer's room is `room` bytes at its stable pointer; viewing it as
-            // uninitialised bytes makes no claim about its contents.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(
-                    buf.stable_mut_ptr().cast::<std::mem::MaybeUninit<u8>>(),
-                    room,
-                )
+        loop {
+            // A read before this one whose future was dropped (or another task's) may still be
+            // receiving: what it takes from the socket comes before anything newer.
+            self.order.gate(Dir::Read).clear().await;
+            let n = self.take_held(&mut buf);
+            if n > 0 {
+                return (Ok(n), buf);
+            }
+            let m = match self.multishot() {
+                Ok(Some(m)) => m.clone(),
+                Ok(None) => {
+                    return run_when_ready(&self.io, Ready::Read, self.recv_op(buf)).await;
+                }
+                Err(e) => return (Err(e), buf),
             };
-            match m.poll_read(cx, dst) {
+            let res = std::future::poll_fn(|cx| match m.poll_read(cx, room(&mut buf)) {
                 Some(p) => p.map(Some),
                 None => Poll::Ready(None),
-            }
-        })
-        .await;
-        match res {
-            Some(res) => {
-                if let Ok(n) = res {
-                    // SAFETY: `poll_read` wrote the first `n` bytes of the room.
-                    unsafe { buf.set_init(n) };
+            })
+            .await;
+            match res {
+                Some(res) => {
+                    if let Ok(n) = res {
+                        // SAFETY: `poll_read` wrote the first `n` bytes of the room.
+                        unsafe { buf.set_init(n) };
+                    }
+                    return (res, buf);
                 }
-                (res, buf)
-            }
-            None => {
-                // The ring has no buffer left: this read receives into `buf` itself.
-                let io = self.io.clone();
-                run_when_ready(&self.io, Ready::Read, Recv { io, buf }).await
+                // The ring has no buffer left: this read receives into `buf` itself, once no
+                // other read of the stream is in flight.
+                None if self.order.gate(Dir::Read).is_clear() => {
+                    return run_when_ready(&self.io, Ready::Read, self.recv_op(buf)).await;
+                }
+                None => {}
             }
         }
     }
 
-    /// `AsyncRead`: through the multishot receive if the stream has one, else readiness.
+    /// `AsyncRead`: bytes a dropped read's receive took first, then through the multishot
+    /// receive if the stream has one, else readiness.
     fn poll_read(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        if self.order.gate(Dir::Read).poll_clear(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if self.order.has_held() {
+            // SAFETY: initialised bytes may be viewed as possibly uninitialised ones; only
+            // initialised bytes are written through the view.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(
+                    buf.as_mut_ptr().cast::<std::mem::MaybeUninit<u8>>(),
+                    buf.len(),
+                )
+            };
+            return Poll::Ready(Ok(self.order.take_held(dst)));
+        }
         match self.multishot() {
             Ok(Some(m)) => {
                 // SAFETY: initialised bytes may be viewed as possibly uninitialised ones; only
@@ -173,8 +216,27 @@ impl<T: AsFd + 'static> Stream<T> {
     }
 
     async fn write<B: IoBuf>(&self, buf: B) -> (io::Result<usize>, B) {
-        let io = self.io.clone();
-        run_when_ready(&self.io, Ready::Write, SendOp { io, buf }).await
+        // A write before this one whose future was dropped (or another task's) may still be
+        // sending: bytes go out in the order they were written.
+        self.order.gate(Dir::Write).clear().await;
+        let op = SendOp {
+            io: self.io.clone(),
+            buf,
+            turn: self.order.in_flight(Dir::Write),
+        };
+        run_when_ready(&self.io, Ready::Write, op).await
+    }
+
+    /// `AsyncWrite`: readiness, after any write in flight.
+    fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.order.gate(Dir::Write).poll_clear(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let res = self.io.poll_write_fd(cx, buf);
+        if let Poll::Ready(Ok(n)) = res {
+            self.order.count_sent(n);
+        }
+        res
     }
 
     async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
@@ -263,11 +325,20 @@ macro_rules! stream_common {
             /// cancelled and waited for first.
             ///
             /// # Errors
-            /// No reactor on this thread; the fd deregistration failing; `InvalidData` if a
-            /// multishot receive holds bytes the application has not read (they are dropped
-            /// with the stream: read until the peer pauses before converting).
+            /// No reactor on this thread; the fd deregistration failing; `InvalidData` if the
+            /// stream holds received bytes the application has not read (from a multishot
+            /// receive, or from a dropped read's receive; they are dropped with the stream:
+            /// read until the peer pauses before converting).
             pub async fn into_std(self) -> io::Result<$std> {
                 self.inner.end_multishot().await?;
+                self.inner.order.gate(Dir::Read).clear().await;
+                self.inner.order.gate(Dir::Write).clear().await;
+                if self.inner.order.has_held() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the stream holds bytes a dropped read received that the application has not read: read them before converting the stream",
+                    ));
+                }
                 let mut io = self.inner.io;
                 loop {
                     match Rc::try_unwrap(io) {
@@ -282,18 +353,73 @@ macro_rules! stream_common {
 
             /// Reads up to `buf.bytes_total()` bytes into the start of `buf` (a `Vec`'s
             /// length becomes the count). 0 means the peer closed its writing half.
+            ///
+            /// Cancel-safe on every backend and [`SocketIo`] mode: if the future is dropped
+            /// (a `timeout`, a `select`, an aborted task) after the kernel received bytes for
+            /// it (an io_uring `RECV` that completed before its cancellation landed), those
+            /// bytes are kept with the stream and the next read (owned-buffer or `AsyncRead`)
+            /// returns them first. Reads of one stream run one at a time: a read waits for the
+            /// one before it, dropped or not, to be over.
             pub async fn read<B: IoBufMut>(&self, buf: B) -> (io::Result<usize>, B) {
                 self.inner.read(buf).await
             }
 
             /// Writes some of `buf`'s initialised bytes; returns how many.
+            ///
+            /// If the future is dropped before it returns: by readiness (epoll, or
+            /// [`SocketIo::Readiness`]) nothing of `buf` was sent; by an io_uring `SEND`
+            /// ([`SocketIo::Completion`] and [`SocketIo::Multishot`]) the kernel may still
+            /// send part or all of it before the cancellation lands. Either way the outcome
+            /// is not lost: it counts in [`bytes_sent`](Self::bytes_sent) once
+            /// [`flush`](Self::flush) returns. Writes of one stream run one at a time, so
+            /// bytes go out in the order they were written.
             pub async fn write<B: IoBuf>(&self, buf: B) -> (io::Result<usize>, B) {
                 self.inner.write(buf).await
             }
 
-            /// Writes all of `buf`.
+            /// Writes all of `buf`. If the future is dropped before it returns, a prefix
+            /// of `buf` was sent (possibly none, possibly all): its length is what
+            /// [`bytes_sent`](Self::bytes_sent) grew by, once [`flush`](Self::flush)
+            /// returns.
             pub async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
                 self.inner.write_all(buf).await
+            }
+
+            /// Waits until no write of this stream is in flight: a write whose future was
+            /// dropped may still be in the kernel's hands on io_uring. After it,
+            /// [`bytes_sent`](Self::bytes_sent) counts every write started before. (What
+            /// `futures-io`'s `flush` does too; nothing is buffered in the stream itself.)
+            ///
+            /// # Errors
+            /// None today; the `io::Result` leaves room for streams that buffer.
+            pub async fn flush(&self) -> io::Result<()> {
+                self.inner.order.gate(Dir::Write).clear().await;
+                Ok(())
+            }
+
+            /// How many bytes the kernel has taken from this stream's writes, in all, counting
+            /// the writes whose futures were dropped: how a caller learns what a dropped write
+            /// sent (read it before the write and after [`flush`](Self::flush)).
+            ///
+            /// ```
+            /// use reactor::{Reactor, net::UnixStream, time};
+            /// use std::time::Duration;
+            /// let r = Reactor::new()?;
+            /// r.block_on(async {
+            ///     let (a, _b) = UnixStream::pair()?;
+            ///     let before = a.bytes_sent();
+            ///     // A write that may be dropped before it returns...
+            ///     let _ = time::timeout(Duration::from_micros(1), a.write(vec![7u8; 100])).await;
+            ///     a.flush().await?;
+            ///     // ...sent this much of its buffer (a prefix), whatever the backend.
+            ///     let sent = a.bytes_sent() - before;
+            ///     assert!(sent <= 100);
+            ///     Ok::<(), std::io::Error>(())
+            /// })?;
+            /// # Ok::<(), std::io::Error>(())
+            /// ```
+            pub fn bytes_sent(&self) -> u64 {
+                self.inner.order.sent()
             }
 
             /// Shuts down the reading half, the writing half or both.
@@ -330,10 +456,10 @@ macro_rules! stream_common {
                 cx: &mut Context<'_>,
                 buf: &[u8],
             ) -> Poll<io::Result<usize>> {
-                self.inner.io.poll_write_fd(cx, buf)
+                self.inner.poll_write(cx, buf)
             }
-            fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Poll::Ready(Ok(()))
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                self.inner.order.gate(Dir::Write).poll_clear(cx).map(Ok)
             }
             fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
                 Poll::Ready(self.inner.shutdown(Shutdown::Write))
@@ -548,6 +674,19 @@ impl UnixListener {
 impl fmt::Debug for UnixListener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UnixListener").finish()
+    }
+}
+
+/// The room of `buf` (all `bytes_total` bytes) as possibly uninitialised bytes.
+fn room<B: IoBufMut>(buf: &mut B) -> &mut [std::mem::MaybeUninit<u8>] {
+    let len = buf.bytes_total();
+    // SAFETY: the buffer's room is `len` bytes at its stable pointer, borrowed mutably with
+    // `buf`; viewing it as uninitialised bytes makes no claim about its contents.
+    unsafe {
+        std::slice::from_raw_parts_mut(
+            buf.stable_mut_ptr().cast::<std::mem::MaybeUninit<u8>>(),
+            len,
+        )
     }
 }
 

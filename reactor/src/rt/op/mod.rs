@@ -18,6 +18,7 @@
 //! A new operation is one new type in `file.rs` or `socket.rs`.
 
 pub(crate) mod file;
+pub(crate) mod in_order;
 pub(crate) mod inline_writes;
 pub(crate) mod multishot;
 pub(crate) mod multishot_accept;

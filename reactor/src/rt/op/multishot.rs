@@ -98,15 +98,7 @@ impl Armed {
         if self.cancelling.replace(true) {
             return;
         }
-        let done = Reactor::with_current_for(shared, |r| {
-            let _ = r.cancel_sqe(id);
-        });
-        if done.is_none() {
-            // Outside the reactor's poll: the cancellation runs at its next iteration.
-            let _ = crate::Handle::new(shared.clone()).oneshot(move |r| {
-                let _ = r.cancel_sqe(id);
-            });
-        }
+        Reactor::cancel_for(shared, id);
     }
 }
 

@@ -3,9 +3,10 @@
 //! The operation (its buffers, the fd's keeper, a path) moves into a state shared with the
 //! reactor before its SQE is built, and comes back with the completion. That state is also the
 //! operation's completion callback, so an operation costs one allocation. If the future is
-//! dropped first, the operation is cancelled (`ASYNC_CANCEL`) and stays in the state until the
-//! completion arrives; then [`Op::orphan`] disposes of what it produced (for example closes
-//! the fd an accept or open returned).
+//! dropped first, the operation is cancelled (`ASYNC_CANCEL`, at once inside the reactor's
+//! poll, else at its next iteration) and stays in the state until the completion arrives; then
+//! [`Op::orphan`] disposes of what it produced (closes the fd an accept or open returned) or
+//! keeps it where its owner finds it (bytes a stream's receive took, `in_order.rs`).
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -94,12 +95,9 @@ impl<O: Op> Drop for Submitted<O> {
             return;
         }
         self.state.abandoned.set(true);
-        // Cancel it; the state disposes of the operation when the completion arrives. Off
-        // the reactor's poll (rare), the operation just runs to completion.
-        let id = self.id;
-        Reactor::with_current_for(&self.shared, |r| {
-            let _ = r.cancel_sqe(id);
-        });
+        // Cancel it (off the reactor's poll, at its next iteration); the state disposes of
+        // the operation when the completion arrives.
+        Reactor::cancel_for(&self.shared, self.id);
     }
 }
 

@@ -1,7 +1,9 @@
 //! The socket operations: one type each, with its io_uring SQE and its non-blocking call.
 //!
 //! Each keeps the socket open with the `Rc<Async<_>>` it shares with its stream or listener,
-//! and owns its buffer until it completes.
+//! and owns its buffer until it completes. A stream's receives and sends also own their
+//! stream's [`InFlight`] guard (`in_order.rs`): what one does after its future was dropped
+//! (bytes received, bytes sent) is kept with the stream, not lost.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -10,14 +12,16 @@ use std::rc::Rc;
 use io_uring::squeue::Entry;
 use io_uring::{opcode, types};
 
+use super::in_order::InFlight;
 use super::{Op, len32};
 use crate::io::{Async, IoBuf, IoBufMut};
 use crate::sys::cvt;
 
-/// `recv` into the room of `buf`.
+/// `recv` into the room of `buf`, as the stream's one read in flight (`turn`).
 pub(crate) struct Recv<T: AsFd + 'static, B> {
     pub(crate) io: Rc<Async<T>>,
     pub(crate) buf: B,
+    pub(crate) turn: InFlight,
 }
 
 impl<T: AsFd + 'static, B> Recv<T, B> {
@@ -53,13 +57,24 @@ unsafe impl<T: AsFd + 'static, B: IoBufMut> Op for Recv<T, B> {
         }
         (res, self.buf)
     }
+
+    /// The bytes were taken from the socket but nobody collected them: the stream's next
+    /// read returns them.
+    fn orphan(mut self, n: usize) {
+        let ptr = self.buf.stable_mut_ptr();
+        // SAFETY: the kernel wrote `n` bytes (at most the room) at the buffer's stable pointer,
+        // which the operation still owns.
+        let got = unsafe { std::slice::from_raw_parts(ptr.cast_const(), n) };
+        self.turn.shared().hold(got);
+    }
 }
 
-/// `send` of the initialised bytes of `buf` (never raising `SIGPIPE`). (Not `Send`: that
-/// name is the marker trait's.)
+/// `send` of the initialised bytes of `buf` (never raising `SIGPIPE`), as the stream's one
+/// write in flight (`turn`). (Not `Send`: that name is the marker trait's.)
 pub(crate) struct SendOp<T: AsFd + 'static, B> {
     pub(crate) io: Rc<Async<T>>,
     pub(crate) buf: B,
+    pub(crate) turn: InFlight,
 }
 
 impl<T: AsFd + 'static, B> SendOp<T, B> {
@@ -88,7 +103,16 @@ unsafe impl<T: AsFd + 'static, B: IoBuf> Op for SendOp<T, B> {
     }
 
     fn complete(self, res: io::Result<usize>) -> Self::Output {
+        if let Ok(n) = res {
+            self.turn.shared().count_sent(n);
+        }
         (res, self.buf)
+    }
+
+    /// The bytes went out though nobody collected the result: the stream counts them
+    /// (`bytes_sent`).
+    fn orphan(self, n: usize) {
+        self.turn.shared().count_sent(n);
     }
 }
 
