@@ -29,6 +29,9 @@ pub(crate) struct RecvRing {
     tail: Cell<u16>,
     /// Buffers delivered in completions and not given back yet.
     out: Cell<u32>,
+    /// Whether the kernel honours a multishot receive's total byte limit (Linux 6.17), until
+    /// a receive found out it does not.
+    byte_limit: Cell<bool>,
 }
 
 impl RecvRing {
@@ -67,6 +70,7 @@ impl RecvRing {
             size,
             tail: Cell::new(0),
             out: Cell::new(0),
+            byte_limit: Cell::new(true),
         };
         for bid in 0..count {
             ring.put(bid);
@@ -88,6 +92,21 @@ impl RecvRing {
     /// Buffers out of the ring (delivered, not given back).
     pub(crate) fn held(&self) -> u32 {
         self.out.get()
+    }
+
+    /// Whether receives into this ring may carry a total byte limit (`optlen`): true until
+    /// [`no_byte_limit`](Self::no_byte_limit).
+    pub(crate) fn byte_limit_works(&self) -> bool {
+        self.byte_limit.get()
+    }
+
+    /// The kernel refused a receive's byte limit (`EINVAL`: before Linux 6.17).
+    pub(crate) fn no_byte_limit(&self) {
+        if self.byte_limit.replace(false) {
+            tracing::info!(
+                "reactor: this kernel has no byte limit for multishot receives (Linux 6.17); a stream's share of the receive ring is then kept by cancelling its receive and copying out what arrives meanwhile"
+            );
+        }
     }
 
     /// Buffers in the ring, available to the kernel.

@@ -38,9 +38,12 @@ pub enum SocketIo {
     /// As `Completion`, except that a stream receives through one multishot `RECV` armed for
     /// as long as it is read, into the reactor's ring of provided buffers (512 buffers of
     /// 4 KiB, registered on first use; Linux 5.19+); reads copy out of those buffers. A stream
-    /// holds at most 8 buffers unread (then its receive pauses and the socket's own buffer
-    /// takes over until it is read); when every buffer is held, receives wait for one to come
-    /// back. A listener accepts through one multishot `ACCEPT` the same way, queueing at most
+    /// holds at most 8 buffers of the ring unread, whatever the scheduler does: its receive
+    /// ends by itself at that share (a byte limit, Linux 6.17+; on older kernels it is
+    /// cancelled), what the kernel delivers beyond it is copied into the stream's own memory
+    /// and the buffer given back at once (`Stats::recv_bytes_copied`), and the socket's own
+    /// buffer takes over until the application reads. When every buffer is held, a read
+    /// receives into its own buffer instead. A listener accepts through one multishot `ACCEPT` the same way, queueing at most
     /// 64 connections ahead of the application. Readiness on epoll.
     ///
     /// ```

@@ -319,6 +319,11 @@ impl Reactor {
         self.stats.recv_arms.set(self.stats.recv_arms.get() + 1);
     }
 
+    pub(crate) fn count_recv_copied(&self, n: u32) {
+        let c = &self.stats.recv_bytes_copied;
+        c.set(c.get() + u64::from(n));
+    }
+
     pub(crate) fn count_inline_io(&self) {
         self.stats.inline_io.set(self.stats.inline_io.get() + 1);
     }

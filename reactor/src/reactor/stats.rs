@@ -73,6 +73,10 @@ pub struct Stats {
     pub recv_arms: u64,
     /// Buffers of the receive ring held by streams now (received, not yet read).
     pub recv_buffers_held: u64,
+    /// Bytes of multishot receives copied out of the receive ring into their stream's own
+    /// memory, because the stream already held its share of the ring when they arrived (the
+    /// kernel received for it before the loop could stop it).
+    pub recv_bytes_copied: u64,
 }
 
 impl Stats {
@@ -108,6 +112,7 @@ pub(crate) struct LocalStats {
     pub(crate) inline_write_stalls: Cell<u64>,
     pub(crate) io_budget_yields: Cell<u64>,
     pub(crate) recv_arms: Cell<u64>,
+    pub(crate) recv_bytes_copied: Cell<u64>,
 }
 
 impl LocalStats {
@@ -138,6 +143,7 @@ impl LocalStats {
             io_budget_yields: self.io_budget_yields.get(),
             recv_arms: self.recv_arms.get(),
             recv_buffers_held: 0,
+            recv_bytes_copied: self.recv_bytes_copied.get(),
         }
     }
 }
