@@ -19,6 +19,10 @@ Logs to stderr at the level NBD_SERVER_LOG names (error, warn, info, debug, trac
 warn). Runs until SIGINT or SIGTERM. Prints one line per listener on stdout once it serves:
   nbd-server: listening on tcp 127.0.0.1:10809
   nbd-server: listening on unix /run/disk.sock
+On SIGUSR1 it prints its load on stdout: the connections it serves, and each IoThread's
+tasks, fd registrations and io_uring operations in flight (back to their idle values once
+the connections are gone):
+  nbd-server: load: connections 0; iothread 0: tasks 1 fds 1 ops 0
 
 Socket activation: started by systemd with LISTEN_PID and LISTEN_FDS, it serves the passed
 listening sockets (TCP or Unix) instead of --bind and --socket, which it then refuses; with
@@ -270,14 +274,15 @@ pub fn main(args: impl IntoIterator<Item = String>) -> std::process::ExitCode {
     };
     init_logging();
     crate::tune_allocator();
-    // Block SIGINT and SIGTERM before any thread starts, so every thread inherits the mask
-    // and this thread alone takes them, with sigwait.
+    // Block SIGINT, SIGTERM and SIGUSR1 before any thread starts, so every thread inherits
+    // the mask and this thread alone takes them, with sigwait.
     // SAFETY: sigset manipulation on a local set; pthread_sigmask on this thread.
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     };
@@ -310,9 +315,21 @@ pub fn main(args: impl IntoIterator<Item = String>) -> std::process::ExitCode {
             tracing::warn!("nbd-server: --fork: detaching the standard streams: {e}");
         }
     }
-    let mut sig = 0;
-    // SAFETY: `set` is a valid signal set and `sig` a valid out-pointer.
-    unsafe { libc::sigwait(&set, &mut sig) };
+    loop {
+        let mut sig = 0;
+        // SAFETY: `set` is a valid signal set and `sig` a valid out-pointer.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        if sig != libc::SIGUSR1 {
+            break;
+        }
+        let line = match server.load() {
+            Ok(load) => format!("nbd-server: load: {load}"),
+            Err(e) => format!("nbd-server: load: {e}"),
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
     let stats = server.shutdown();
     tracing::info!(?stats, "nbd-server: stopped");
     ExitCode::SUCCESS

@@ -44,7 +44,10 @@
 //!   dropped and a READ in flight stops at its next 1 MiB piece; connections beyond
 //!   [`Config::max_connections`] are closed at once; `accept` errors back off and resume as
 //!   soon as a connection closes; client strings are escaped and cut short in logs, and
-//!   repeating conditions are logged at most once per interval. One exception, by design:
+//!   repeating conditions are logged at most once per interval; after a burst of
+//!   connections falls to half, the allocator's free memory goes back to the system
+//!   ([`trim_allocator`]), so rounds of bursts leave RSS where it was ([`Server::load`] shows
+//!   the reactors' side coming back too). One exception, by design:
 //!   an IoThread busy-polls for up to [`Config::poll`] (200 µs) before each wait while its
 //!   clients' queues are shallow, so a client sending a request every few tens of
 //!   microseconds keeps it spinning; `--poll-max-ns 0` turns that off.
@@ -69,6 +72,7 @@ mod export;
 mod extents;
 mod handshake;
 mod log;
+mod memory;
 mod meta;
 mod polling;
 
@@ -95,6 +99,7 @@ pub mod transmission;
 pub use activation::{Endpoint, Listener, PidFile};
 pub use budget::{DEFAULT_MAX_MEMORY, MIN_MAX_MEMORY};
 pub use export::{Export, ExportStats};
+pub use memory::{BURST as MEMORY_BURST, Load, QUIET as MEMORY_QUIET, ThreadLoad, trim_allocator};
 pub use polling::{CALM as POLL_CALM, DEFAULT_POLL_DEPTH};
 pub use server::{
     Config, DEFAULT_HANDSHAKE_LIMIT, DEFAULT_IDLE_TIMEOUT, DEFAULT_POLL, RESERVED_FDS,

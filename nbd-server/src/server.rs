@@ -28,6 +28,7 @@ use crate::conn::{Reader, Sock};
 use crate::export::{Export, ExportStats};
 use crate::handshake::{self, Outcome};
 use crate::log::RateLimit;
+use crate::memory::{self, Connections, Load};
 use crate::session::Limits;
 use crate::stop::{Live, Stop};
 use crate::transmission;
@@ -182,6 +183,7 @@ pub struct Server {
     stopper: Stopper,
     live: Arc<Live>,
     budget: Arc<Budget>,
+    conns: Arc<Connections>,
 }
 
 /// Stops a [`Server`] from any thread (a signal-handling thread, a test): its
@@ -298,6 +300,7 @@ impl Server {
             stopper: Stopper::default(),
             live: Arc::new(Live::default()),
             budget: Budget::new(config.max_memory),
+            conns: Arc::new(Connections::default()),
         };
         let dispatch = Arc::new(Dispatch {
             export: export.clone(),
@@ -314,7 +317,7 @@ impl Server {
                 },
             },
             max_connections,
-            connections: AtomicUsize::new(0),
+            conns: server.conns.clone(),
             freed: Freed::default(),
         });
         // Bound last, once nothing else can fail before `server` owns (and on drop removes)
@@ -332,12 +335,12 @@ impl Server {
         if let Some(l) = tcp {
             let d = dispatch.clone();
             h.oneshot(move |r| r.spawn_local(accept_tcp(l, d)).detach())
-                .map_err(closed)?;
+                .map_err(closed_err)?;
         }
         if let Some(l) = unix {
             let d = dispatch.clone();
             h.oneshot(move |r| r.spawn_local(accept_unix(l, d)).detach())
-                .map_err(closed)?;
+                .map_err(closed_err)?;
         }
         for l in inherited {
             let d = dispatch.clone();
@@ -351,7 +354,16 @@ impl Server {
                     r.spawn_local(accept_unix(l, d)).detach()
                 }
             })
-            .map_err(closed)?;
+            .map_err(closed_err)?;
+        }
+        {
+            let (conns, d) = (server.conns.clone(), dispatch.clone());
+            let closed = move |limit| {
+                let d = d.clone();
+                async move { d.freed.wait(limit).await }
+            };
+            h.oneshot(move |r| r.spawn_local(memory::give_back(conns, closed)).detach())
+                .map_err(closed_err)?;
         }
         tracing::info!(?server, backend = ?config.backend, "nbd server started");
         Ok(server)
@@ -377,6 +389,18 @@ impl Server {
     /// The export's counters so far (requests are added when their connection ends).
     pub fn stats(&self) -> ExportStats {
         self.export.stats()
+    }
+
+    /// The connections served now, and what each IoThread's reactor holds (tasks, fd
+    /// registrations, io_uring operations in flight): after a burst of connections closes,
+    /// it comes back to what it was before.
+    ///
+    /// # Errors
+    /// An IoThread that has stopped, or does not answer within a second.
+    pub fn load(&self) -> io::Result<Load> {
+        let handles: Vec<reactor::Handle> =
+            self.workers.iter().map(|w| w.handle().clone()).collect();
+        memory::load_of(&handles, self.conns.now())
     }
 
     /// Payload bytes held against [`Config::max_memory`] now, by every connection.
@@ -435,7 +459,7 @@ impl Drop for Server {
     }
 }
 
-fn closed(_: reactor::Closed) -> io::Error {
+fn closed_err(_: reactor::Closed) -> io::Error {
     io::Error::other("nbd-server: the accept thread stopped while starting")
 }
 
@@ -468,8 +492,8 @@ struct Dispatch {
     live: Arc<Live>,
     limits: Limits,
     max_connections: usize,
-    /// Connections being served (from dispatch to close).
-    connections: AtomicUsize,
+    /// Connections being served (from dispatch to close), and their peak.
+    conns: Arc<Connections>,
     /// Told when a connection closes: an accept loop backing off after running out of fds
     /// resumes at once.
     freed: Freed,
@@ -485,8 +509,7 @@ struct Slot(Arc<Dispatch>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        // Relaxed: a count checked against a limit; nothing else is published through it.
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.conns.leave();
         self.0.freed.notify();
     }
 }
@@ -494,11 +517,7 @@ impl Drop for Slot {
 impl Dispatch {
     /// Takes a connection slot, or `None` when `max_connections` are served.
     fn slot(self: &Arc<Self>) -> Option<Slot> {
-        // Relaxed: only the count matters (see `Slot::drop`).
-        let n = self.connections.fetch_add(1, Ordering::Relaxed);
-        if n >= self.max_connections {
-            // Relaxed: as above.
-            self.connections.fetch_sub(1, Ordering::Relaxed);
+        if self.conns.enter(self.max_connections).is_none() {
             REFUSED.log(|suppressed| {
                 tracing::warn!(
                     max = self.max_connections,

@@ -6,131 +6,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::watched::{Watched, sparse};
 use common::*;
-use tests::{Reactor, backend_tests};
-
-/// The server binary with its stderr in a file; SIGKILLed on drop.
-struct Served {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-impl Served {
-    fn start(r: &Reactor, tag: &str, file: &Path, extra: &[&str], nofile: Option<u64>) -> Served {
-        let log = scratch(&format!("{tag}-{}.log", r.backend()));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbd-server"));
-        cmd.args([
-            "--backend",
-            &r.backend().to_string(),
-            "--bind",
-            "127.0.0.1:0",
-        ])
-        .args(extra)
-        .arg(file)
-        .env("NBD_SERVER_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap());
-        if let Some(n) = nofile {
-            // SAFETY: setrlimit is async-signal-safe and touches only the child.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let lim = libc::rlimit {
-                        rlim_cur: n,
-                        rlim_max: n,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let mut child = cmd.spawn().expect("start nbd-server");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("nbd-server's listening line");
-        let addr = served::tcp_address(&line);
-        Served { child, addr, log }
-    }
-
-    fn status(&self, key: &str) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        s.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("{key} in /proc/PID/status"))
-    }
-
-    /// Resident memory, in bytes.
-    fn rss(&self) -> u64 {
-        self.status("VmRSS:") * 1024
-    }
-
-    /// CPU time used so far (user + system).
-    fn cpu(&self) -> Duration {
-        let s = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        // Fields after the command name (which may hold spaces) in parentheses.
-        let rest = &s[s.rfind(')').unwrap() + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-        Duration::from_nanos(ticks * 1_000_000_000 / hz)
-    }
-
-    /// CPU time once the server has gone quiet (no CPU used for 300 ms), at most `limit`.
-    fn cpu_when_quiet(&self, limit: Duration) -> Duration {
-        let t0 = Instant::now();
-        let mut last = self.cpu();
-        loop {
-            std::thread::sleep(Duration::from_millis(300));
-            let now = self.cpu();
-            if now == last || t0.elapsed() > limit {
-                return now;
-            }
-            last = now;
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap()
-    }
-
-    fn session(&self) -> Client {
-        let mut c = Client::connect(self.addr);
-        c.go("");
-        c
-    }
-}
-
-fn scratch(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("hostile-{name}-{}", std::process::id()))
-}
-
-/// A sparse file of `size` bytes (reads of it still cost the server its buffers).
-fn sparse(name: &str, size: u64) -> PathBuf {
-    let p = scratch(name);
-    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
-    p
-}
+use tests::backend_tests;
 
 /// READ requests, encoded back to back.
 fn reads(n: u64, len: u32) -> Vec<u8> {
@@ -153,7 +33,7 @@ const MB: u64 = 1 << 20;
 backend_tests! {
     fn memory_stays_bounded_and_returns_after_clients_that_never_read(r: &Reactor) {
         let file = sparse(&format!("mem-{}", r.backend()), 32 * MB);
-        let srv = Served::start(r, "mem", &file, &[], None);
+        let srv = Watched::start(r, "mem", &file, &[], None);
         // The server at work once, then its baseline.
         let mut c = srv.session();
         assert_eq!(c.read(1, 0, 4096).0, 0);
@@ -203,13 +83,13 @@ backend_tests! {
 
     fn a_client_that_queues_work_and_resets_costs_little_cpu(r: &Reactor) {
         let file = sparse(&format!("reset-{}", r.backend()), 32 * MB);
-        let srv = Served::start(r, "reset", &file, &[], None);
+        let srv = Watched::start(r, "reset", &file, &[], None);
         let mut c = srv.session();
         assert_eq!(c.read(1, 0, 4096).0, 0);
         let before = srv.cpu_when_quiet(Duration::from_secs(5));
         // 2,000 READs of 32 MiB (56 KB of requests), then a reset.
         c.send(&reads(2000, 32 << 20));
-        let sock = socket2_linger_zero(&c.s);
+        let sock = linger_zero(&c.s);
         drop(c);
         drop(sock);
         let after = srv.cpu_when_quiet(Duration::from_secs(30));
@@ -225,7 +105,7 @@ backend_tests! {
 
     fn a_long_unknown_export_name_adds_little_to_the_log(r: &Reactor) {
         let file = sparse(&format!("log-{}", r.backend()), MB);
-        let srv = Served::start(r, "log", &file, &["-x", "disk"], None);
+        let srv = Watched::start(r, "log", &file, &["-x", "disk"], None);
         let before = srv.log_text().len();
         let mut c = Client::connect(srv.addr);
         c.handshake(proto::FLAG_C_FIXED_NEWSTYLE);
@@ -243,7 +123,7 @@ backend_tests! {
     fn accept_failing_with_emfile_logs_little_and_resumes_when_fds_free(r: &Reactor) {
         let file = sparse(&format!("emfile-{}", r.backend()), MB);
         // A low fd limit, and no connection limit below it: accept meets EMFILE.
-        let srv = Served::start(r, "emfile", &file, &["--max-connections", "1000"], Some(48));
+        let srv = Watched::start(r, "emfile", &file, &["--max-connections", "1000"], Some(48));
         let mut served = Vec::new();
         let pending = loop {
             let mut c = Client::connect(srv.addr);
@@ -273,27 +153,4 @@ backend_tests! {
         assert!(t0.elapsed() < Duration::from_millis(900), "{:?}", t0.elapsed());
         drop(served);
     }
-}
-
-/// Makes the close of `s` send a reset (SO_LINGER with a zero timeout); returns a clone that
-/// must be dropped too.
-fn socket2_linger_zero(s: &TcpStream) -> TcpStream {
-    use std::os::fd::AsRawFd;
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid linger struct for a live socket.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const l).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0);
-    let _ = (&*s).flush();
-    s.try_clone().unwrap()
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod served;
+pub mod watched;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -484,4 +485,27 @@ pub fn scratch_file(tag: &str, size: usize) -> std::path::PathBuf {
     let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8 | 1).collect();
     std::fs::write(&path, data).unwrap();
     path
+}
+
+/// Makes the close of `s` send a reset (SO_LINGER with a zero timeout); returns a clone that
+/// must be dropped too.
+pub fn linger_zero(s: &TcpStream) -> TcpStream {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid linger struct for a live socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const l).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    let _ = (&*s).flush();
+    s.try_clone().unwrap()
 }
