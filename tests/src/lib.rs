@@ -202,3 +202,49 @@ impl Signal {
 
 /// Yields once to the reactor (the reactor's own [`reactor::yield_now`]).
 pub use reactor::yield_now;
+
+/// The calling thread in a real-time class for the guard's life: it gets a CPU whenever it
+/// wants one, ahead of every ordinary thread, so a test of busy polling (a spin must run when
+/// the loop would wait, a short wait must stay short, a yield must run the other thread of
+/// its CPU) holds on a machine whose CPUs are all busy. The kernel's real-time throttling
+/// still leaves ordinary threads 5 % of each CPU. Needs `CAP_SYS_NICE` (root): without it the
+/// guard says so on stderr and the test runs as an ordinary thread (it may then fail on a busy
+/// machine). Threads of the class on one CPU take turns only when they block or yield.
+pub struct RealTime {
+    saved: Option<(libc::c_int, libc::sched_param)>,
+}
+
+impl RealTime {
+    /// `SCHED_FIFO`, priority 1: runs until it blocks or yields.
+    pub fn enter() -> RealTime {
+        RealTime::with(libc::SCHED_FIFO)
+    }
+
+    fn with(policy: libc::c_int) -> RealTime {
+        // SAFETY: sched_getscheduler/sched_getparam on this thread (pid 0), into a local.
+        let saved = unsafe {
+            let mut p: libc::sched_param = std::mem::zeroed();
+            libc::sched_getparam(0, &mut p);
+            (libc::sched_getscheduler(0), p)
+        };
+        let rt = libc::sched_param { sched_priority: 1 };
+        // SAFETY: sched_setscheduler on this thread with a valid parameter.
+        if unsafe { libc::sched_setscheduler(0, policy, &rt) } != 0 {
+            eprintln!(
+                "RealTime: a real-time class refused ({}): running as an ordinary thread",
+                io::Error::last_os_error()
+            );
+            return RealTime { saved: None };
+        }
+        RealTime { saved: Some(saved) }
+    }
+}
+
+impl Drop for RealTime {
+    fn drop(&mut self) {
+        if let Some((policy, param)) = self.saved {
+            // SAFETY: back to the policy and parameter this thread had.
+            unsafe { libc::sched_setscheduler(0, policy, &param) };
+        }
+    }
+}

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use reactor::{FdHandler, PollParams, Reactor};
-use tests::{backend_tests, flush, pipe, read_fd, write_fd};
+use tests::{RealTime, backend_tests, flush, pipe, read_fd, write_fd};
 
 /// Runs this binary's tests one at a time: the shared-CPU test pins a busy thread to a CPU,
 /// which would make the others' spins find their CPU shared and end early.
@@ -25,10 +25,29 @@ struct SharedCpu {
     /// Rounds of the busy thread's loop.
     rounds: Arc<AtomicU64>,
     busy: Option<std::thread::JoinHandle<()>>,
+    /// This thread's real-time class, if it took one (given up after the busy thread stops).
+    _rt: Option<RealTime>,
 }
 
 impl SharedCpu {
+    /// Both threads ordinary ones (`SCHED_OTHER`): the loop waits for its CPU about half the
+    /// time it is runnable.
     fn start() -> SharedCpu {
+        SharedCpu::with(false)
+    }
+
+    /// Both threads in the real-time class (`SCHED_FIFO`, one priority), the busy one giving
+    /// the CPU back after 50 µs of each turn (and sleeping 200 µs after every eighth): a
+    /// `sched_yield` of the loop runs the busy thread at once, for 50 µs, whatever else the
+    /// machine runs. (Between ordinary threads the
+    /// kernel may pick the yielder again: under EEVDF, Linux 6.6+, a thread that has had more
+    /// than its share of the CPU is not eligible, and the test then waited 10 s for a yield
+    /// that ran the other thread, on an idle machine 2 runs in 3.)
+    fn start_taking_turns() -> SharedCpu {
+        SharedCpu::with(true)
+    }
+
+    fn with(turns: bool) -> SharedCpu {
         let size = std::mem::size_of::<libc::cpu_set_t>();
         // SAFETY: cpu_set_t is a plain bit array; all zeros is the empty set.
         let mut saved: libc::cpu_set_t = unsafe { std::mem::zeroed() };
@@ -47,16 +66,32 @@ impl SharedCpu {
             assert_eq!(unsafe { libc::sched_setaffinity(0, size, &one) }, 0);
         };
         pin();
+        let rt = turns.then(RealTime::enter);
         let stop = Arc::new(AtomicBool::new(false));
         let rounds = Arc::new(AtomicU64::new(0));
         let (stop2, rounds2) = (stop.clone(), rounds.clone());
         // Ends with the guard, which stops it on drop (panics included).
         let busy = std::thread::spawn(move || {
             pin();
+            let _rt = turns.then(RealTime::enter);
+            let (mut turn, mut turns_taken) = (Instant::now(), 0u32);
             // Relaxed (both): a stop flag and a progress count; the thread is joined.
             while !stop2.load(Ordering::Relaxed) {
                 rounds2.fetch_add(1, Ordering::Relaxed);
                 std::hint::spin_loop();
+                if turns && turn.elapsed() > Duration::from_micros(50) {
+                    turns_taken += 1;
+                    if turns_taken % 8 == 0 {
+                        // Off the CPU now and then, as a client waiting for its reply is:
+                        // the loop's yields meanwhile return at once, which is what it
+                        // measures the others against.
+                        std::thread::sleep(Duration::from_micros(200));
+                    } else {
+                        // SAFETY: sched_yield takes no arguments.
+                        unsafe { libc::sched_yield() };
+                    }
+                    turn = Instant::now();
+                }
             }
         });
         SharedCpu {
@@ -64,6 +99,7 @@ impl SharedCpu {
             stop,
             rounds,
             busy: Some(busy),
+            _rt: rt,
         }
     }
 
@@ -113,6 +149,8 @@ fn grow_to(r: &Reactor, wait: Duration, target: Duration) {
 backend_tests! {
     fn an_fd_found_ready_while_spinning_is_dispatched_by_that_poll(r: &Reactor) {
         let _serial = serial();
+        // A CPU whenever the loop wants one, on a busy machine too.
+        let _rt = RealTime::enter();
         // What is tested is the spin: a loaded machine must not make it stand down.
         r.set_poll_stand_down(false);
         r.set_poll(PollParams { max: Duration::from_millis(50), grow: 2, shrink: 0 });
@@ -137,6 +175,7 @@ backend_tests! {
         for round in 1..=20u32 {
             let w2 = wr.clone();
             let writer = std::thread::spawn(move || {
+                let _rt = RealTime::enter();
                 std::thread::sleep(Duration::from_millis(1));
                 write_fd(&w2, b"x");
             });
@@ -160,6 +199,8 @@ backend_tests! {
 
     fn a_long_spin_gives_the_cpu_away_now_and_then(r: &Reactor) {
         let _serial = serial();
+        // A CPU whenever the loop wants one, on a busy machine too.
+        let _rt = RealTime::enter();
         // What is tested is the spin: a loaded machine must not make it stand down.
         r.set_poll_stand_down(false);
         r.set_poll(PollParams { max: Duration::from_millis(50), grow: 2, shrink: 0 });
@@ -190,7 +231,7 @@ backend_tests! {
         r.set_poll_stand_down(false);
         // This thread and a busy one on one CPU: a yield of the spin runs the busy thread,
         // so the loop learns that it shares its CPU and waits instead of spinning on.
-        let busy = SharedCpu::start();
+        let busy = SharedCpu::start_taking_turns();
         r.set_poll(PollParams { max: Duration::from_millis(20), grow: 2, shrink: 0 });
         let t = r.timer(|_| {});
         let give_up = Instant::now() + Duration::from_secs(10);
@@ -288,6 +329,8 @@ backend_tests! {
 
     fn poll_time_grows_on_short_waits_and_resets_on_long_ones(r: &Reactor) {
         let _serial = serial();
+        // A CPU whenever the loop wants one, on a busy machine too.
+        let _rt = RealTime::enter();
         // What is tested is the spin: a loaded machine must not make it stand down.
         r.set_poll_stand_down(false);
         assert_eq!(r.poll_params(), PollParams::OFF, "off by default on a bare reactor");
@@ -311,6 +354,8 @@ backend_tests! {
 
     fn poll_handler_finds_work_without_the_fd(r: &Reactor) {
         let _serial = serial();
+        // A CPU whenever the loop wants one, on a busy machine too.
+        let _rt = RealTime::enter();
         // What is tested is the spin: a loaded machine must not make it stand down.
         r.set_poll_stand_down(false);
         r.set_poll(PollParams { max: Duration::from_millis(2), grow: 2, shrink: 0 });
@@ -384,6 +429,8 @@ backend_tests! {
 
     fn a_cross_thread_schedule_is_seen_while_spinning_without_an_eventfd_write(r: &Reactor) {
         let _serial = serial();
+        // A CPU whenever the loop wants one, on a busy machine too.
+        let _rt = RealTime::enter();
         // What is tested is the spin: a loaded machine must not make it stand down.
         r.set_poll_stand_down(false);
         // A long poll window, and a pollable handler whose poll-mode callback tells the other
@@ -421,6 +468,7 @@ backend_tests! {
             let (bh2, sp3) = (bh.clone(), spinning.clone());
             let before = r.stats();
             let producer = std::thread::spawn(move || {
+                let _rt = RealTime::enter();
                 let give_up = Instant::now() + Duration::from_secs(1);
                 while !sp3.load(Ordering::SeqCst) && Instant::now() < give_up {
                     std::hint::spin_loop();
