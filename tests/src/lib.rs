@@ -127,7 +127,16 @@ pub fn resident_pages(fd: &impl AsRawFd, len: usize) -> usize {
     vec.iter().filter(|&&b| b & 1 != 0).count()
 }
 
-/// Number of open fds of this process.
+/// Number of open fds of this process. Panics when `/proc/self/fd` cannot be read, rather
+/// than returning a count that would make a leak check pass without checking.
+///
+/// ```
+/// let before = tests::open_fds();
+/// let f = std::fs::File::open("/proc/self/status").unwrap();
+/// assert_eq!(tests::open_fds(), before + 1);
+/// drop(f);
+/// assert_eq!(tests::open_fds(), before);
+/// ```
 pub fn open_fds() -> usize {
     // Only numbers below the fd limit the process sees: tools such as valgrind keep their own
     // fds above it, and open and close them as they please.
@@ -141,13 +150,26 @@ pub fn open_fds() -> usize {
     } else {
         u64::MAX
     };
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
-                .filter(|&fd| fd < limit)
-                .count()
+    // A directory that cannot be read would make every "no fd leaked" check pass: fail.
+    let dir = std::fs::read_dir("/proc/self/fd").unwrap_or_else(|e| {
+        panic!("open_fds: /proc/self/fd cannot be read ({e}): fd leaks cannot be checked")
+    });
+    let n = dir
+        .map(|e| {
+            let e = e.unwrap_or_else(|e| panic!("open_fds: reading /proc/self/fd: {e}"));
+            e.file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("open_fds: {:?} in /proc/self/fd", e.file_name()))
         })
-        .unwrap_or(0)
+        .filter(|&fd| fd < limit)
+        .count();
+    // The directory itself is open while it is read, so a live process counts at least that.
+    assert!(
+        n > 0,
+        "open_fds: /proc/self/fd listed no fd: it is not this process's"
+    );
+    n
 }
 
 /// Polls without blocking until no progress is made; returns how many iterations made progress.

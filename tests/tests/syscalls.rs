@@ -2,8 +2,11 @@
 //! after a short one waits for readiness instead of trying the socket.
 //!
 //! The home thread runs under a seccomp filter that makes `read`, `write` (the eventfd) and,
-//! on io_uring, `io_uring_enter` fail. If the reactor made one of those calls while busy, the
-//! fd monitor would fail (and `poll` panic), or the eventfd counters would show it.
+//! on io_uring, `io_uring_enter` fail with `EDOM`. `poll` survives a failing fd monitor (it
+//! counts the failure in `Stats::monitor_errors`), so the test checks the counters: no
+//! monitor error, no wakeup system call, no blocking wait. A second test makes the home thread
+//! block once (a wait the filter forbids on io_uring, a blocking wait on epoll) and requires
+//! the same checks to report it, so they are shown to fail when a call is made.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,7 +19,24 @@ const N: u64 = 20_000;
 backend_tests! {
     fn a_busy_reactor_takes_cross_thread_work_without_system_calls(r: &Reactor) {
         let backend = r.backend();
-        std::thread::spawn(move || run(backend)).join().expect("home thread failed");
+        let calls = std::thread::spawn(move || run(backend, false))
+            .join()
+            .expect("home thread failed");
+        assert!(calls.is_empty(), "system calls made while busy: {calls:?}");
+    }
+
+    fn the_check_sees_a_system_call_when_one_is_made(r: &Reactor) {
+        let backend = r.backend();
+        let calls = std::thread::spawn(move || run(backend, true))
+            .join()
+            .expect("home thread failed");
+        assert!(!calls.is_empty(), "a blocking wait went unseen");
+        if backend == Backend::Uring {
+            assert!(
+                calls.iter().any(|c| c.starts_with("monitor errors")),
+                "the forbidden io_uring_enter went unseen: {calls:?}"
+            );
+        }
     }
 
     fn a_read_after_a_short_read_waits_for_readiness_without_a_system_call(r: &Reactor) {
@@ -27,7 +47,10 @@ backend_tests! {
     }
 }
 
-fn run(backend: Backend) {
+/// Runs the busy reactor under the filter; with `block_once`, the home thread also makes one
+/// blocking poll (on a 20 ms timer) before the work starts. Returns the system calls the
+/// counters show (empty: none).
+fn run(backend: Backend, block_once: bool) -> Vec<String> {
     let r = reactor_on(backend);
     let n = Arc::new(AtomicU64::new(0));
     let n2 = n.clone();
@@ -40,10 +63,10 @@ fn run(backend: Backend) {
         lr.set(lr.get() + 1);
         me2.borrow().as_ref().unwrap().schedule();
     }));
-    me.borrow().as_ref().unwrap().schedule();
     // Let the backend settle: the eventfd's POLL_ADD is submitted.
     r.poll(false);
     r.poll(false);
+    let timer = r.timer(|_| {});
     let before = r.stats();
 
     let mut denied = vec![libc::SYS_read, libc::SYS_write];
@@ -51,6 +74,13 @@ fn run(backend: Backend) {
         denied.push(libc::SYS_io_uring_enter);
     }
     seccomp::deny_on_this_thread(&denied, libc::EDOM).expect("seccomp filter");
+    if block_once {
+        timer.arm_after(std::time::Duration::from_millis(20));
+        while timer.is_armed() {
+            r.poll(true);
+        }
+    }
+    me.borrow().as_ref().unwrap().schedule();
 
     let go = Arc::new(AtomicBool::new(false));
     let (h, go2) = (r.handle(), go.clone());
@@ -72,11 +102,29 @@ fn run(backend: Backend) {
     }
     producer.join().unwrap();
     let after = r.stats();
-    assert_eq!(after.wakeups(), before.wakeups(), "{after:?}");
-    assert_eq!(after.blocking_waits, before.blocking_waits);
-    assert!(after.notify_skipped >= before.notify_skipped + N);
-    assert!(local_runs.get() > 2);
+    assert!(
+        after.notify_skipped >= before.notify_skipped + N,
+        "{after:?}"
+    );
+    assert!(local_runs.get() > 2, "the home thread's own schedules ran");
     me.borrow_mut().take();
+    let mut calls = Vec::new();
+    if after.monitor_errors != before.monitor_errors {
+        calls.push(format!(
+            "monitor errors: {} (a forbidden call failed)",
+            after.monitor_errors - before.monitor_errors
+        ));
+    }
+    if after.wakeups() != before.wakeups() {
+        calls.push(format!("wakeups: {}", after.wakeups() - before.wakeups()));
+    }
+    if after.blocking_waits != before.blocking_waits {
+        calls.push(format!(
+            "blocking waits: {}",
+            after.blocking_waits - before.blocking_waits
+        ));
+    }
+    calls
 }
 
 /// A receive shorter than its buffer drained the socket: the next read (on the readiness path,
