@@ -48,7 +48,7 @@ backend_tests! {
 }
 
 /// Runs the busy reactor under the filter; with `block_once`, the home thread also makes one
-/// blocking poll (on a 20 ms timer) before the work starts. Returns the system calls the
+/// blocking poll (on a 200 ms timer) before the work starts. Returns the system calls the
 /// counters show (empty: none).
 fn run(backend: Backend, block_once: bool) -> Vec<String> {
     let r = reactor_on(backend);
@@ -75,7 +75,7 @@ fn run(backend: Backend, block_once: bool) -> Vec<String> {
     }
     seccomp::deny_on_this_thread(&denied, libc::EDOM).expect("seccomp filter");
     if block_once {
-        timer.arm_after(std::time::Duration::from_millis(20));
+        timer.arm_after(std::time::Duration::from_millis(200));
         while timer.is_armed() {
             r.poll(true);
         }
