@@ -294,8 +294,10 @@ impl Uring {
 
     /// Queues a caller-built SQE; its completion is reported as [`Event::Complete`] with
     /// `token`. The SQE's own `user_data` is overwritten. When the submission queue is full it
-    /// is submitted to make room; SQEs the kernel cannot take yet wait in a backlog that the
-    /// next [`wait`](Self::wait) submits first.
+    /// is submitted to make room; SQEs the kernel cannot take yet (it is busy: `EBUSY`,
+    /// `EAGAIN`) wait in a backlog that the next [`wait`](Self::wait) submits first. The
+    /// backlog holds at most as many SQEs as the submission queue: past that, the SQE is
+    /// refused with `WouldBlock` and the caller must let `wait` reap completions first.
     ///
     /// # Safety
     /// Every buffer, fd and pointer the SQE refers to must stay valid until its completion has
@@ -303,9 +305,34 @@ impl Uring {
     /// memory used by operations in flight must outlive it).
     ///
     /// # Errors
-    /// `InvalidInput` if `token` is above [`MAX_USER_TOKEN`]; the error of `io_uring_enter` if
-    /// making room fails for a reason other than the kernel being busy.
+    /// `InvalidInput` if `token` is above [`MAX_USER_TOKEN`]; `WouldBlock` when the submission
+    /// queue and the backlog are full; the error of `io_uring_enter` if making room fails for
+    /// a reason other than the kernel being busy.
     pub unsafe fn push(&mut self, entry: squeue::Entry, token: u64) -> io::Result<()> {
+        if token > MAX_USER_TOKEN {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "fdmon-uring: user tokens must be at most MAX_USER_TOKEN (bit 63 is reserved)",
+            ));
+        }
+        if self.backlog_full() {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "fdmon-uring: the submission queue and its backlog are full (the kernel takes no more until completions are reaped)",
+            ));
+        }
+        self.push_raw(entry.user_data(token))
+    }
+
+    /// As [`push`](Self::push), past the backlog's bound: for SQEs whose number the caller
+    /// bounds otherwise (one cancellation per operation in flight), which must not be refused.
+    ///
+    /// # Safety
+    /// As for `push`.
+    ///
+    /// # Errors
+    /// As for `push`, never `WouldBlock`.
+    pub unsafe fn push_unbounded(&mut self, entry: squeue::Entry, token: u64) -> io::Result<()> {
         if token > MAX_USER_TOKEN {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -315,11 +342,22 @@ impl Uring {
         self.push_raw(entry.user_data(token))
     }
 
+    /// Whether [`push`](Self::push) would refuse an SQE now: the backlog holds as many SQEs as
+    /// the submission queue (which is full).
+    pub fn backlog_full(&self) -> bool {
+        self.backlog.len() >= self.ring.params().sq_entries() as usize
+    }
+
+    /// SQEs waiting in the backlog for the kernel to take them.
+    pub fn backlog(&self) -> usize {
+        self.backlog.len()
+    }
+
     /// Queues `entry` as is: in the submission queue, or in the backlog while older entries
     /// wait there or the kernel will not take more.
     fn push_raw(&mut self, entry: squeue::Entry) -> io::Result<()> {
         // SAFETY: internal SQEs refer to no memory; for caller SQEs `push` passed the duty on.
-        unsafe { push_or_backlog(&mut self.ring, &mut self.backlog, entry) }
+        unsafe { push_or_backlog(&mut self.ring, &mut self.backlog, &mut self.faults, entry) }
     }
 
     /// Whether a call to [`wait`](Self::wait) has work to do even with a zero timeout: staged
@@ -354,8 +392,9 @@ impl Uring {
         self.registry.slots()
     }
 
-    /// Makes the next `count` calls to `io_uring_enter` made by [`wait`](Self::wait) fail with
-    /// `errno` without reaching the kernel, as if the kernel had returned it: for testing how
+    /// Makes the next `count` calls to `io_uring_enter` made by [`wait`](Self::wait) (or by a
+    /// [`push`](Self::push) that submits to make room) fail with `errno` without reaching the
+    /// kernel, as if the kernel had returned it: for testing how
     /// a caller lives with a failing or busy kernel. `count` 0 ends an injection.
     ///
     /// ```
@@ -455,6 +494,7 @@ impl Uring {
             ring,
             registry,
             backlog,
+            faults,
             ..
         } = self;
         registry.flush(|op| {
@@ -478,7 +518,7 @@ impl Uring {
                     .user_data(user_data::remove_of(target)),
             };
             // SAFETY: POLL_ADD and POLL_REMOVE refer to no caller memory.
-            unsafe { push_or_backlog(ring, backlog, entry) }
+            unsafe { push_or_backlog(ring, backlog, faults, entry) }
         })?;
         Ok(reported)
     }
@@ -660,6 +700,7 @@ fn fixed_file_table(ring: &IoUring) -> Vec<u32> {
 unsafe fn push_or_backlog(
     ring: &mut IoUring,
     backlog: &mut Vec<squeue::Entry>,
+    faults: &mut Faults,
     entry: squeue::Entry,
 ) -> io::Result<()> {
     if backlog.is_empty() {
@@ -667,7 +708,11 @@ unsafe fn push_or_backlog(
         if unsafe { ring.submission().push(&entry) }.is_ok() {
             return Ok(());
         }
-        match ring.submit() {
+        let submitted = match faults.take() {
+            Some(e) => Err(e),
+            None => ring.submit(),
+        };
+        match submitted {
             Ok(_) => {
                 // SAFETY: as above.
                 if unsafe { ring.submission().push(&entry) }.is_ok() {

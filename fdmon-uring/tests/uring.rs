@@ -211,6 +211,45 @@ fn a_full_submission_queue_and_an_overflowing_completion_queue_lose_nothing() {
 }
 
 #[test]
+fn a_busy_kernel_gets_a_bounded_backlog_then_would_block() {
+    // 4 SQ slots. The kernel is busy (EBUSY, injected) when the fifth push submits to make
+    // room: SQEs wait in the backlog, up to as many as the submission queue holds; the next
+    // one is refused with WouldBlock, except an unbounded one (a cancellation).
+    let mut r = Uring::new(4).unwrap();
+    let sq = r.ring().params().sq_entries() as u64;
+    r.inject_errors(libc::EBUSY, 1);
+    let nop = || opcode::Nop::new().build();
+    for i in 0..2 * sq {
+        // SAFETY: NOP refers to no memory.
+        unsafe { r.push(nop(), i) }.unwrap();
+    }
+    assert_eq!(r.backlog(), sq as usize);
+    assert!(r.backlog_full());
+    // SAFETY: as above.
+    let e = unsafe { r.push(nop(), 99) }.unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+    // SAFETY: as above.
+    unsafe { r.push_unbounded(nop(), 2 * sq) }.unwrap();
+    // A wait submits the backlog: every SQE completes once, and there is room again.
+    let mut seen = vec![false; 2 * sq as usize + 1];
+    let t0 = Instant::now();
+    while seen.iter().any(|s| !s) && t0.elapsed() < Duration::from_secs(10) {
+        r.wait(Some(Duration::from_millis(10)), |e| {
+            let Event::Complete { token, .. } = e else {
+                panic!("{e:?}")
+            };
+            assert!(!seen[token as usize], "token {token} twice");
+            seen[token as usize] = true;
+        })
+        .unwrap();
+    }
+    assert!(seen.iter().all(|s| *s), "every SQE completed");
+    assert_eq!(r.backlog(), 0);
+    // SAFETY: as above.
+    unsafe { r.push(nop(), 0) }.unwrap();
+}
+
+#[test]
 fn a_short_submission_is_retried() {
     // A read on an invalid fd fails at submission time; the SQEs after it must still go in.
     let mut r = ring();

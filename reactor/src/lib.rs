@@ -87,7 +87,10 @@ pub use io_uring;
 pub use lockfree::event_notifier::EventNotifier;
 pub use reactor::polling::{POLL_START, PollParams};
 pub use reactor::stats::Stats;
-pub use reactor::{Builder, DEFAULT_TASK_BUDGET, DEFAULT_URING_ENTRIES, Reactor, Wakeup};
+pub use reactor::{
+    Builder, DEFAULT_MAX_SQES_IN_FLIGHT, DEFAULT_TASK_BUDGET, DEFAULT_URING_ENTRIES, Reactor,
+    Wakeup,
+};
 pub use rt::blocking::{Blocking, spawn_blocking};
 pub use rt::iothread::IoThread;
 pub use sched::bh::Bh;

@@ -437,7 +437,9 @@ impl Monitor {
         }
     }
 
-    /// Queues a caller-built SQE whose completion comes back as [`Ev::Complete`] with `token`.
+    /// Queues a caller-built SQE whose completion comes back as [`Ev::Complete`] with `token`;
+    /// `WouldBlock` when the ring's submission queue and backlog are full, unless `bounded` is
+    /// false (for SQEs bounded otherwise: cancellations).
     ///
     /// # Safety
     /// What the SQE refers to must stay valid until its completion has been reported.
@@ -445,19 +447,37 @@ impl Monitor {
         &mut self,
         sqe: io_uring::squeue::Entry,
         token: u64,
+        bounded: bool,
     ) -> io::Result<()> {
         match self {
-            // SAFETY: the caller's guarantee is passed on.
             #[cfg(feature = "uring")]
-            Monitor::Uring(u) => unsafe { u.push(sqe, token) },
+            Monitor::Uring(u) if bounded => {
+                // SAFETY: the caller's guarantee is passed on.
+                unsafe { u.push(sqe, token) }
+            }
+            #[cfg(feature = "uring")]
+            Monitor::Uring(u) => {
+                // SAFETY: the caller's guarantee is passed on.
+                unsafe { u.push_unbounded(sqe, token) }
+            }
             #[cfg(feature = "epoll")]
             Monitor::Epoll(_) => {
-                let _ = (sqe, token);
+                let _ = (sqe, token, bounded);
                 Err(io::Error::new(
                     io::ErrorKind::Unsupported,
                     "io_uring operations need the io_uring backend; this reactor runs on epoll",
                 ))
             }
+        }
+    }
+
+    /// Whether the ring's submission queue and backlog are full (never on epoll).
+    pub(crate) fn sq_full(&self) -> bool {
+        match self {
+            #[cfg(feature = "uring")]
+            Monitor::Uring(u) => u.backlog_full(),
+            #[cfg(feature = "epoll")]
+            Monitor::Epoll(_) => false,
         }
     }
 

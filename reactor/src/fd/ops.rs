@@ -103,20 +103,31 @@ pub(crate) trait OnComplete {
 struct Slot {
     generation: u32,
     callback: Option<OpCallback>,
+    /// Submitted with `Reactor::submit_sqe` (counted against `Builder::max_sqes_in_flight`).
+    user: bool,
 }
 
 pub(crate) struct Ops {
     slots: RefCell<Slab<Slot>>,
     generation: Cell<u32>,
     queue: RefCell<VecDeque<(u64, Completion)>>,
+    /// Operations of `Reactor::submit_sqe` in flight, and the most allowed
+    /// (`Builder::max_sqes_in_flight`).
+    users: Cell<usize>,
+    max_users: usize,
+    /// Runtime operations waiting for room in the ring's submission queue and backlog.
+    room: RefCell<Vec<std::task::Waker>>,
 }
 
 impl Ops {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(max_users: usize) -> Self {
         Ops {
             slots: RefCell::new(Slab::new()),
             generation: Cell::new(0),
             queue: RefCell::new(VecDeque::new()),
+            users: Cell::new(0),
+            max_users,
+            room: RefCell::new(Vec::new()),
         }
     }
 
@@ -124,9 +135,12 @@ impl Ops {
     pub(crate) fn insert(&self, callback: OpCallback) -> OpId {
         let generation = (self.generation.get() + 1) & 0x7fff_ffff;
         self.generation.set(generation);
+        let user = matches!(callback, OpCallback::Boxed(_));
+        self.users.set(self.users.get() + usize::from(user));
         let slot = self.slots.borrow_mut().insert(Slot {
             generation,
             callback: Some(callback),
+            user,
         });
         OpId {
             slot: u32::try_from(slot).expect("more than 2^32 operations"),
@@ -136,8 +150,17 @@ impl Ops {
 
     /// Frees the slot of an operation that could not be submitted.
     pub(crate) fn forget(&self, id: OpId) {
-        let slot = self.slots.borrow_mut().try_remove(id.slot as usize);
+        let slot = self.remove(id.slot);
         drop(slot);
+    }
+
+    /// Takes slot `i` out (its callback dropped by the caller, with no borrow held).
+    fn remove(&self, i: u32) -> Option<Slot> {
+        let slot = self.slots.borrow_mut().try_remove(i as usize);
+        if slot.as_ref().is_some_and(|s| s.user) {
+            self.users.set(self.users.get() - 1);
+        }
+        slot
     }
 
     /// Whether `id` is still in flight.
@@ -153,6 +176,36 @@ impl Ops {
         self.slots.borrow().len()
     }
 
+    /// Whether as many `submit_sqe` operations are in flight as the reactor allows.
+    pub(crate) fn users_full(&self) -> bool {
+        self.users.get() >= self.max_users
+    }
+
+    /// Registers a runtime operation that found no room, to be woken once some is made.
+    pub(crate) fn wait_for_room(&self, w: &std::task::Waker) {
+        let mut room = self.room.borrow_mut();
+        if !room.iter().any(|o| o.will_wake(w)) {
+            room.push(w.clone());
+        }
+    }
+
+    /// Whether runtime operations wait for room in the ring's queue.
+    pub(crate) fn awaits_room(&self) -> bool {
+        !self.room.borrow().is_empty()
+    }
+
+    /// Wakes the operations waiting for room (after a wait submitted the ring's backlog);
+    /// those that still find none wait again.
+    pub(crate) fn wake_room(&self) {
+        if self.room.borrow().is_empty() {
+            return;
+        }
+        let waiters = std::mem::take(&mut *self.room.borrow_mut());
+        for w in waiters {
+            w.wake();
+        }
+    }
+
     /// Queues a completion reported by the backend.
     pub(crate) fn complete(&self, token: u64, result: i32, flags: u32) {
         if token != IGNORED_TOKEN {
@@ -166,11 +219,13 @@ impl Ops {
         !self.queue.borrow().is_empty()
     }
 
-    /// Runs the callbacks of the queued completions. Returns `true` if any ran.
+    /// Runs the callbacks of the queued completions, then wakes the operations waiting for
+    /// room if there is some. Returns `true` if any callback ran.
     pub(crate) fn dispatch(&self, r: &Reactor) -> bool {
         let mut ran = false;
         loop {
             let Some((token, c)) = self.queue.borrow_mut().pop_front() else {
+                self.wake_room();
                 return ran;
             };
             let id = OpId::from_token(token);
@@ -202,11 +257,7 @@ impl Ops {
                             _ => cb,
                         }
                     } else {
-                        let slot = self
-                            .ops
-                            .slots
-                            .borrow_mut()
-                            .try_remove(self.id.slot as usize);
+                        let slot = self.ops.remove(self.id.slot);
                         drop(slot);
                         cb
                     };
@@ -243,11 +294,13 @@ impl Ops {
         for s in self.slots.borrow_mut().drain() {
             std::mem::forget(s);
         }
+        self.users.set(0);
     }
 
     /// Drops every callback (after the caller made sure nothing is in flight any more).
     pub(crate) fn clear(&self) {
         let slots: Vec<Slot> = self.slots.borrow_mut().drain().collect();
+        self.users.set(0);
         self.queue.borrow_mut().clear();
         drop(slots);
     }
@@ -262,14 +315,14 @@ impl Ops {
                 continue;
             }
             let id = OpId::from_token(token);
-            let slot = {
-                let mut slots = self.slots.borrow_mut();
-                match slots.get(id.slot as usize) {
-                    Some(s) if s.generation == id.generation => slots.try_remove(id.slot as usize),
-                    _ => None,
-                }
-            };
-            drop(slot);
+            let current = self
+                .slots
+                .borrow()
+                .get(id.slot as usize)
+                .is_some_and(|s| s.generation == id.generation);
+            if current {
+                drop(self.remove(id.slot));
+            }
         }
     }
 }

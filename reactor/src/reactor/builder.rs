@@ -116,10 +116,15 @@ pub struct Builder {
     poll: Option<PollParams>,
     poll_stand_down: bool,
     wakeup: Wakeup,
+    max_ops: usize,
 }
 
 /// Default number of task polls per iteration (see [`Builder::task_budget`]).
 pub const DEFAULT_TASK_BUDGET: u32 = 256;
+
+/// Default most [`Reactor::submit_sqe`] operations in flight at once (see
+/// [`Builder::max_sqes_in_flight`]).
+pub const DEFAULT_MAX_SQES_IN_FLIGHT: usize = 1 << 16;
 
 impl Default for Builder {
     fn default() -> Self {
@@ -133,6 +138,7 @@ impl Default for Builder {
             poll: None,
             poll_stand_down: true,
             wakeup: Wakeup::Auto,
+            max_ops: DEFAULT_MAX_SQES_IN_FLIGHT,
         }
     }
 }
@@ -196,6 +202,40 @@ impl Builder {
     /// ```
     pub fn io_budget(mut self, ops: u32) -> Self {
         self.io_budget = ops.max(1);
+        self
+    }
+
+    /// Most operations submitted with [`Reactor::submit_sqe`] in flight at once on this
+    /// reactor (at least 1; default [`DEFAULT_MAX_SQES_IN_FLIGHT`], 65,536): each holds its
+    /// callback (and the kernel's request) until its completion has been dispatched, so a
+    /// burst of submissions from user code that never lets the loop run stops here, with
+    /// `WouldBlock`, instead of growing memory without bound. The runtime's own operations
+    /// (file I/O, socket operations by completion, multishot receives) are not counted: each
+    /// belongs to a future the application holds, and some (a receive on an idle connection)
+    /// wait indefinitely, which must not keep others out. All operations wait, instead, while
+    /// the ring's submission queue and its backlog are full (the kernel busy): the runtime's
+    /// until the next wait submits the backlog
+    /// ([`Stats::op_room_waits`](crate::Stats::op_room_waits)), `submit_sqe` with
+    /// `WouldBlock`.
+    ///
+    /// ```
+    /// use reactor::{Reactor, io_uring::opcode};
+    /// let r = Reactor::builder().max_sqes_in_flight(2).build()?;
+    /// // SAFETY (each): a NOP refers to no memory.
+    /// let submit = || unsafe { r.submit_sqe(opcode::Nop::new().build(), |_, _| {}) };
+    /// if submit().is_ok() {
+    ///     submit()?;
+    ///     let third = submit().unwrap_err();
+    ///     assert_eq!(third.kind(), std::io::ErrorKind::WouldBlock);
+    ///     while r.ops_in_flight() > 0 {
+    ///         r.poll(true); // completions dispatched: room again
+    ///     }
+    ///     submit()?;
+    /// }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn max_sqes_in_flight(mut self, ops: usize) -> Self {
+        self.max_ops = ops.max(1);
         self
     }
 
@@ -292,7 +332,7 @@ impl Builder {
             bhs: BhHome::new(),
             timers: Timers::new(),
             handlers: Handlers::new(),
-            ops: Ops::new(),
+            ops: Ops::new(self.max_ops),
             depth: Cell::new(0),
             task_budget: self.task_budget,
             io_budget: crate::sched::coop::Budget::new(self.io_budget),

@@ -352,7 +352,9 @@ impl Reactor {
     /// The wait bound of a blocking poll: zero if work is pending, else the nearest timer or
     /// the idle-BH bound, else none.
     pub(super) fn timeout(&self) -> Option<Duration> {
-        if self.handlers.has_ready() || self.ops.has_queued() {
+        // (Operations waiting for room in the ring's queue: the wait submits its backlog, and
+        // must not block before they are woken to submit theirs.)
+        if self.handlers.has_ready() || self.ops.has_queued() || self.ops.awaits_room() {
             return Some(Duration::ZERO);
         }
         let mut t = match self.bhs.peek(&self.shared.notifier.list) {

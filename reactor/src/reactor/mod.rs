@@ -20,7 +20,10 @@ pub(crate) mod recv_ring;
 mod sqe;
 pub(crate) mod stats;
 
-pub use builder::{Builder, DEFAULT_TASK_BUDGET, DEFAULT_URING_ENTRIES, SocketIo, Wakeup};
+pub use builder::{
+    Builder, DEFAULT_MAX_SQES_IN_FLIGHT, DEFAULT_TASK_BUDGET, DEFAULT_URING_ENTRIES, SocketIo,
+    Wakeup,
+};
 
 use std::cell::{Cell, RefCell};
 use std::io;

@@ -20,7 +20,11 @@ impl Reactor {
     /// itself is dropped it cancels and waits for every operation in flight first.
     ///
     /// # Errors
-    /// `Unsupported` on the epoll backend; the ring's error if the SQE cannot be queued.
+    /// `Unsupported` on the epoll backend; `WouldBlock` when
+    /// [`max_sqes_in_flight`](crate::Builder::max_sqes_in_flight) operations of this call are
+    /// in flight, or the ring's submission queue and backlog are full (the kernel is busy):
+    /// let the reactor iterate (completions are dispatched, the queue submitted) and submit
+    /// again; the ring's error if the SQE cannot be queued.
     ///
     /// ```
     /// use reactor::{Reactor, io_uring::opcode};
@@ -58,9 +62,15 @@ impl Reactor {
         sqe: io_uring::squeue::Entry,
         callback: OpCallback,
     ) -> io::Result<OpId> {
+        if matches!(callback, OpCallback::Boxed(_)) && self.ops.users_full() {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "reactor: as many submit_sqe operations in flight as it allows (Builder::max_sqes_in_flight): let the loop dispatch completions first",
+            ));
+        }
         let id = self.ops.insert(callback);
         // SAFETY: the caller's guarantee is passed on.
-        let res = unsafe { self.monitor.borrow_mut().push(sqe, id.token()) };
+        let res = unsafe { self.monitor.borrow_mut().push(sqe, id.token(), true) };
         if let Err(e) = res {
             self.ops.forget(id);
             return Err(e);
@@ -86,7 +96,7 @@ impl Reactor {
         unsafe {
             self.monitor
                 .borrow_mut()
-                .push(sqe, crate::fd::ops::IGNORED_TOKEN)
+                .push(sqe, crate::fd::ops::IGNORED_TOKEN, false)
         }
     }
 
@@ -105,6 +115,25 @@ impl Reactor {
                 let _ = r.cancel_sqe(id);
             });
         }
+    }
+
+    /// Whether a runtime operation can be submitted now: the ring's submission queue and
+    /// backlog are not full.
+    pub(crate) fn has_op_room(&self) -> bool {
+        !self.monitor.borrow().sq_full()
+    }
+
+    /// Whether a runtime operation can be submitted now; else registers `cx`'s task to be
+    /// woken after the next wait, which submits the ring's backlog.
+    pub(crate) fn poll_op_room(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.has_op_room() {
+            return std::task::Poll::Ready(());
+        }
+        self.stats
+            .op_room_waits
+            .set(self.stats.op_room_waits.get() + 1);
+        self.ops.wait_for_room(cx.waker());
+        std::task::Poll::Pending
     }
 
     /// Number of io_uring operations in flight.

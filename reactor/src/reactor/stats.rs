@@ -73,6 +73,10 @@ pub struct Stats {
     pub recv_arms: u64,
     /// Buffers of the receive ring held by streams now (received, not yet read).
     pub recv_buffers_held: u64,
+    /// Times a runtime io_uring operation waited before it was submitted because the ring's
+    /// submission queue and its backlog were full (the kernel busy; see
+    /// [`Builder::max_sqes_in_flight`](crate::Builder::max_sqes_in_flight)).
+    pub op_room_waits: u64,
     /// Bytes of multishot receives copied out of the receive ring into their stream's own
     /// memory, because the stream already held its share of the ring when they arrived (the
     /// kernel received for it before the loop could stop it).
@@ -113,6 +117,7 @@ pub(crate) struct LocalStats {
     pub(crate) io_budget_yields: Cell<u64>,
     pub(crate) recv_arms: Cell<u64>,
     pub(crate) recv_bytes_copied: Cell<u64>,
+    pub(crate) op_room_waits: Cell<u64>,
 }
 
 impl LocalStats {
@@ -144,6 +149,7 @@ impl LocalStats {
             recv_arms: self.recv_arms.get(),
             recv_buffers_held: 0,
             recv_bytes_copied: self.recv_bytes_copied.get(),
+            op_room_waits: self.op_room_waits.get(),
         }
     }
 }

@@ -188,8 +188,9 @@ impl MultiRecv {
         let n = self.copy_out(dst);
         if n > 0 {
             coop::spend(n);
-            // Half the share read: receive again meanwhile, up to the share.
-            if self.held_bytes.get() <= SHARE_BYTES / 2 && self.may_arm() {
+            // Half the share read: receive again meanwhile, up to the share (if the reactor
+            // has room for one more operation; else the read that finds nothing arms it).
+            if self.held_bytes.get() <= SHARE_BYTES / 2 && self.may_arm() && self.room() {
                 if let Err(e) = self.arm() {
                     *self.error.borrow_mut() = Some(e);
                 }
@@ -210,6 +211,11 @@ impl MultiRecv {
             if self.ring.available() == 0 {
                 return None;
             }
+            // At the reactor's bound of operations in flight: arm once there is room.
+            let room = Reactor::with_current_for(&self.shared, |r| r.poll_op_room(cx));
+            if room == Some(Poll::Pending) {
+                return Some(Poll::Pending);
+            }
             if let Err(e) = self.arm() {
                 return Some(Poll::Ready(Err(e)));
             }
@@ -226,6 +232,11 @@ impl MultiRecv {
             && !self.closed.get()
             && self.error.borrow().is_none()
             && self.ring.available() > 0
+    }
+
+    /// Whether the reactor can take one more operation now (without waiting for room).
+    fn room(&self) -> bool {
+        Reactor::with_current_for(&self.shared, |r| r.has_op_room()).unwrap_or(false)
     }
 
     /// Copies what was received into `dst` (from its start), giving back each ring buffer read

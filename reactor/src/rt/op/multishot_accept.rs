@@ -70,6 +70,11 @@ impl MultiAccept {
             return Poll::Ready(Err(e));
         }
         if self.armed.id().is_none() {
+            // At the reactor's bound of operations in flight: arm once there is room.
+            let room = Reactor::with_current_for(&self.shared, |r| r.poll_op_room(cx));
+            if room == Some(Poll::Pending) {
+                return Poll::Pending;
+            }
             if let Err(e) = self.arm() {
                 return Poll::Ready(Err(e));
             }

@@ -111,14 +111,26 @@ pub(super) async fn run<O: Op>(op: O) -> O::Output {
     });
     // Built where the operation now stays until its completion.
     let sqe = state.op.borrow_mut().as_mut().expect("just stored").sqe();
-    let callback = OpCallback::Shared(state.clone());
-    let submitted = Reactor::with_current(|r| {
-        // SAFETY: `Op`'s contract: the SQE refers only to what the operation owns (stable when
-        // moved) or to memory that outlives it, and the reactor holds the state, hence the
-        // operation, until the final completion.
-        unsafe { r.submit_op(sqe, callback) }.map(|id| (id, r.shared().clone()))
-    })
-    .unwrap_or_else(|| Err(no_reactor()));
+    let submitted = loop {
+        // At the reactor's bound of operations in flight (or with its ring's queue full):
+        // wait for room (one completes, the queue is submitted), then submit.
+        let room = std::future::poll_fn(|cx| {
+            Reactor::with_current(|r| r.poll_op_room(cx)).unwrap_or(std::task::Poll::Ready(()))
+        });
+        room.await;
+        let callback = OpCallback::Shared(state.clone());
+        let res = Reactor::with_current(|r| {
+            // SAFETY: `Op`'s contract: the SQE refers only to what the operation owns (stable
+            // when moved) or to memory that outlives it, and the reactor holds the state,
+            // hence the operation, until the final completion.
+            unsafe { r.submit_op(sqe.clone(), callback) }.map(|id| (id, r.shared().clone()))
+        })
+        .unwrap_or_else(|| Err(no_reactor()));
+        match res {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            res => break res,
+        }
+    };
     match submitted {
         Ok((id, shared)) => {
             let fut = Submitted {
