@@ -65,7 +65,8 @@ impl Doorbell {
     /// A doorbell for `uring`.
     ///
     /// # Errors
-    /// `Unsupported` where the kernel cannot send ring messages without a ring (before 6.13).
+    /// `Unsupported` where the kernel cannot send ring messages without a ring (before 6.13),
+    /// or where the probe (a message to fd -1) is not refused as the kernel refuses it.
     pub fn new(uring: &Uring) -> io::Result<Doorbell> {
         // The probe: a message to no ring at all. A kernel that has the call refuses the fd
         // (EBADF); one that does not refuses the call (EINVAL). Nothing is posted anywhere.
@@ -77,7 +78,14 @@ impl Doorbell {
                     format!("this kernel cannot send io_uring messages without a ring ({e})"),
                 ));
             }
-            Ok(()) => unreachable!("a message to fd -1 was accepted"),
+            // Something answers for the kernel (a seccomp filter returning errno 0, an
+            // emulation): whatever it is, its "success" proves nothing about ring messages.
+            Ok(()) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "a ring message to fd -1 was accepted (a seccomp filter or an emulation answers for the kernel): ring messages are not used",
+                ));
+            }
         }
         Ok(Doorbell {
             target: uring.doorbell_target(),

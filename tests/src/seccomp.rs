@@ -17,6 +17,8 @@ const BPF_JMP_JEQ_K: u16 = 0x15;
 const BPF_RET_K: u16 = 0x06;
 const SECCOMP_DATA_NR: u32 = 0;
 const SECCOMP_DATA_ARCH: u32 = 4;
+#[cfg(target_endian = "little")]
+const SECCOMP_DATA_ARG0: u32 = 16;
 
 fn stmt(code: u16, k: u32) -> libc::sock_filter {
     libc::sock_filter {
@@ -59,6 +61,29 @@ pub fn deny_on_this_thread(nrs: &[libc::c_long], errno: i32) -> io::Result<()> {
         BPF_RET_K,
         libc::SECCOMP_RET_ERRNO | (errno as u32 & 0xffff),
     ));
+    install(&mut prog)
+}
+
+/// Makes system call `nr` fail with `errno` (or, with `errno` 0, return 0 as if it had
+/// succeeded, without being made) on this thread from now on when its first argument, as a 32-bit value, is `arg0`;
+/// every other call is allowed. Irreversible, as [`deny_on_this_thread`].
+pub fn answer_on_this_thread(nr: libc::c_long, arg0: u32, errno: i32) -> io::Result<()> {
+    let mut prog = vec![
+        stmt(BPF_LD_W_ABS, SECCOMP_DATA_ARCH),
+        jeq(AUDIT_ARCH, 0, 4),
+        stmt(BPF_LD_W_ABS, SECCOMP_DATA_NR),
+        jeq(nr as u32, 0, 2),
+        // The low 32 bits of args[0] (little-endian).
+        stmt(BPF_LD_W_ABS, SECCOMP_DATA_ARG0),
+        jeq(arg0, 1, 0),
+        stmt(BPF_RET_K, libc::SECCOMP_RET_ALLOW),
+        stmt(BPF_RET_K, libc::SECCOMP_RET_ERRNO | (errno as u32 & 0xffff)),
+    ];
+    install(&mut prog)
+}
+
+/// Installs `prog` as this thread's seccomp filter (after `PR_SET_NO_NEW_PRIVS`).
+fn install(prog: &mut [libc::sock_filter]) -> io::Result<()> {
     let fprog = libc::sock_fprog {
         len: prog.len() as u16,
         filter: prog.as_mut_ptr(),

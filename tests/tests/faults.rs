@@ -75,6 +75,39 @@ backend_tests! {
         assert_eq!(r.fd_count(), 0);
     }
 
+    fn a_doorbell_probe_answered_by_a_filter_falls_back_to_the_eventfd(r: &Reactor) {
+        let backend = r.backend();
+        std::thread::spawn(move || {
+            // io_uring_register on fd -1 (the ring-message probe, and the message itself)
+            // "succeeds" without reaching the kernel, as a seccomp filter returning errno 0
+            // makes it; the ring's own registrations (on its fd) are untouched.
+            tests::seccomp::answer_on_this_thread(libc::SYS_io_uring_register, u32::MAX, 0)
+                .expect("seccomp filter");
+            let r = Reactor::builder()
+                .backend(backend)
+                .build()
+                .expect("the reactor builds, with the eventfd as its doorbell");
+            assert_eq!(r.wakeup(), reactor::Wakeup::EventFd);
+            // And it is woken from another thread while it blocks.
+            let ran = Arc::new(AtomicBool::new(false));
+            let (h, ran2) = (r.handle(), ran.clone());
+            let waker = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                h.oneshot(move |_| ran2.store(true, Ordering::SeqCst)).unwrap();
+            });
+            let t0 = Instant::now();
+            while !ran.load(Ordering::SeqCst) {
+                assert!(t0.elapsed() < Duration::from_secs(10), "never woken");
+                r.poll(true);
+            }
+            waker.join().unwrap();
+            assert!(r.stats().eventfd_writes > 0, "{:?}", r.stats());
+            assert_eq!(r.stats().ring_messages, 0);
+        })
+        .join()
+        .expect("the reactor's thread failed");
+    }
+
     fn signal_storm_during_blocking_waits(r: &Reactor) {
         extern "C" fn nothing(_: libc::c_int) {}
         // SAFETY: a no-op handler for SIGUSR2 without SA_RESTART, so that waits see EINTR.
