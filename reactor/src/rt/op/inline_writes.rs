@@ -17,7 +17,10 @@
 //! the file; they come back once [`RECOVER`] writes in a row were fast again, which they then
 //! are on the pool. Each loop thread writing to the file thus waits at most once per episode
 //! of slow writes, and the pool absorbs the rest of it. A thread preempted in the middle of a
-//! write looks the same as one that waited, and is treated the same way.
+//! write looks the same as one that waited, and is treated the same way. Measured with the
+//! NBD server (`bench/scripts/dirty-stall.py`: a writer holding the page cache at a dirty
+//! limit of 256 MiB, a QD1 reader on the same loop thread): the reader's worst request took
+//! 17–30 ms over six runs, its p99 0.75–1.1 ms, against the kernel's 200 ms throttling pause.
 //!
 //! A write runs inline only when:
 //! - the file's owner allows it (`File::set_inline_writes`);
