@@ -229,7 +229,7 @@ fn io_uring_missing_falls_back() {
 /// Runs the `fault-child` binary and returns its `key=value` lines.
 fn child(what: &str) -> std::collections::HashMap<String, String> {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_fault-child"))
-        .arg(what)
+        .args(what.split(' '))
         .env_remove(reactor::BACKEND_ENV)
         .output()
         .expect("run fault-child");
@@ -295,5 +295,32 @@ fn low_rlimit_memlock() {
             u == "ok:uring" || (u.starts_with("err:12:") && u.contains("RLIMIT_MEMLOCK")),
             "{u}"
         );
+    }
+}
+
+/// `fork` with a busy reactor (in the `fault-child` process: a test binary has threads).
+mod fork {
+    use super::*;
+
+    backend_tests! {
+        fn a_reactor_used_in_a_fork_child_fails_clearly_and_the_parent_goes_on(r: &Reactor) {
+            let res = child(&format!("fork {}", r.backend()));
+            for key in ["child-try-poll", "child-add-fd", "child-remove-fd"] {
+                assert!(
+                    res[key].starts_with("err:") && res[key].contains("fork()"),
+                    "{key}: {}",
+                    res[key]
+                );
+            }
+            assert!(
+                res["child-poll"].starts_with("panicked:") && res["child-poll"].contains("fork()"),
+                "{}",
+                res["child-poll"]
+            );
+            assert_eq!(res["child-new-reactor"], format!("ok:{}", r.backend()));
+            assert_eq!(res["child-exit"], "0");
+            assert_eq!(res["parent-fd-handler-ran"], "true");
+            assert_eq!(res["parent-read"], "after fork");
+        }
     }
 }

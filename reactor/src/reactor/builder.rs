@@ -333,6 +333,7 @@ impl Builder {
             timers: Timers::new(),
             handlers: Handlers::new(),
             ops: Ops::new(self.max_ops),
+            birth: super::fork::Birth::now(),
             depth: Cell::new(0),
             task_budget: self.task_budget,
             io_budget: crate::sched::coop::Budget::new(self.io_budget),

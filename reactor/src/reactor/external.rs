@@ -38,6 +38,9 @@ impl Reactor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn prepare_external_wait(&self) -> Option<Duration> {
+        if self.birth.inherited() {
+            panic!("{}", fork::forked());
+        }
         self.end_external_wait();
         // The timerfd is registered first, so that on io_uring its poll goes to the kernel with
         // the rest of what is staged, just below.

@@ -18,6 +18,7 @@ impl Reactor {
     /// invalid fd; `EEXIST` if `fd` is already registered; `EPERM` for a regular file or
     /// directory, which are always ready and cannot be watched.
     pub fn add_fd(&self, fd: RawFd, handler: FdHandler) -> io::Result<FdId> {
+        self.birth.check()?;
         let natural = handler.natural_interest();
         let interest = handler.initial_interest();
         if natural.is_empty() {
@@ -71,6 +72,7 @@ impl Reactor {
     /// `NotFound` for an unknown or removed `id`; `InvalidInput` for an interest without a
     /// matching callback; the fd monitor's error otherwise.
     pub fn set_fd_interest(&self, id: FdId, interest: Interest) -> io::Result<()> {
+        self.birth.check()?;
         let (fd, old) = self.handlers.lookup(id, Some(interest))?;
         if old != interest {
             self.monitor.borrow_mut().update(
@@ -94,6 +96,7 @@ impl Reactor {
     /// # Errors
     /// `NotFound` for an unknown or removed `id`; the fd monitor's error otherwise.
     pub fn remove_fd(&self, id: FdId) -> io::Result<()> {
+        self.birth.check()?;
         let (fd, old) = self.handlers.lookup(id, None)?;
         if !old.is_empty() {
             let res = self

@@ -39,6 +39,7 @@ impl Reactor {
         owner: &Arc<()>,
         keep: Arc<dyn Any + Send + Sync>,
     ) -> io::Result<()> {
+        self.birth.check()?;
         let mut slot = self.fixed_buffers.borrow_mut();
         if let Some(old) = slot.as_ref() {
             if old.owner.strong_count() > 0 {

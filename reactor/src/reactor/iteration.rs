@@ -35,7 +35,9 @@ impl Reactor {
     ///
     /// # Panics
     /// A panic in a callback propagates out of `poll`; the reactor stays usable and the next
-    /// `poll` goes on with the work that remained.
+    /// `poll` goes on with the work that remained. In a child process, a reactor built before
+    /// the `fork()` panics (its epoll or io_uring instance is the parent's; see
+    /// [`try_poll`](Self::try_poll) for the error instead).
     pub fn poll(&self, blocking: bool) -> bool {
         match self.iterate(blocking, OnError::Survive) {
             Ok(progress) => progress,
@@ -56,7 +58,11 @@ impl Reactor {
     ///
     /// # Errors
     /// The fd monitor's error: for example `EBADF` if its fd was closed behind the reactor's
-    /// back, or `EAGAIN`/`EBUSY` from an io_uring that stayed busy through every retry.
+    /// back, or `EAGAIN`/`EBUSY` from an io_uring that stayed busy through every retry. In a
+    /// child process, for a reactor built before the `fork()`, an error that says so, at once
+    /// and every time: the reactor's kernel objects are the parent's (the ring is also bound
+    /// to the parent's thread). Build a new reactor in the child; dropping the inherited one
+    /// there releases only the child's copies.
     pub fn try_poll(&self, blocking: bool) -> io::Result<bool> {
         self.iterate(blocking, OnError::Return)
     }
@@ -64,6 +70,13 @@ impl Reactor {
     /// One iteration; see [`poll`](Self::poll) and [`try_poll`](Self::try_poll) for what
     /// `on_error` chooses.
     fn iterate(&self, blocking: bool, on_error: OnError) -> io::Result<bool> {
+        if self.birth.inherited() {
+            // A bug of the program, not a condition to wait out: `poll` panics (see fork.rs).
+            match on_error {
+                OnError::Return => return Err(fork::forked()),
+                OnError::Survive => panic!("{}", fork::forked()),
+            }
+        }
         let _enter = Enter::new(self);
         self.stats.iterations.set(self.stats.iterations.get() + 1);
         let notifier = &self.shared.notifier;

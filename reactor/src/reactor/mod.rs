@@ -13,6 +13,7 @@ pub(crate) mod embed;
 mod external;
 mod fds;
 mod fixed;
+mod fork;
 mod iteration;
 pub(crate) mod monitor_errors;
 pub(crate) mod polling;
@@ -126,6 +127,8 @@ pub struct Reactor {
     fixed_buffers: RefCell<Option<fixed::FixedSlot>>,
     /// The provided-buffer ring of multishot receives, once one was armed.
     recv_ring: RefCell<Option<std::rc::Rc<crate::fd::recv_ring::RecvRing>>>,
+    /// The process it was built in (see `fork.rs`).
+    birth: fork::Birth,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -370,8 +373,15 @@ impl Drop for Reactor {
     fn drop(&mut self) {
         // Close the BH list first, so that nothing new arrives; then drop every callback here,
         // on the home thread. The fd monitor goes last (dropping it drops its registrations).
-        self.quiesce_ops();
-        self.drop_recv_ring();
+        if self.birth.inherited() {
+            // In a child of the process that built it: the rings are the parent's, and the
+            // kernel works on the parent's memory, not this copy. Release the copy only.
+            self.ops.clear();
+            std::mem::forget(self.recv_ring.borrow_mut().take());
+        } else {
+            self.quiesce_ops();
+            self.drop_recv_ring();
+        }
         self.bhs.shutdown(&self.shared.notifier.list);
         self.timers.shutdown();
         self.handlers.clear();

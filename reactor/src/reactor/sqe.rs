@@ -62,6 +62,7 @@ impl Reactor {
         sqe: io_uring::squeue::Entry,
         callback: OpCallback,
     ) -> io::Result<OpId> {
+        self.birth.check()?;
         if matches!(callback, OpCallback::Boxed(_)) && self.ops.users_full() {
             return Err(io::Error::new(
                 io::ErrorKind::WouldBlock,
@@ -85,6 +86,7 @@ impl Reactor {
     /// `NotFound` if `id` is not in flight; the ring's error if the cancellation cannot be
     /// queued.
     pub fn cancel_sqe(&self, id: OpId) -> io::Result<()> {
+        self.birth.check()?;
         if !self.ops.contains(id) {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
