@@ -19,6 +19,7 @@ mod measure;
 mod plot;
 mod report;
 mod scenarios;
+mod syscount;
 mod table;
 
 use std::process::ExitCode;

@@ -221,10 +221,18 @@ pub fn thread_cpu_ns() -> u64 {
 }
 
 /// Times `f`, which performs `ops` operations.
+/// Times `f`, which does `ops` operations; in the run that counts system calls (see
+/// `syscount.rs`), counts them too.
 pub fn time(metric: Metric, ops: u64, f: impl FnOnce()) -> Sample {
+    let calls = crate::syscount::Section::start();
     let t0 = Instant::now();
     f();
-    Sample::timed(metric, ops, t0.elapsed())
+    let took = t0.elapsed();
+    let s = Sample::timed(metric, ops, took);
+    match calls.finish() {
+        Some(n) => s.with_syscalls(n as f64 / ops as f64),
+        None => s,
+    }
 }
 
 #[cfg(test)]

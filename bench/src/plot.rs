@@ -47,8 +47,9 @@ pub fn svg(rows: &[Summary], path: &str) -> Result<(), Box<dyn std::error::Error
     let mut bars = Vec::new();
     for (i, sc) in scenarios.iter().enumerate() {
         let uring = of(sc, "reactor-uring").expect("filtered above");
+        // (Where both backends run the same code, their ratio is noise: no bar.)
         let others = [
-            of(sc, "reactor-epoll"),
+            of(sc, "reactor-epoll").filter(|_| !crate::table::same_path(sc)),
             of(sc, "tokio"),
             best_other(rows, sc),
         ];

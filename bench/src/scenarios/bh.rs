@@ -26,7 +26,7 @@ pub fn local(ctx: &Ctx) -> Vec<Row> {
         .map(|b| System::new(format!("reactor-{b}"), move || bh_local(b, n)))
         .collect();
     systems.push(System::new("tokio", move || tokio_yield(n)));
-    ctx.interleave("bh-local", Metric::NsPerOp, systems)
+    ctx.interleave_counting_syscalls("bh-local", Metric::NsPerOp, systems)
 }
 
 /// tokio's equivalent: a task doing `yield_now` in a loop on a current_thread runtime.
@@ -73,9 +73,7 @@ fn bh_local(backend: Backend, n: u64) -> Sample {
         before.wakeups(),
         "a local BH never needs a wakeup"
     );
-    // On io_uring a busy iteration makes no system call; on epoll each is one epoll_pwait2.
-    let per_iter = if backend == Backend::Uring { 0.0 } else { 1.0 };
-    s.with_syscalls(per_iter * (st.iterations - before.iterations) as f64 / n as f64)
+    s
 }
 
 pub fn cross(ctx: &Ctx) -> Vec<Row> {
@@ -85,7 +83,7 @@ pub fn cross(ctx: &Ctx) -> Vec<Row> {
         .map(|b| System::new(format!("reactor-{b}"), move || bh_cross(b, n)))
         .collect();
     systems.push(System::new("tokio", move || tokio_cross(n)));
-    ctx.interleave("bh-cross", Metric::OpsPerSec, systems)
+    ctx.interleave_counting_syscalls("bh-cross", Metric::OpsPerSec, systems)
 }
 
 /// tokio's equivalent: a producer thread spawning `n` tasks into a current_thread runtime kept
@@ -139,7 +137,6 @@ fn bh_cross(backend: Backend, n: u64) -> Sample {
             .unwrap();
         }
     });
-    let before = r.stats();
     let s = time(Metric::OpsPerSec, n, || {
         go.store(true, Ordering::Release);
         // Busy: non-blocking polls, as a loaded storage reactor would be.
@@ -148,7 +145,6 @@ fn bh_cross(backend: Backend, n: u64) -> Sample {
         }
     });
     producer.join().unwrap();
-    let st = r.stats();
     assert_eq!(done.load(Ordering::Relaxed), n);
-    s.with_syscalls((st.wakeups() - before.wakeups()) as f64 / n as f64)
+    s
 }

@@ -132,6 +132,29 @@ impl Ctx {
     /// scenario that dies keeps the runs it made; and before every run as failed, so that a
     /// run that crashes or hangs the process leaves its row failed rather than short.
     pub fn interleave(&self, scenario: &str, metric: Metric, systems: Vec<System<'_>>) -> Vec<Row> {
+        self.interleave_with(scenario, metric, systems, false)
+    }
+
+    /// As [`interleave`](Self::interleave), then one more run of each system that did not
+    /// fail, with its system calls counted (`syscount.rs`): that run gives the row its
+    /// `sc/op`, the same way for every system, and nothing else (counting slows system calls).
+    /// Where they cannot be counted, the rows have no `sc/op`.
+    pub fn interleave_counting_syscalls(
+        &self,
+        scenario: &str,
+        metric: Metric,
+        systems: Vec<System<'_>>,
+    ) -> Vec<Row> {
+        self.interleave_with(scenario, metric, systems, true)
+    }
+
+    fn interleave_with(
+        &self,
+        scenario: &str,
+        metric: Metric,
+        systems: Vec<System<'_>>,
+        count_syscalls: bool,
+    ) -> Vec<Row> {
         let first = self.started.get();
         self.started.set(first + systems.len());
         let mut state: Vec<(System<'_>, Vec<Sample>, Option<String>)> =
@@ -180,10 +203,35 @@ impl Ctx {
                 (self.on_row)(&summary(&sys.name, samples, failed));
             }
         }
-        let rows: Vec<Row> = state
+        let mut rows: Vec<Row> = state
             .iter()
             .map(|(sys, samples, failed)| summary(&sys.name, samples, failed))
             .collect();
+        if count_syscalls {
+            match crate::syscount::available() {
+                Ok(_) => {
+                    for ((sys, _, failed), row) in state.iter_mut().zip(&mut rows) {
+                        if failed.is_some() {
+                            continue;
+                        }
+                        eprintln!("  {scenario:<12} {} (system calls counted)", sys.name);
+                        let counted = catch_unwind(AssertUnwindSafe(|| {
+                            crate::syscount::counting(|| (sys.run)())
+                        }));
+                        row.syscalls_per_op = match counted {
+                            Ok(s) => s.syscalls_per_op,
+                            Err(p) => {
+                                let why = failure::reason(failure::mark(), p.as_ref());
+                                eprintln!("  {scenario:<12} {}: the counted run failed: {why}", sys.name);
+                                None
+                            }
+                        };
+                        (self.on_row)(row);
+                    }
+                }
+                Err(why) => eprintln!("  {scenario:<12} system calls not counted: {why}"),
+            }
+        }
         self.measured.borrow_mut().extend(rows.iter().cloned());
         rows
     }

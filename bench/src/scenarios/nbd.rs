@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use super::nbd_servers::{FILE_SIZE, Fleet, Running, SERVERS, Server, available, up};
+use super::nbd_servers::{FILE_SIZE, Fleet, Running, SERVERS, Server, available, check_reads, up};
 use super::{Ctx, Row, System, qemu};
 use crate::measure::{Metric, Sample};
 
@@ -49,6 +49,23 @@ fn client_run(srv: &Running, case: Case) -> Sample {
     Sample::timed(Metric::OpsPerSec, case.requests, took).with_cpu_of(cpu, case.requests)
 }
 
+/// Before a write run: the region it writes made different from what it will write (the
+/// file's original bytes, whose low bit is set; the pattern's is not), so that
+/// [`check_writes`] checks this run's writes, not an earlier run's. Through the page cache,
+/// which every server serves the file from.
+fn unwrite(path: &Path, requests: u64) {
+    use std::os::unix::fs::FileExt;
+    let written = (requests * 4096).min(FILE_SIZE);
+    let f = std::fs::OpenOptions::new().write(true).open(path).expect("open the export file");
+    let mut chunk = vec![0u8; 1 << 20];
+    for i in 0..written.div_ceil(1 << 20) {
+        for (j, b) in chunk.iter_mut().enumerate() {
+            *b = (i as usize * 131 + j * 7 + 1) as u8 | 1;
+        }
+        f.write_all_at(&chunk, i << 20).expect("reset the export file");
+    }
+}
+
 /// After the write runs: the bytes qemu-img bench wrote must be in the file.
 fn check_writes(path: &Path, system: &str, requests: u64) {
     let data = std::fs::read(path).expect("read back the export file");
@@ -65,8 +82,8 @@ fn check_writes(path: &Path, system: &str, requests: u64) {
 pub fn run(ctx: &Ctx) -> Vec<Row> {
     assert!(
         available(),
-        "the nbd scenario needs qemu-img, qemu-storage-daemon, qemu-nbd and nbdkit on the \
-         PATH (Debian/Ubuntu: apt-get install qemu-utils nbdkit)"
+        "the nbd scenario needs qemu-img, qemu-storage-daemon, qemu-nbd, nbdkit and nbdcopy \
+         on the PATH (Debian/Ubuntu: apt-get install qemu-utils nbdkit libnbd-bin)"
     );
     let dir = Path::new("target").join("bench-data");
     std::fs::create_dir_all(&dir).expect("create target/bench-data");
@@ -106,9 +123,15 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
             .iter()
             .map(|(system, path, srv)| {
                 System::new(system.as_str(), move || {
-                    let sample = client_run(up(system, srv), case);
+                    let srv = up(system, srv);
+                    if case.write {
+                        unwrite(path, case.requests);
+                    }
+                    let sample = client_run(srv, case);
                     if case.write {
                         check_writes(path, system, case.requests);
+                    } else {
+                        check_reads(srv, path, system);
                     }
                     sample
                 })

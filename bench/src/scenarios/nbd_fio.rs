@@ -41,10 +41,13 @@ pub fn available() -> bool {
 }
 
 /// One fio run against `srv`: requests/s over fio's run time, and the server's CPU per
-/// request. Checks that fio did every request it was given, without an error.
+/// request. Checks that fio did every request it was given, without an error. Writes carry
+/// fio's checksums (`--verify=crc32c`), and a second fio run, after the timed one and outside
+/// the server's CPU count, reads every written block back and checks it (`--verify_only`).
 fn client_run(srv: &Running, case: Case) -> Sample {
     let per_job = case.requests / u64::from(case.jobs);
-    let args = [
+    let write = case.rw.contains("write");
+    let mut args = vec![
         "--name=bench".to_string(),
         "--ioengine=nbd".into(),
         format!("--uri=nbd://{}/disk", srv.addr),
@@ -56,9 +59,27 @@ fn client_run(srv: &Running, case: Case) -> Sample {
         format!("--io_size={}", per_job * 4096),
         "--output-format=json".into(),
     ];
+    if write {
+        args.extend([
+            "--verify=crc32c".into(),
+            "--do_verify=0".into(),
+            "--verify_fatal=1".into(),
+        ]);
+    }
     let cpu0 = srv.cpu();
     let out = Command::new("fio").args(&args).output().expect("run fio");
     let cpu = srv.cpu().since(cpu0);
+    if write && out.status.success() {
+        let mut verify = args.clone();
+        verify.push("--verify_only".into());
+        let v = Command::new("fio").args(&verify).output().expect("run fio's verify");
+        assert!(
+            v.status.success(),
+            "fio found blocks it wrote changed when read back: {}{}",
+            String::from_utf8_lossy(&v.stdout),
+            String::from_utf8_lossy(&v.stderr)
+        );
+    }
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -72,7 +93,7 @@ fn client_run(srv: &Running, case: Case) -> Sample {
     let v: serde_json::Value = serde_json::from_str(json).expect("fio's JSON output");
     let jobs = v["jobs"].as_array().expect("fio's jobs");
     assert_eq!(jobs.len(), case.jobs as usize, "one result per job");
-    let dir = if case.rw.contains("write") {
+    let dir = if write {
         "write"
     } else {
         "read"
@@ -99,8 +120,9 @@ fn client_run(srv: &Running, case: Case) -> Sample {
 pub fn run(ctx: &Ctx) -> Vec<Row> {
     assert!(
         available() && super::nbd_servers::available(),
-        "the nbd-fio scenario needs fio (with its nbd engine), qemu-storage-daemon, qemu-nbd \
-         and nbdkit on the PATH (Debian/Ubuntu: apt-get install fio qemu-utils nbdkit)"
+        "the nbd-fio scenario needs fio (with its nbd engine), qemu-storage-daemon, qemu-nbd, \
+         nbdkit and nbdcopy on the PATH (Debian/Ubuntu: apt-get install fio qemu-utils nbdkit \
+         libnbd-bin)"
     );
     let dir = Path::new("target").join("bench-data");
     std::fs::create_dir_all(&dir).expect("create target/bench-data");
@@ -131,8 +153,15 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
         let systems = fleet
             .servers
             .iter()
-            .map(|(system, _, srv)| {
-                System::new(system.as_str(), move || client_run(up(system, srv), case))
+            .map(|(system, path, srv)| {
+                System::new(system.as_str(), move || {
+                    let srv = up(system, srv);
+                    let sample = client_run(srv, case);
+                    if case.rw == "randread" {
+                        super::nbd_servers::check_reads(srv, path, system);
+                    }
+                    sample
+                })
             })
             .collect();
         rows.extend(ctx.interleave(&case.name(), Metric::OpsPerSec, systems));

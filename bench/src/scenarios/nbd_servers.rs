@@ -304,9 +304,40 @@ pub fn prepare(path: &Path) {
     std::io::copy(&mut r, &mut std::io::sink()).unwrap();
 }
 
-/// Whether every peer server and QEMU's client are installed.
+/// After a run that read from `srv`: the export, read back whole through the server
+/// (`nbdcopy` to a pipe), must be the bytes of its file, so that a server that answers reads
+/// quickly with the wrong bytes fails its row instead of winning it.
+pub fn check_reads(srv: &Running, path: &Path, system: &str) {
+    let url = format!("nbd://{}/disk", srv.addr);
+    let out = std::process::Command::new("nbdcopy")
+        .args([url.as_str(), "-"])
+        .output()
+        .expect("run nbdcopy");
+    assert!(
+        out.status.success(),
+        "{system}: reading the export back with nbdcopy failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = std::fs::read(path).expect("read the export file");
+    assert_eq!(
+        out.stdout.len(),
+        file.len(),
+        "{system}: the export read back has {} bytes, its file {}",
+        out.stdout.len(),
+        file.len()
+    );
+    if let Some(i) = out.stdout.iter().zip(&file).position(|(a, b)| a != b) {
+        panic!(
+            "{system}: byte {i} read through the server is {:#x}, its file has {:#x}",
+            out.stdout[i], file[i]
+        );
+    }
+}
+
+/// Whether every peer server, QEMU's client and libnbd's nbdcopy (which checks what the
+/// servers read) are installed.
 pub fn available() -> bool {
-    ["qemu-img", "qemu-storage-daemon", "qemu-nbd", "nbdkit"]
+    ["qemu-img", "qemu-storage-daemon", "qemu-nbd", "nbdkit", "nbdcopy"]
         .iter()
         .all(|t| qemu::available(t))
 }

@@ -43,7 +43,7 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
         System::new("floor-futex", move || futex_pingpong(n)),
         System::new("floor-msg-ring", move || msg_ring_pingpong(n)),
     ]);
-    let mut rows = ctx.interleave("pingpong", Metric::NsPerOp, systems);
+    let mut rows = ctx.interleave_counting_syscalls("pingpong", Metric::NsPerOp, systems);
     // With adaptive polling on, the same bounce against the in-process spinning floor.
     let np = ctx.scale(200_000, 50_000);
     let mut systems: Vec<System> = [Backend::Uring, Backend::Epoll]
@@ -55,7 +55,11 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
         })
         .collect();
     systems.push(System::new("floor-spin", move || spin_pingpong(np)));
-    rows.extend(ctx.interleave("pingpong-poll", Metric::NsPerOp, systems));
+    rows.extend(ctx.interleave_counting_syscalls(
+        "pingpong-poll",
+        Metric::NsPerOp,
+        systems,
+    ));
     rows
 }
 
@@ -168,26 +172,17 @@ fn reactor_pingpong(backend: Backend, wakeup: Wakeup, poll: PollParams, n: u64) 
     tx_a.send(ping.clone()).unwrap();
     let pong = rx.recv().unwrap();
     let _ = pong_slot.set(pong.clone());
-    let before = r.stats();
     let sample = time(Metric::NsPerOp, n, || {
         pong.schedule();
         r.run_until(|| count.load(Ordering::Relaxed) >= n);
     });
-    let stats_b = b.join().unwrap();
-    let a = r.stats();
+    b.join().unwrap();
     assert_eq!(
         count.load(Ordering::Relaxed),
         n,
         "every round trip completed"
     );
-    // System calls per round trip, both directions: the wakeups (each one system call by the
-    // waker: an eventfd write(2) or a ring message; on the eventfd the reader's read is not
-    // counted) and the spinners' sched_yield calls.
-    let writes = (a.wakeups() - before.wakeups())
-        + stats_b.wakeups()
-        + (a.poll_yields - before.poll_yields)
-        + stats_b.poll_yields;
-    sample.with_syscalls(writes as f64 / n as f64)
+    sample
 }
 
 fn eventfd() -> i32 {
@@ -249,7 +244,7 @@ fn eventfd_pingpong(n: u64) -> Sample {
         // SAFETY: closing fds this function opened.
         unsafe { libc::close(fd) };
     }
-    s.with_syscalls(6.0)
+    s
 }
 
 fn futex_wait(word: &AtomicU32, val: u32) {
@@ -367,5 +362,5 @@ fn msg_ring_pingpong(n: u64) -> Sample {
         }
     });
     drop(t.join().unwrap());
-    s.with_syscalls(2.0)
+    s
 }

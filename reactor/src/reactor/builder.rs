@@ -9,7 +9,9 @@ use crate::lockfree::event_notifier::EventNotifier;
 ///
 /// Chosen by measurement (the bench's `tcp-echo` scenario: 64 loopback connections, one
 /// request in flight each, a raw epoll client on the other core; the server thread is
-/// saturated, so its CPU time per request is the figure that decides). Four runs of 5–7:
+/// saturated, so its CPU time per request is the figure that decides). Four runs of 5–7 of
+/// `cargo run --release -p bench -- --scenario tcp-echo --runs 7` (rows `reactor-uring`,
+/// `reactor-uring-readiness` and `reactor-uring-multishot`):
 ///
 /// | message | `Completion` requests/s, server CPU | `Readiness` requests/s, server CPU |
 /// |---|---|---|
