@@ -253,7 +253,7 @@ pub const ALL: &[Scenario] = &[
     },
     Scenario {
         name: "bh-cross",
-        about: "one producer thread posting one-shots into a busy reactor (ops/s; eventfd writes per op)",
+        about: "one producer thread posting one-shots into a busy reactor (ops/s)",
         run: bh::cross,
     },
     Scenario {
