@@ -96,7 +96,8 @@ fn sys_enter_id() -> Result<u64, String> {
             io::Error::last_os_error()
         ));
     }
-    read().ok_or_else(|| format!("tracefs has no {EVENT_ID} (a kernel without syscall tracepoints)"))
+    read()
+        .ok_or_else(|| format!("tracefs has no {EVENT_ID} (a kernel without syscall tracepoints)"))
 }
 
 /// A disabled counter of `tid`'s system calls, inherited by the threads it creates.
@@ -193,7 +194,12 @@ impl Counters {
                 let mut v = 0u64;
                 // SAFETY: reads one u64 (read_format 0) into a live local.
                 let n = unsafe { libc::read(fd.as_raw_fd(), (&raw mut v).cast(), 8) };
-                assert_eq!(n, 8, "read of a perf counter: {}", io::Error::last_os_error());
+                assert_eq!(
+                    n,
+                    8,
+                    "read of a perf counter: {}",
+                    io::Error::last_os_error()
+                );
                 v
             })
             .sum()

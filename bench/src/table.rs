@@ -205,14 +205,20 @@ mod tests {
             row("file-rand-4k-qd1-cached", "floor-pread", 1.25e6),
         ];
         let t = render(&cached);
-        assert!(t.contains("[+200 ns/op over floor-pread]"), "the inline path's floor: {t}");
+        assert!(
+            t.contains("[+200 ns/op over floor-pread]"),
+            "the inline path's floor: {t}"
+        );
         let slower_floor = [
             row("file-write-rand-4k-qd1-cached", "reactor-uring", 1e6),
             row("file-write-rand-4k-qd1-cached", "floor-pwrite", 0.9e6),
         ];
         let t = render(&slower_floor);
         let line = t.lines().nth(2).unwrap();
-        assert!(line.contains("[at floor-pwrite]") && !line.contains("ns/op over"), "{t}");
+        assert!(
+            line.contains("[at floor-pwrite]") && !line.contains("ns/op over"),
+            "{t}"
+        );
         assert!(
             !render(&direct[..1]).contains("ns/op over floor-tuned-uring]"),
             "no floor, no figure"
@@ -228,8 +234,15 @@ mod tests {
             row("file-seq-4k-qd1-direct", "reactor-epoll", 0.8e6),
         ];
         let t = render(&rows);
-        let line = |sc: &str| t.lines().find(|l| l.starts_with(&format!("| {sc} "))).unwrap();
-        assert!(line("file-seq-4k-qd1-cached").contains("| = (same path) |"), "{t}");
+        let line = |sc: &str| {
+            t.lines()
+                .find(|l| l.starts_with(&format!("| {sc} ")))
+                .unwrap()
+        };
+        assert!(
+            line("file-seq-4k-qd1-cached").contains("| = (same path) |"),
+            "{t}"
+        );
         assert!(line("file-seq-4k-qd1-direct").contains("| 1.25 |"), "{t}");
     }
 }

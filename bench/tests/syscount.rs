@@ -27,7 +27,9 @@ fn traced(log: &str, parent: u32) -> Vec<u64> {
         let Some((pid, call)) = line.split_once(' ') else {
             continue;
         };
-        let Ok(pid) = pid.parse::<u32>() else { continue };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
         let call = call.trim_start();
         if pid == parent {
             continue;
@@ -40,7 +42,8 @@ fn traced(log: &str, parent: u32) -> Vec<u64> {
             sections.push(open.take().expect("an end marker after a begin marker"));
             continue;
         }
-        let is_call = !call.starts_with("<...") && !call.starts_with("---") && !call.starts_with("+++");
+        let is_call =
+            !call.starts_with("<...") && !call.starts_with("---") && !call.starts_with("+++");
         if let (Some(n), true) = (open.as_mut(), is_call) {
             *n += 1;
         }
@@ -96,8 +99,15 @@ fn sc_per_op_agrees_with_strace_on_bh_cross_pingpong_and_fd_pingpong() {
     std::fs::remove_dir_all(&dir).unwrap();
     // bh-cross's 3 systems, pingpong's and pingpong-poll's 11, fd-pingpong's and
     // fd-pingpong-poll's 5: one count each.
-    assert!(ours.len() >= 19, "one count per system of each row: {ours:?}");
-    assert_eq!(ours.len(), theirs.len(), "ours {ours:?}, strace's {theirs:?}");
+    assert!(
+        ours.len() >= 19,
+        "one count per system of each row: {ours:?}"
+    );
+    assert_eq!(
+        ours.len(),
+        theirs.len(),
+        "ours {ours:?}, strace's {theirs:?}"
+    );
     for (i, (&a, &b)) in ours.iter().zip(&theirs).enumerate() {
         let slack = (b as f64 * 0.10).max(3.0);
         assert!(

@@ -37,11 +37,7 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
             })
         })
         .collect();
-    rows.extend(ctx.interleave_counting_syscalls(
-        "fd-pingpong-poll",
-        Metric::NsPerOp,
-        systems,
-    ));
+    rows.extend(ctx.interleave_counting_syscalls("fd-pingpong-poll", Metric::NsPerOp, systems));
     rows
 }
 

@@ -222,7 +222,10 @@ impl Ctx {
                             Ok(s) => s.syscalls_per_op,
                             Err(p) => {
                                 let why = failure::reason(failure::mark(), p.as_ref());
-                                eprintln!("  {scenario:<12} {}: the counted run failed: {why}", sys.name);
+                                eprintln!(
+                                    "  {scenario:<12} {}: the counted run failed: {why}",
+                                    sys.name
+                                );
                                 None
                             }
                         };

@@ -56,13 +56,17 @@ fn client_run(srv: &Running, case: Case) -> Sample {
 fn unwrite(path: &Path, requests: u64) {
     use std::os::unix::fs::FileExt;
     let written = (requests * 4096).min(FILE_SIZE);
-    let f = std::fs::OpenOptions::new().write(true).open(path).expect("open the export file");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open the export file");
     let mut chunk = vec![0u8; 1 << 20];
     for i in 0..written.div_ceil(1 << 20) {
         for (j, b) in chunk.iter_mut().enumerate() {
             *b = (i as usize * 131 + j * 7 + 1) as u8 | 1;
         }
-        f.write_all_at(&chunk, i << 20).expect("reset the export file");
+        f.write_all_at(&chunk, i << 20)
+            .expect("reset the export file");
     }
 }
 

@@ -72,7 +72,10 @@ fn client_run(srv: &Running, case: Case) -> Sample {
     if write && out.status.success() {
         let mut verify = args.clone();
         verify.push("--verify_only".into());
-        let v = Command::new("fio").args(&verify).output().expect("run fio's verify");
+        let v = Command::new("fio")
+            .args(&verify)
+            .output()
+            .expect("run fio's verify");
         assert!(
             v.status.success(),
             "fio found blocks it wrote changed when read back: {}{}",
@@ -93,11 +96,7 @@ fn client_run(srv: &Running, case: Case) -> Sample {
     let v: serde_json::Value = serde_json::from_str(json).expect("fio's JSON output");
     let jobs = v["jobs"].as_array().expect("fio's jobs");
     assert_eq!(jobs.len(), case.jobs as usize, "one result per job");
-    let dir = if write {
-        "write"
-    } else {
-        "read"
-    };
+    let dir = if write { "write" } else { "read" };
     // The jobs run at once: all their requests over the longest job's run time.
     let (mut ios, mut runtime_ms) = (0, 1);
     for job in jobs {

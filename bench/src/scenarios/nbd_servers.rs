@@ -337,9 +337,15 @@ pub fn check_reads(srv: &Running, path: &Path, system: &str) {
 /// Whether every peer server, QEMU's client and libnbd's nbdcopy (which checks what the
 /// servers read) are installed.
 pub fn available() -> bool {
-    ["qemu-img", "qemu-storage-daemon", "qemu-nbd", "nbdkit", "nbdcopy"]
-        .iter()
-        .all(|t| qemu::available(t))
+    [
+        "qemu-img",
+        "qemu-storage-daemon",
+        "qemu-nbd",
+        "nbdkit",
+        "nbdcopy",
+    ]
+    .iter()
+    .all(|t| qemu::available(t))
 }
 
 /// `bench --nbd-server ARGS...`: runs the nbd-server program.

@@ -55,11 +55,7 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
         })
         .collect();
     systems.push(System::new("floor-spin", move || spin_pingpong(np)));
-    rows.extend(ctx.interleave_counting_syscalls(
-        "pingpong-poll",
-        Metric::NsPerOp,
-        systems,
-    ));
+    rows.extend(ctx.interleave_counting_syscalls("pingpong-poll", Metric::NsPerOp, systems));
     rows
 }
 
