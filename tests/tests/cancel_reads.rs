@@ -139,8 +139,11 @@ fn timed_out_reads(r: &Reactor) {
             }
         }
     });
+    eprintln!("{timeouts} of {n} reads timed out");
+    // (On a busy machine the peer runs less and more reads find data at once: 2.5 % of them
+    // timed out with both CPUs taken by other processes, 9-11 % on an idle one.)
     assert!(
-        timeouts > n / 20,
+        timeouts > n / 100,
         "only {timeouts} of {n} reads timed out: the test did not cancel reads"
     );
 }
@@ -184,8 +187,9 @@ fn aborted_reads(r: &Reactor) {
             checker.borrow_mut().feed_some(&got);
         }
     });
+    eprintln!("{aborted} of {n} reads were aborted");
     assert!(
-        aborted > n / 20,
+        aborted > n / 100,
         "only {aborted} of {n} reads were aborted: the test did not cancel reads"
     );
 }
