@@ -270,3 +270,23 @@ impl Drop for RealTime {
         }
     }
 }
+
+/// xorshift64*: reproducible pseudo-random numbers for tests (sizes, delays, offsets).
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+}
+
+/// The byte at position `p` of a known byte sequence (period 1,757: a run of bytes lost or
+/// repeated shows as a wrong byte, unless its length is a multiple of that, which a count of
+/// the bytes then shows).
+pub fn sequence_byte(p: u64) -> u8 {
+    (p % 251) as u8 ^ (p / 251 % 7) as u8
+}

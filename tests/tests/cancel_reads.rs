@@ -19,29 +19,13 @@ use std::time::Duration;
 
 use reactor::net::{SocketIo, TcpStream};
 use reactor::{Backend, Reactor, time};
+use tests::{Rng, sequence_byte};
 
 fn iterations() -> usize {
     std::env::var("REACTOR_CANCEL_READS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000)
-}
-
-/// The byte at position `p` of the peer's sequence.
-fn pattern(p: u64) -> u8 {
-    (p % 251) as u8 ^ (p / 251 % 7) as u8
-}
-
-/// xorshift64*: reproducible random sizes and delays.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-    }
 }
 
 /// Checks received bytes against the sequence, in order.
@@ -61,7 +45,7 @@ impl Checker {
             let p = self.pos + i as u64;
             assert_eq!(
                 b,
-                pattern(p),
+                sequence_byte(p),
                 "byte {p} is wrong: bytes were lost or returned twice"
             );
         }
@@ -78,7 +62,7 @@ fn peer(mut s: std::net::TcpStream, stop: Arc<AtomicBool>, seed: u64) -> u64 {
     while !stop.load(Ordering::Relaxed) {
         let len = rng.below(buf.len() as u64) as usize + 1;
         for (i, b) in buf[..len].iter_mut().enumerate() {
-            *b = pattern(pos + i as u64);
+            *b = sequence_byte(pos + i as u64);
         }
         s.write_all(&buf[..len]).expect("the reader keeps reading");
         pos += len as u64;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures_lite::AsyncWriteExt;
 use reactor::net::{SocketIo, TcpStream};
 use reactor::{Backend, Reactor, time};
+use tests::{Rng, sequence_byte};
 
 fn iterations() -> usize {
     std::env::var("REACTOR_CANCEL_WRITES")
@@ -36,21 +37,6 @@ fn small_buffer(fd: &impl AsRawFd, opt: libc::c_int) {
     assert_eq!(rc, 0, "setsockopt: {}", std::io::Error::last_os_error());
 }
 
-fn pattern(p: u64) -> u8 {
-    (p % 251) as u8 ^ (p / 251 % 7) as u8
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-    }
-}
-
 /// The peer: reads in random pieces with random pauses (so the socket fills and writes wait),
 /// checks every byte against the sequence, and returns how many it read.
 fn peer(mut s: std::net::TcpStream) -> u64 {
@@ -65,7 +51,11 @@ fn peer(mut s: std::net::TcpStream) -> u64 {
         }
         for (i, &b) in buf[..n].iter().enumerate() {
             let p = pos + i as u64;
-            assert_eq!(b, pattern(p), "byte {p}: bytes were lost or sent twice");
+            assert_eq!(
+                b,
+                sequence_byte(p),
+                "byte {p}: bytes were lost or sent twice"
+            );
         }
         pos += n as u64;
         if rng.below(4) == 0 {
@@ -89,7 +79,7 @@ fn dropped_writes(r: &Reactor, mode: SocketIo) {
         let mut pos = 0u64;
         for _ in 0..n {
             let len = rng.below(16 << 10) + 1;
-            let buf: Vec<u8> = (pos..pos + len).map(pattern).collect();
+            let buf: Vec<u8> = (pos..pos + len).map(sequence_byte).collect();
             let before = s.bytes_sent();
             let d = Duration::from_micros(rng.below(50));
             match time::timeout(d, s.write(buf)).await {
@@ -113,7 +103,7 @@ fn dropped_writes(r: &Reactor, mode: SocketIo) {
         }
         // The futures-io side resumes the same sequence.
         let mut s = s;
-        let tail: Vec<u8> = (pos..pos + 1000).map(pattern).collect();
+        let tail: Vec<u8> = (pos..pos + 1000).map(sequence_byte).collect();
         AsyncWriteExt::write_all(&mut s, &tail).await.unwrap();
         AsyncWriteExt::flush(&mut s).await.unwrap();
         pos += 1000;
