@@ -341,13 +341,11 @@ impl Builder {
             io_budget: crate::sched::coop::Budget::new(self.io_budget),
             pool: self.pool.unwrap_or_else(ThreadPool::default_pool),
             socket_io: self.socket_io,
-            adaptive: Adaptive::new(self.poll.unwrap_or(PollParams::OFF)),
-            contention: super::contention::Contention::new(
-                self.poll_stand_down && self.poll.is_some_and(|p| !p.max.is_zero()),
+            spin: super::spin::Spin::new(
+                self.poll.unwrap_or(PollParams::OFF),
+                self.poll_stand_down,
             ),
-            poll_mode: Cell::new(false),
             external_wait: Cell::new(false),
-            skipped_waits: Cell::new(0),
             external_timer: RefCell::new(None),
             stats: LocalStats::default(),
             monitor_errors: MonitorErrors::default(),
@@ -355,7 +353,6 @@ impl Builder {
             recv_ring: RefCell::new(None),
             _not_send: PhantomData,
         };
-        r.contention.set_enabled(self.poll_stand_down);
         Ok(r)
     }
 }

@@ -1,15 +1,43 @@
-//! One iteration of the loop ([`Reactor::poll`], [`Reactor::try_poll`]): the timeout, busy
-//! polling, the wait on the fd monitor, what a failed wait does, then BHs, fd handlers and
-//! timers; and the loops built on it (`run`, `run_until` and their `try_` forms).
+//! One iteration of the loop ([`Reactor::poll`], [`Reactor::try_poll`]) in its four steps:
+//! the deadline, the spin (`spin.rs`), the wait on the fd monitor (announced, and what a failed
+//! wait does), then completions, BHs, fd handlers and timers; and the loops built on it (`run`,
+//! `run_until` and their `try_` forms).
 
 use std::io;
 use std::time::Duration;
 
 use super::*;
 
+/// A wait that may block, announced to the threads that would wake the loop (SP5 in
+/// `lockfree/protocol.rs`: `notify_me` raised, then `notified` read), and withdrawn when this
+/// guard goes, on every path out of the wait.
+struct Announced<'a>(Option<&'a Notifier>);
+
+impl<'a> Announced<'a> {
+    /// Announces a wait of `timeout` unless it is zero; a notification already there makes it
+    /// zero (the wait must not block).
+    fn new(notifier: &'a Notifier, timeout: &mut Option<Duration>) -> Announced<'a> {
+        if *timeout == Some(Duration::ZERO) {
+            return Announced(None);
+        }
+        if notifier.prepare_block() {
+            *timeout = Some(Duration::ZERO);
+        }
+        Announced(Some(notifier))
+    }
+}
+
+impl Drop for Announced<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.0 {
+            n.finish_block();
+        }
+    }
+}
+
 /// What an iteration does with an error of the fd monitor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OnError {
+pub(super) enum OnError {
     /// Return it ([`Reactor::try_poll`]).
     Return,
     /// Count, log, pause and go on ([`Reactor::poll`]).
@@ -68,7 +96,7 @@ impl Reactor {
     }
 
     /// One iteration; see [`poll`](Self::poll) and [`try_poll`](Self::try_poll) for what
-    /// `on_error` chooses.
+    /// `on_error` chooses. Four steps: the deadline, the spin, the wait, the dispatch.
     fn iterate(&self, blocking: bool, on_error: OnError) -> io::Result<bool> {
         if self.birth.inherited() {
             // A bug of the program, not a condition to wait out: `poll` panics (see fork.rs).
@@ -79,71 +107,55 @@ impl Reactor {
         }
         let _enter = Enter::new(self);
         self.stats.iterations.set(self.stats.iterations.get() + 1);
-        let notifier = &self.shared.notifier;
         self.end_external_wait();
-
-        let mut adaptive = blocking && self.adaptive.enabled();
-        let start = if adaptive {
-            self.shared.clock.now_ns()
-        } else {
-            0
-        };
-        // The thread waits for its CPU: a spin would take it from whoever holds it.
-        let contended = adaptive && self.contention.suspends(start);
-        adaptive &= !contended;
-        self.handlers.set_now(start);
+        let plan = self.spin.plan(&self.shared.clock, blocking);
+        self.handlers.set_now(plan.start);
+        // 1. The deadline: now for pending work, else the nearest timer (or none).
         let mut timeout = if blocking {
             self.timeout()
         } else {
             Some(Duration::ZERO)
         };
-        if contended && timeout != Some(Duration::ZERO) {
-            // (Counted only where the iteration would have spun.)
-            self.stats
-                .poll_contended
-                .set(self.stats.poll_contended.get() + 1);
-        }
-        let mut skip_wait = false;
-        let mut polled_hit = false;
-        if adaptive && timeout != Some(Duration::ZERO) && self.busy_poll(timeout, on_error)? {
-            polled_hit = true;
-            timeout = Some(Duration::ZERO);
-            // Spinning found the work: a zero wait would only look at fds again (a system call
-            // on epoll). Skip it, but not too many times in a row, so that fds without a poll
-            // callback are still looked at.
-            let skipped = self.skipped_waits.get();
-            skip_wait = skipped < MAX_SKIPPED_WAITS && !self.monitor.borrow_mut().need_wait();
-            self.skipped_waits
-                .set(if skip_wait { skipped + 1 } else { 0 });
-        }
-        let announced = timeout != Some(Duration::ZERO);
-        if announced && notifier.prepare_block() {
-            timeout = Some(Duration::ZERO);
-        }
-        if timeout != Some(Duration::ZERO) {
+        // 2. The spin, if the plan has one and the wait would block.
+        let spun = self.spin_before(&plan, &mut timeout, on_error)?;
+        // 3. The wait.
+        let res = self.announced_wait(&mut timeout, spun.skip_wait);
+        self.spin.after_wait(&plan, spun.found, &self.shared.clock);
+        let events = self.waited(res, timeout, on_error)?;
+        // 4. Completions, BHs and tasks, fd handlers, timers.
+        Ok(self.dispatch(events))
+    }
+
+    /// Waits on the fd monitor, unless `skip` (a spin found work and the wait can only look at
+    /// fds again). A wait that may block is announced first and withdrawn after it, on every
+    /// path ([`Announced`], SP5); when the announcement finds a notification, it does not block.
+    fn announced_wait(&self, timeout: &mut Option<Duration>, skip: bool) -> io::Result<usize> {
+        let _announced = Announced::new(&self.shared.notifier, timeout);
+        if *timeout != Some(Duration::ZERO) {
             self.stats
                 .blocking_waits
                 .set(self.stats.blocking_waits.get() + 1);
-            if self.poll_mode.replace(false) {
+            if self.spin.leave_poll_mode() {
                 // Really about to block: only now does poll mode end.
                 self.handlers.set_poll_mode(self, false);
             }
         }
         tracing::trace!(?timeout, "reactor: wait");
-        let res = if skip_wait { Ok(0) } else { self.wait(timeout) };
-        if announced {
-            notifier.finish_block();
-        }
-        if adaptive && !polled_hit {
-            // (A hit took at most the poll time: the sweet spot, nothing to adjust, and no
-            // clock read on the path to the work.)
-            self.adaptive
-                .adjust(self.shared.clock.now_ns().saturating_sub(start));
-        }
-        let events = match res {
+        if skip { Ok(0) } else { self.wait(*timeout) }
+    }
+
+    /// The outcome of the wait: its events, or after an error of the fd monitor that is
+    /// survived, none (and a pause, if the wait was to block).
+    fn waited(
+        &self,
+        res: io::Result<usize>,
+        timeout: Option<Duration>,
+        on_error: OnError,
+    ) -> io::Result<usize> {
+        match res {
             Ok(n) => {
                 self.monitor_errors.succeeded();
-                n
+                Ok(n)
             }
             Err(e) => {
                 let pause = self.monitor_failed(&e, on_error)?;
@@ -154,10 +166,14 @@ impl Reactor {
                     Some(t) => std::thread::sleep(pause.min(t)),
                     None => std::thread::sleep(pause),
                 }
-                0
+                Ok(0)
             }
-        };
+        }
+    }
 
+    /// Runs what is due: completions, BHs and tasks, ready fd handlers, expired timers.
+    /// Returns whether that was progress.
+    fn dispatch(&self, events: usize) -> bool {
         let bh_runs = self.stats.bh_runs.get();
         let progress = self.ops.dispatch(self)
             | self.bhs.poll(self, self.task_budget)
@@ -172,12 +188,12 @@ impl Reactor {
             progress,
             "reactor: iteration done"
         );
-        Ok(progress)
+        progress
     }
 
     /// The fd monitor failed with `e`: returned as is if `on_error` says so, else counted and
     /// logged (see `monitor_errors.rs`), with the pause a blocking iteration should make.
-    fn monitor_failed(&self, e: &io::Error, on_error: OnError) -> io::Result<Duration> {
+    pub(super) fn monitor_failed(&self, e: &io::Error, on_error: OnError) -> io::Result<Duration> {
         let pause = self.monitor_errors.failed(e, self.backend());
         match on_error {
             OnError::Return => Err(io::Error::new(
@@ -212,154 +228,6 @@ impl Reactor {
                 flags,
             } => self.ops.complete(token, result, flags),
         })
-    }
-
-    /// Adaptive polling: spins for up to the current poll time (and at most `timeout`),
-    /// checking for work without system calls (but a `sched_yield` every 2 µs, and on epoll
-    /// a zero wait every 64 spins). Returns `true` if some was found.
-    /// A failed zero wait ends the spin: the blocking wait that follows meets the error again
-    /// and handles it.
-    fn busy_poll(&self, timeout: Option<Duration>, on_error: OnError) -> io::Result<bool> {
-        // Staged changes (re-arms after events) go to the kernel first, so that what they
-        // watch can be seen while spinning; a zero wait also collects what is already there.
-        if self.monitor.borrow_mut().need_wait() {
-            match self.wait(Some(Duration::ZERO)) {
-                Ok(n) if n > 0 => return Ok(true),
-                Ok(_) => {}
-                Err(e) => {
-                    self.monitor_failed(&e, on_error)?;
-                    return Ok(false);
-                }
-            }
-        }
-        let window = self.adaptive.window(timeout);
-        if window == 0 {
-            return Ok(false);
-        }
-        if !self.poll_mode.replace(true) {
-            self.handlers.set_poll_mode(self, true);
-        }
-        let clock = &self.shared.clock;
-        let mut start = clock.now_ns();
-        if self.adaptive.shared() {
-            // The last yield ran another thread on this CPU: most likely the peer this loop
-            // has just answered (a client woken by the reply), whose next request the spin
-            // would wait for. After one look for work already there, it runs first, rather
-            // than after 2 µs of spinning.
-            if self.poll_found() {
-                return Ok(true);
-            }
-            start = self.poll_yield(start);
-        }
-        // Still shared: the CPU's other thread ran again. Spinning on would take the CPU from
-        // it, and a wait here is cheap (whoever wakes this thread runs on its CPU, which is
-        // not halted): one more look, then the wait.
-        if self.adaptive.shared() {
-            self.stats.poll_shared.set(self.stats.poll_shared.get() + 1);
-            return Ok(self.poll_found());
-        }
-        let deadline = start.saturating_add(window);
-        let mut next_yield = start.saturating_add(POLL_YIELD_NS);
-        let mut spins = 0u32;
-        let syscall_poll = self.monitor.borrow().needs_syscall_to_poll();
-        loop {
-            if self.poll_found() {
-                return Ok(true);
-            }
-            spins = spins.wrapping_add(1);
-            // On epoll, fds can only be seen with a system call: one zero wait every 64 spins
-            // (about a microsecond), which the spinning pays for anyway.
-            if spins % 64 == 0 && syscall_poll {
-                match self.wait(Some(Duration::ZERO)) {
-                    Ok(n) if n > 0 => {
-                        self.stats.poll_hits.set(self.stats.poll_hits.get() + 1);
-                        return Ok(true);
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        self.monitor_failed(&e, on_error)?;
-                        return Ok(false);
-                    }
-                }
-            }
-            // The clock (a vDSO call) is read every 16 spins only.
-            if spins % 16 == 0 {
-                let now = clock.now_ns();
-                if now >= deadline {
-                    self.stats.poll_misses.set(self.stats.poll_misses.get() + 1);
-                    return Ok(false);
-                }
-                if now >= next_yield {
-                    // A thread that shares this CPU (often the very client whose next request
-                    // the spin waits for) gets it now rather than when the window ends.
-                    // With nothing else runnable this returns at once.
-                    next_yield = self.poll_yield(now).saturating_add(POLL_YIELD_NS);
-                }
-            }
-            std::hint::spin_loop();
-        }
-    }
-
-    /// One look of a spin for work, counted as a hit when it finds some.
-    fn poll_found(&self) -> bool {
-        // The notifier's own poll check: a load of the announcement word, no system call.
-        let found = self.shared.notifier.is_notified()
-            || self.handlers.poll_recent(self)
-            || self.monitor.borrow_mut().has_events_hint();
-        if found {
-            self.stats.poll_hits.set(self.stats.poll_hits.get() + 1);
-        }
-        found
-    }
-
-    /// A spin's `sched_yield` at `now`; notes whether another thread ran meanwhile. Returns
-    /// the time after it.
-    fn poll_yield(&self, now: u64) -> u64 {
-        // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
-        unsafe { libc::sched_yield() };
-        self.stats.poll_yields.set(self.stats.poll_yields.get() + 1);
-        let after = self.shared.clock.now_ns();
-        self.adaptive.yielded(after.saturating_sub(now));
-        after
-    }
-
-    /// Changes the adaptive polling parameters (see [`PollParams`]); takes effect at the next
-    /// iteration.
-    pub fn set_poll(&self, params: PollParams) {
-        self.adaptive.set(params);
-    }
-
-    /// Whether busy polling stands down while this loop's thread waits for a CPU more than a
-    /// tenth of the time (on by default; see [`PollParams`] and
-    /// [`Stats::poll_contended`](crate::Stats::poll_contended)). Off, the loop spins whatever
-    /// its CPU does: for a thread that owns its CPU and must never miss a spin, or a test of
-    /// the spin itself.
-    ///
-    /// ```
-    /// let r = reactor::Reactor::new()?;
-    /// assert!(r.poll_stand_down());
-    /// r.set_poll_stand_down(false);
-    /// assert!(!r.poll_stand_down());
-    /// # Ok::<(), std::io::Error>(())
-    /// ```
-    pub fn set_poll_stand_down(&self, on: bool) {
-        self.contention.set_enabled(on);
-    }
-
-    /// Whether busy polling stands down on a contended CPU (see
-    /// [`set_poll_stand_down`](Self::set_poll_stand_down)).
-    pub fn poll_stand_down(&self) -> bool {
-        self.contention.enabled()
-    }
-
-    /// The adaptive polling parameters.
-    pub fn poll_params(&self) -> PollParams {
-        self.adaptive.params()
-    }
-
-    /// The current adaptive poll time (how long the next blocking iteration may spin).
-    pub fn poll_time(&self) -> Duration {
-        self.adaptive.current()
     }
 
     /// The wait bound of a blocking poll: zero if work is pending, else the nearest timer or

@@ -2,7 +2,9 @@
 //! marker, BH and timer shortcuts, counters, drop); the rest is one file per concern:
 //! `builder.rs` (settings), `iteration.rs` (`poll` and the loops on it), `external.rs`
 //! (driving it from a foreign loop; `embed.rs` is its timerfd), `fds.rs` (fd registration),
-//! `sqe.rs` (caller-built io_uring SQEs), `fixed.rs` (the ring's fixed buffers), `polling.rs` (adaptive busy polling),
+//! `sqe.rs` (caller-built io_uring SQEs), `fixed.rs` (the ring's fixed buffers), `spin.rs` (busy
+//! polling: every decision of it; `polling.rs` its parameters and poll-time arithmetic,
+//! `contention.rs` the thread's wait for a CPU), `fork.rs` (a reactor across `fork`),
 //! `monitor_errors.rs` (what a failed wait does) and `stats.rs`. It calls every layer below
 //! (the lock-free core, scheduling, fds and the backend); the runtime above reaches it through
 //! its public surface and `Reactor::with_current`.
@@ -18,6 +20,7 @@ mod iteration;
 pub(crate) mod monitor_errors;
 pub(crate) mod polling;
 pub(crate) mod recv_ring;
+mod spin;
 mod sqe;
 pub(crate) mod stats;
 
@@ -41,7 +44,7 @@ use crate::lockfree::notify::{self, Notifier};
 use crate::lockfree::sync::{Arc, AtomicBool, Ordering};
 use crate::reactor::embed::ExternalTimer;
 use crate::reactor::monitor_errors::MonitorErrors;
-use crate::reactor::polling::{Adaptive, PollParams};
+use crate::reactor::polling::PollParams;
 use crate::reactor::stats::{LocalStats, Stats};
 use crate::sched::bh::{self, Bh, BhHome, BhNode, Callback, Peek};
 use crate::sched::handle::{self, Handle};
@@ -53,14 +56,6 @@ use crate::sched::timer::{Clock, Timer, Timers};
 const NOTIFIER_TOKEN: u64 = u64::MAX;
 /// The token of the timerfd that wakes a foreign loop for the reactor's timers.
 const EXTERNAL_TIMER_TOKEN: u64 = u64::MAX - 1;
-
-/// Most consecutive iterations that skip the fd monitor because busy polling found work.
-const MAX_SKIPPED_WAITS: u32 = 8;
-
-/// How long busy polling spins between two `sched_yield` calls (see [`PollParams`]). A thread
-/// that shares the spinner's CPU waits at most about this long for it; and a hand-over
-/// between two spinning threads (well under a microsecond) never reaches a call.
-const POLL_YIELD_NS: u64 = 2_000;
 
 /// What a reactor shares with other threads (through [`Handle`], [`Bh`] and [`Timer`]).
 pub(crate) struct Shared {
@@ -109,15 +104,10 @@ pub struct Reactor {
     io_budget: crate::sched::coop::Budget,
     pool: ThreadPool,
     socket_io: SocketIo,
-    adaptive: Adaptive,
-    /// The loop thread's wait for a CPU, which makes busy polling stand down.
-    contention: contention::Contention,
-    /// Busy polling has started and the loop has not blocked since.
-    poll_mode: Cell<bool>,
+    /// Busy polling: its state and decisions (`spin.rs`).
+    spin: spin::Spin,
     /// `prepare_external_wait` announced a wait that `poll` has not ended yet.
     external_wait: Cell<bool>,
-    /// Consecutive iterations whose wait was skipped because spinning found work.
-    skipped_waits: Cell<u32>,
     /// Makes the reactor's fd readable at the nearest timer, for foreign loops.
     external_timer: RefCell<Option<ExternalTimer>>,
     stats: LocalStats,
