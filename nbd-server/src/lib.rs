@@ -90,6 +90,7 @@ pub(crate) fn test_backends() -> Vec<reactor::Backend> {
 }
 pub mod proto;
 mod read;
+mod rules;
 mod server;
 mod session;
 mod stop;

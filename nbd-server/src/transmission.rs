@@ -1,5 +1,6 @@
-//! The transmission phase: requests are read in order and checked here, then served
-//! concurrently (see the `commands` module): each is first run in the reader's own task, and
+//! The transmission phase: requests are read in order here, judged by their command's rule
+//! (`rules.rs`), then served concurrently (each rule's handler, in `commands.rs` and
+//! `read.rs`): each is first run in the reader's own task, and
 //! one that has to wait goes on as a task of its own, many in flight. Their replies are sent
 //! by the session's writer in completion order.
 
@@ -13,11 +14,11 @@ use std::task::Poll;
 
 use reactor::Reactor;
 
-use crate::commands;
 use crate::conn::{Reader, Sock};
 use crate::export::Export;
 use crate::handshake::Negotiated;
 use crate::proto::{self, Request, cflag, cmd, err};
+use crate::rules::{self, Verdict, Work};
 use crate::session::{Limits, Session, writer};
 use crate::stop::Stop;
 
@@ -82,8 +83,7 @@ const READER_TURN: u64 = 32;
 ///
 /// A panic in a request's code ends that request only, as it would in a task of its own: its
 /// ticket, dropped, answers EIO.
-async fn serve_request<F: Future<Output = ()> + 'static>(s: &Session, f: F) {
-    let mut f = Box::pin(f);
+async fn serve_request(s: &Session, mut f: Work) {
     let waits = poll_fn(|cx| {
         // The leaf futures store the waker of each poll, so once the request is a task,
         // its first poll there replaces the reader's waker with the task's.
@@ -101,69 +101,60 @@ async fn serve_request<F: Future<Output = ()> + 'static>(s: &Session, f: F) {
     }
 }
 
-/// Why `req` is refused before it runs (0: it is not): flags outside `allowed`, a write to
-/// a read-only export, or a range past the end (`past_end`, the error each command's
-/// specification asks for).
-fn refusal(s: &Session, req: &Request, allowed: u16, past_end: u32) -> u32 {
-    let writes = matches!(req.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
-    if req.flags & !allowed != 0 {
-        err::EINVAL
-    } else if writes && s.export.read_only() {
-        err::EPERM
-    } else if !in_bounds(&s.export, req) {
-        past_end
-    } else {
-        0
+/// Reads the next request header: `None` once the server shuts down (between requests, that
+/// ends the connection like a DISC: what is in flight is finished and answered, nothing more
+/// is read).
+///
+/// # Errors
+/// The client stopped taking replies; the socket's error; a bad header.
+async fn next_request(s: &Session, rd: &mut Reader, stop: &Stop) -> io::Result<Option<Request>> {
+    let sock = &s.sock;
+    let extended = s.negotiated.extended;
+    let next = stop
+        .unless_stopped(async {
+            s.room(0).await;
+            if extended {
+                let h = rd
+                    .read_array::<{ proto::EXTENDED_REQUEST_LEN }>(sock)
+                    .await?;
+                Request::parse_extended(&h)
+            } else {
+                Request::parse(&rd.read_array::<{ proto::REQUEST_LEN }>(sock).await?)
+            }
+        })
+        .await;
+    let Some(req) = next else {
+        tracing::debug!("nbd: server shutting down; closing after the requests in flight");
+        return Ok(None);
+    };
+    if s.broken() {
+        return Err(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "the client stopped taking replies; its remaining requests are dropped",
+        ));
     }
+    let req = req?;
+    s.requests.set(s.requests.get() + 1);
+    if s.requests.get() % READER_TURN == 0 {
+        // Requests served here may do work that spends no I/O budget (BLOCK_STATUS's
+        // `lseek`s): the loop gets a turn anyway.
+        reactor::yield_now().await;
+    }
+    Ok(Some(req))
 }
 
-/// Whether `offset + length` lies inside the export.
-fn in_bounds(export: &Export, req: &Request) -> bool {
-    req.offset
-        .checked_add(req.length)
-        .is_some_and(|end| end <= export.size())
-}
-
+/// The reader: each request read in order, judged by its command's rule, and either answered
+/// at once or admitted and served.
 async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
     let sock = &s.sock;
     let stop = Stop::current();
     loop {
-        // Between requests, a server shutdown ends the connection like a DISC: what is in
-        // flight is finished and answered, nothing more is read.
-        let extended = s.negotiated.extended;
-        let next = stop
-            .unless_stopped(async {
-                s.room(0).await;
-                if extended {
-                    let h = rd
-                        .read_array::<{ proto::EXTENDED_REQUEST_LEN }>(sock)
-                        .await?;
-                    Request::parse_extended(&h)
-                } else {
-                    Request::parse(&rd.read_array::<{ proto::REQUEST_LEN }>(sock).await?)
-                }
-            })
-            .await;
-        let Some(req) = next else {
-            tracing::debug!("nbd: server shutting down; closing after the requests in flight");
+        let Some(req) = next_request(s, &mut rd, &stop).await? else {
             return Ok(());
         };
-        if s.broken() {
-            return Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the client stopped taking replies; its remaining requests are dropped",
-            ));
-        }
-        let req = req?;
-        s.requests.set(s.requests.get() + 1);
-        if s.requests.get() % READER_TURN == 0 {
-            // Requests served here may do work that spends no I/O budget (BLOCK_STATUS's
-            // `lseek`s): the loop gets a turn anyway.
-            reactor::yield_now().await;
-        }
         // A payload follows a WRITE (whose length is always the payload's: QEMU's client
         // does not flag it), and with extended headers any request flagged PAYLOAD_LEN.
-        let flagged = extended && req.flags & cflag::PAYLOAD_LEN != 0;
+        let flagged = s.negotiated.extended && req.flags & cflag::PAYLOAD_LEN != 0;
         let payload = req.kind == cmd::WRITE || flagged;
         if payload && req.length > u64::from(proto::MAX_PAYLOAD) {
             return Err(io::Error::new(
@@ -180,92 +171,34 @@ async fn read_requests(s: &Rc<Session>, mut rd: Reader) -> io::Result<()> {
             s.reply_now(&req, err::EINVAL);
             continue;
         }
-        // At most MAX_PAYLOAD for the commands that use it as a size (checked below).
-        let len = req.length as usize;
-        match req.kind {
-            cmd::DISC => return Ok(()),
-            cmd::WRITE => {
-                let allowed = cflag::FUA | if extended { cflag::PAYLOAD_LEN } else { 0 };
-                let refuse = refusal(s, &req, allowed, err::ENOSPC);
-                if refuse != 0 || len == 0 {
+        if req.kind == cmd::DISC {
+            return Ok(());
+        }
+        let Some(rule) = rules::of(req.kind) else {
+            s.reply_now(&req, err::EINVAL);
+            continue;
+        };
+        let ex = &s.export;
+        match rule.judge(&req, &s.negotiated, ex.size(), ex.read_only()) {
+            Verdict::Reply(error) => {
+                if rule.payload {
                     rd.skip(sock, req.length).await?;
-                    s.reply_now(&req, refuse);
-                    continue;
                 }
-                let ticket = s.admit(&req, len).await;
-                // (On an error the ticket is dropped: an EIO reply nobody will read.)
-                let payload = rd.read_into(sock, s.take_buf(len), len).await?;
-                serve_request(s, commands::write(ticket, req, payload)).await;
+                s.reply_now(&req, error);
             }
-            cmd::READ => {
-                // Don't-fragment means something only with structured replies.
-                let df = if s.negotiated.structured {
-                    cflag::DF
+            Verdict::Serve { holds } => {
+                let ticket = s.admit(&req, holds).await;
+                // (On an error reading the payload the ticket is dropped: an EIO reply
+                // nobody will read.)
+                let payload = if rule.payload {
+                    // At most MAX_PAYLOAD (checked above).
+                    let len = req.length as usize;
+                    rd.read_into(sock, s.take_buf(len), len).await?
                 } else {
-                    0
+                    Vec::new()
                 };
-                let mut refuse = refusal(s, &req, cflag::FUA | df, err::EINVAL);
-                if req.length > u64::from(proto::MAX_PAYLOAD) {
-                    refuse = err::EINVAL;
-                }
-                if refuse != 0 || req.length == 0 {
-                    s.reply_now(&req, refuse);
-                    continue;
-                }
-                let ticket = s.admit(&req, len).await;
-                serve_request(s, commands::read(ticket, req)).await;
+                serve_request(s, rule.work(ticket, req, payload)).await;
             }
-            cmd::FLUSH => {
-                if req.flags & !cflag::FUA != 0 {
-                    s.reply_now(&req, err::EINVAL);
-                    continue;
-                }
-                let ticket = s.admit(&req, 0).await;
-                serve_request(s, commands::flush(ticket)).await;
-            }
-            cmd::TRIM | cmd::WRITE_ZEROES => {
-                let (allowed, past_end) = if req.kind == cmd::TRIM {
-                    (cflag::FUA, err::EINVAL)
-                } else {
-                    (cflag::FUA | cflag::NO_HOLE | cflag::FAST_ZERO, err::ENOSPC)
-                };
-                let refuse = refusal(s, &req, allowed, past_end);
-                if refuse != 0 || req.length == 0 {
-                    s.reply_now(&req, refuse);
-                    continue;
-                }
-                let ticket = s.admit(&req, 0).await;
-                serve_request(s, commands::discard_or_zero(ticket, req)).await;
-            }
-            cmd::CACHE => {
-                // FUA is valid on every command (and means nothing here); the length is
-                // bounded like a READ's.
-                let mut refuse = refusal(s, &req, cflag::FUA, err::EINVAL);
-                if req.length > u64::from(proto::MAX_PAYLOAD) {
-                    refuse = err::EINVAL;
-                }
-                if refuse != 0 || req.length == 0 {
-                    s.reply_now(&req, refuse);
-                    continue;
-                }
-                let ticket = s.admit(&req, 0).await;
-                serve_request(s, commands::cache(ticket, req)).await;
-            }
-            cmd::BLOCK_STATUS => {
-                let mut refuse = refusal(s, &req, cflag::REQ_ONE | cflag::FUA, err::EINVAL);
-                // Without a meta context selected there is nothing to report; a zero length
-                // has no extent to describe.
-                if !s.negotiated.base_allocation || req.length == 0 {
-                    refuse = err::EINVAL;
-                }
-                if refuse != 0 {
-                    s.reply_now(&req, refuse);
-                    continue;
-                }
-                let ticket = s.admit(&req, 0).await;
-                serve_request(s, commands::block_status(ticket, req)).await;
-            }
-            _ => s.reply_now(&req, err::EINVAL),
         }
     }
 }
