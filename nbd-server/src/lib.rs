@@ -62,6 +62,7 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+mod accept;
 pub mod activation;
 pub mod args;
 mod budget;

@@ -1,14 +1,12 @@
 //! The server: listeners on an accept thread, connections spread over IoThreads.
 
 use std::fmt;
-use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Condvar, Mutex};
-use std::task::{Poll, Waker};
 use std::time::Duration;
 
 /// The default [`Config::handshake_limit`].
@@ -19,19 +17,15 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// for the export, the listeners, the reactors, the thread pool and the log.
 pub const RESERVED_FDS: usize = 64;
 
-use reactor::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use reactor::{Backend, Builder, IoThread, PollParams};
 
+use crate::accept::{self, Dispatch, Freed};
 use crate::activation::{Endpoint, Listener};
 use crate::budget::{self, Budget};
-use crate::conn::{Reader, Sock};
 use crate::export::{Export, ExportStats};
-use crate::handshake::{self, Outcome};
-use crate::log::RateLimit;
 use crate::memory::{self, Connections, Load};
 use crate::session::Limits;
 use crate::stop::{Live, Stop};
-use crate::transmission;
 
 /// How long a shutdown waits for connections to finish their requests in flight.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -227,36 +221,7 @@ impl Server {
     /// (`InvalidInput`); the file cannot be opened; a listener cannot be bound; a reactor
     /// cannot be built with the chosen backend.
     pub fn start(config: Config) -> io::Result<Server> {
-        if config.max_memory < budget::MIN_MAX_MEMORY {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "nbd-server: the memory budget must be at least {} MiB (two of the largest requests)",
-                    budget::MIN_MAX_MEMORY >> 20
-                ),
-            ));
-        }
-        let max_connections = config
-            .max_connections
-            .unwrap_or_else(default_max_connections);
-        if max_connections == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "nbd-server: at least one connection must be allowed",
-            ));
-        }
-        if config.tcp.is_none() && config.unix.is_none() && config.listeners.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "nbd-server: give a TCP address, a Unix socket path or a listening socket",
-            ));
-        }
-        if config.iothreads == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "nbd-server: at least one IoThread is needed",
-            ));
-        }
+        let max_connections = check(&config)?;
         let export = Export::open(
             &config.path,
             &config.export_name,
@@ -264,34 +229,45 @@ impl Server {
             config.read_only,
         )?;
         export.file().set_inline_writes(config.inline_writes);
-        let tcp = config.tcp.map(std::net::TcpListener::bind).transpose()?;
-        let mut tcp_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
-        let mut endpoints: Vec<Endpoint> = tcp_addr.iter().map(|a| Endpoint::Tcp(*a)).collect();
-        // Each inherited listener's own fd, so that the config keeps its copy.
-        let mut inherited = Vec::with_capacity(config.listeners.len());
-        for l in &config.listeners {
-            let e = l.endpoint()?;
-            if let (None, Endpoint::Tcp(a)) = (tcp_addr, &e) {
-                tcp_addr = Some(*a);
-            }
-            endpoints.push(e);
-            inherited.push(match l {
-                Listener::Tcp(l) => Listener::from(l.try_clone()?),
-                Listener::Unix(l) => Listener::from(l.try_clone()?),
-            });
+        let (mut listeners, endpoints) = bind_network(&config)?;
+        let mut server = Server::spawn_threads(&config, export, endpoints)?;
+        let dispatch = server.dispatch(&config, max_connections);
+        // Bound last, once nothing else can fail before `server` owns (and on drop removes)
+        // the socket file.
+        if let Some(p) = &config.unix {
+            listeners.push(Listener::from(bind_unix(p)?));
+            server.unix = Some(p.clone());
+            server.endpoints.push(Endpoint::Unix(p.clone()));
         }
+        let acceptor = server.acceptor.as_ref().expect("just started").handle();
+        accept::start(acceptor, &dispatch, listeners)?;
+        tracing::info!(?server, backend = ?config.backend, "nbd server started");
+        Ok(server)
+    }
+
+    /// The IoThreads and the accept thread, and the server that owns them (its listeners not
+    /// yet serving).
+    fn spawn_threads(
+        config: &Config,
+        export: Arc<Export>,
+        endpoints: Vec<Endpoint>,
+    ) -> io::Result<Server> {
         let builder = || {
-            let b = Builder::new()
+            Builder::new()
                 .backend(config.backend)
-                .socket_io(config.socket_io);
-            b.poll(config.poll)
+                .socket_io(config.socket_io)
+                .poll(config.poll)
         };
         let workers = (0..config.iothreads)
             .map(|i| IoThread::spawn(format!("nbd-io{i}"), builder()))
             .collect::<io::Result<Vec<_>>>()?;
         let acceptor = IoThread::spawn("nbd-accept", builder().poll(PollParams::OFF))?;
-        let mut server = Server {
-            export: export.clone(),
+        let tcp_addr = endpoints.iter().find_map(|e| match e {
+            Endpoint::Tcp(a) => Some(*a),
+            _ => None,
+        });
+        Ok(Server {
+            export,
             tcp_addr,
             unix: None,
             endpoints,
@@ -301,15 +277,19 @@ impl Server {
             live: Arc::new(Live::default()),
             budget: Budget::new(config.max_memory),
             conns: Arc::new(Connections::default()),
-        };
-        let dispatch = Arc::new(Dispatch {
-            export: export.clone(),
-            workers: server.workers.iter().map(|w| w.handle().clone()).collect(),
+        })
+    }
+
+    /// What hands this server's connections to its IoThreads.
+    fn dispatch(&self, config: &Config, max_connections: usize) -> Arc<Dispatch> {
+        Arc::new(Dispatch {
+            export: self.export.clone(),
+            workers: self.workers.iter().map(|w| w.handle().clone()).collect(),
             next: AtomicUsize::new(0),
             limit: config.handshake_limit,
-            live: server.live.clone(),
+            live: self.live.clone(),
             limits: Limits {
-                budget: server.budget.clone(),
+                budget: self.budget.clone(),
                 idle: config.idle_timeout,
                 poll: crate::polling::Policy {
                     params: config.poll,
@@ -317,56 +297,9 @@ impl Server {
                 },
             },
             max_connections,
-            conns: server.conns.clone(),
+            conns: self.conns.clone(),
             freed: Freed::default(),
-        });
-        // Bound last, once nothing else can fail before `server` owns (and on drop removes)
-        // the socket file.
-        let unix = match &config.unix {
-            Some(p) => {
-                let l = bind_unix(p)?;
-                server.unix = Some(p.clone());
-                server.endpoints.push(Endpoint::Unix(p.clone()));
-                Some(l)
-            }
-            None => None,
-        };
-        let h = server.acceptor.as_ref().expect("just started").handle();
-        if let Some(l) = tcp {
-            let d = dispatch.clone();
-            h.oneshot(move |r| r.spawn_local(accept_tcp(l, d)).detach())
-                .map_err(closed_err)?;
-        }
-        if let Some(l) = unix {
-            let d = dispatch.clone();
-            h.oneshot(move |r| r.spawn_local(accept_unix(l, d)).detach())
-                .map_err(closed_err)?;
-        }
-        for l in inherited {
-            let d = dispatch.clone();
-            h.oneshot(move |r| match l {
-                Listener::Tcp(l) => {
-                    let l = Arc::into_inner(l).expect("the only reference");
-                    r.spawn_local(accept_tcp(l, d)).detach()
-                }
-                Listener::Unix(l) => {
-                    let l = Arc::into_inner(l).expect("the only reference");
-                    r.spawn_local(accept_unix(l, d)).detach()
-                }
-            })
-            .map_err(closed_err)?;
-        }
-        {
-            let (conns, d) = (server.conns.clone(), dispatch.clone());
-            let closed = move |limit| {
-                let d = d.clone();
-                async move { d.freed.wait(limit).await }
-            };
-            h.oneshot(move |r| r.spawn_local(memory::give_back(conns, closed)).detach())
-                .map_err(closed_err)?;
-        }
-        tracing::info!(?server, backend = ?config.backend, "nbd server started");
-        Ok(server)
+        })
     }
 
     /// The TCP address listened on (with the port chosen when the config said 0); without
@@ -459,8 +392,50 @@ impl Drop for Server {
     }
 }
 
-fn closed_err(_: reactor::Closed) -> io::Error {
-    io::Error::other("nbd-server: the accept thread stopped while starting")
+/// The configuration's limits checked; the connection limit it comes to.
+fn check(config: &Config) -> io::Result<usize> {
+    let invalid = |msg: String| Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
+    if config.max_memory < budget::MIN_MAX_MEMORY {
+        return invalid(format!(
+            "nbd-server: the memory budget must be at least {} MiB (two of the largest requests)",
+            budget::MIN_MAX_MEMORY >> 20
+        ));
+    }
+    let max_connections = config
+        .max_connections
+        .unwrap_or_else(default_max_connections);
+    if max_connections == 0 {
+        return invalid("nbd-server: at least one connection must be allowed".into());
+    }
+    if config.tcp.is_none() && config.unix.is_none() && config.listeners.is_empty() {
+        return invalid(
+            "nbd-server: give a TCP address, a Unix socket path or a listening socket".into(),
+        );
+    }
+    if config.iothreads == 0 {
+        return invalid("nbd-server: at least one IoThread is needed".into());
+    }
+    Ok(max_connections)
+}
+
+/// The TCP listener bound, and the inherited listeners (each its own fd, so that the config
+/// keeps its copy): the listeners in the order they are served, and their endpoints.
+fn bind_network(config: &Config) -> io::Result<(Vec<Listener>, Vec<Endpoint>)> {
+    let mut listeners = Vec::with_capacity(1 + config.listeners.len());
+    let mut endpoints = Vec::with_capacity(2 + config.listeners.len());
+    if let Some(addr) = config.tcp {
+        let l = std::net::TcpListener::bind(addr)?;
+        endpoints.push(Endpoint::Tcp(l.local_addr()?));
+        listeners.push(Listener::from(l));
+    }
+    for l in &config.listeners {
+        endpoints.push(l.endpoint()?);
+        listeners.push(match l {
+            Listener::Tcp(l) => Listener::from(l.try_clone()?),
+            Listener::Unix(l) => Listener::from(l.try_clone()?),
+        });
+    }
+    Ok((listeners, endpoints))
 }
 
 fn bind_unix(p: &Path) -> io::Result<std::os::unix::net::UnixListener> {
@@ -481,214 +456,4 @@ fn default_max_connections() -> usize {
         1024
     };
     cur.saturating_sub(RESERVED_FDS).max(1)
-}
-
-/// Hands accepted connections to the IoThreads, round robin.
-struct Dispatch {
-    export: Arc<Export>,
-    workers: Vec<reactor::Handle>,
-    next: AtomicUsize,
-    limit: Option<Duration>,
-    live: Arc<Live>,
-    limits: Limits,
-    max_connections: usize,
-    /// Connections being served (from dispatch to close), and their peak.
-    conns: Arc<Connections>,
-    /// Told when a connection closes: an accept loop backing off after running out of fds
-    /// resumes at once.
-    freed: Freed,
-}
-
-/// Refused connections (over `max_connections`): logged at most once a second.
-static REFUSED: RateLimit = RateLimit::new(Duration::from_secs(1));
-/// Accept failures: logged at most once every 5 s (a full fd table can last).
-static ACCEPT_FAILED: RateLimit = RateLimit::new(Duration::from_secs(5));
-
-/// A connection-count slot; given back (and the accept loop told) when dropped.
-struct Slot(Arc<Dispatch>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.conns.leave();
-        self.0.freed.notify();
-    }
-}
-
-impl Dispatch {
-    /// Takes a connection slot, or `None` when `max_connections` are served.
-    fn slot(self: &Arc<Self>) -> Option<Slot> {
-        if self.conns.enter(self.max_connections).is_none() {
-            REFUSED.log(|suppressed| {
-                tracing::warn!(
-                    max = self.max_connections,
-                    suppressed,
-                    "nbd: connection refused: the server is at --max-connections"
-                )
-            });
-            return None;
-        }
-        Some(Slot(self.clone()))
-    }
-
-    /// Sends `sock` (a `std` socket: it crosses threads) to the next IoThread, where `wrap`
-    /// registers it with that thread's reactor and the connection task starts. Over
-    /// `max_connections`, `sock` is closed at once instead.
-    fn dispatch<S: Send + 'static>(self: &Arc<Self>, sock: S, wrap: fn(S) -> io::Result<Sock>) {
-        let Some(slot) = self.slot() else {
-            drop(sock);
-            return;
-        };
-        // Relaxed: round-robin position; any interleaving spreads connections well enough.
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
-        let (export, limit, live) = (self.export.clone(), self.limit, self.live.clone());
-        let limits = self.limits.clone();
-        let sent = self.workers[i].oneshot(move |r| match wrap(sock) {
-            Ok(sock) => r
-                .spawn_local(async move {
-                    let _slot = slot;
-                    let _live = live.enter();
-                    connection(sock, export, limit, limits).await
-                })
-                .detach(),
-            Err(e) => tracing::warn!("nbd: connection setup: {e}"),
-        });
-        if sent.is_err() {
-            tracing::warn!("nbd: IoThread {i} has stopped; connection dropped");
-        }
-    }
-}
-
-/// News from any thread that a connection closed, which the accept loops (TCP and Unix, on
-/// the accept thread's reactor) can wait for.
-#[derive(Default)]
-struct Freed {
-    /// Counts the closes; a waiter returns once it differs from what it saw first.
-    closes: AtomicU64,
-    /// At most one waker per waiting accept loop.
-    wakers: Mutex<Vec<Waker>>,
-}
-
-impl Freed {
-    fn notify(&self) {
-        // Relaxed: the mutex below orders it with `wait` (add, then lock; lock, then load).
-        self.closes.fetch_add(1, Ordering::Relaxed);
-        let woken = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|e| e.into_inner()));
-        for w in woken {
-            w.wake();
-        }
-    }
-
-    /// Waits for a connection to close, at most `limit`.
-    async fn wait(&self, limit: Duration) {
-        // Relaxed: ordered by the mutex (see `notify`).
-        let seen = self.closes.load(Ordering::Relaxed);
-        let closed = poll_fn(|cx| {
-            // Relaxed: as above.
-            if self.closes.load(Ordering::Relaxed) != seen {
-                return Poll::Ready(());
-            }
-            {
-                let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
-                if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
-                    wakers.push(cx.waker().clone());
-                }
-            }
-            // Relaxed: a notify that took the lock before us counted before it; one that
-            // takes it after us finds the waker.
-            if self.closes.load(Ordering::Relaxed) != seen {
-                return Poll::Ready(());
-            }
-            Poll::Pending
-        });
-        let _ = reactor::time::timeout(limit, closed).await;
-    }
-}
-
-/// Accept errors back off from 10 ms, doubling to 1 s while they go on; a closing connection
-/// ends the pause at once (it freed an fd).
-const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(10);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-/// After an accept error (EMFILE, ENFILE, ENOMEM, ENOBUFS, ...): log it (rate-limited), back
-/// off, go on. Returns the next pause.
-async fn accept_failed(e: io::Error, d: &Dispatch, pause: Duration) -> Duration {
-    ACCEPT_FAILED.log(|suppressed| {
-        tracing::warn!(
-            suppressed,
-            "nbd: accept: {e} (retrying; pausing up to {pause:?})"
-        )
-    });
-    d.freed.wait(pause).await;
-    (pause * 2).min(ACCEPT_BACKOFF_MAX)
-}
-
-async fn accept_tcp(l: std::net::TcpListener, d: Arc<Dispatch>) {
-    let l = match TcpListener::from_std(l) {
-        Ok(l) => l,
-        Err(e) => return tracing::error!("nbd: TCP listener: {e}"),
-    };
-    let mut pause = ACCEPT_BACKOFF_FIRST;
-    loop {
-        match l.accept_std().await {
-            Ok((s, peer)) => {
-                pause = ACCEPT_BACKOFF_FIRST;
-                tracing::debug!(%peer, "nbd: connection");
-                let _ = s.set_nodelay(true);
-                d.dispatch(s, |s| TcpStream::from_std(s).map(Sock::Tcp));
-            }
-            Err(e) => pause = accept_failed(e, &d, pause).await,
-        }
-    }
-}
-
-async fn accept_unix(l: std::os::unix::net::UnixListener, d: Arc<Dispatch>) {
-    let l = match UnixListener::from_std(l) {
-        Ok(l) => l,
-        Err(e) => return tracing::error!("nbd: Unix listener: {e}"),
-    };
-    let mut pause = ACCEPT_BACKOFF_FIRST;
-    loop {
-        match l.accept_std().await {
-            Ok(s) => {
-                pause = ACCEPT_BACKOFF_FIRST;
-                d.dispatch(s, |s| UnixStream::from_std(s).map(Sock::Unix));
-            }
-            Err(e) => pause = accept_failed(e, &d, pause).await,
-        }
-    }
-}
-
-/// One client, from the greeting to the close.
-async fn connection(sock: Sock, export: Arc<Export>, limit: Option<Duration>, limits: Limits) {
-    let mut rd = Reader::new();
-    // A shutdown during negotiation simply closes: nothing is in flight yet.
-    let negotiation = async {
-        Stop::current()
-            .unless_stopped(handshake::negotiate(&sock, &mut rd, &export))
-            .await
-            .unwrap_or(Ok(Outcome::Aborted))
-    };
-    let outcome = match limit {
-        Some(limit) => reactor::time::timeout(limit, negotiation)
-            .await
-            .unwrap_or_else(|_| {
-                Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no export chosen within {limit:?}"),
-                ))
-            }),
-        None => negotiation.await,
-    };
-    let res = match outcome {
-        Ok(Outcome::Transmission(got)) => transmission::serve(sock, rd, export, got, limits).await,
-        Ok(Outcome::Aborted) => Ok(()),
-        Err(e) => Err(e),
-    };
-    match res {
-        Ok(()) => tracing::debug!("nbd: connection closed"),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            tracing::debug!("nbd: client went away: {e}")
-        }
-        Err(e) => tracing::warn!("nbd: connection closed: {e}"),
-    }
 }
