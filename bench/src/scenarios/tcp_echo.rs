@@ -312,11 +312,9 @@ fn client(addr: SocketAddr, conns_n: usize, size: usize, n: u64, metric: Metric)
             events: libc::EPOLLIN as u32,
             u64: i as u64,
         };
-        // SAFETY: as above.
-        assert_eq!(
-            unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, c.s.as_raw_fd(), &mut ev) },
-            0
-        );
+        // SAFETY: epoll_ctl on live fds with a valid event the kernel copies.
+        let rc = unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, c.s.as_raw_fd(), &mut ev) };
+        assert_eq!(rc, 0);
     }
     let mut req = vec![0u8; size];
     let mut expect = vec![0u8; size];
