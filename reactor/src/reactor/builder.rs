@@ -328,6 +328,7 @@ impl Builder {
             stop: AtomicBool::new(false),
         });
         monitor.update(shared.notifier.fd(), NOTIFIER_TOKEN, 0, libc::POLLIN as u32)?;
+        let kind = monitor.kind();
         let r = Reactor {
             shared,
             monitor: RefCell::new(monitor),
@@ -341,6 +342,11 @@ impl Builder {
             io_budget: crate::sched::coop::Budget::new(self.io_budget),
             pool: self.pool.unwrap_or_else(ThreadPool::default_pool),
             socket_io: self.socket_io,
+            socket_path: match (kind, self.socket_io) {
+                (Backend::Uring, SocketIo::Completion) => SocketPath::Completion,
+                (Backend::Uring, SocketIo::Multishot) => SocketPath::Multishot,
+                _ => SocketPath::Readiness,
+            },
             spin: super::spin::Spin::new(
                 self.poll.unwrap_or(PollParams::OFF),
                 self.poll_stand_down,

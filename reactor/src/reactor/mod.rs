@@ -104,6 +104,9 @@ pub struct Reactor {
     io_budget: crate::sched::coop::Budget,
     pool: ThreadPool,
     socket_io: SocketIo,
+    /// How sockets do I/O here, from `socket_io` and the backend: resolved once, when the
+    /// reactor is built ([`SocketPath`]).
+    socket_path: SocketPath,
     /// Busy polling: its state and decisions (`spin.rs`).
     spin: spin::Spin,
     /// `prepare_external_wait` announced a wait that `poll` has not ended yet.
@@ -120,6 +123,19 @@ pub struct Reactor {
     /// The process it was built in (see `fork.rs`).
     birth: fork::Birth,
     _not_send: PhantomData<*const ()>,
+}
+
+/// How a reactor's sockets do I/O, resolved from [`SocketIo`] and the backend when it is
+/// built: on epoll always readiness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SocketPath {
+    /// Readiness and non-blocking system calls.
+    Readiness,
+    /// io_uring operations (`RECV`, `SEND`, `ACCEPT`, `CONNECT`).
+    Completion,
+    /// As `Completion`, with a multishot receive per stream and a multishot accept per
+    /// listener.
+    Multishot,
 }
 
 /// Marks this reactor current on the thread and counts the nesting depth, for one `poll`.
@@ -189,9 +205,15 @@ impl Reactor {
         }
     }
 
-    /// How sockets do I/O (see [`SocketIo`]).
+    /// How sockets do I/O (see [`SocketIo`]): the mode this reactor was built with (on epoll
+    /// every mode means readiness).
     pub fn socket_io(&self) -> SocketIo {
         self.socket_io
+    }
+
+    /// How sockets do I/O on this reactor's backend (the one place the runtime asks).
+    pub(crate) fn socket_path(&self) -> SocketPath {
+        self.socket_path
     }
 
     /// A `Send + Sync` handle for other threads.

@@ -47,10 +47,9 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
-use crate::fd::backend::Backend;
 use crate::io::no_reactor;
 use crate::io::{Async, IoBuf, IoBufMut, Slice};
-use crate::reactor::Reactor;
+use crate::reactor::{Reactor, SocketPath};
 use crate::rt::op::in_order::{self, Dir};
 use crate::rt::op::multishot::{CloseOnDrop, MultiRecv};
 use crate::rt::op::multishot_accept::MultiAccept;
@@ -90,7 +89,7 @@ impl<T: AsFd + 'static> Stream<T> {
             return Ok(m.as_ref());
         }
         let m = Reactor::with_current(|r| {
-            if r.backend() == Backend::Uring && r.socket_io() == SocketIo::Multishot {
+            if r.socket_path() == SocketPath::Multishot {
                 MultiRecv::new(r, self.fd()).map(Some)
             } else {
                 Ok(None)
@@ -286,7 +285,7 @@ impl<T: AsFd + 'static> Listener<T> {
             Some(m) => m.clone(),
             None => {
                 let m = Reactor::with_current(|r| {
-                    (r.backend() == Backend::Uring && r.socket_io() == SocketIo::Multishot)
+                    (r.socket_path() == SocketPath::Multishot)
                         .then(|| MultiAccept::new(r, self.io.as_fd().as_raw_fd()))
                 })
                 .ok_or_else(no_reactor)?;

@@ -4,7 +4,8 @@
 //! path) and says once how to describe itself to io_uring ([`Op::sqe`]) and how to make the
 //! system call itself ([`Op::call`]). Files and sockets (`fs.rs`, `net.rs`) only build
 //! operations and hand them to a driver; the drivers here are the only code in the async
-//! layer that asks which backend runs:
+//! layer that chooses a path (for sockets, from `Reactor::socket_path`, the backend and
+//! socket mode resolved once when the reactor was built):
 //!
 //! - [`run`] (files): what the page cache can serve at once, and small buffered writes while
 //!   they are fast (`inline_writes.rs`), on the loop thread; the rest an io_uring operation
@@ -33,7 +34,7 @@ use io_uring::squeue::Entry;
 use crate::fd::backend::Backend;
 use crate::io::{Async, no_reactor};
 use crate::reactor::Reactor;
-use crate::reactor::SocketIo;
+use crate::reactor::SocketPath;
 use crate::rt::blocking::{spawn_blocking, spawn_blocking_in};
 use crate::sched::coop;
 use crate::sched::lane::Lane;
@@ -188,9 +189,7 @@ pub(crate) async fn run_when_ready<O: Op, T: AsFd>(
     ready: Ready,
     op: O,
 ) -> O::Output {
-    let completion = Reactor::with_current(|r| {
-        r.backend() == Backend::Uring && r.socket_io() != SocketIo::Readiness
-    });
+    let completion = Reactor::with_current(|r| r.socket_path() != SocketPath::Readiness);
     match completion {
         Some(true) => ring::run(op).await,
         Some(false) => {
