@@ -46,7 +46,7 @@ use crate::reactor::embed::ExternalTimer;
 use crate::reactor::monitor_errors::MonitorErrors;
 use crate::reactor::polling::PollParams;
 use crate::reactor::stats::{LocalStats, Stats};
-use crate::sched::bh::{self, Bh, BhHome, BhNode, Callback, Peek};
+use crate::sched::bh::{self, Bh, BhHome, BhNode, Callback, Kind, Peek};
 use crate::sched::handle::{self, Handle};
 use crate::sched::pool::ThreadPool;
 use crate::sched::timer::{Clock, Timer, Timers};
@@ -268,7 +268,7 @@ impl Reactor {
     /// Creates a BH (see [`Bh`]). The callback runs on this thread each time the BH is
     /// scheduled and the reactor iterates.
     pub fn bh(&self, callback: impl FnMut(&Reactor) + 'static) -> Bh {
-        let node = BhNode::new(&self.shared, 0, Callback::Many(Box::new(callback)));
+        let node = BhNode::new(&self.shared, Kind::Bh, Callback::Many(Box::new(callback)));
         self.bhs.register(&node);
         Bh::new(node)
     }
@@ -277,7 +277,7 @@ impl Reactor {
     pub fn oneshot(&self, callback: impl FnOnce(&Reactor) + 'static) {
         let posted = handle::post_oneshot(
             &self.shared,
-            0,
+            Kind::OneShot,
             bh::DISARMED,
             Callback::Once(Box::new(callback)),
         );
@@ -286,7 +286,11 @@ impl Reactor {
 
     /// Creates a timer (see [`Timer`]), not armed.
     pub fn timer(&self, callback: impl FnMut(&Reactor) + 'static) -> Timer {
-        let node = BhNode::new(&self.shared, bh::TIMER, Callback::Many(Box::new(callback)));
+        let node = BhNode::new(
+            &self.shared,
+            Kind::Timer,
+            Callback::Many(Box::new(callback)),
+        );
         self.bhs.register(&node);
         Timer::new(node)
     }
@@ -296,7 +300,7 @@ impl Reactor {
         let deadline = crate::sched::timer::ns_after(self.shared.clock.now_ns(), after);
         let posted = handle::post_oneshot(
             &self.shared,
-            bh::TIMER,
+            Kind::OneShotTimer,
             deadline,
             Callback::Once(Box::new(callback)),
         );

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::lockfree::sync::{Arc, Ordering};
 use crate::reactor::{Reactor, Shared};
-use crate::sched::bh::{self, BhNode, Callback, ONESHOT, SCHEDULED};
+use crate::sched::bh::{self, BhNode, Callback, Kind};
 use crate::sched::timer::ns_after;
 
 /// The reactor behind a [`Handle`] has been dropped.
@@ -27,27 +27,19 @@ impl From<Closed> for io::Error {
     }
 }
 
-/// Queues a one-shot node (timer if `fixed` has `TIMER`) on `shared`'s list.
+/// Queues a one-shot node (`OneShot`, or `OneShotTimer` at `deadline`) on `shared`'s list.
+/// If the reactor is gone, the callback is dropped on this thread: for a `Handle` it is
+/// `Send`, and for `Reactor::oneshot*` this is the home thread.
 pub(crate) fn post_oneshot(
     shared: &Arc<Shared>,
-    fixed: u32,
+    kind: Kind,
     deadline: u64,
     callback: Callback,
 ) -> Result<(), Closed> {
-    let node = BhNode::new(shared, ONESHOT | fixed, callback);
+    let node = BhNode::new(shared, kind, callback);
     // Relaxed: published with the node by the release push of SP2.
     node.deadline.store(deadline, Ordering::Relaxed);
-    let p = Arc::into_raw(node);
-    // SAFETY: `p` holds the reference leaked just above; the node is alive.
-    if unsafe { &*p }.enqueue(SCHEDULED) {
-        Ok(())
-    } else {
-        // SAFETY: the push failed, so the list did not take the leaked reference: take it back.
-        // The callback is dropped on this thread; for a `Handle` it is `Send`, and for
-        // `Reactor::oneshot*` this is the home thread.
-        drop(unsafe { Arc::from_raw(p) });
-        Err(Closed)
-    }
+    BhNode::post(node).map_err(|_| Closed)
 }
 
 /// A `Send + Sync + Clone` handle to a [`Reactor`], for other threads: wake it, hand it
@@ -124,7 +116,12 @@ impl Handle {
 
     /// Runs `f` once on the reactor's thread, in its next iteration (counts as progress).
     pub fn oneshot(&self, f: impl FnOnce(&Reactor) + Send + 'static) -> Result<(), Closed> {
-        post_oneshot(&self.shared, 0, bh::DISARMED, Callback::Once(Box::new(f)))
+        post_oneshot(
+            &self.shared,
+            Kind::OneShot,
+            bh::DISARMED,
+            Callback::Once(Box::new(f)),
+        )
     }
 
     /// Runs `f` once on the reactor's thread when `after` has passed.
@@ -136,7 +133,7 @@ impl Handle {
         let deadline = ns_after(self.shared.clock.now_ns(), after);
         post_oneshot(
             &self.shared,
-            bh::TIMER,
+            Kind::OneShotTimer,
             deadline,
             Callback::Once(Box::new(f)),
         )
@@ -151,7 +148,7 @@ impl Handle {
         let deadline = self.shared.clock.ns_of(when);
         post_oneshot(
             &self.shared,
-            bh::TIMER,
+            Kind::OneShotTimer,
             deadline,
             Callback::Once(Box::new(f)),
         )

@@ -17,7 +17,7 @@ use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 
 use crate::lockfree::sync::{Arc, AtomicBool, Ordering};
 use crate::reactor::Reactor;
-use crate::sched::bh::{BhNode, Callback, SCHEDULED, TASK};
+use crate::sched::bh::{BhNode, Callback, Kind, SCHEDULED};
 use crate::sched::handle::Closed;
 
 static VTABLE: RawWakerVTable = RawWakerVTable::new(clone_waker, wake, wake_by_ref, drop_waker);
@@ -212,7 +212,7 @@ where
         fut: Some(fut),
         join: join.clone(),
     };
-    let node = BhNode::new(r_shared, TASK, Callback::Task(Box::pin(task)));
+    let node = BhNode::new(r_shared, Kind::Task, Callback::Task(Box::pin(task)));
     (node.clone(), JoinHandle { join, node })
 }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::lockfree::sync::{Arc, Ordering};
 use crate::reactor::Reactor;
-use crate::sched::bh::{self, BhNode, DELETED, DISARMED, SCHEDULED};
+use crate::sched::bh::{self, BhNode, DELETED, DISARMED, Kind, SCHEDULED};
 
 /// Nanoseconds since the reactor's clock base, saturating below [`DISARMED`].
 pub(crate) fn ns_after(now: u64, d: Duration) -> u64 {
@@ -79,8 +79,7 @@ impl Entry {
         // A snapshot of the flags: DELETED is only ever added, and a stale "not deleted" answer
         // is caught again when the dequeue of the deleted node drops its callback.
         self.node.link.flags() & DELETED == 0
-            // SAFETY: home thread (the heap belongs to the reactor); the reference dies here.
-            && unsafe { self.node.home_mut() }.armed_seq == self.seq
+            && self.node.home().armed_seq.get() == self.seq
             // Acquire: pairs with the release store of the deadline in `Timer::arm_ns`.
             && self.node.deadline.load(Ordering::Acquire) == self.deadline
     }
@@ -110,8 +109,7 @@ impl Timers {
     pub(crate) fn push(&self, node: Arc<BhNode>, deadline: u64) {
         let seq = self.seq.get() + 1;
         self.seq.set(seq);
-        // SAFETY: home thread; the reference dies in this statement.
-        unsafe { node.home_mut() }.armed_seq = seq;
+        node.home().armed_seq.set(seq);
         let mut heap = self.heap.borrow_mut();
         heap.push(Entry {
             deadline,
@@ -142,12 +140,7 @@ impl Timers {
     pub(crate) fn rearm_now(&self, node: &BhNode) {
         // Release: pairs with the acquire loads in `Entry::is_live` and `sync`.
         node.deadline.store(0, Ordering::Release);
-        // SAFETY: the registry holds a reference to a persistent timer, so the count is >= 1.
-        let arc = unsafe {
-            Arc::increment_strong_count(node);
-            Arc::from_raw(node)
-        };
-        self.push(arc, 0);
+        self.push(node.arc(), 0);
     }
 
     /// The earliest live deadline, dropping stale entries on the way.
@@ -197,8 +190,7 @@ impl Timers {
             }
             fired = true;
             r.count_timer();
-            // A flag fixed at creation.
-            if entry.node.link.flags() & bh::ONESHOT != 0 {
+            if entry.node.kind() == Kind::OneShotTimer {
                 bh::run_once(r, &entry.node);
             } else {
                 r.bhs().call(r, &entry.node);

@@ -364,7 +364,7 @@ impl<T: AsFd + 'static> Drop for Async<T> {
             };
             let _ = post_oneshot(
                 &self.shared,
-                0,
+                crate::sched::bh::Kind::OneShot,
                 crate::sched::bh::DISARMED,
                 crate::sched::bh::Callback::Once(Box::new(deferred)),
             );
