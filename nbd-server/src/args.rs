@@ -2,7 +2,7 @@
 //! suggestions for mistyped options, and an `NBD_SERVER_*` environment variable behind most
 //! options), and the program itself ([`main`]).
 
-use std::io;
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -243,7 +243,6 @@ impl Args {
 /// server cannot start). The binary is this function; the bench runs it too (in a child
 /// process of its own), so the figures are the binary's.
 pub fn main(args: impl IntoIterator<Item = String>) -> std::process::ExitCode {
-    use std::io::Write;
     use std::process::ExitCode;
     let args = match parse(args) {
         Ok(a) => a,
@@ -274,18 +273,7 @@ pub fn main(args: impl IntoIterator<Item = String>) -> std::process::ExitCode {
     };
     init_logging();
     crate::tune_allocator();
-    // Block SIGINT, SIGTERM and SIGUSR1 before any thread starts, so every thread inherits
-    // the mask and this thread alone takes them, with sigwait.
-    // SAFETY: sigset manipulation on a local set; pthread_sigmask on this thread.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
+    let signals = block_signals();
     let server = match Server::start(cfg) {
         Ok(s) => s,
         Err(e) => {
@@ -300,6 +288,32 @@ pub fn main(args: impl IntoIterator<Item = String>) -> std::process::ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    announce(&server, detached);
+    serve_until_stopped(&server, &signals);
+    let stats = server.shutdown();
+    tracing::info!(?stats, "nbd-server: stopped");
+    ExitCode::SUCCESS
+}
+
+/// Blocks SIGINT, SIGTERM and SIGUSR1 on this thread, before any other thread starts, so
+/// every thread inherits the mask and this thread alone takes them, with `sigwait`. Returns
+/// the set.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local set; pthread_sigmask on this thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Says the server is up: its endpoints on stdout, systemd's `READY=1`, and (with `--fork`)
+/// the parent's exit.
+fn announce(server: &Server, detached: Option<crate::daemon::Detached>) {
     {
         let mut out = std::io::stdout().lock();
         for e in server.endpoints() {
@@ -315,12 +329,17 @@ pub fn main(args: impl IntoIterator<Item = String>) -> std::process::ExitCode {
             tracing::warn!("nbd-server: --fork: detaching the standard streams: {e}");
         }
     }
+}
+
+/// Waits for SIGINT or SIGTERM (blocked by [`block_signals`]); each SIGUSR1 meanwhile prints
+/// the server's load on stdout.
+fn serve_until_stopped(server: &Server, signals: &libc::sigset_t) {
     loop {
         let mut sig = 0;
-        // SAFETY: `set` is a valid signal set and `sig` a valid out-pointer.
-        unsafe { libc::sigwait(&set, &mut sig) };
+        // SAFETY: `signals` is a valid signal set and `sig` a valid out-pointer.
+        unsafe { libc::sigwait(signals, &mut sig) };
         if sig != libc::SIGUSR1 {
-            break;
+            return;
         }
         let line = match server.load() {
             Ok(load) => format!("nbd-server: load: {load}"),
@@ -330,9 +349,6 @@ pub fn main(args: impl IntoIterator<Item = String>) -> std::process::ExitCode {
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
     }
-    let stats = server.shutdown();
-    tracing::info!(?stats, "nbd-server: stopped");
-    ExitCode::SUCCESS
 }
 
 /// The environment variable naming the log level of [`main`].

@@ -49,109 +49,150 @@ pub(crate) async fn negotiate(
     rd: &mut Reader,
     export: &Export,
 ) -> io::Result<Outcome> {
+    let (mut out, no_zeroes) = greet(sock, rd).await?;
+    let mut got = Negotiated::default();
+    loop {
+        let (option, data) = read_option(sock, rd).await?;
+        match answer(&mut out, option, &data, export, &mut got, no_zeroes)? {
+            Next::Option => out = send(sock, out).await?,
+            Next::Transmission => {
+                send(sock, out).await?;
+                return Ok(Outcome::Transmission(got));
+            }
+            Next::Abort => {
+                // The client may already be gone: that is a normal abort.
+                let _ = send(sock, out).await;
+                return Ok(Outcome::Aborted);
+            }
+        }
+    }
+}
+
+/// Sends the server's greeting and reads the client's flags. Returns the (emptied) output
+/// buffer and whether the client asked for no zeroes after `NBD_OPT_EXPORT_NAME`'s reply.
+async fn greet(sock: &Sock, rd: &mut Reader) -> io::Result<(Vec<u8>, bool)> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
     out.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
     out.extend_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
-    out = send(sock, out).await?;
-
+    let out = send(sock, out).await?;
     let cflags = u32::from_be_bytes(rd.read_array::<4>(sock).await?);
     let known = proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES;
     if cflags & !known != 0 {
         return Err(invalid(format!("unknown client flags {cflags:#x}")));
     }
-    let no_zeroes = cflags & proto::FLAG_C_NO_ZEROES != 0;
-    let mut got = Negotiated::default();
+    Ok((out, cflags & proto::FLAG_C_NO_ZEROES != 0))
+}
 
-    loop {
-        let hdr = rd.read_array::<16>(sock).await?;
-        let magic = u64::from_be_bytes(hdr[0..8].try_into().unwrap());
-        let option = u32::from_be_bytes(hdr[8..12].try_into().unwrap());
-        let len = u32::from_be_bytes(hdr[12..16].try_into().unwrap());
-        if magic != proto::IHAVEOPT {
-            return Err(invalid(format!("bad option magic {magic:#x}")));
-        }
-        if len > MAX_OPTION_DATA {
-            return Err(invalid(format!("option {option} with {len} bytes of data")));
-        }
-        let data = rd.read_into(sock, Vec::new(), len as usize).await?;
-        tracing::debug!(option, len, "nbd option");
-        match option {
-            opt::EXPORT_NAME => {
-                if !export.answers_to(&data) {
-                    return Err(invalid(format!(
-                        "NBD_OPT_EXPORT_NAME for unknown export {}",
-                        crate::log::client_str(&data)
-                    )));
-                }
-                out.extend_from_slice(&export.size().to_be_bytes());
-                let flags = export.transmission_flags(got.structured);
-                out.extend_from_slice(&flags.to_be_bytes());
-                if !no_zeroes {
-                    out.extend_from_slice(&[0u8; 124]);
-                }
-                send(sock, out).await?;
-                return Ok(Outcome::Transmission(got));
-            }
-            opt::ABORT => {
-                proto::option_reply(&mut out, option, rep::ACK, &[]);
-                // The client may already be gone: that is a normal abort.
-                let _ = send(sock, out).await;
-                return Ok(Outcome::Aborted);
-            }
-            opt::LIST => {
-                if data.is_empty() {
-                    let mut item = Vec::with_capacity(4 + export.name().len());
-                    item.extend_from_slice(&(export.name().len() as u32).to_be_bytes());
-                    item.extend_from_slice(export.name().as_bytes());
-                    item.extend_from_slice(export.description().as_bytes());
-                    proto::option_reply(&mut out, option, rep::SERVER, &item);
-                    proto::option_reply(&mut out, option, rep::ACK, &[]);
-                } else {
-                    let msg = b"NBD_OPT_LIST takes no data";
-                    proto::option_reply(&mut out, option, rep::ERR_INVALID, msg);
-                }
-            }
-            opt::INFO | opt::GO => {
-                let described = info_or_go(&mut out, option, &data, export, got.structured);
-                if described && option == opt::GO {
-                    send(sock, out).await?;
-                    return Ok(Outcome::Transmission(got));
-                }
-            }
-            opt::STRUCTURED_REPLY if got.extended => {
-                let msg = b"extended headers are in use; they include structured replies";
-                proto::option_reply(&mut out, option, rep::ERR_EXT_HEADER_REQD, msg);
-            }
-            opt::STRUCTURED_REPLY | opt::EXTENDED_HEADERS => {
-                let (kind, msg): (u32, &[u8]) = if !data.is_empty() {
-                    (rep::ERR_INVALID, b"the option takes no data")
-                } else if got.extended {
-                    (rep::ERR_INVALID, b"extended headers are negotiated already")
-                } else {
-                    got.structured = true;
-                    got.extended = option == opt::EXTENDED_HEADERS;
-                    (rep::ACK, b"")
-                };
-                proto::option_reply(&mut out, option, kind, msg);
-            }
-            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
-                let set = option == opt::SET_META_CONTEXT;
-                let selected = meta::answer(&mut out, option, &data, export, got.structured, set);
-                if set {
-                    got.base_allocation = selected;
-                }
-            }
-            opt::STARTTLS => {
-                proto::option_reply(&mut out, option, rep::ERR_UNSUP, b"TLS is not supported");
-            }
-            _ => {
-                let msg = format!("option {option} is not supported");
-                proto::option_reply(&mut out, option, rep::ERR_UNSUP, msg.as_bytes());
-            }
-        }
-        out = send(sock, out).await?;
+/// Reads one option's header and data (at most `MAX_OPTION_DATA` bytes).
+async fn read_option(sock: &Sock, rd: &mut Reader) -> io::Result<(u32, Vec<u8>)> {
+    let hdr = rd.read_array::<16>(sock).await?;
+    let magic = u64::from_be_bytes(hdr[0..8].try_into().unwrap());
+    let option = u32::from_be_bytes(hdr[8..12].try_into().unwrap());
+    let len = u32::from_be_bytes(hdr[12..16].try_into().unwrap());
+    if magic != proto::IHAVEOPT {
+        return Err(invalid(format!("bad option magic {magic:#x}")));
     }
+    if len > MAX_OPTION_DATA {
+        return Err(invalid(format!("option {option} with {len} bytes of data")));
+    }
+    let data = rd.read_into(sock, Vec::new(), len as usize).await?;
+    tracing::debug!(option, len, "nbd option");
+    Ok((option, data))
+}
+
+/// What an option leads to, once its replies are in the output buffer.
+enum Next {
+    /// Send them, then read the next option.
+    Option,
+    /// Send them; transmission starts.
+    Transmission,
+    /// Send them if the client still listens; the client aborted.
+    Abort,
+}
+
+/// Answers one option into `out`, recording what it negotiated in `got`.
+///
+/// # Errors
+/// `InvalidData` for `NBD_OPT_EXPORT_NAME` of an unknown export (the connection must close:
+/// that option has no error reply).
+fn answer(
+    out: &mut Vec<u8>,
+    option: u32,
+    data: &[u8],
+    export: &Export,
+    got: &mut Negotiated,
+    no_zeroes: bool,
+) -> io::Result<Next> {
+    match option {
+        opt::EXPORT_NAME => {
+            if !export.answers_to(data) {
+                return Err(invalid(format!(
+                    "NBD_OPT_EXPORT_NAME for unknown export {}",
+                    crate::log::client_str(data)
+                )));
+            }
+            out.extend_from_slice(&export.size().to_be_bytes());
+            let flags = export.transmission_flags(got.structured);
+            out.extend_from_slice(&flags.to_be_bytes());
+            if !no_zeroes {
+                out.extend_from_slice(&[0u8; 124]);
+            }
+            return Ok(Next::Transmission);
+        }
+        opt::ABORT => {
+            proto::option_reply(out, option, rep::ACK, &[]);
+            return Ok(Next::Abort);
+        }
+        opt::LIST if data.is_empty() => {
+            let mut item = Vec::with_capacity(4 + export.name().len());
+            item.extend_from_slice(&(export.name().len() as u32).to_be_bytes());
+            item.extend_from_slice(export.name().as_bytes());
+            item.extend_from_slice(export.description().as_bytes());
+            proto::option_reply(out, option, rep::SERVER, &item);
+            proto::option_reply(out, option, rep::ACK, &[]);
+        }
+        opt::LIST => {
+            proto::option_reply(out, option, rep::ERR_INVALID, b"NBD_OPT_LIST takes no data");
+        }
+        opt::INFO | opt::GO => {
+            let described = info_or_go(out, option, data, export, got.structured);
+            if described && option == opt::GO {
+                return Ok(Next::Transmission);
+            }
+        }
+        opt::STRUCTURED_REPLY if got.extended => {
+            let msg = b"extended headers are in use; they include structured replies";
+            proto::option_reply(out, option, rep::ERR_EXT_HEADER_REQD, msg);
+        }
+        opt::STRUCTURED_REPLY | opt::EXTENDED_HEADERS => {
+            let (kind, msg): (u32, &[u8]) = if !data.is_empty() {
+                (rep::ERR_INVALID, b"the option takes no data")
+            } else if got.extended {
+                (rep::ERR_INVALID, b"extended headers are negotiated already")
+            } else {
+                got.structured = true;
+                got.extended = option == opt::EXTENDED_HEADERS;
+                (rep::ACK, b"")
+            };
+            proto::option_reply(out, option, kind, msg);
+        }
+        opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+            let set = option == opt::SET_META_CONTEXT;
+            let selected = meta::answer(out, option, data, export, got.structured, set);
+            if set {
+                got.base_allocation = selected;
+            }
+        }
+        opt::STARTTLS => {
+            proto::option_reply(out, option, rep::ERR_UNSUP, b"TLS is not supported");
+        }
+        _ => {
+            let msg = format!("option {option} is not supported");
+            proto::option_reply(out, option, rep::ERR_UNSUP, msg.as_bytes());
+        }
+    }
+    Ok(Next::Option)
 }
 
 /// Answers `NBD_OPT_INFO`/`NBD_OPT_GO` into `out`; true when the export was described (and

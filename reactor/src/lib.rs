@@ -16,10 +16,10 @@
 //! - `rt/`: the async runtime: `io` (owned buffers, [`Async`] readiness), `op` (one type per
 //!   I/O operation; the drivers that run them on the ring, the thread pool or readiness),
 //!   `fs`, `net`, `time`, `blocking` ([`spawn_blocking`]), `iothread` ([`IoThread`]);
-//! - `reactor/`: the loop: `mod.rs` ([`Reactor`], [`Builder`], iteration, fd registration,
+//! - `event_loop/`: the loop: `mod.rs` ([`Reactor`], [`Builder`], iteration, fd registration,
 //!   SQEs), `embed` (the timerfd of foreign loops), `polling` (adaptive busy polling),
 //!   `monitor_errors` (the failure policy), `stats`;
-//! - `sched/`: home-thread scheduling: `bh` ([`Bh`]), `timer` ([`Timer`]), `task` (tasks,
+//! - `sched/`: home-thread scheduling: `bh` ([`Bh`]; nodes, queues, one dequeue per kind), `timer` ([`Timer`]), `task` (tasks,
 //!   wakers, [`JoinHandle`]), `handle` ([`Handle`]), `pool` ([`ThreadPool`]);
 //! - `fd/`: fds and the backend: `backend` (the only place that knows which fd monitors exist),
 //!   `handlers` ([`FdHandler`]), `interest` ([`Interest`]), `ops` (completions of SQEs);
@@ -68,15 +68,21 @@
 //! io_uring is refused; the environment variable `REACTOR_BACKEND=uring|epoll` overrides
 //! `Auto`, and [`Builder::backend`] forces one. [`Reactor::backend`] says which one runs.
 
+mod event_loop;
 mod fd;
 mod lockfree;
-mod reactor;
 mod rt;
 mod sched;
 mod sys;
 
 pub use rt::{fs, io, net, time};
 
+pub use event_loop::polling::{POLL_START, PollParams};
+pub use event_loop::stats::Stats;
+pub use event_loop::{
+    Builder, DEFAULT_MAX_SQES_IN_FLIGHT, DEFAULT_TASK_BUDGET, DEFAULT_URING_ENTRIES, Reactor,
+    Wakeup,
+};
 pub use fd::backend::{BACKEND_ENV, Backend};
 pub use fd::handlers::{FdHandler, FdId};
 pub use fd::interest::Interest;
@@ -85,12 +91,6 @@ pub use io::{AlignedBuf, Async, IoBuf, IoBufMut};
 /// The io_uring crate, for building SQEs for [`Reactor::submit_sqe`].
 pub use io_uring;
 pub use lockfree::event_notifier::EventNotifier;
-pub use reactor::polling::{POLL_START, PollParams};
-pub use reactor::stats::Stats;
-pub use reactor::{
-    Builder, DEFAULT_MAX_SQES_IN_FLIGHT, DEFAULT_TASK_BUDGET, DEFAULT_URING_ENTRIES, Reactor,
-    Wakeup,
-};
 pub use rt::blocking::{Blocking, spawn_blocking};
 pub use rt::iothread::IoThread;
 pub use sched::bh::Bh;

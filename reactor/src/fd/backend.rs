@@ -100,16 +100,16 @@ pub(crate) enum Monitor {
 /// Wakes a reactor's wait by posting a completion into its ring (a ring message), instead of
 /// writing the eventfd that the ring polls; see `fdmon_uring::Doorbell`. `Send` and `Sync`.
 #[derive(Debug)]
-pub(crate) enum Doorbell {
+pub(crate) enum BackendBell {
     #[cfg(feature = "uring")]
     Ring(fdmon_uring::Doorbell),
 }
 
-impl crate::lockfree::notify::Doorbell for Doorbell {
+impl crate::lockfree::notify::MessageBell for BackendBell {
     fn ring(&self) -> io::Result<()> {
         match *self {
             #[cfg(feature = "uring")]
-            Doorbell::Ring(ref d) => d.ring(),
+            BackendBell::Ring(ref d) => d.ring(),
         }
     }
 }
@@ -330,10 +330,10 @@ impl Monitor {
     ///
     /// # Errors
     /// `Unsupported` on epoll and on kernels without ring-less ring messages (before 6.13).
-    pub(crate) fn doorbell(&self) -> io::Result<Doorbell> {
+    pub(crate) fn doorbell(&self) -> io::Result<BackendBell> {
         match self {
             #[cfg(feature = "uring")]
-            Monitor::Uring(u) => fdmon_uring::Doorbell::new(u).map(Doorbell::Ring),
+            Monitor::Uring(u) => fdmon_uring::Doorbell::new(u).map(BackendBell::Ring),
             #[cfg(feature = "epoll")]
             Monitor::Epoll(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,

@@ -16,8 +16,8 @@ use std::os::fd::RawFd;
 
 use slab::Slab;
 
+use crate::event_loop::Reactor;
 use crate::fd::interest::{self, Interest};
-use crate::reactor::Reactor;
 
 /// Identifies one fd registration of one reactor.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]

@@ -5,7 +5,7 @@
 //! backends themselves (`fdmon-epoll`, `fdmon-uring`) know nothing of the reactor.
 
 pub(crate) mod backend;
+pub(crate) mod buf_ring;
 pub(crate) mod handlers;
 pub(crate) mod interest;
 pub(crate) mod ops;
-pub(crate) mod recv_ring;

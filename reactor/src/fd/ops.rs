@@ -15,7 +15,7 @@ use std::fmt;
 
 use slab::Slab;
 
-use crate::reactor::Reactor;
+use crate::event_loop::Reactor;
 
 /// The completion of an io_uring operation: the CQE's result and flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

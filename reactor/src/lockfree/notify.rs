@@ -21,7 +21,7 @@ pub(crate) type Notifier = protocol::Notifier<Bell>;
 
 /// A wakeup other than the eventfd (the io_uring backend's ring message, provided by the fd
 /// layer): `Err` when it could not be sent, and the eventfd is written instead.
-pub(crate) trait Doorbell: Send + Sync + std::fmt::Debug {
+pub(crate) trait MessageBell: Send + Sync + std::fmt::Debug {
     fn ring(&self) -> io::Result<()>;
 }
 
@@ -29,7 +29,7 @@ pub(crate) trait Doorbell: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 pub(crate) struct Bell {
     eventfd: EventNotifier,
-    ring: Option<Box<dyn Doorbell>>,
+    ring: Option<Box<dyn MessageBell>>,
     /// Wakeups sent as ring messages.
     messages: AtomicU64,
     /// Wakeups that wrote the eventfd.
@@ -55,7 +55,7 @@ impl Wake for Bell {
 }
 
 /// A notifier on `eventfd`, woken through `ring` when given.
-pub(crate) fn new(eventfd: EventNotifier, ring: Option<Box<dyn Doorbell>>) -> Notifier {
+pub(crate) fn new(eventfd: EventNotifier, ring: Option<Box<dyn MessageBell>>) -> Notifier {
     protocol::Notifier::new(Bell {
         eventfd,
         ring,

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
-use crate::reactor::Reactor;
+use crate::event_loop::Reactor;
 use crate::sched::lane::Lane;
 use crate::sched::pool::{Job, Run, ThreadPool};
 use crate::sched::task::JoinError;
@@ -15,7 +15,7 @@ use crate::sched::task::JoinError;
 /// One `spawn_blocking` call: the closure until a pool thread takes it, then its result
 /// and the waker of the task awaiting it. The pool's job and the future share this one
 /// allocation.
-struct Shared<F, T> {
+struct BlockingCall<F, T> {
     state: Mutex<State<F, T>>,
 }
 
@@ -25,7 +25,7 @@ struct State<F, T> {
     waker: Option<Waker>,
 }
 
-impl<F, T> Run for Shared<F, T>
+impl<F, T> Run for BlockingCall<F, T>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
@@ -50,12 +50,12 @@ where
     }
 }
 
-/// The future's view of a [`Shared`], without the closure's type.
+/// The future's view of a [`BlockingCall`], without the closure's type.
 trait Outcome<T>: Send + Sync {
     fn poll_outcome(&self, cx: &mut Context<'_>) -> Poll<std::thread::Result<T>>;
 }
 
-impl<F: Send, T: Send> Outcome<T> for Shared<F, T> {
+impl<F: Send, T: Send> Outcome<T> for BlockingCall<F, T> {
     fn poll_outcome(&self, cx: &mut Context<'_>) -> Poll<std::thread::Result<T>> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match s.result.take() {
@@ -133,7 +133,7 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(BlockingCall {
         state: Mutex::new(State {
             f: Some(f),
             result: None,

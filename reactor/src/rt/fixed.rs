@@ -7,8 +7,8 @@ use std::io;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 
+use crate::event_loop::Reactor;
 use crate::io::{AlignedBuf, IoBuf, IoBufMut};
-use crate::reactor::Reactor;
 
 /// The most buffers io_uring takes in one fixed-buffer table.
 pub const MAX_FIXED_BUFFERS: usize = 16384;
@@ -69,7 +69,7 @@ struct Inner {
     keep: Arc<Mutex<Vec<AlignedBuf>>>,
     count: usize,
     size: usize,
-    /// Known to the reactor as the registration's owner (see `reactor/fixed.rs`).
+    /// Known to the reactor as the registration's owner (see `event_loop/fixed_table.rs`).
     owner: Arc<()>,
 }
 

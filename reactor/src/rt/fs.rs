@@ -57,13 +57,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::io::{IoBuf, IoBufMut, Slice};
-use crate::reactor::Reactor;
+use crate::event_loop::Reactor;
+use crate::io::{IoBuf, IoBufMut, write_all};
 pub use crate::rt::fixed::{FixedBuf, FixedBufPool, MAX_FIXED_BUFFERS};
 use crate::rt::op::file::{
-    Fadvise, Fallocate, FileFd, Fsync, Open, ReadAt, ReadAtFixed, ReadvAt, WriteAt, WriteAtFixed,
+    Fadvise, Fallocate, Fsync, Open, ReadAt, ReadAtFixed, ReadvAt, Vectored, WriteAt, WriteAtFixed,
     WritevAt,
 };
+use crate::rt::op::file_fd::FileFd;
 use crate::rt::op::run;
 
 /// How to open a file (like `std::fs::OpenOptions`, plus raw `open(2)` flags such as
@@ -340,21 +341,10 @@ impl File {
     /// As [`write_at`](Self::write_at); `InvalidInput` if the range would end past
     /// `i64::MAX`; `WriteZero` if the kernel wrote nothing.
     pub async fn write_all_at(&self, buf: Vec<u8>, offset: u64) -> (io::Result<()>, Vec<u8>) {
-        let mut done = 0;
-        let mut buf = buf;
-        while done < buf.len() {
-            let Some(at) = offset.checked_add(done as u64) else {
-                return (Err(offset_error(offset)), buf);
-            };
-            let (res, slice) = self.write_at(Slice::new(buf, done), at).await;
-            buf = slice.into_inner();
-            match res {
-                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
-                Ok(n) => done += n,
-                Err(e) => return (Err(e), buf),
-            }
+        if offset.checked_add(buf.len() as u64).is_none() {
+            return (Err(offset_error(offset)), buf);
         }
-        (Ok(()), buf)
+        write_all(buf, |rest, done| self.write_at(rest, offset + done)).await
     }
 
     /// Reads into several buffers at `offset` (`preadv`): the first is filled first.
@@ -367,13 +357,7 @@ impl File {
             return (Err(e), bufs);
         }
         let fd = self.fd.clone();
-        run(ReadvAt {
-            fd,
-            bufs,
-            offset,
-            iov: Vec::new(),
-        })
-        .await
+        run(ReadvAt(Vectored::new(fd, bufs, offset))).await
     }
 
     /// Writes several buffers at `offset` (`pwritev`).
@@ -386,13 +370,7 @@ impl File {
             return (Err(e), bufs);
         }
         let fd = self.fd.clone();
-        run(WritevAt {
-            fd,
-            bufs,
-            offset,
-            iov: Vec::new(),
-        })
-        .await
+        run(WritevAt(Vectored::new(fd, bufs, offset))).await
     }
 
     /// Flushes data and metadata to the device (`fsync`).

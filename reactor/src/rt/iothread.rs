@@ -4,7 +4,7 @@ use std::fmt;
 use std::io;
 use std::thread;
 
-use crate::reactor::Builder;
+use crate::event_loop::Builder;
 use crate::sched::handle::Handle;
 
 /// A reactor on its own named thread, driven by [`Reactor::run`](crate::Reactor::run).

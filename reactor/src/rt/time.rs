@@ -26,8 +26,8 @@ use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use crate::event_loop::Reactor;
 use crate::lockfree::sync::{Arc, AtomicBool, Ordering};
-use crate::reactor::Reactor;
 use crate::sched::timer::Timer;
 
 /// Completes `duration` after it was created.

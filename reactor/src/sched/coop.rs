@@ -31,7 +31,7 @@ use std::cell::Cell;
 use std::future::poll_fn;
 use std::task::{Context, Poll};
 
-use crate::reactor::Reactor;
+use crate::event_loop::Reactor;
 
 /// Default number of I/O operations one task poll may complete without waiting (see
 /// [`Builder::io_budget`](crate::Builder::io_budget)).

@@ -4,8 +4,8 @@ use std::fmt;
 use std::io;
 use std::time::{Duration, Instant};
 
+use crate::event_loop::{Reactor, Remote};
 use crate::lockfree::sync::{Arc, Ordering};
-use crate::reactor::{Reactor, Shared};
 use crate::sched::bh::{self, BhNode, Callback, Kind};
 use crate::sched::timer::ns_after;
 
@@ -31,7 +31,7 @@ impl From<Closed> for io::Error {
 /// If the reactor is gone, the callback is dropped on this thread: for a `Handle` it is
 /// `Send`, and for `Reactor::oneshot*` this is the home thread.
 pub(crate) fn post_oneshot(
-    shared: &Arc<Shared>,
+    shared: &Arc<Remote>,
     kind: Kind,
     deadline: u64,
     callback: Callback,
@@ -75,7 +75,7 @@ pub(crate) fn post_oneshot(
 /// ```
 #[derive(Clone)]
 pub struct Handle {
-    shared: Arc<Shared>,
+    shared: Arc<Remote>,
 }
 
 impl fmt::Debug for Handle {
@@ -87,11 +87,11 @@ impl fmt::Debug for Handle {
 }
 
 impl Handle {
-    pub(crate) fn new(shared: Arc<Shared>) -> Handle {
+    pub(crate) fn new(shared: Arc<Remote>) -> Handle {
         Handle { shared }
     }
 
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
+    pub(crate) fn shared(&self) -> &Arc<Remote> {
         &self.shared
     }
 

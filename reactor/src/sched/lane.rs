@@ -23,11 +23,11 @@ const TURN: usize = 64;
 /// A queue of jobs that run one after another on a pool. Cloning shares the lane.
 #[derive(Clone, Default)]
 pub(crate) struct Lane {
-    shared: Arc<Shared>,
+    shared: Arc<LaneState>,
 }
 
 #[derive(Default)]
-struct Shared {
+struct LaneState {
     state: Mutex<State>,
     /// [`Pending`] marks alive: work for the lane that has not finished.
     unfinished: AtomicUsize,
@@ -115,7 +115,7 @@ impl Lane {
 }
 
 /// Work for a lane that has not finished: the lane is not [idle](Lane::idle) while it lives.
-pub(crate) struct Pending(Arc<Shared>);
+pub(crate) struct Pending(Arc<LaneState>);
 
 impl Drop for Pending {
     fn drop(&mut self) {

@@ -15,8 +15,8 @@ use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 
+use crate::event_loop::Reactor;
 use crate::lockfree::sync::{Arc, AtomicBool, Ordering};
-use crate::reactor::Reactor;
 use crate::sched::bh::{BhNode, Callback, Kind, SCHEDULED};
 use crate::sched::handle::Closed;
 
@@ -198,7 +198,7 @@ impl<F: Future> Drop for TaskFut<F> {
 
 /// Creates a task node for `fut` (not registered, not scheduled) and its handle.
 fn new_task<F>(
-    r_shared: &Arc<crate::reactor::Shared>,
+    r_shared: &Arc<crate::event_loop::Remote>,
     fut: F,
 ) -> (Arc<BhNode>, JoinHandle<F::Output>)
 where

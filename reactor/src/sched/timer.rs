@@ -16,8 +16,8 @@ use std::cmp::Ordering as CmpOrdering;
 use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
+use crate::event_loop::Reactor;
 use crate::lockfree::sync::{Arc, Ordering};
-use crate::reactor::Reactor;
 use crate::sched::bh::{self, BhNode, DELETED, DISARMED, Kind, SCHEDULED};
 
 /// Nanoseconds since the reactor's clock base, saturating below [`DISARMED`].

@@ -10,11 +10,11 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
+use crate::event_loop::{Reactor, Remote};
 use crate::fd::handlers::{FdHandler, FdId};
 use crate::fd::interest::Interest;
 use crate::io::no_reactor;
 use crate::lockfree::sync::Arc;
-use crate::reactor::{Reactor, Shared};
 use crate::sched::coop;
 use crate::sched::handle::post_oneshot;
 use crate::sys::cvt;
@@ -98,7 +98,7 @@ impl Reg {
 pub struct Async<T: AsFd + 'static> {
     io: Option<T>,
     reg: Rc<Reg>,
-    shared: Arc<Shared>,
+    shared: Arc<Remote>,
 }
 
 impl<T: AsFd + 'static> Async<T> {

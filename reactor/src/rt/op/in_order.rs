@@ -8,9 +8,9 @@
 //! (whether or not its future is still there). A new read or write waits at the gate until the
 //! one before it is over; what it did is then known:
 //!
-//! - **bytes an abandoned receive took from the socket** are [held](Shared::hold) here and
+//! - **bytes an abandoned receive took from the socket** are [held](StreamState::hold) here and
 //!   returned, in order, by the stream's next read, before anything newer;
-//! - **bytes an abandoned send gave the kernel** count in [`Shared::sent`], as every write's
+//! - **bytes an abandoned send gave the kernel** count in [`StreamState::sent`], as every write's
 //!   do, so a caller can learn what a write it dropped sent (`TcpStream::bytes_sent`, after
 //!   `flush`).
 //!
@@ -78,7 +78,7 @@ pub(crate) enum Dir {
 
 /// The state a stream shares with its operations in flight.
 #[derive(Default)]
-pub(crate) struct Shared {
+pub(crate) struct StreamState {
     reads: Gate,
     writes: Gate,
     /// Bytes abandoned receives took from the socket, not yet read.
@@ -87,9 +87,9 @@ pub(crate) struct Shared {
     sent: Cell<u64>,
 }
 
-impl Shared {
-    pub(crate) fn new() -> Rc<Shared> {
-        Rc::new(Shared::default())
+impl StreamState {
+    pub(crate) fn new() -> Rc<StreamState> {
+        Rc::new(StreamState::default())
     }
 
     pub(crate) fn gate(&self, dir: Dir) -> &Gate {
@@ -150,12 +150,12 @@ impl Shared {
 /// it: owned by the operation, so a dropped future's operation still counts while the kernel
 /// holds it.
 pub(crate) struct InFlight {
-    shared: Rc<Shared>,
+    shared: Rc<StreamState>,
     dir: Dir,
 }
 
 impl InFlight {
-    pub(crate) fn shared(&self) -> &Shared {
+    pub(crate) fn shared(&self) -> &StreamState {
         &self.shared
     }
 }
@@ -182,7 +182,7 @@ mod tests {
 
     #[test]
     fn a_gate_opens_when_the_last_operation_ends_and_wakes_each_waiter_once() {
-        let s = Shared::new();
+        let s = StreamState::new();
         let count = Arc::new(Count(0.into()));
         let waker = Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);
@@ -201,7 +201,7 @@ mod tests {
 
     #[test]
     fn held_bytes_come_back_in_order_across_reads_of_any_size() {
-        let s = Shared::new();
+        let s = StreamState::new();
         s.hold(b"abc");
         s.hold(b"defgh");
         let mut dst = [MaybeUninit::new(0u8); 5];

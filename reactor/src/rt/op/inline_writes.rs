@@ -36,7 +36,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::reactor::Reactor;
+use crate::event_loop::Reactor;
 
 /// The largest write made on the loop thread, which does nothing else while it copies: 256
 /// KiB is some tens of microseconds, about as long as a loop iteration with many completions.

@@ -19,6 +19,7 @@
 //! A new operation is one new type in `file.rs` or `socket.rs`.
 
 pub(crate) mod file;
+pub(crate) mod file_fd;
 pub(crate) mod in_order;
 pub(crate) mod inline_writes;
 pub(crate) mod multishot;
@@ -31,10 +32,10 @@ use std::os::fd::AsFd;
 
 use io_uring::squeue::Entry;
 
+use crate::event_loop::Reactor;
+use crate::event_loop::SocketPath;
 use crate::fd::backend::Backend;
 use crate::io::{Async, no_reactor};
-use crate::reactor::Reactor;
-use crate::reactor::SocketPath;
 use crate::rt::blocking::{spawn_blocking, spawn_blocking_in};
 use crate::sched::coop;
 use crate::sched::lane::Lane;

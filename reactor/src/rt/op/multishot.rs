@@ -36,11 +36,11 @@ use std::task::{Context, Poll, Waker};
 
 use io_uring::{opcode, types};
 
+use crate::event_loop::recv_ring::{BUF_SIZE, STREAM_BUFS};
+use crate::event_loop::{Reactor, Remote};
+use crate::fd::buf_ring::{RECV_GROUP, RecvRing};
 use crate::fd::ops::{Completion, OnComplete, OpCallback, OpId};
-use crate::fd::recv_ring::{RECV_GROUP, RecvRing};
 use crate::lockfree::sync::Arc;
-use crate::reactor::recv_ring::{BUF_SIZE, STREAM_BUFS};
-use crate::reactor::{Reactor, Shared};
 use crate::sched::coop;
 
 /// `IORING_CQE_F_BUFFER`: the completion names a provided buffer in its upper 16 bits.
@@ -100,7 +100,7 @@ impl Armed {
 
     /// Asks the reactor owning `shared` to cancel the operation, once (from its thread, in or
     /// out of its poll).
-    pub(crate) fn cancel(&self, shared: &Arc<Shared>) {
+    pub(crate) fn cancel(&self, shared: &Arc<Remote>) {
         let Some(id) = self.id.get() else { return };
         if self.cancelling.replace(true) {
             return;
@@ -131,7 +131,7 @@ const SHARE_BYTES: u32 = STREAM_BUFS as u32 * BUF_SIZE;
 /// the operation's completion callback).
 pub(crate) struct MultiRecv {
     ring: Rc<RecvRing>,
-    shared: Arc<Shared>,
+    shared: Arc<Remote>,
     fd: RawFd,
     chunks: RefCell<VecDeque<Chunk>>,
     /// Of `chunks`, how many are ring buffers.
@@ -424,8 +424,8 @@ mod tests {
     use std::io::Write;
     use std::time::Duration;
 
+    use crate::event_loop::recv_ring::STREAM_BUFS;
     use crate::net::{SocketIo, TcpListener};
-    use crate::reactor::recv_ring::STREAM_BUFS;
     use crate::{Backend, Reactor};
 
     /// Before Linux 6.17 (forced here) a receive has no byte limit: a fast sender's receive is

@@ -24,9 +24,9 @@ use std::task::{Context, Poll, Waker};
 use io_uring::{opcode, types};
 
 use super::multishot::{Armed, Close};
+use crate::event_loop::{Reactor, Remote};
 use crate::fd::ops::{Completion, OnComplete, OpCallback};
 use crate::lockfree::sync::Arc;
-use crate::reactor::{Reactor, Shared};
 use crate::sched::coop;
 
 /// Accepted sockets a listener queues before its accept pauses.
@@ -34,7 +34,7 @@ const BACKLOG: usize = 64;
 
 /// The accept state of one listener, shared with the reactor while an accept is armed.
 pub(crate) struct MultiAccept {
-    shared: Arc<Shared>,
+    shared: Arc<Remote>,
     fd: RawFd,
     queue: RefCell<VecDeque<OwnedFd>>,
     armed: Armed,

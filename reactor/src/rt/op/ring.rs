@@ -15,10 +15,10 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use super::Op;
+use crate::event_loop::{Reactor, Remote};
 use crate::fd::ops::{Completion, OnComplete, OpCallback, OpId};
 use crate::io::no_reactor;
 use crate::lockfree::sync::Arc;
-use crate::reactor::{Reactor, Shared};
 
 struct State<O> {
     done: Cell<Option<Completion>>,
@@ -57,7 +57,7 @@ impl<O: Op> OnComplete for State<O> {
 struct Submitted<O: Op> {
     state: Rc<State<O>>,
     id: OpId,
-    shared: Arc<Shared>,
+    shared: Arc<Remote>,
     finished: bool,
 }
 

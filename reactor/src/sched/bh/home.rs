@@ -7,9 +7,9 @@ use slab::Slab;
 
 use super::fifo::{Fifo, Peek, peek_list};
 use super::node::{BhNode, Callback, Kind, Queued};
+use crate::event_loop::Reactor;
 use crate::lockfree::protocol::{DELETED, IDLE, List, SCHEDULED};
 use crate::lockfree::sync::Arc;
-use crate::reactor::Reactor;
 
 /// The home thread's BH state: the registry of persistent nodes and the run queue.
 pub(crate) struct BhHome {

@@ -18,9 +18,9 @@
 
 use std::cell::Cell;
 
+use crate::event_loop::{Reactor, Remote};
 use crate::lockfree::protocol::{Link, ONESHOT, SCHEDULED, TASK, TIMER};
 use crate::lockfree::sync::{Arc, AtomicU64};
-use crate::reactor::{Reactor, Shared};
 
 /// `deadline` of a timer that is not armed.
 pub(crate) const DISARMED: u64 = u64::MAX;
@@ -125,7 +125,7 @@ pub(crate) struct BhNode {
     pub(crate) link: Link,
     /// Timers: the requested deadline in reactor nanoseconds, [`DISARMED`] when not armed.
     pub(crate) deadline: AtomicU64,
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) shared: Arc<Remote>,
     kind: Kind,
     home: Home,
 }
@@ -143,7 +143,7 @@ unsafe impl Send for BhNode {}
 unsafe impl Sync for BhNode {}
 
 impl BhNode {
-    pub(crate) fn new(shared: &Arc<Shared>, kind: Kind, callback: Callback) -> Arc<BhNode> {
+    pub(crate) fn new(shared: &Arc<Remote>, kind: Kind, callback: Callback) -> Arc<BhNode> {
         Arc::new(BhNode {
             link: Link::new(kind.fixed_flags()),
             deadline: AtomicU64::new(DISARMED),

@@ -319,10 +319,10 @@ impl Builder {
             Wakeup::Auto => monitor
                 .doorbell()
                 .ok()
-                .map(|d| Box::new(d) as Box<dyn notify::Doorbell>),
+                .map(|d| Box::new(d) as Box<dyn notify::MessageBell>),
             Wakeup::EventFd => None,
         };
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Remote {
             notifier: notify::new(eventfd, doorbell),
             clock: Clock::new(),
             stop: AtomicBool::new(false),

@@ -2,7 +2,7 @@
 //! marker, BH and timer shortcuts, counters, drop); the rest is one file per concern:
 //! `builder.rs` (settings), `iteration.rs` (`poll` and the loops on it), `external.rs`
 //! (driving it from a foreign loop; `embed.rs` is its timerfd), `fds.rs` (fd registration),
-//! `sqe.rs` (caller-built io_uring SQEs), `fixed.rs` (the ring's fixed buffers), `spin.rs` (busy
+//! `sqe.rs` (caller-built io_uring SQEs), `fixed_table.rs` (the ring's fixed-buffer table), `spin.rs` (busy
 //! polling: every decision of it; `polling.rs` its parameters and poll-time arithmetic,
 //! `contention.rs` the thread's wait for a CPU), `fork.rs` (a reactor across `fork`),
 //! `monitor_errors.rs` (what a failed wait does) and `stats.rs`. It calls every layer below
@@ -14,7 +14,7 @@ mod contention;
 pub(crate) mod embed;
 mod external;
 mod fds;
-mod fixed;
+mod fixed_table;
 mod fork;
 mod iteration;
 pub(crate) mod monitor_errors;
@@ -36,16 +36,16 @@ use std::os::fd::RawFd;
 use std::ptr;
 use std::time::Duration;
 
+use crate::event_loop::embed::ExternalTimer;
+use crate::event_loop::monitor_errors::MonitorErrors;
+use crate::event_loop::polling::PollParams;
+use crate::event_loop::stats::{LocalStats, Stats};
 use crate::fd::backend::{Backend, Ev, Monitor};
 use crate::fd::handlers::{FdHandler, FdId, Handlers};
 use crate::fd::interest::Interest;
 use crate::fd::ops::{Completion, OpId, Ops};
 use crate::lockfree::notify::{self, Notifier};
 use crate::lockfree::sync::{Arc, AtomicBool, Ordering};
-use crate::reactor::embed::ExternalTimer;
-use crate::reactor::monitor_errors::MonitorErrors;
-use crate::reactor::polling::PollParams;
-use crate::reactor::stats::{LocalStats, Stats};
 use crate::sched::bh::{self, Bh, BhHome, BhNode, Callback, Kind, Peek};
 use crate::sched::handle::{self, Handle};
 use crate::sched::pool::ThreadPool;
@@ -58,7 +58,7 @@ const NOTIFIER_TOKEN: u64 = u64::MAX;
 const EXTERNAL_TIMER_TOKEN: u64 = u64::MAX - 1;
 
 /// What a reactor shares with other threads (through [`Handle`], [`Bh`] and [`Timer`]).
-pub(crate) struct Shared {
+pub(crate) struct Remote {
     pub(crate) notifier: Notifier,
     pub(crate) clock: Clock,
     /// Set by [`Handle::stop`]/[`Reactor::stop`]; makes [`Reactor::run`] return.
@@ -91,7 +91,7 @@ thread_local! {
 /// # Ok::<(), std::io::Error>(())
 /// ```
 pub struct Reactor {
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) shared: Arc<Remote>,
     monitor: RefCell<Monitor>,
     bhs: BhHome,
     timers: Timers,
@@ -117,9 +117,9 @@ pub struct Reactor {
     /// Failures of the fd monitor: their count, log rate limit and pause.
     monitor_errors: MonitorErrors,
     /// The buffer pool registered as the ring's fixed buffers, if any.
-    fixed_buffers: RefCell<Option<fixed::FixedSlot>>,
+    fixed_buffers: RefCell<Option<fixed_table::FixedSlot>>,
     /// The provided-buffer ring of multishot receives, once one was armed.
-    recv_ring: RefCell<Option<std::rc::Rc<crate::fd::recv_ring::RecvRing>>>,
+    recv_ring: RefCell<Option<std::rc::Rc<crate::fd::buf_ring::RecvRing>>>,
     /// The process it was built in (see `fork.rs`).
     birth: fork::Birth,
     _not_send: PhantomData<*const ()>,
@@ -242,7 +242,7 @@ impl Reactor {
 
     /// As [`with_current`](Self::with_current), only for the reactor that owns `shared`.
     pub(crate) fn with_current_for<R>(
-        shared: &Arc<Shared>,
+        shared: &Arc<Remote>,
         f: impl FnOnce(&Reactor) -> R,
     ) -> Option<R> {
         Self::with_current(|r| Arc::ptr_eq(&r.shared, shared).then(|| f(r))).flatten()
@@ -253,7 +253,7 @@ impl Reactor {
         Enter::new(self)
     }
 
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
+    pub(crate) fn shared(&self) -> &Arc<Remote> {
         &self.shared
     }
 

@@ -107,7 +107,7 @@ impl Reactor {
     /// operation whose future was dropped outside the loop does not stay in the kernel, holding
     /// its fd and buffer, until something completes it. A reactor already gone cancelled it
     /// when it went.
-    pub(crate) fn cancel_for(shared: &Arc<Shared>, id: OpId) {
+    pub(crate) fn cancel_for(shared: &Arc<Remote>, id: OpId) {
         let done = Reactor::with_current_for(shared, |r| {
             let _ = r.cancel_sqe(id);
         });

@@ -7,7 +7,7 @@ use std::io;
 use std::rc::Rc;
 
 use super::Reactor;
-use crate::fd::recv_ring::{RECV_GROUP, RecvRing};
+use crate::fd::buf_ring::{RECV_GROUP, RecvRing};
 
 /// Buffers in a reactor's ring, and the size of each: 2 MiB per reactor that receives this way.
 /// A stream holds at most [`STREAM_BUFS`] of them before its receive pauses.
