@@ -35,16 +35,19 @@ pub struct Settings {
 /// Runs `sc` in a child process and returns its rows; never panics: whatever goes wrong
 /// becomes a failed row.
 pub fn run(sc: &Scenario, set: &Settings) -> Vec<Row> {
-    let exe = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(e) => {
-            return vec![process_failed(
-                sc,
-                &[],
-                format!("cannot find own executable: {e}"),
-            )];
-        }
+    let mut child = match spawn(sc, set) {
+        Ok(c) => c,
+        Err(why) => return vec![process_failed(sc, &[], why)],
     };
+    let lines = read_lines(child.stdout.take().expect("stdout was piped"));
+    let mut rows = Collected::default();
+    let (status, timed_out) = wait(&mut child, set.timeout, &lines, &mut rows);
+    conclude(sc, rows, ended(status, timed_out, set.timeout))
+}
+
+/// Starts the scenario's child process, which dies with this one.
+fn spawn(sc: &Scenario, set: &Settings) -> Result<std::process::Child, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
     let mut cmd = Command::new(exe);
     cmd.args([CHILD_ARG, sc.name, "--runs", &set.runs.to_string()]);
     if set.full {
@@ -66,17 +69,12 @@ pub fn run(sc: &Scenario, set: &Settings) -> Vec<Row> {
             Ok(())
         });
     }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            return vec![process_failed(
-                sc,
-                &[],
-                format!("cannot start the child: {e}"),
-            )];
-        }
-    };
-    let out = child.stdout.take().expect("stdout was piped");
+    cmd.spawn()
+        .map_err(|e| format!("cannot start the child: {e}"))
+}
+
+/// The child's standard output, line by line, from a thread of its own.
+fn read_lines(out: std::process::ChildStdout) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     // Not joined: a peer's process started by the child may hold the pipe open after the
     // child is gone; the thread ends when the last holder closes it.
@@ -88,66 +86,90 @@ pub fn run(sc: &Scenario, set: &Settings) -> Vec<Row> {
             }
         }
     });
-    let deadline = Instant::now() + set.timeout;
-    let mut streamed: Vec<Row> = Vec::new();
-    let mut final_rows: Option<Vec<Row>> = None;
-    let mut timed_out = false;
-    let mut exited = None;
-    while exited.is_none() {
-        let take = |line: String, streamed: &mut Vec<Row>, final_rows: &mut Option<Vec<Row>>| {
-            if let Some(j) = line.strip_prefix(ROW) {
-                match serde_json::from_str::<Row>(j) {
-                    // An interleaved row is reported again after each of its runs: the
-                    // latest report stands for it.
-                    Ok(r) => match streamed
-                        .iter_mut()
-                        .find(|s| s.scenario == r.scenario && s.system == r.system)
-                    {
-                        Some(s) => *s = r,
-                        None => streamed.push(r),
-                    },
-                    Err(e) => eprintln!("  bench: unreadable row from the child ({e}): {j}"),
-                }
-            } else if let Some(j) = line.strip_prefix(FINAL) {
-                match serde_json::from_str(j) {
-                    Ok(r) => *final_rows = Some(r),
-                    Err(e) => eprintln!("  bench: unreadable final rows from the child ({e})"),
-                }
-            } else {
-                // Something else wrote to the child's standard output (a peer's process).
-                eprintln!("{line}");
+    rx
+}
+
+/// The rows a child reported: as it went, and its final ones.
+#[derive(Default)]
+struct Collected {
+    streamed: Vec<Row>,
+    final_rows: Option<Vec<Row>>,
+}
+
+impl Collected {
+    /// Takes one line of the child's output.
+    fn take(&mut self, line: String) {
+        if let Some(j) = line.strip_prefix(ROW) {
+            match serde_json::from_str::<Row>(j) {
+                // An interleaved row is reported again after each of its runs: the latest
+                // report stands for it.
+                Ok(r) => match self
+                    .streamed
+                    .iter_mut()
+                    .find(|s| s.scenario == r.scenario && s.system == r.system)
+                {
+                    Some(s) => *s = r,
+                    None => self.streamed.push(r),
+                },
+                Err(e) => eprintln!("  bench: unreadable row from the child ({e}): {j}"),
             }
-        };
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) => take(line, &mut streamed, &mut final_rows),
+        } else if let Some(j) = line.strip_prefix(FINAL) {
+            match serde_json::from_str(j) {
+                Ok(r) => self.final_rows = Some(r),
+                Err(e) => eprintln!("  bench: unreadable final rows from the child ({e})"),
+            }
+        } else {
+            // Something else wrote to the child's standard output (a peer's process).
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// Collects the child's rows until it ends, killing it at `timeout`. Returns how it ended
+/// and whether it was killed for the timeout.
+fn wait(
+    child: &mut std::process::Child,
+    timeout: Duration,
+    lines: &mpsc::Receiver<String>,
+    rows: &mut Collected,
+) -> (std::io::Result<std::process::ExitStatus>, bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match lines.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => rows.take(line),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             // The pipe is closed: the child is ending; don't spin while it does.
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 std::thread::sleep(Duration::from_millis(20))
             }
         }
-        exited = match child.try_wait() {
-            Ok(Some(s)) => Some(Ok(s)),
+        let (status, timed_out) = match child.try_wait() {
+            Ok(Some(s)) => (Ok(s), false),
             Ok(None) if Instant::now() >= deadline => {
-                timed_out = true;
                 let _ = child.kill();
-                Some(child.wait())
+                (child.wait(), true)
             }
-            Ok(None) => None,
-            Err(e) => Some(Err(e)),
+            Ok(None) => continue,
+            Err(e) => (Err(e), false),
         };
-        if exited.is_some() {
-            // What the child wrote before it ended is in the pipe: read it all.
-            while let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
-                take(line, &mut streamed, &mut final_rows);
-            }
+        // What the child wrote before it ended is in the pipe: read it all.
+        while let Ok(line) = lines.recv_timeout(Duration::from_millis(100)) {
+            rows.take(line);
         }
+        return (status, timed_out);
     }
-    let status = exited.expect("the loop ends when the child has");
-    let ended = match (&status, timed_out) {
+}
+
+/// Why the child's end is a failure, if it is one.
+fn ended(
+    status: std::io::Result<std::process::ExitStatus>,
+    timed_out: bool,
+    timeout: Duration,
+) -> Option<String> {
+    match (&status, timed_out) {
         (_, true) => Some(format!(
             "timed out after {} s (--timeout) and was killed",
-            set.timeout.as_secs()
+            timeout.as_secs()
         )),
         (Ok(s), false) if s.success() => None,
         (Ok(s), false) => Some(match (s.code(), s.signal()) {
@@ -158,8 +180,13 @@ pub fn run(sc: &Scenario, set: &Settings) -> Vec<Row> {
             _ => format!("the scenario's process ended: {s}"),
         }),
         (Err(e), false) => Some(format!("cannot wait for the scenario's process: {e}")),
-    };
-    match (final_rows, ended) {
+    }
+}
+
+/// The scenario's rows: the final ones, or those streamed before it failed, with a failed
+/// row for the failure.
+fn conclude(sc: &Scenario, rows: Collected, ended: Option<String>) -> Vec<Row> {
+    match (rows.final_rows, ended) {
         (Some(rows), None) => rows,
         (Some(mut rows), Some(why)) => {
             rows.push(process_failed(sc, &rows, why));
@@ -167,6 +194,7 @@ pub fn run(sc: &Scenario, set: &Settings) -> Vec<Row> {
         }
         (None, why) => {
             let why = why.unwrap_or_else(|| "the scenario's process reported no result".into());
+            let mut streamed = rows.streamed;
             let row = process_failed(sc, &streamed, why);
             streamed.push(row);
             streamed

@@ -60,11 +60,9 @@ use std::sync::Arc;
 use crate::event_loop::Reactor;
 use crate::io::{IoBuf, IoBufMut, write_all};
 pub use crate::rt::fixed::{FixedBuf, FixedBufPool, MAX_FIXED_BUFFERS};
-use crate::rt::op::file::{
-    Fadvise, Fallocate, Fsync, Open, ReadAt, ReadAtFixed, ReadvAt, Vectored, WriteAt, WriteAtFixed,
-    WritevAt,
-};
-use crate::rt::op::file_fd::FileFd;
+use crate::rt::op::file::{FileFd, ReadAt, WriteAt};
+use crate::rt::op::file_buffers::{ReadAtFixed, ReadvAt, Vectored, WriteAtFixed, WritevAt};
+use crate::rt::op::file_meta::{Fadvise, Fallocate, Fsync, Open};
 use crate::rt::op::run;
 
 /// How to open a file (like `std::fs::OpenOptions`, plus raw `open(2)` flags such as

@@ -5,6 +5,7 @@
 //! scheduling layer; nothing below it depends on it.
 
 pub(crate) mod blocking;
+pub(crate) mod budget;
 pub(crate) mod fixed;
 pub mod fs;
 pub mod io;
@@ -12,3 +13,10 @@ pub(crate) mod iothread;
 pub mod net;
 pub(crate) mod op;
 pub mod time;
+
+/// An `io::Error` for "no reactor is running on this thread".
+pub(crate) fn no_reactor() -> std::io::Error {
+    std::io::Error::other(
+        "no reactor is polling on this thread: use this inside a task or block_on",
+    )
+}

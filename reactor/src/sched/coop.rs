@@ -26,12 +26,11 @@
 //! executor nested in the task (a `futures::executor::block_on` within a task, which would
 //! block the reactor anyway) may find the budget spent and be woken at once, again and again:
 //! don't nest executors on a reactor's thread.
+//!
+//! This file is the budget itself, which the loop owns; `rt/budget.rs` is how the runtime's
+//! operations spend the current reactor's.
 
 use std::cell::Cell;
-use std::future::poll_fn;
-use std::task::{Context, Poll};
-
-use crate::event_loop::Reactor;
 
 /// Default number of I/O operations one task poll may complete without waiting (see
 /// [`Builder::io_budget`](crate::Builder::io_budget)).
@@ -86,54 +85,16 @@ impl Budget {
     }
 
     /// Whether an operation may start without yielding first.
-    fn may_proceed(&self) -> bool {
+    pub(crate) fn may_proceed(&self) -> bool {
         self.left.get() != Some(0)
     }
 
     /// An operation that moved `bytes` completed in this poll.
-    fn spend(&self, bytes: usize) {
+    pub(crate) fn spend(&self, bytes: usize) {
         if let Some(left) = self.left.get() {
             let units = u32::try_from(1 + bytes / BYTES_PER_UNIT).unwrap_or(u32::MAX);
             self.left.set(Some(left.saturating_sub(units)));
         }
-    }
-}
-
-/// Before an I/O operation that may complete without waiting: `Ready` while the current task
-/// poll has budget left (or outside one), else `Pending` with the task woken, so that it
-/// resumes in the next iteration with a full budget. Takes nothing: see [`spend`].
-pub(crate) fn poll_proceed(cx: &mut Context<'_>) -> Poll<()> {
-    let spent = Reactor::with_current(|r| {
-        let spent = !r.io_budget().may_proceed();
-        if spent {
-            r.count_io_budget_yield();
-        }
-        spent
-    });
-    if spent == Some(true) {
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    } else {
-        Poll::Ready(())
-    }
-}
-
-/// The async form of [`poll_proceed`].
-pub(crate) async fn proceed() {
-    poll_fn(poll_proceed).await;
-}
-
-/// An I/O operation that moved `bytes` (0 where that is not known) completed, returning its
-/// result, in the current poll: one unit of its budget, and one more per [`BYTES_PER_UNIT`].
-pub(crate) fn spend(bytes: usize) {
-    Reactor::with_current(|r| r.io_budget().spend(bytes));
-}
-
-/// What an operation whose one unit was spent without its size (by `Async::read_with` or
-/// `write_with`) adds once its size is known: one unit per [`BYTES_PER_UNIT`] it moved.
-pub(crate) fn spend_bytes(bytes: usize) {
-    if bytes >= BYTES_PER_UNIT {
-        spend(bytes - BYTES_PER_UNIT);
     }
 }
 

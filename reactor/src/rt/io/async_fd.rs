@@ -13,9 +13,9 @@ use std::task::{Context, Poll, Waker};
 use crate::event_loop::{Reactor, Remote};
 use crate::fd::handlers::{FdHandler, FdId};
 use crate::fd::interest::Interest;
-use crate::io::no_reactor;
 use crate::lockfree::sync::Arc;
-use crate::sched::coop;
+use crate::rt::budget;
+use crate::rt::no_reactor;
 use crate::sched::handle::post_oneshot;
 use crate::sys::cvt;
 
@@ -231,7 +231,7 @@ impl<T: AsFd + 'static> Async<T> {
     /// Runs the non-blocking `op` until it does not return `WouldBlock`, waiting for read
     /// readiness in between (and first, if the last attempt found nothing to read).
     pub async fn read_with<R>(&self, mut op: impl FnMut(&T) -> io::Result<R>) -> io::Result<R> {
-        coop::proceed().await;
+        budget::proceed().await;
         if !self.reg.read.ready.get() {
             self.readable().await?;
         }
@@ -242,7 +242,7 @@ impl<T: AsFd + 'static> Async<T> {
                     self.readable().await?;
                 }
                 r => {
-                    coop::spend(0);
+                    budget::spend(0);
                     return r;
                 }
             }
@@ -257,7 +257,7 @@ impl<T: AsFd + 'static> Async<T> {
     /// Runs the non-blocking `op` until it does not return `WouldBlock`, waiting for write
     /// readiness in between.
     pub async fn write_with<R>(&self, mut op: impl FnMut(&T) -> io::Result<R>) -> io::Result<R> {
-        coop::proceed().await;
+        budget::proceed().await;
         loop {
             match op(self.get_ref()) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -265,7 +265,7 @@ impl<T: AsFd + 'static> Async<T> {
                     self.writable().await?;
                 }
                 r => {
-                    coop::spend(0);
+                    budget::spend(0);
                     return r;
                 }
             }
@@ -278,7 +278,7 @@ impl<T: AsFd + 'static> Async<T> {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        std::task::ready!(coop::poll_proceed(cx));
+        std::task::ready!(budget::poll_proceed(cx));
         loop {
             if !self.reg.read.ready.get() {
                 std::task::ready!(self.poll_readable(cx))?;
@@ -291,7 +291,7 @@ impl<T: AsFd + 'static> Async<T> {
                         // Drained: the next read waits for an event first (see `Op::drained`).
                         self.reg.read.ready.set(false);
                     }
-                    coop::spend(n as usize);
+                    budget::spend(n as usize);
                     return Poll::Ready(Ok(n as usize));
                 }
                 Err(e) => e,
@@ -300,7 +300,7 @@ impl<T: AsFd + 'static> Async<T> {
                 io::ErrorKind::WouldBlock => self.reg.read.ready.set(false),
                 io::ErrorKind::Interrupted => {}
                 _ => {
-                    coop::spend(0);
+                    budget::spend(0);
                     return Poll::Ready(Err(e));
                 }
             }
@@ -313,7 +313,7 @@ impl<T: AsFd + 'static> Async<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        std::task::ready!(coop::poll_proceed(cx));
+        std::task::ready!(budget::poll_proceed(cx));
         loop {
             if !self.reg.write.ready.get() {
                 std::task::ready!(self.poll_writable(cx))?;
@@ -322,7 +322,7 @@ impl<T: AsFd + 'static> Async<T> {
             let n = unsafe { libc::write(self.fd(), buf.as_ptr().cast(), buf.len()) };
             let e = match cvt(n) {
                 Ok(n) => {
-                    coop::spend(n as usize);
+                    budget::spend(n as usize);
                     return Poll::Ready(Ok(n as usize));
                 }
                 Err(e) => e,
@@ -331,7 +331,7 @@ impl<T: AsFd + 'static> Async<T> {
                 io::ErrorKind::WouldBlock => self.reg.write.ready.set(false),
                 io::ErrorKind::Interrupted => {}
                 _ => {
-                    coop::spend(0);
+                    budget::spend(0);
                     return Poll::Ready(Err(e));
                 }
             }

@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::io;
 
-use super::Slice;
+use super::buf::Slice;
 
 /// Writes all of `buf` through `write`, which gets the unwritten rest and how many bytes are
 /// already written, and returns what one write call returns. Stops at the first error, and

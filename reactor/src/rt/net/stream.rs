@@ -9,8 +9,8 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 
 use crate::event_loop::{Reactor, SocketPath};
-use crate::io::no_reactor;
 use crate::io::{Async, IoBuf, IoBufMut};
+use crate::rt::no_reactor;
 use crate::rt::op::in_order::{self, Dir};
 use crate::rt::op::multishot::{CloseOnDrop, MultiRecv};
 use crate::rt::op::multishot_accept::MultiAccept;

@@ -16,28 +16,37 @@
 //! - `multishot.rs` (stream reads under `SocketIo::Multishot` on io_uring): one multishot
 //!   receive per stream into the reactor's provided-buffer ring.
 //!
-//! A new operation is one new type in `file.rs` or `socket.rs`.
+//! Both `run` and `run_when_ready` take the io_uring path through [`run_on_ring`], at the end
+//! of this file. A new operation is one new type in `file.rs` (plain reads and writes),
+//! `file_buffers.rs` (other buffer shapes), `file_meta.rs` (no data) or `socket.rs`.
 
 pub(crate) mod file;
-pub(crate) mod file_fd;
+pub(crate) mod file_buffers;
+pub(crate) mod file_meta;
 pub(crate) mod in_order;
 pub(crate) mod inline_writes;
 pub(crate) mod multishot;
 pub(crate) mod multishot_accept;
-mod ring;
 pub(crate) mod socket;
 
+use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::io;
 use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
 
 use io_uring::squeue::Entry;
 
-use crate::event_loop::Reactor;
-use crate::event_loop::SocketPath;
+use crate::event_loop::{Reactor, Remote, SocketPath};
 use crate::fd::backend::Backend;
-use crate::io::{Async, no_reactor};
+use crate::fd::ops::{Completion, OnComplete, OpCallback, OpId};
+use crate::io::Async;
+use crate::lockfree::sync::Arc;
 use crate::rt::blocking::{spawn_blocking, spawn_blocking_in};
-use crate::sched::coop;
+use crate::rt::budget;
+use crate::rt::no_reactor;
 use crate::sched::lane::Lane;
 
 /// One I/O operation with everything it needs.
@@ -147,14 +156,14 @@ where
     };
     let mut op = op;
     // It may complete here, inside the task's poll: only while the poll has budget left.
-    coop::proceed().await;
+    budget::proceed().await;
     if let Some(res) = op.call_nowait().or_else(|| op.call_inline()) {
         Reactor::with_current(|r| r.count_inline_io());
-        coop::spend(res.as_ref().map_or(0, |&n| op.moved(n)));
+        budget::spend(res.as_ref().map_or(0, |&n| op.moved(n)));
         return op.complete(res);
     }
     if backend == Backend::Uring && !op.prefers_pool() {
-        return ring::run(op).await;
+        return run_on_ring(op).await;
     }
     let lane = op.pool_lane().cloned();
     // The lane is busy (no inline writes to the file) until the call is done, not until the
@@ -192,7 +201,7 @@ pub(crate) async fn run_when_ready<O: Op, T: AsFd>(
 ) -> O::Output {
     let completion = Reactor::with_current(|r| r.socket_path() != SocketPath::Readiness);
     match completion {
-        Some(true) => ring::run(op).await,
+        Some(true) => run_on_ring(op).await,
         Some(false) => {
             let mut op = op;
             let res = match ready {
@@ -206,9 +215,151 @@ pub(crate) async fn run_when_ready<O: Op, T: AsFd>(
                 Ready::Write => io.write_with(|_| op.call()).await,
             };
             // The size of what it moved, beyond the one unit `read_with`/`write_with` spent.
-            coop::spend_bytes(res.as_ref().map_or(0, |&n| op.moved(n)));
+            budget::spend_bytes(res.as_ref().map_or(0, |&n| op.moved(n)));
             op.complete(res)
         }
         None => op.complete(Err(no_reactor())),
+    }
+}
+
+// The io_uring path of an operation.
+//
+// The io_uring path of an [`Op`]: [`run`], and the future it awaits.
+//
+// The operation (its buffers, the fd's keeper, a path) moves into a state shared with the
+// reactor before its SQE is built, and comes back with the completion. That state is also the
+// operation's completion callback, so an operation costs one allocation. If the future is
+// dropped first, the operation is cancelled (`ASYNC_CANCEL`, at once inside the reactor's
+// poll, else at its next iteration) and stays in the state until the completion arrives; then
+// [`Op::orphan`] disposes of what it produced (closes the fd an accept or open returned) or
+// keeps it where its owner finds it (bytes a stream's receive took, `in_order.rs`).
+
+struct State<O> {
+    done: Cell<Option<Completion>>,
+    waker: RefCell<Option<Waker>>,
+    op: RefCell<Option<O>>,
+    abandoned: Cell<bool>,
+}
+
+impl<O: Op> State<O> {
+    /// Disposes of the operation, and of what it produced, when nobody will collect it.
+    fn orphan(&self, c: Completion) {
+        let op = self.op.borrow_mut().take();
+        if let Some(op) = op {
+            if c.result >= 0 {
+                op.orphan(c.result as usize);
+            }
+        }
+    }
+}
+
+impl<O: Op> OnComplete for State<O> {
+    fn on_complete(&self, _: &Reactor, c: Completion) {
+        if self.abandoned.get() {
+            self.orphan(c);
+            return;
+        }
+        self.done.set(Some(c));
+        let w = self.waker.borrow_mut().take();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+}
+
+/// The future of one submitted operation: its completion, with the operation back.
+struct Submitted<O: Op> {
+    state: Rc<State<O>>,
+    id: OpId,
+    shared: Arc<Remote>,
+    finished: bool,
+}
+
+impl<O: Op> Future for Submitted<O> {
+    type Output = (Completion, O);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.state.done.take() {
+            Some(c) => {
+                self.finished = true;
+                let op = self
+                    .state
+                    .op
+                    .borrow_mut()
+                    .take()
+                    .expect("the operation comes back once");
+                Poll::Ready((c, op))
+            }
+            None => {
+                *self.state.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<O: Op> Drop for Submitted<O> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        if let Some(c) = self.state.done.take() {
+            // Completed but never collected: dispose of what it produced.
+            self.state.orphan(c);
+            return;
+        }
+        self.state.abandoned.set(true);
+        // Cancel it (off the reactor's poll, at its next iteration); the state disposes of
+        // the operation when the completion arrives.
+        Reactor::cancel_for(&self.shared, self.id);
+    }
+}
+
+/// Runs `op` as an io_uring operation on the current reactor's ring.
+async fn run_on_ring<O: Op>(op: O) -> O::Output {
+    let state = Rc::new(State {
+        done: Cell::new(None),
+        waker: RefCell::new(None),
+        op: RefCell::new(Some(op)),
+        abandoned: Cell::new(false),
+    });
+    // Built where the operation now stays until its completion.
+    let sqe = state.op.borrow_mut().as_mut().expect("just stored").sqe();
+    let submitted = loop {
+        // At the reactor's bound of operations in flight (or with its ring's queue full):
+        // wait for room (one completes, the queue is submitted), then submit.
+        let room = std::future::poll_fn(|cx| {
+            Reactor::with_current(|r| r.poll_op_room(cx)).unwrap_or(std::task::Poll::Ready(()))
+        });
+        room.await;
+        let callback = OpCallback::Shared(state.clone());
+        let res = Reactor::with_current(|r| {
+            // SAFETY: `Op`'s contract: the SQE refers only to what the operation owns (stable
+            // when moved) or to memory that outlives it, and the reactor holds the state,
+            // hence the operation, until the final completion.
+            unsafe { r.submit_op(sqe.clone(), callback) }.map(|id| (id, r.shared().clone()))
+        })
+        .unwrap_or_else(|| Err(no_reactor()));
+        match res {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            res => break res,
+        }
+    };
+    match submitted {
+        Ok((id, shared)) => {
+            let fut = Submitted {
+                state,
+                id,
+                shared,
+                finished: false,
+            };
+            let (c, op) = fut.await;
+            op.complete(c.into_result().map(|n| n as usize))
+        }
+        Err(e) => {
+            // Not submitted: the reactor kept no share of the state.
+            let op = state.op.borrow_mut().take().expect("not taken");
+            op.complete(Err(e))
+        }
     }
 }

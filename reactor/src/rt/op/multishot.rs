@@ -41,7 +41,7 @@ use crate::event_loop::{Reactor, Remote};
 use crate::fd::buf_ring::{RECV_GROUP, RecvRing};
 use crate::fd::ops::{Completion, OnComplete, OpCallback, OpId};
 use crate::lockfree::sync::Arc;
-use crate::sched::coop;
+use crate::rt::budget;
 
 /// `IORING_CQE_F_BUFFER`: the completion names a provided buffer in its upper 16 bits.
 const CQE_F_BUFFER: u32 = 1 << 0;
@@ -182,12 +182,12 @@ impl MultiRecv {
             return Some(Poll::Ready(Ok(0)));
         }
         // What was received is read without waiting: only while the poll has budget left.
-        if coop::poll_proceed(cx).is_pending() {
+        if budget::poll_proceed(cx).is_pending() {
             return Some(Poll::Pending);
         }
         let n = self.copy_out(dst);
         if n > 0 {
-            coop::spend(n);
+            budget::spend(n);
             // Half the share read: receive again meanwhile, up to the share (if the reactor
             // has room for one more operation; else the read that finds nothing arms it).
             if self.held_bytes.get() <= SHARE_BYTES / 2 && self.may_arm() && self.room() {
@@ -199,12 +199,12 @@ impl MultiRecv {
         }
         let error = self.error.borrow_mut().take();
         if let Some(e) = error {
-            coop::spend(0);
+            budget::spend(0);
             return Some(Poll::Ready(Err(e)));
         }
         if self.eof.get() {
             // (A task that reads on after the end gets it at once each time: it spends too.)
-            coop::spend(0);
+            budget::spend(0);
             return Some(Poll::Ready(Ok(0)));
         }
         if self.armed.id().is_none() {
@@ -297,7 +297,7 @@ impl MultiRecv {
             // arms receives, and cancels the receive when it goes.
             unsafe { r.submit_op(sqe, callback) }
         })
-        .unwrap_or_else(|| Err(crate::io::no_reactor()))?;
+        .unwrap_or_else(|| Err(crate::rt::no_reactor()))?;
         self.armed.set(id);
         self.limited_and_fresh.set(limited);
         Ok(())

@@ -27,7 +27,7 @@ use super::multishot::{Armed, Close};
 use crate::event_loop::{Reactor, Remote};
 use crate::fd::ops::{Completion, OnComplete, OpCallback};
 use crate::lockfree::sync::Arc;
-use crate::sched::coop;
+use crate::rt::budget;
 
 /// Accepted sockets a listener queues before its accept pauses.
 const BACKLOG: usize = 64;
@@ -60,10 +60,10 @@ impl MultiAccept {
     /// The next accepted socket, else the accept's error, else arms the accept and waits.
     pub(crate) fn poll_accept(self: &Rc<Self>, cx: &mut Context<'_>) -> Poll<io::Result<OwnedFd>> {
         // A queued socket is accepted without waiting: only while the poll has budget left.
-        std::task::ready!(coop::poll_proceed(cx));
+        std::task::ready!(budget::poll_proceed(cx));
         let queued = self.queue.borrow_mut().pop_front();
         if let Some(fd) = queued {
-            coop::spend(0);
+            budget::spend(0);
             return Poll::Ready(Ok(fd));
         }
         if let Some(e) = self.error.borrow_mut().take() {
@@ -93,7 +93,7 @@ impl MultiAccept {
             // its fd open while it arms accepts and cancels the accept when it goes.
             unsafe { r.submit_op(sqe, callback) }
         })
-        .unwrap_or_else(|| Err(crate::io::no_reactor()))?;
+        .unwrap_or_else(|| Err(crate::rt::no_reactor()))?;
         self.armed.set(id);
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! The home thread's intrusive FIFOs of nodes (the run queue and the local queue), and the
 //! walk that classifies what is pending for the timeout.
 //!
-//! A node is linked through its `Link::next`, which only the owner of its PENDING bit writes
+//! This file knows links, not nodes. A node is linked through its `Link::next`, which only the owner of its PENDING bit writes
 //! (SP1) and which the home thread reads before clearing PENDING (SP8). The links this file
 //! handles come from three places only: [`Fifo::push`] (whose caller owns the PENDING bit),
 //! a take or close of the shared list (which gives the home thread the links of every node on
@@ -12,7 +12,6 @@
 use std::cell::Cell;
 use std::ptr;
 
-use super::node::{BhNode, Queued};
 use crate::lockfree::protocol::{DELETED, IDLE, Link, List, SCHEDULED, TIMER};
 
 /// What the timeout computation needs to know of pending BHs.
@@ -98,8 +97,8 @@ impl Fifo {
     /// # Safety
     /// The caller has just set the node's PENDING bit, and taken the queue's reference if its
     /// kind needs one (`BhNode::push_ref`).
-    pub(super) unsafe fn push(&self, node: &BhNode) {
-        let link = ptr::from_ref(&node.link).cast_mut();
+    pub(super) unsafe fn push(&self, link: &Link) {
+        let link = ptr::from_ref(link).cast_mut();
         set_next_of(link, ptr::null_mut());
         self.append(link, link);
     }
@@ -138,8 +137,9 @@ impl Fifo {
         }
     }
 
-    /// Unlinks the oldest node, with what keeps it alive from here; its PENDING is still set.
-    pub(super) fn pop(&self) -> Option<Queued<'_>> {
+    /// Unlinks the oldest link; its node's PENDING is still set, and what kept it alive while
+    /// queued is the caller's now.
+    pub(super) fn pop(&self) -> Option<*mut Link> {
         let p = self.head.get();
         if p.is_null() {
             return None;
@@ -149,8 +149,7 @@ impl Fifo {
         if next.is_null() {
             self.tail.set(ptr::null_mut());
         }
-        // SAFETY: `p` has just been unlinked from this FIFO by this thread.
-        Some(unsafe { BhNode::unqueue(p) })
+        Some(p)
     }
 
     /// What is pending on this FIFO.

@@ -41,7 +41,7 @@ impl BhHome {
         node.push_ref();
         // SAFETY: the caller has just set the node's PENDING bit; `push_ref` took the queue's
         // reference if the node's kind needs one.
-        unsafe { self.local.push(node) };
+        unsafe { self.local.push(&node.link) };
     }
 
     /// Registers a node (`Bh`, timer, task): the registry keeps it alive until it is released.
@@ -81,10 +81,17 @@ impl BhHome {
         let mut progress = false;
         let tasks_before = r.task_polls();
         while r.task_polls() - tasks_before < u64::from(budget) {
-            let Some(queued) = self.run.pop() else { break };
+            let Some(queued) = self.pop() else { break };
             progress |= self.dequeue(r, queued);
         }
         progress
+    }
+
+    /// Takes the oldest node off the run queue, with what keeps it alive from here.
+    fn pop(&self) -> Option<Queued<'_>> {
+        let p = self.run.pop()?;
+        // SAFETY: `p` has just been unlinked from the run queue by this thread.
+        Some(unsafe { BhNode::unqueue(p) })
     }
 
     /// Registers a node created on another thread (a task from `Handle::spawn`), unless it
@@ -246,7 +253,7 @@ impl BhHome {
     pub(crate) fn shutdown(&self, list: &List) {
         self.run.append_closed(list);
         self.run.append_all(&self.local);
-        while let Some(queued) = self.run.pop() {
+        while let Some(queued) = self.pop() {
             drop(queued); // gives back the queue's reference, if it had one
         }
         let nodes: Vec<Arc<BhNode>> = self.registry.borrow_mut().drain().collect();
