@@ -66,7 +66,7 @@ impl Reactor {
         self.external_wait.set(true);
         // The reactor's fd becomes readable when the nearest timer is due, too.
         let target = t.map_or(u64::MAX, |d| {
-            crate::sched::timer::ns_after(self.shared.clock.now_ns(), d)
+            crate::sched::clock::ns_after(self.shared.clock.now_ns(), d)
         });
         if let Some(timer) = self.external_timer.borrow().as_ref() {
             timer.arm(t, target);

@@ -47,9 +47,10 @@ use crate::fd::ops::{Completion, OpId, Ops};
 use crate::lockfree::notify::{self, Notifier};
 use crate::lockfree::sync::{Arc, AtomicBool, Ordering};
 use crate::sched::bh::{self, Bh, BhHome, BhNode, Callback, Kind, Peek};
+use crate::sched::clock::Clock;
 use crate::sched::handle::{self, Handle};
 use crate::sched::pool::ThreadPool;
-use crate::sched::timer::{Clock, Timer, Timers};
+use crate::sched::timer::{Timer, Timers};
 
 /// The token of the reactor's own eventfd in the fd monitor (fd-handler tokens have bit 63
 /// clear).
@@ -297,7 +298,7 @@ impl Reactor {
 
     /// Runs `callback` once on this thread when `after` has passed.
     pub fn oneshot_after(&self, after: Duration, callback: impl FnOnce(&Reactor) + 'static) {
-        let deadline = crate::sched::timer::ns_after(self.shared.clock.now_ns(), after);
+        let deadline = crate::sched::clock::ns_after(self.shared.clock.now_ns(), after);
         let posted = handle::post_oneshot(
             &self.shared,
             Kind::OneShotTimer,

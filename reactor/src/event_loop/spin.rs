@@ -12,7 +12,7 @@ use super::contention::Contention;
 use super::iteration::OnError;
 use super::polling::{Adaptive, PollParams};
 use super::*;
-use crate::sched::timer::Clock;
+use crate::sched::clock::Clock;
 
 /// Most consecutive iterations that skip the fd monitor because busy polling found work.
 const MAX_SKIPPED_WAITS: u32 = 8;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::event_loop::{Reactor, Remote};
 use crate::lockfree::sync::{Arc, Ordering};
 use crate::sched::bh::{self, BhNode, Callback, Kind};
-use crate::sched::timer::ns_after;
+use crate::sched::clock::ns_after;
 
 /// The reactor behind a [`Handle`] has been dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

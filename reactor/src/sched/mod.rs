@@ -6,6 +6,7 @@
 //! lock-free core; it knows nothing of fds or backends.
 
 pub(crate) mod bh;
+pub(crate) mod clock;
 pub(crate) mod coop;
 pub(crate) mod handle;
 pub(crate) mod lane;

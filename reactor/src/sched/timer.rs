@@ -19,36 +19,7 @@ use std::time::{Duration, Instant};
 use crate::event_loop::Reactor;
 use crate::lockfree::sync::{Arc, Ordering};
 use crate::sched::bh::{self, BhNode, DELETED, DISARMED, Kind, SCHEDULED};
-
-/// Nanoseconds since the reactor's clock base, saturating below [`DISARMED`].
-pub(crate) fn ns_after(now: u64, d: Duration) -> u64 {
-    let d = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-    now.saturating_add(d).min(DISARMED - 1)
-}
-
-/// The reactor's monotonic clock: nanoseconds since its creation.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Clock {
-    base: Instant,
-}
-
-impl Clock {
-    pub(crate) fn new() -> Self {
-        Clock {
-            base: Instant::now(),
-        }
-    }
-
-    pub(crate) fn now_ns(&self) -> u64 {
-        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(DISARMED - 1)
-    }
-
-    /// `when` in reactor nanoseconds (0 if it is before the clock's base).
-    pub(crate) fn ns_of(&self, when: Instant) -> u64 {
-        let d = when.saturating_duration_since(self.base);
-        ns_after(0, d)
-    }
-}
+use crate::sched::clock::ns_after;
 
 struct Entry {
     deadline: u64,

@@ -22,8 +22,7 @@ use crate::event_loop::{Reactor, Remote};
 use crate::lockfree::protocol::{Link, ONESHOT, SCHEDULED, TASK, TIMER};
 use crate::lockfree::sync::{Arc, AtomicU64};
 
-/// `deadline` of a timer that is not armed.
-pub(crate) const DISARMED: u64 = u64::MAX;
+pub(crate) use crate::sched::clock::DISARMED;
 
 /// A callback that runs each time its node is due.
 pub(crate) type ManyCallback = Box<dyn FnMut(&Reactor)>;
