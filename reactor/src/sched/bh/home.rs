@@ -107,22 +107,27 @@ impl BhHome {
 
     /// SP8 (clears PENDING), then what the node's kind does with the flags it had.
     fn dequeue(&self, r: &Reactor, queued: Queued<'_>) -> bool {
-        let old = queued.node().link.unmark();
         match queued {
-            Queued::Registered(node) if node.kind() == Kind::Timer => {
-                self.dequeue_timer(r, node, old);
-                false
-            }
-            Queued::Registered(node) => self.dequeue_bh(r, node, old),
-            Queued::Owned(node) => match node.kind() {
-                Kind::Task => self.dequeue_task(r, &node, old),
-                Kind::OneShotTimer => {
-                    // The timer heap owns it from here.
-                    r.timers().insert_oneshot(node);
-                    false
+            Queued::Registered(node) => {
+                let old = node.link.unmark();
+                if node.kind() == Kind::Timer {
+                    self.dequeue_timer(r, node, old);
+                    return false;
                 }
-                _ => dequeue_oneshot(r, &node, old),
-            },
+                self.dequeue_bh(r, node, old)
+            }
+            Queued::Owned(node) => {
+                let old = node.link.unmark();
+                match node.kind() {
+                    Kind::Task => self.dequeue_task(r, &node, old),
+                    Kind::OneShotTimer => {
+                        // The timer heap owns it from here.
+                        r.timers().insert_oneshot(node);
+                        false
+                    }
+                    _ => dequeue_oneshot(r, &node, old),
+                }
+            }
         }
     }
 

@@ -267,12 +267,3 @@ pub(super) enum Queued<'a> {
     /// The queue's reference, now the dequeue's.
     Owned(Arc<BhNode>),
 }
-
-impl Queued<'_> {
-    pub(super) fn node(&self) -> &BhNode {
-        match self {
-            Queued::Registered(n) => n,
-            Queued::Owned(n) => n,
-        }
-    }
-}
