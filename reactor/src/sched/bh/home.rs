@@ -1,7 +1,7 @@
 //! The home thread's side of BHs: the registry of nodes it keeps alive, its queues, and what
 //! a dequeue does with each kind of node.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use slab::Slab;
 
@@ -24,6 +24,12 @@ pub(crate) struct BhHome {
     /// Nodes the home thread scheduled itself while polling, not yet taken: the local
     /// counterpart of the shared list, appended to the run queue by the same take.
     local: Fifo,
+    /// The registry's references to nodes released since the last [`poll`](Self::poll)
+    /// ended: a released node is freed only there, when no function up the stack still holds
+    /// it as a `&BhNode` argument (the dequeue that released it, the run that finished it).
+    released: RefCell<Vec<Arc<BhNode>>>,
+    /// Whether `released` holds any: what each `poll` checks (a load, not a `RefCell` borrow).
+    any_released: Cell<bool>,
 }
 
 impl BhHome {
@@ -32,6 +38,8 @@ impl BhHome {
             registry: RefCell::new(Slab::new()),
             run: Fifo::new(),
             local: Fifo::new(),
+            released: RefCell::new(Vec::new()),
+            any_released: Cell::new(false),
         }
     }
 
@@ -84,7 +92,25 @@ impl BhHome {
             let Some(queued) = self.pop() else { break };
             progress |= self.dequeue(r, queued);
         }
+        if self.any_released.get() {
+            self.free_released();
+        }
         progress
+    }
+
+    /// Frees the nodes released since the last call (their callbacks are gone already, so no
+    /// user code runs here). Called where no `&BhNode` argument is live: at the end of `poll`,
+    /// whose nested polls run inside a callback, never between a release and the return of
+    /// the function that released.
+    fn free_released(&self) {
+        self.any_released.set(false);
+        loop {
+            let node = self.released.borrow_mut().pop();
+            match node {
+                Some(node) => drop(node),
+                None => break,
+            }
+        }
     }
 
     /// Takes the oldest node off the run queue, with what keeps it alive from here.
@@ -246,11 +272,15 @@ impl BhHome {
         self.unregister(node);
     }
 
-    /// Lets go of the registry's reference (once: later calls do nothing).
+    /// Lets go of the registry's reference (once: later calls do nothing). The node is freed
+    /// when `poll` ends (`released`), not here: callers up the stack still hold `node`.
     fn unregister(&self, node: &BhNode) {
         let key = node.home().key.replace(usize::MAX);
         let arc = self.registry.borrow_mut().try_remove(key);
-        drop(arc); // may free the node; its callback is already gone
+        if let Some(arc) = arc {
+            self.released.borrow_mut().push(arc);
+            self.any_released.set(true);
+        }
     }
 
     /// Tears down at reactor drop: closes the list, lets go of every queued node, and drops
@@ -265,6 +295,7 @@ impl BhHome {
         for node in &nodes {
             drop(node.home().take_callback());
         }
+        self.free_released();
     }
 }
 

@@ -14,7 +14,9 @@
 //! | `Task` | `spawn*` (registry + the `JoinHandle`) | one per push, taken by the push ([`QueueRef::PerPush`]) | the dequeue's, plus the registry | registered until the future completes; wakers hold their own |
 //!
 //! [`BhNode::enqueue`] (a push) and [`BhNode::unqueue`] (a dequeue) are the only code that
-//! converts the queue's reference, and both read the table from `queue_ref`.
+//! converts the queue's reference, and both read the table from `queue_ref`. A released node's
+//! registry reference is dropped when `BhHome::poll` ends, not at the release: the functions
+//! that released it still hold it as a `&BhNode` argument.
 
 use std::cell::Cell;
 
