@@ -81,7 +81,7 @@ pub(crate) enum OpCallback {
     /// A caller's closure ([`Reactor::submit_sqe`]).
     Boxed(BoxedCallback),
     /// A runtime operation whose state, resources and completion handling share one
-    /// allocation (`rt/op/ring.rs`): no second allocation for a callback.
+    /// allocation (`run_on_ring`, `rt/op/mod.rs`): no second allocation for a callback.
     Shared(std::rc::Rc<dyn OnComplete>),
 }
 

@@ -2,7 +2,7 @@
 //!
 //! An operation ([`Op`]) owns what the kernel reads or writes (buffers, the fd's keeper, a
 //! path) and says once how to describe itself to io_uring ([`Op::sqe`]) and how to make the
-//! system call itself ([`Op::call`]). Files and sockets (`fs.rs`, `net.rs`) only build
+//! system call itself ([`Op::call`]). Files and sockets (`fs.rs`, `net/`) only build
 //! operations and hand them to a driver; the drivers here are the only code in the async
 //! layer that chooses a path (for sockets, from `Reactor::socket_path`, the backend and
 //! socket mode resolved once when the reactor was built):
