@@ -279,7 +279,7 @@ impl Reactor {
         let posted = handle::post_oneshot(
             &self.shared,
             Kind::OneShot,
-            bh::DISARMED,
+            crate::sched::clock::DISARMED,
             Callback::Once(Box::new(callback)),
         );
         debug_assert!(posted.is_ok(), "a live reactor's list is open");

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use crate::event_loop::{Reactor, Remote};
 use crate::lockfree::sync::{Arc, Ordering};
-use crate::sched::bh::{self, BhNode, Callback, Kind};
-use crate::sched::clock::ns_after;
+use crate::sched::bh::{BhNode, Callback, Kind};
+use crate::sched::clock::{DISARMED, ns_after};
 
 /// The reactor behind a [`Handle`] has been dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +119,7 @@ impl Handle {
         post_oneshot(
             &self.shared,
             Kind::OneShot,
-            bh::DISARMED,
+            DISARMED,
             Callback::Once(Box::new(f)),
         )
     }

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use crate::event_loop::Reactor;
 use crate::lockfree::sync::{Arc, Ordering};
-use crate::sched::bh::{self, BhNode, DELETED, DISARMED, Kind, SCHEDULED};
-use crate::sched::clock::ns_after;
+use crate::sched::bh::{self, BhNode, DELETED, Kind, SCHEDULED};
+use crate::sched::clock::{DISARMED, ns_after};
 
 struct Entry {
     deadline: u64,

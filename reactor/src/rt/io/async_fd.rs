@@ -365,7 +365,7 @@ impl<T: AsFd + 'static> Drop for Async<T> {
             let _ = post_oneshot(
                 &self.shared,
                 crate::sched::bh::Kind::OneShot,
-                crate::sched::bh::DISARMED,
+                crate::sched::clock::DISARMED,
                 crate::sched::bh::Callback::Once(Box::new(deferred)),
             );
             return;

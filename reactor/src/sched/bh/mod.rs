@@ -46,7 +46,7 @@ mod node;
 
 pub(crate) use fifo::Peek;
 pub(crate) use home::{BhHome, run_once};
-pub(crate) use node::{BhNode, Callback, DISARMED, Kind};
+pub(crate) use node::{BhNode, Callback, Kind};
 
 pub(crate) use crate::lockfree::protocol::{DELETED, IDLE, SCHEDULED};
 use crate::lockfree::sync::Arc;

@@ -24,7 +24,7 @@ use crate::event_loop::{Reactor, Remote};
 use crate::lockfree::protocol::{Link, ONESHOT, SCHEDULED, TASK, TIMER};
 use crate::lockfree::sync::{Arc, AtomicU64};
 
-pub(crate) use crate::sched::clock::DISARMED;
+use crate::sched::clock::DISARMED;
 
 /// A callback that runs each time its node is due.
 pub(crate) type ManyCallback = Box<dyn FnMut(&Reactor)>;
