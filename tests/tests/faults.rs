@@ -83,26 +83,37 @@ backend_tests! {
             // makes it; the ring's own registrations (on its fd) are untouched.
             tests::seccomp::answer_on_this_thread(libc::SYS_io_uring_register, u32::MAX, 0)
                 .expect("seccomp filter");
-            let r = Reactor::builder()
-                .backend(backend)
-                .build()
-                .expect("the reactor builds, with the eventfd as its doorbell");
-            assert_eq!(r.wakeup(), reactor::Wakeup::EventFd);
-            // And it is woken from another thread while it blocks.
-            let ran = Arc::new(AtomicBool::new(false));
-            let (h, ran2) = (r.handle(), ran.clone());
-            let waker = std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(20));
-                h.oneshot(move |_| ran2.store(true, Ordering::SeqCst)).unwrap();
-            });
-            let t0 = Instant::now();
-            while !ran.load(Ordering::SeqCst) {
-                assert!(t0.elapsed() < Duration::from_secs(10), "never woken");
-                r.poll(true);
+            // And it is woken from another thread while it blocks. The wake must find the
+            // reactor asleep; a slow machine (valgrind under load) may not get there before
+            // it, so the delay doubles until it does.
+            let mut delay = Duration::from_millis(20);
+            loop {
+                let r = Reactor::builder()
+                    .backend(backend)
+                    .build()
+                    .expect("the reactor builds, with the eventfd as its doorbell");
+                assert_eq!(r.wakeup(), reactor::Wakeup::EventFd);
+                let ran = Arc::new(AtomicBool::new(false));
+                let (h, ran2) = (r.handle(), ran.clone());
+                let waker = std::thread::spawn(move || {
+                    std::thread::sleep(delay);
+                    h.oneshot(move |_| ran2.store(true, Ordering::SeqCst)).unwrap();
+                });
+                let t0 = Instant::now();
+                while !ran.load(Ordering::SeqCst) {
+                    assert!(t0.elapsed() < Duration::from_secs(10), "never woken");
+                    r.poll(true);
+                }
+                waker.join().unwrap();
+                let st = r.stats();
+                if st.blocking_waits > 0 {
+                    assert!(st.eventfd_writes > 0, "{st:?}");
+                    assert_eq!(st.ring_messages, 0);
+                    break;
+                }
+                assert!(delay < Duration::from_secs(5), "the reactor never slept: {st:?}");
+                delay *= 2;
             }
-            waker.join().unwrap();
-            assert!(r.stats().eventfd_writes > 0, "{:?}", r.stats());
-            assert_eq!(r.stats().ring_messages, 0);
         })
         .join()
         .expect("the reactor's thread failed");
