@@ -20,6 +20,7 @@ use crate::log::RateLimit;
 use crate::memory::{self, Connections};
 use crate::session::Limits;
 use crate::stop::{Live, Stop};
+use crate::tls::Tls;
 use crate::transmission;
 
 /// Hands accepted connections to the IoThreads, round robin.
@@ -30,6 +31,8 @@ pub(crate) struct Dispatch {
     pub(crate) limit: Option<Duration>,
     pub(crate) live: Arc<Live>,
     pub(crate) limits: Limits,
+    /// TLS credentials and policy (`None`: `--tls off`).
+    pub(crate) tls: Option<Arc<Tls>>,
     pub(crate) max_connections: usize,
     /// Connections being served (from dispatch to close), and their peak.
     pub(crate) conns: Arc<Connections>,
@@ -80,13 +83,13 @@ impl Dispatch {
         // Relaxed: round-robin position; any interleaving spreads connections well enough.
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
         let (export, limit, live) = (self.export.clone(), self.limit, self.live.clone());
-        let limits = self.limits.clone();
+        let (limits, tls) = (self.limits.clone(), self.tls.clone());
         let sent = self.workers[i].oneshot(move |r| match wrap(sock) {
             Ok(sock) => r
                 .spawn_local(async move {
                     let _slot = slot;
                     let _live = live.enter();
-                    connection(sock, export, limit, limits).await
+                    connection(sock, export, limit, limits, tls).await
                 })
                 .detach(),
             Err(e) => tracing::warn!("nbd: connection setup: {e}"),
@@ -173,7 +176,7 @@ async fn accept_tcp(l: std::net::TcpListener, d: Arc<Dispatch>) {
                 pause = ACCEPT_BACKOFF_FIRST;
                 tracing::debug!(%peer, "nbd: connection");
                 let _ = s.set_nodelay(true);
-                d.dispatch(s, |s| TcpStream::from_std(s).map(Sock::Tcp));
+                d.dispatch(s, |s| TcpStream::from_std(s).map(Sock::tcp));
             }
             Err(e) => pause = accept_failed(e, &d, pause).await,
         }
@@ -190,23 +193,33 @@ async fn accept_unix(l: std::os::unix::net::UnixListener, d: Arc<Dispatch>) {
         match l.accept_std().await {
             Ok(s) => {
                 pause = ACCEPT_BACKOFF_FIRST;
-                d.dispatch(s, |s| UnixStream::from_std(s).map(Sock::Unix));
+                d.dispatch(s, |s| UnixStream::from_std(s).map(Sock::unix));
             }
             Err(e) => pause = accept_failed(e, &d, pause).await,
         }
     }
 }
 
+/// Failed TLS handshakes: logged at most once a second (a client can fail them in a loop).
+static TLS_FAILED: RateLimit = RateLimit::new(Duration::from_secs(1));
+
 /// One client, from the greeting to the close.
-async fn connection(sock: Sock, export: Arc<Export>, limit: Option<Duration>, limits: Limits) {
+async fn connection(
+    sock: Sock,
+    export: Arc<Export>,
+    limit: Option<Duration>,
+    limits: Limits,
+    tls: Option<Arc<Tls>>,
+) {
     let mut rd = Reader::new();
     // A shutdown during negotiation simply closes: nothing is in flight yet.
     let negotiation = async {
         Stop::current()
-            .unless_stopped(handshake::negotiate(&sock, &mut rd, &export))
+            .unless_stopped(handshake::negotiate(sock, &mut rd, &export, tls.as_deref()))
             .await
             .unwrap_or(Ok(Outcome::Aborted))
     };
+    // The limit covers a TLS handshake too: a client that stalls in it is cut there.
     let outcome = match limit {
         Some(limit) => reactor::time::timeout(limit, negotiation)
             .await
@@ -219,7 +232,9 @@ async fn connection(sock: Sock, export: Arc<Export>, limit: Option<Duration>, li
         None => negotiation.await,
     };
     let res = match outcome {
-        Ok(Outcome::Transmission(got)) => transmission::serve(sock, rd, export, got, limits).await,
+        Ok(Outcome::Transmission(sock, got)) => {
+            transmission::serve(sock, rd, export, got, limits).await
+        }
         Ok(Outcome::Aborted) => Ok(()),
         Err(e) => Err(e),
     };
@@ -227,6 +242,9 @@ async fn connection(sock: Sock, export: Arc<Export>, limit: Option<Duration>, li
         Ok(()) => tracing::debug!("nbd: connection closed"),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
             tracing::debug!("nbd: client went away: {e}")
+        }
+        Err(e) if crate::tls::stream::is_handshake_failure(&e) => {
+            TLS_FAILED.log(|suppressed| tracing::warn!(suppressed, "nbd: {e}"))
         }
         Err(e) => tracing::warn!("nbd: connection closed: {e}"),
     }

@@ -122,6 +122,24 @@ pub struct Args {
     /// pages are made by the IoThread while they are fast).
     #[arg(long, env = "NBD_SERVER_NO_INLINE_WRITES")]
     pub no_inline_writes: bool,
+    /// TLS: off (STARTTLS refused), on (clients choose) or require (nothing but STARTTLS
+    /// before TLS).
+    #[arg(long, value_name = "MODE", value_enum, default_value = "off", env = "NBD_SERVER_TLS")]
+    pub tls: crate::tls::TlsMode,
+    /// x509 credentials: a directory with server-cert.pem, server-key.pem and (with
+    /// --tls-verify-peer) ca-cert.pem, as QEMU and nbdkit lay them out.
+    #[arg(long, value_name = "DIR", env = "NBD_SERVER_TLS_CERTIFICATES")]
+    pub tls_certificates: Option<PathBuf>,
+    /// Pre-shared keys: a file of username:hexkey lines (psktool's format).
+    #[arg(long, value_name = "FILE", env = "NBD_SERVER_TLS_PSK")]
+    pub tls_psk: Option<PathBuf>,
+    /// Require a client certificate signed by the directory's ca-cert.pem.
+    #[arg(long, env = "NBD_SERVER_TLS_VERIFY_PEER")]
+    pub tls_verify_peer: bool,
+    /// Let in only this client identity: a PSK username, or a certificate's subject DN as
+    /// RFC 4514 writes it (CN=client,O=Example). Repeatable.
+    #[arg(long, value_name = "ID")]
+    pub tls_allow: Vec<String>,
     /// Write the process id to PATH once serving (replacing a stale file); removed at exit.
     #[arg(long, value_name = "PATH", env = "NBD_SERVER_PID_FILE")]
     pub pid_file: Option<PathBuf>,
@@ -195,7 +213,8 @@ impl Args {
     /// there are any.
     ///
     /// # Errors
-    /// `InvalidInput` when sockets were passed and `--bind` or `--socket` was given too.
+    /// `InvalidInput` when sockets were passed and `--bind` or `--socket` was given too;
+    /// the TLS options' errors ([`Tls::new`](crate::tls::Tls::new)).
     pub fn config(&self, passed: Vec<Listener>) -> io::Result<Config> {
         let mut cfg = Config::new(&self.file);
         if !passed.is_empty() && (self.bind.is_some() || self.socket.is_some()) {
@@ -234,6 +253,24 @@ impl Args {
             SocketIoArg::Readiness => reactor::net::SocketIo::Readiness,
         };
         cfg.inline_writes = !self.no_inline_writes;
+        let tls = crate::tls::TlsOptions {
+            certificates: self.tls_certificates.clone(),
+            psk: self.tls_psk.clone(),
+            verify_peer: self.tls_verify_peer,
+            allow: self.tls_allow.clone(),
+        };
+        cfg.tls = match self.tls {
+            // Any TLS option with --tls off is a mistake that Tls::new names.
+            crate::tls::TlsMode::Off
+                if tls.certificates.is_none()
+                    && tls.psk.is_none()
+                    && !tls.verify_peer
+                    && tls.allow.is_empty() =>
+            {
+                None
+            }
+            mode => Some(std::sync::Arc::new(crate::tls::Tls::new(mode, &tls)?)),
+        };
         Ok(cfg)
     }
 }

@@ -1,18 +1,74 @@
-//! A client connection: the socket (TCP or Unix) and a buffered reader over the reactor's
+//! A client connection: the socket (TCP or Unix, with or without TLS) and a buffered reader over the reactor's
 //! owned-buffer reads.
 
 use std::io;
 
+use reactor::{IoBuf, IoBufMut};
 use reactor::io::Slice;
 use reactor::net::{TcpStream, UnixStream};
 
-/// The socket of one client.
-pub(crate) enum Sock {
+use crate::tls::stream::TlsStream;
+
+/// A client's socket, TCP or Unix, before any TLS.
+pub(crate) enum Plain {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
 
+impl Plain {
+    /// Reads into the room after `buf`'s bytes; returns the count (0 at end of stream).
+    pub(crate) async fn read_more(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        let begin = buf.len();
+        let (res, s) = self.read_range(Slice::new(buf, begin)).await;
+        (res, s.into_inner())
+    }
+
+    async fn read_range(&self, s: Slice<Vec<u8>>) -> (io::Result<usize>, Slice<Vec<u8>>) {
+        match self {
+            Plain::Tcp(t) => t.read(s).await,
+            Plain::Unix(u) => u.read(s).await,
+        }
+    }
+
+    async fn write(&self, s: Slice<Vec<u8>>) -> (io::Result<usize>, Slice<Vec<u8>>) {
+        match self {
+            Plain::Tcp(t) => t.write(s).await,
+            Plain::Unix(u) => u.write(s).await,
+        }
+    }
+
+    /// Writes all of `buf`.
+    pub(crate) async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        match self {
+            Plain::Tcp(s) => s.write_all(buf).await,
+            Plain::Unix(s) => s.write_all(buf).await,
+        }
+    }
+
+    /// Shuts both directions down (the peer sees the end of the stream).
+    pub(crate) fn shutdown(&self) {
+        let _ = match self {
+            Plain::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Plain::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+/// The socket of one client: plaintext, or TLS after `NBD_OPT_STARTTLS`.
+pub(crate) enum Sock {
+    Plain(Plain),
+    Tls(Box<TlsStream>),
+}
+
 impl Sock {
+    pub(crate) fn tcp(s: TcpStream) -> Sock {
+        Sock::Plain(Plain::Tcp(s))
+    }
+
+    pub(crate) fn unix(s: UnixStream) -> Sock {
+        Sock::Plain(Plain::Unix(s))
+    }
+
     /// Reads into the room after `buf`'s bytes; returns the count (0 at end of stream).
     pub(crate) async fn read_more(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         let begin = buf.len();
@@ -26,33 +82,54 @@ impl Sock {
         s: Slice<Vec<u8>>,
     ) -> (io::Result<usize>, Slice<Vec<u8>>) {
         match self {
-            Sock::Tcp(t) => t.read(s).await,
-            Sock::Unix(u) => u.read(s).await,
+            Sock::Plain(p) => p.read_range(s).await,
+            Sock::Tls(t) => {
+                let (begin, room) = (s.begin(), s.bytes_total());
+                let mut v = s.into_inner();
+                // Decrypted into the room (zeroed first: safe code cannot hand OpenSSL the
+                // Vec's spare capacity).
+                v.resize(begin + room, 0);
+                let res = t.read(&mut v[begin..]).await;
+                v.truncate(begin + *res.as_ref().unwrap_or(&0));
+                (res, Slice::range(v, begin, begin + room))
+            }
         }
     }
 
     /// Writes what it can of `s`; returns the count.
     pub(crate) async fn write(&self, s: Slice<Vec<u8>>) -> (io::Result<usize>, Slice<Vec<u8>>) {
         match self {
-            Sock::Tcp(t) => t.write(s).await,
-            Sock::Unix(u) => u.write(s).await,
+            Sock::Plain(p) => p.write(s).await,
+            Sock::Tls(t) => {
+                let n = s.bytes_init();
+                let (begin, v) = (s.begin(), s.get_ref());
+                let res = t.write_all(&v[begin..begin + n]).await.map(|()| n);
+                (res, s)
+            }
         }
     }
 
     /// Writes all of `buf`.
     pub(crate) async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
         match self {
-            Sock::Tcp(s) => s.write_all(buf).await,
-            Sock::Unix(s) => s.write_all(buf).await,
+            Sock::Plain(p) => p.write_all(buf).await,
+            Sock::Tls(t) => (t.write_all(&buf).await, buf),
         }
     }
 
     /// Shuts both directions down (the peer sees the end of the stream).
     pub(crate) fn shutdown(&self) {
-        let _ = match self {
-            Sock::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
-            Sock::Unix(s) => s.shutdown(std::net::Shutdown::Both),
-        };
+        match self {
+            Sock::Plain(p) => p.shutdown(),
+            Sock::Tls(t) => t.shutdown(),
+        }
+    }
+
+    /// Ends the connection cleanly: TLS's `close_notify`, where TLS is up.
+    pub(crate) async fn close(&self) {
+        if let Sock::Tls(t) = self {
+            t.close().await;
+        }
     }
 }
 
@@ -82,7 +159,8 @@ impl Reader {
         }
     }
 
-    fn buffered(&self) -> usize {
+    /// Bytes read from the socket and not yet taken.
+    pub(crate) fn buffered(&self) -> usize {
         self.buf.len() - self.pos
     }
 

@@ -1,7 +1,8 @@
 //! The fixed-newstyle negotiation: greeting, client flags, then options until the client
 //! chooses the export (`NBD_OPT_GO` or `NBD_OPT_EXPORT_NAME`) or leaves. Structured replies
 //! (or extended headers, which include them) and the `base:allocation` meta context are
-//! negotiated here; TLS is refused (`NBD_REP_ERR_UNSUP`).
+//! negotiated here, and TLS (`NBD_OPT_STARTTLS`) starts here, after which everything
+//! negotiated before it is forgotten.
 
 use std::io;
 
@@ -9,6 +10,8 @@ use crate::conn::{Reader, Sock};
 use crate::export::Export;
 use crate::meta;
 use crate::proto::{self, info, opt, rep};
+use crate::tls::stream::TlsStream;
+use crate::tls::{Tls, TlsMode};
 
 /// Option data longer than this closes the connection: the longest valid option (`GO` with a
 /// 4096-byte name and a few hundred info requests) is far shorter.
@@ -26,10 +29,9 @@ pub(crate) struct Negotiated {
 }
 
 /// How the negotiation ended.
-#[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    /// Enter transmission.
-    Transmission(Negotiated),
+    /// Enter transmission on this socket (TLS if it was started).
+    Transmission(Sock, Negotiated),
     /// The client aborted; close.
     Aborted,
 }
@@ -38,34 +40,72 @@ fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-/// Runs the negotiation on `sock`.
+/// Runs the negotiation on `sock`, with TLS as `tls` allows or requires.
 ///
 /// # Errors
 /// The socket's errors; `InvalidData` for a protocol violation after which the connection
 /// must close (unknown client flags, a bad option magic, an oversized option, an unknown
-/// export chosen with `NBD_OPT_EXPORT_NAME`).
+/// export chosen with `NBD_OPT_EXPORT_NAME`, `NBD_OPT_EXPORT_NAME` before TLS when TLS is
+/// required, bytes sent after `NBD_OPT_STARTTLS` before the handshake); the TLS handshake's
+/// errors.
 pub(crate) async fn negotiate(
-    sock: &Sock,
+    mut sock: Sock,
     rd: &mut Reader,
     export: &Export,
+    tls: Option<&Tls>,
 ) -> io::Result<Outcome> {
-    let (mut out, no_zeroes) = greet(sock, rd).await?;
+    let (mut out, no_zeroes) = greet(&sock, rd).await?;
     let mut got = Negotiated::default();
+    let mut secure = Secure {
+        offered: tls.is_some_and(Tls::offered),
+        required: tls.is_some_and(|t| t.mode() == TlsMode::Require),
+        up: false,
+    };
     loop {
-        let (option, data) = read_option(sock, rd).await?;
-        match answer(&mut out, option, &data, export, &mut got, no_zeroes)? {
-            Next::Option => out = send(sock, out).await?,
+        let (option, data) = read_option(&sock, rd).await?;
+        match answer(&mut out, option, &data, export, &mut got, no_zeroes, secure)? {
+            Next::Option => out = send(&sock, out).await?,
+            Next::StartTls => {
+                out = send(&sock, out).await?;
+                // What the client sent after STARTTLS and before its handshake would be
+                // taken as sent over TLS: an injection. The connection closes.
+                if rd.buffered() != 0 {
+                    return Err(invalid("data sent after NBD_OPT_STARTTLS, before the TLS handshake"));
+                }
+                let (Sock::Plain(plain), Some(tls)) = (sock, tls) else {
+                    unreachable!("STARTTLS is accepted only on plaintext with TLS offered");
+                };
+                let t = TlsStream::accept(plain, tls).await?;
+                tracing::debug!(peer = t.peer(), "nbd: TLS is up");
+                sock = Sock::Tls(Box::new(t));
+                secure.up = true;
+                // Nothing negotiated in clear survives: a downgrade (nbdkit's CVE-2021-3716)
+                // has nothing to act on.
+                got = Negotiated::default();
+            }
             Next::Transmission => {
-                send(sock, out).await?;
-                return Ok(Outcome::Transmission(got));
+                send(&sock, out).await?;
+                return Ok(Outcome::Transmission(sock, got));
             }
             Next::Abort => {
                 // The client may already be gone: that is a normal abort.
-                let _ = send(sock, out).await;
+                let _ = send(&sock, out).await;
+                sock.close().await;
                 return Ok(Outcome::Aborted);
             }
         }
     }
+}
+
+/// Where TLS stands in a negotiation.
+#[derive(Clone, Copy, Debug)]
+struct Secure {
+    /// `NBD_OPT_STARTTLS` is accepted.
+    offered: bool,
+    /// Nothing but `STARTTLS` and `ABORT` is answered before TLS is up.
+    required: bool,
+    /// TLS is up.
+    up: bool,
 }
 
 /// Sends the server's greeting and reads the client's flags. Returns the (emptied) output
@@ -105,6 +145,8 @@ async fn read_option(sock: &Sock, rd: &mut Reader) -> io::Result<(u32, Vec<u8>)>
 enum Next {
     /// Send them, then read the next option.
     Option,
+    /// Send them (the `STARTTLS` acknowledgement), then run the TLS handshake.
+    StartTls,
     /// Send them; transmission starts.
     Transmission,
     /// Send them if the client still listens; the client aborted.
@@ -114,8 +156,8 @@ enum Next {
 /// Answers one option into `out`, recording what it negotiated in `got`.
 ///
 /// # Errors
-/// `InvalidData` for `NBD_OPT_EXPORT_NAME` of an unknown export (the connection must close:
-/// that option has no error reply).
+/// `InvalidData` for `NBD_OPT_EXPORT_NAME` of an unknown export, or before TLS when TLS is
+/// required (the connection must close: that option has no error reply).
 fn answer(
     out: &mut Vec<u8>,
     option: u32,
@@ -123,7 +165,21 @@ fn answer(
     export: &Export,
     got: &mut Negotiated,
     no_zeroes: bool,
+    secure: Secure,
 ) -> io::Result<Next> {
+    if secure.required && !secure.up {
+        match option {
+            opt::STARTTLS | opt::ABORT => {}
+            opt::EXPORT_NAME => {
+                return Err(invalid("NBD_OPT_EXPORT_NAME before TLS, which is required"));
+            }
+            _ => {
+                let msg = b"TLS is required: send NBD_OPT_STARTTLS first";
+                proto::option_reply(out, option, rep::ERR_TLS_REQD, msg);
+                return Ok(Next::Option);
+            }
+        }
+    }
     match option {
         opt::EXPORT_NAME => {
             if !export.answers_to(data) {
@@ -185,7 +241,17 @@ fn answer(
             }
         }
         opt::STARTTLS => {
-            proto::option_reply(out, option, rep::ERR_UNSUP, b"TLS is not supported");
+            let (kind, msg): (u32, &[u8]) = if !secure.offered {
+                (rep::ERR_POLICY, b"TLS is off on this server (--tls off)")
+            } else if secure.up {
+                (rep::ERR_INVALID, b"TLS is up already")
+            } else if !data.is_empty() {
+                (rep::ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
+            } else {
+                proto::option_reply(out, option, rep::ACK, &[]);
+                return Ok(Next::StartTls);
+            };
+            proto::option_reply(out, option, kind, msg);
         }
         _ => {
             let msg = format!("option {option} is not supported");

@@ -96,6 +96,7 @@ mod server;
 mod session;
 mod stop;
 pub mod structured;
+pub mod tls;
 pub mod transmission;
 
 pub use activation::{Endpoint, Listener, PidFile};

@@ -86,8 +86,12 @@ pub mod rep {
     pub const META_CONTEXT: u32 = 4;
     /// The option is not supported.
     pub const ERR_UNSUP: u32 = 0x8000_0001;
+    /// The server's policy forbids the option.
+    pub const ERR_POLICY: u32 = 0x8000_0002;
     /// The option is malformed.
     pub const ERR_INVALID: u32 = 0x8000_0003;
+    /// TLS is required first (`NBD_OPT_STARTTLS`).
+    pub const ERR_TLS_REQD: u32 = 0x8000_0005;
     /// No such export.
     pub const ERR_UNKNOWN: u32 = 0x8000_0006;
     /// The request is too large (too many meta context queries).

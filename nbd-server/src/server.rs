@@ -85,6 +85,9 @@ pub struct Config {
     /// it is disconnected, so that clients holding their share of the memory budget cannot
     /// keep the others waiting longer than that. `None`: no limit. Default 60 s.
     pub idle_timeout: Option<Duration>,
+    /// TLS: credentials and whether clients may or must use it (`None`, the default: TLS
+    /// is off, `NBD_OPT_STARTTLS` is refused with `NBD_REP_ERR_POLICY`).
+    pub tls: Option<Arc<crate::tls::Tls>>,
     /// The reactor backend of every thread.
     pub backend: Backend,
     /// Adaptive polling of the IoThreads ([`DEFAULT_POLL`]: up to 200 µs), while none of
@@ -146,6 +149,7 @@ impl Config {
             max_memory: budget::DEFAULT_MAX_MEMORY,
             max_connections: None,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            tls: None,
             backend: Backend::Auto,
             poll: DEFAULT_POLL,
             poll_depth: crate::polling::DEFAULT_POLL_DEPTH,
@@ -296,6 +300,7 @@ impl Server {
                     depth: config.poll_depth,
                 },
             },
+            tls: config.tls.clone(),
             max_connections,
             conns: self.conns.clone(),
             freed: Freed::default(),

@@ -464,7 +464,7 @@ mod tests {
             r.block_on(async {
                 let (a, b) = reactor::net::UnixStream::pair().unwrap();
                 let s = Rc::new(Session::new(
-                    Sock::Unix(a),
+                    Sock::unix(a),
                     export,
                     Negotiated::default(),
                     test_limits(),
@@ -512,7 +512,7 @@ mod tests {
         let export = Export::open(&path, "", "", false).unwrap();
         r.block_on(async {
             let (a, _b) = reactor::net::UnixStream::pair().unwrap();
-            let s = Session::new(Sock::Unix(a), export, Negotiated::default(), test_limits());
+            let s = Session::new(Sock::unix(a), export, Negotiated::default(), test_limits());
             for _ in 0..100 {
                 s.recycle(Vec::with_capacity(1 << 20));
                 s.recycle(Vec::with_capacity(16));
