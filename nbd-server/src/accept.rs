@@ -240,11 +240,11 @@ async fn connection(
     };
     match res {
         Ok(()) => tracing::debug!("nbd: connection closed"),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            tracing::debug!("nbd: client went away: {e}")
-        }
         Err(e) if crate::tls::stream::is_handshake_failure(&e) => {
             TLS_FAILED.log(|suppressed| tracing::warn!(suppressed, "nbd: {e}"))
+        }
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            tracing::debug!("nbd: client went away: {e}")
         }
         Err(e) => tracing::warn!("nbd: connection closed: {e}"),
     }

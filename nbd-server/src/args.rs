@@ -124,7 +124,13 @@ pub struct Args {
     pub no_inline_writes: bool,
     /// TLS: off (STARTTLS refused), on (clients choose) or require (nothing but STARTTLS
     /// before TLS).
-    #[arg(long, value_name = "MODE", value_enum, default_value = "off", env = "NBD_SERVER_TLS")]
+    #[arg(
+        long,
+        value_name = "MODE",
+        value_enum,
+        default_value = "off",
+        env = "NBD_SERVER_TLS"
+    )]
     pub tls: crate::tls::TlsMode,
     /// x509 credentials: a directory with server-cert.pem, server-key.pem and (with
     /// --tls-verify-peer) ca-cert.pem, as QEMU and nbdkit lay them out.

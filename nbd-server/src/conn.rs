@@ -3,9 +3,9 @@
 
 use std::io;
 
-use reactor::{IoBuf, IoBufMut};
 use reactor::io::Slice;
 use reactor::net::{TcpStream, UnixStream};
+use reactor::{IoBuf, IoBufMut};
 
 use crate::tls::stream::TlsStream;
 

@@ -70,7 +70,9 @@ pub(crate) async fn negotiate(
                 // What the client sent after STARTTLS and before its handshake would be
                 // taken as sent over TLS: an injection. The connection closes.
                 if rd.buffered() != 0 {
-                    return Err(invalid("data sent after NBD_OPT_STARTTLS, before the TLS handshake"));
+                    return Err(invalid(
+                        "data sent after NBD_OPT_STARTTLS, before the TLS handshake",
+                    ));
                 }
                 let (Sock::Plain(plain), Some(tls)) = (sock, tls) else {
                     unreachable!("STARTTLS is accepted only on plaintext with TLS offered");

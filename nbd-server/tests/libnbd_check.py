@@ -30,6 +30,8 @@ def connect(structured=True, contexts=("base:allocation",)):
     h.set_request_structured_replies(structured)
     for c in contexts:
         h.add_meta_context(c)
+    # An nbds:// URL names its key file or certificate directory.
+    h.set_uri_allow_local_file(True)
     h.connect_uri(URL)
     return h
 
@@ -170,6 +172,7 @@ h.shutdown()
 # Option haggling: list the exports and the contexts, ask about one, then go.
 o = nbd.NBD()
 o.set_opt_mode(True)
+o.set_uri_allow_local_file(True)
 o.connect_uri(URL)
 names = []
 o.opt_list(lambda name, desc: names.append(name) or 0)

@@ -135,15 +135,29 @@ impl Tls {
         let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(ssl_err)?;
         b.set_min_proto_version(Some(SslVersion::TLS1_2))
             .map_err(ssl_err)?;
-        // TLS 1.2 suites with forward secrecy, and the PSK ones GnuTLS offers; TLS 1.3's
-        // suites are OpenSSL's defaults.
+        // TLS 1.2 suites with forward secrecy, and the PSK ones GnuTLS offers.
         b.set_cipher_list("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:ECDHE-PSK:DHE-PSK:PSK+AESGCM")
             .map_err(ssl_err)?;
+        // TLS 1.3: the SHA-256 suites first, chosen by the server. OpenSSL's PSK callback
+        // gives a SHA-256 key, usable only under a SHA-256 suite: GnuTLS clients list
+        // AES-256-GCM-SHA384 first, and taking it would drop the PSK and fall back to
+        // certificates (or fail, without them).
+        b.set_ciphersuites(
+            "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384",
+        )
+        .map_err(ssl_err)?;
         // No session resumption (each connection is long-lived), no renegotiation (so a
         // write never needs a read), and writes may leave the buffer they came from.
-        b.set_options(SslOptions::NO_TICKET | SslOptions::NO_RENEGOTIATION);
+        b.set_options(
+            SslOptions::NO_TICKET
+                | SslOptions::NO_RENEGOTIATION
+                | SslOptions::CIPHER_SERVER_PREFERENCE,
+        );
         b.set_num_tickets(0).map_err(ssl_err)?;
         b.set_mode(SslMode::ACCEPT_MOVING_WRITE_BUFFER);
+        // A PSK is a session to OpenSSL, which it takes with client verification on only
+        // under a session id context.
+        b.set_session_id_context(b"nbd-server").map_err(ssl_err)?;
         if let Some(dir) = &opts.certificates {
             creds::load_x509(&mut b, dir, opts.verify_peer)?;
         }
@@ -157,6 +171,7 @@ impl Tls {
             let allow: Option<HashSet<String>> = allow.clone();
             b.set_psk_server_callback(move |ssl, identity, out| {
                 let id = identity.unwrap_or_default();
+                stream::set_offered(ssl, id);
                 let mut refused = |why: String| {
                     stream::set_refusal(ssl, why);
                     Err(openssl::error::ErrorStack::get())

@@ -64,9 +64,21 @@ fn refusal_index() -> Index<Ssl, String> {
     *INDEX.get_or_init(|| Ssl::new_ex_index().expect("an OpenSSL ex_data index"))
 }
 
+/// The PSK identity a client offered, kept for the log line of a handshake that fails
+/// after it (most likely with a wrong key).
+fn offered_index() -> Index<Ssl, String> {
+    static INDEX: OnceLock<Index<Ssl, String>> = OnceLock::new();
+    *INDEX.get_or_init(|| Ssl::new_ex_index().expect("an OpenSSL ex_data index"))
+}
+
 /// Records why the server refused the handshake in progress on `ssl`.
 pub(super) fn set_refusal(ssl: &mut SslRef, why: String) {
     ssl.set_ex_data(refusal_index(), why);
+}
+
+/// Records the PSK identity the client offered in the handshake in progress on `ssl`.
+pub(super) fn set_offered(ssl: &mut SslRef, identity: &[u8]) {
+    ssl.set_ex_data(offered_index(), crate::log::client_str(identity));
 }
 
 /// The error payload of a failed TLS handshake (see [`is_handshake_failure`]).
@@ -84,7 +96,8 @@ impl std::error::Error for HandshakeFailed {}
 /// Whether `e` is a failed TLS handshake (logged apart, rate-limited: a client can fail
 /// handshakes in a loop).
 pub(crate) fn is_handshake_failure(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|inner| inner.is::<HandshakeFailed>())
+    e.get_ref()
+        .is_some_and(|inner| inner.is::<HandshakeFailed>())
 }
 
 /// An established TLS connection.
@@ -145,13 +158,24 @@ impl TlsStream {
             spare: Cell::new(Vec::new()),
             peer: String::new(),
         };
+        // Whatever ends it (an OpenSSL error, the client leaving after an alert), a refusal
+        // of the server's own or a failed certificate check is the reason given.
+        if let Err(e) = t.exchange().await {
+            return Err(t.handshake_failed(e));
+        }
+        t.peer = t.identify(tls)?;
+        Ok(t)
+    }
+
+    /// Runs the handshake's messages to the end.
+    async fn exchange(&self) -> io::Result<()> {
         loop {
-            let r = t.ssl.borrow_mut().accept();
+            let r = self.ssl.borrow_mut().accept();
             match r {
-                Ok(()) => break,
+                Ok(()) => return self.flush().await,
                 Err(e) if e.code() == ErrorCode::WANT_READ => {
-                    t.flush().await?;
-                    if t.fill().await? == 0 {
+                    self.flush().await?;
+                    if self.fill().await? == 0 {
                         return Err(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
                             "the client closed the connection during the TLS handshake",
@@ -160,19 +184,16 @@ impl TlsStream {
                 }
                 Err(e) => {
                     // The alert, if OpenSSL made one, tells the client why.
-                    let _ = t.flush().await;
-                    return Err(t.handshake_failed(e));
+                    let _ = self.flush().await;
+                    return Err(tls_error(e));
                 }
             }
         }
-        t.flush().await?;
-        t.peer = t.identify(tls)?;
-        Ok(t)
     }
 
     /// The error for a failed handshake: the server's own reason when it refused the client,
     /// else the certificate check's or OpenSSL's.
-    fn handshake_failed(&self, e: openssl::ssl::Error) -> io::Error {
+    fn handshake_failed(&self, e: io::Error) -> io::Error {
         let s = self.ssl.borrow();
         let ssl = s.ssl();
         if let Some(why) = ssl.ex_data(refusal_index()) {
@@ -185,10 +206,10 @@ impl TlsStream {
                 format!("the client's certificate: {}", verify.error_string()),
             );
         }
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            tls_error(e).to_string(),
-        )
+        if let Some(id) = ssl.ex_data(offered_index()) {
+            return io::Error::new(e.kind(), format!("PSK identity {id} (a wrong key?): {e}"));
+        }
+        e
     }
 
     /// Who the client is, once the handshake is done; refuses a certificate whose DN is not

@@ -25,11 +25,17 @@ pub fn scratch(tag: &str, backend: &str) -> PathBuf {
 }
 
 pub fn serve(backend: &str, file: &Path, extra: &[&str]) -> Served {
+    serve_logging(backend, file, extra, Stdio::inherit())
+}
+
+/// [`serve`], with the server's log (stderr) going to `log`.
+pub fn serve_logging(backend: &str, file: &Path, extra: &[&str], log: Stdio) -> Served {
     let mut child = Command::new(env!("CARGO_BIN_EXE_nbd-server"))
         .args(["--backend", backend, "--bind", "127.0.0.1:0", "-x", "disk"])
         .args(extra)
         .arg(file)
         .stdout(Stdio::piped())
+        .stderr(log)
         .spawn()
         .expect("start nbd-server");
     let mut out = BufReader::new(child.stdout.take().unwrap());
