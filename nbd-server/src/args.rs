@@ -122,6 +122,16 @@ pub struct Args {
     /// pages are made by the IoThread while they are fast).
     #[arg(long, env = "NBD_SERVER_NO_INLINE_WRITES")]
     pub no_inline_writes: bool,
+    /// Page cache: writeback (through it) or none (O_DIRECT, aligned I/O; through the ring
+    /// on io_uring).
+    #[arg(
+        long,
+        value_name = "MODE",
+        value_enum,
+        default_value = "writeback",
+        env = "NBD_SERVER_CACHE"
+    )]
+    pub cache: crate::Cache,
     /// TLS: off (STARTTLS refused), on (clients choose) or require (nothing but STARTTLS
     /// before TLS).
     #[arg(
@@ -259,6 +269,7 @@ impl Args {
             SocketIoArg::Readiness => reactor::net::SocketIo::Readiness,
         };
         cfg.inline_writes = !self.no_inline_writes;
+        cfg.cache = self.cache;
         let tls = crate::tls::TlsOptions {
             certificates: self.tls_certificates.clone(),
             psk: self.tls_psk.clone(),

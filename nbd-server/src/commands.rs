@@ -25,8 +25,20 @@ pub(crate) async fn write(t: Ticket, req: Request, payload: Vec<u8>) {
         s.recycle(payload);
         return t.finish_with(err::EIO);
     }
-    let (res, payload) = s.export.file().write_all_at(payload, req.offset).await;
-    s.recycle(payload);
+    let res = match s.export.direct() {
+        Some(d) => {
+            let _span = d.lock(req.offset, payload.len() as u64).await;
+            let res =
+                crate::direct::write(d, s.export.file(), &s.aligned, &payload, req.offset).await;
+            s.recycle(payload);
+            res
+        }
+        None => {
+            let (res, payload) = s.export.file().write_all_at(payload, req.offset).await;
+            s.recycle(payload);
+            res
+        }
+    };
     let mut error = res.err().map_or(0, |e| proto::errno(&e));
     if error == 0 && req.flags & cflag::FUA != 0 {
         error = s.sync().await.err().map_or(0, |e| proto::errno(&e));
@@ -58,6 +70,11 @@ pub(crate) async fn discard_or_zero(t: Ticket, req: Request) {
     }
     let file = s.export.file();
     let (offset, len) = (req.offset, req.length);
+    // On an O_DIRECT export, the blocks it touches are not being rewritten meanwhile.
+    let span = match s.export.direct() {
+        Some(d) => Some(d.lock(offset, len).await),
+        None => None,
+    };
     let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
     let zero = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
     let modes: &[i32] = match (req.kind, req.flags & cflag::NO_HOLE != 0) {
@@ -90,6 +107,7 @@ pub(crate) async fn discard_or_zero(t: Ticket, req: Request) {
         }
         Err(e) => proto::errno(&e),
     };
+    drop(span);
     if error == 0 && req.flags & cflag::FUA != 0 {
         error = s.sync().await.err().map_or(0, |e| proto::errno(&e));
     }
@@ -113,6 +131,13 @@ async fn write_zeros(s: &crate::session::Session, offset: u64, len: u64) -> io::
             return Err(io::ErrorKind::BrokenPipe.into());
         }
         let n = (len - done).min(ZEROS.len() as u64) as usize;
+        if let Some(d) = s.export.direct() {
+            // The caller holds the span.
+            let file = s.export.file();
+            crate::direct::write(d, file, &s.aligned, &ZEROS[..n], offset + done).await?;
+            done += n as u64;
+            continue;
+        }
         let (res, _) = s.export.file().write_at(&ZEROS[..n], offset + done).await;
         match res? {
             0 => return Err(io::ErrorKind::WriteZero.into()),

@@ -20,6 +20,22 @@ pub struct Export {
     pub(crate) stats: Counters,
     /// The last data region found in the file (see `extents.rs`).
     pub(crate) data_region: crate::extents::DataRegion,
+    /// Set for an `O_DIRECT` export (`Cache::None`).
+    direct: Option<crate::direct::Direct>,
+}
+
+/// How the export uses the page cache (`--cache`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Cache {
+    /// Through the page cache: writes are acknowledged once the kernel has them, FLUSH and
+    /// FUA make them durable.
+    #[default]
+    Writeback,
+    /// Around it (`O_DIRECT`): every read and write goes to the device, with aligned buffers,
+    /// through the ring on io_uring. The alignment is advertised with `NBD_INFO_BLOCK_SIZE`;
+    /// unaligned requests are served too (read-modify-write at the edges). FLUSH and FUA
+    /// still make writes durable (`fdatasync`: the device's own cache).
+    None,
 }
 
 /// Counters of the work done for an export, summed over its connections.
@@ -83,7 +99,31 @@ impl Export {
         description: &str,
         read_only: bool,
     ) -> io::Result<Arc<Export>> {
+        Export::open_cached(path, name, description, read_only, Cache::Writeback)
+    }
+
+    /// [`open`](Self::open), using the page cache as `cache` says.
+    ///
+    /// # Errors
+    /// As `open`; with [`Cache::None`], `Unsupported` when the file system refuses
+    /// `O_DIRECT`, and `InvalidInput` when the size is not a multiple of the alignment
+    /// `O_DIRECT` needs (a direct write of the last partial block would grow the file).
+    ///
+    /// ```no_run
+    /// use nbd_server::{Cache, Export};
+    /// let e = Export::open_cached("/var/lib/images/disk.raw", "disk", "", false, Cache::None)?;
+    /// assert!(e.direct_alignment().is_some_and(|a| a >= 512));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn open_cached(
+        path: impl AsRef<Path>,
+        name: &str,
+        description: &str,
+        read_only: bool,
+        cache: Cache,
+    ) -> io::Result<Arc<Export>> {
         use std::io::Seek;
+        use std::os::unix::fs::OpenOptionsExt;
         for (what, s) in [("export name", name), ("description", description)] {
             if s.len() > crate::proto::MAX_STRING || s.contains('\0') {
                 return Err(io::Error::new(
@@ -93,12 +133,45 @@ impl Export {
             }
         }
         let path = path.as_ref().to_owned();
+        let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let flags = if cache == Cache::None {
+            libc::O_DIRECT
+        } else {
+            0
+        };
         let mut f = std::fs::OpenOptions::new()
             .read(true)
             .write(!read_only)
+            .custom_flags(flags)
             .open(&path)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EINVAL) if cache == Cache::None => io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!(
+                        "{}: the file system does not support O_DIRECT (--cache none)",
+                        path.display()
+                    ),
+                ),
+                _ => named(e),
+            })?;
         let size = f.seek(std::io::SeekFrom::End(0))?;
+        let direct = match cache {
+            Cache::Writeback => None,
+            Cache::None => {
+                let align = crate::direct::alignment(&f).map_err(named)?;
+                if size % align != 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "{}: --cache none needs a size that is a multiple of {align} \
+                             (O_DIRECT's alignment here), not {size}",
+                            path.display()
+                        ),
+                    ));
+                }
+                Some(crate::direct::Direct::new(align))
+            }
+        };
         Ok(Arc::new(Export {
             name: name.to_owned(),
             description: description.to_owned(),
@@ -108,6 +181,7 @@ impl Export {
             read_only,
             stats: Counters::default(),
             data_region: Default::default(),
+            direct,
         }))
     }
 
@@ -134,6 +208,23 @@ impl Export {
     /// The file.
     pub(crate) fn file(&self) -> &reactor::fs::File {
         &self.file
+    }
+
+    /// The `O_DIRECT` state of a [`Cache::None`] export.
+    pub(crate) fn direct(&self) -> Option<&crate::direct::Direct> {
+        self.direct.as_ref()
+    }
+
+    /// The alignment of an `O_DIRECT` export ([`Cache::None`]); `None` for one that goes
+    /// through the page cache.
+    pub fn direct_alignment(&self) -> Option<u64> {
+        self.direct.as_ref().map(crate::direct::Direct::align)
+    }
+
+    /// The smallest block the export serves without extra work: 1 through the page cache,
+    /// the `O_DIRECT` alignment around it (`NBD_INFO_BLOCK_SIZE`'s minimum).
+    pub fn min_block(&self) -> u32 {
+        self.direct_alignment().map_or(1, |a| a as u32)
     }
 
     /// Size in bytes.

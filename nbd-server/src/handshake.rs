@@ -303,8 +303,9 @@ fn info_or_go(
                 item.extend_from_slice(export.description().as_bytes())
             }
             info::BLOCK_SIZE => {
-                item.extend_from_slice(&1u32.to_be_bytes());
-                item.extend_from_slice(&proto::PREFERRED_BLOCK.to_be_bytes());
+                let min = export.min_block();
+                item.extend_from_slice(&min.to_be_bytes());
+                item.extend_from_slice(&proto::PREFERRED_BLOCK.max(min).to_be_bytes());
                 item.extend_from_slice(&proto::MAX_PAYLOAD.to_be_bytes());
             }
             // EXPORT was sent already; unknown requests are ignored, as the protocol says.

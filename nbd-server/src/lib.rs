@@ -69,6 +69,7 @@ mod budget;
 mod commands;
 mod conn;
 pub mod daemon;
+mod direct;
 mod export;
 mod extents;
 mod handshake;
@@ -101,7 +102,7 @@ pub mod transmission;
 
 pub use activation::{Endpoint, Listener, PidFile};
 pub use budget::{DEFAULT_MAX_MEMORY, MIN_MAX_MEMORY};
-pub use export::{Export, ExportStats};
+pub use export::{Cache, Export, ExportStats};
 pub use memory::{BURST as MEMORY_BURST, Load, QUIET as MEMORY_QUIET, ThreadLoad, trim_allocator};
 pub use polling::{CALM as POLL_CALM, DEFAULT_POLL_DEPTH};
 pub use server::{

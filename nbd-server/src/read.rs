@@ -29,6 +29,9 @@ const MAX_CHUNKS: usize = 64;
 /// [`READ_CHUNK`]; stops early when the client is gone. On an error the buffer goes back to
 /// the pool and the NBD error comes back.
 async fn fill(s: &Session, mut buf: Vec<u8>, at: u64, end: usize) -> Result<Vec<u8>, u32> {
+    if let Some(d) = s.export.direct() {
+        return fill_direct(s, d, buf, at, end).await;
+    }
     let start = buf.len();
     let error = loop {
         if buf.len() >= end {
@@ -52,6 +55,33 @@ async fn fill(s: &Session, mut buf: Vec<u8>, at: u64, end: usize) -> Result<Vec<
     // An error reply carries no data.
     s.recycle(buf);
     Err(error)
+}
+
+/// [`fill`] for an `O_DIRECT` export: through aligned buffers, in pieces of at most
+/// [`READ_CHUNK`].
+async fn fill_direct(
+    s: &Session,
+    d: &crate::direct::Direct,
+    mut buf: Vec<u8>,
+    at: u64,
+    end: usize,
+) -> Result<Vec<u8>, u32> {
+    let start = buf.len();
+    while buf.len() < end {
+        if s.broken() {
+            s.recycle(buf);
+            return Err(err::EIO);
+        }
+        let done = buf.len() - start;
+        let n = (end - buf.len()).min(READ_CHUNK);
+        let file = s.export.file();
+        let res = crate::direct::read(d, file, &s.aligned, &mut buf, at + done as u64, n).await;
+        if let Err(e) = res {
+            s.recycle(buf);
+            return Err(proto::errno(&e));
+        }
+    }
+    Ok(buf)
 }
 
 /// READ, in whichever form the connection negotiated.

@@ -85,6 +85,8 @@ pub struct Config {
     /// it is disconnected, so that clients holding their share of the memory budget cannot
     /// keep the others waiting longer than that. `None`: no limit. Default 60 s.
     pub idle_timeout: Option<Duration>,
+    /// How the export uses the page cache (default [`Cache::Writeback`](crate::Cache)).
+    pub cache: crate::Cache,
     /// TLS: credentials and whether clients may or must use it (`None`, the default: TLS
     /// is off, `NBD_OPT_STARTTLS` is refused with `NBD_REP_ERR_POLICY`).
     pub tls: Option<Arc<crate::tls::Tls>>,
@@ -149,6 +151,7 @@ impl Config {
             max_memory: budget::DEFAULT_MAX_MEMORY,
             max_connections: None,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            cache: crate::Cache::Writeback,
             tls: None,
             backend: Backend::Auto,
             poll: DEFAULT_POLL,
@@ -226,11 +229,12 @@ impl Server {
     /// cannot be built with the chosen backend.
     pub fn start(config: Config) -> io::Result<Server> {
         let max_connections = check(&config)?;
-        let export = Export::open(
+        let export = Export::open_cached(
             &config.path,
             &config.export_name,
             &config.description,
             config.read_only,
+            config.cache,
         )?;
         export.file().set_inline_writes(config.inline_writes);
         let (mut listeners, endpoints) = bind_network(&config)?;

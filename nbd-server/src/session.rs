@@ -82,6 +82,8 @@ pub(crate) struct Session {
     small: RefCell<Vec<Vec<u8>>>,
     large: RefCell<Vec<Vec<u8>>>,
     large_bytes: Cell<usize>,
+    /// Aligned buffers for an `O_DIRECT` export's I/O.
+    pub(crate) aligned: crate::direct::AlignedPool,
     /// Requests read, added to the export's counter when the connection ends.
     pub(crate) requests: Cell<u64>,
 }
@@ -162,6 +164,7 @@ impl Session {
             small: RefCell::new(Vec::with_capacity(SMALL_POOL)),
             large: RefCell::new(Vec::new()),
             large_bytes: Cell::new(0),
+            aligned: Default::default(),
             requests: Cell::new(0),
         }
     }
