@@ -7,8 +7,10 @@ pub mod file_io;
 pub mod idle;
 pub mod nbd;
 pub mod nbd_copy;
+pub mod nbd_direct;
 pub mod nbd_fio;
 pub mod nbd_servers;
+pub mod nbd_tls;
 pub mod pingpong;
 pub mod qemu;
 pub mod ring_nop;
@@ -303,6 +305,16 @@ pub const ALL: &[Scenario] = &[
         name: "nbd-fio",
         about: "fio's NBD engine against the same servers: random 4 KiB reads and writes, QD1/QD32, and 4 jobs on 4 connections (requests/s; server CPU per request)",
         run: nbd_fio::run,
+    },
+    Scenario {
+        name: "nbd-direct",
+        about: "fio's NBD engine against every server bypassing the page cache, on the disk: 4 KiB random and sequential reads and writes, QD1/QD32, with fio's own io_uring O_DIRECT floor (requests/s; server CPU per request). Settings: nbd-server --cache none (O_DIRECT); qemu-storage-daemon cache.direct=on,aio=io_uring; qemu-nbd --cache=none --aio=io_uring; nbdkit 1.32's file plugin has no O_DIRECT, its closest is cache=none",
+        run: nbd_direct::run,
+    },
+    Scenario {
+        name: "nbd-tls",
+        about: "every server with TLS required, same keys: nbdcopy of the export over PSK and x509 (256 KiB requests), fio's NBD engine QD1/QD32 over x509; nbd-server without TLS as the reference (requests/s; server CPU per request)",
+        run: nbd_tls::run,
     },
     Scenario {
         name: "nbd-sparse-copy",

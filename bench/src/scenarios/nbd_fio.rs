@@ -14,21 +14,26 @@ use super::{Ctx, Row, System};
 use crate::measure::{Metric, Sample};
 
 #[derive(Clone, Copy, Debug)]
-struct Case {
-    rw: &'static str,
-    depth: u32,
-    jobs: u32,
+pub(super) struct Case {
+    pub(super) rw: &'static str,
+    pub(super) depth: u32,
+    pub(super) jobs: u32,
     /// Requests of all jobs together.
-    requests: u64,
+    pub(super) requests: u64,
 }
 
 impl Case {
-    fn name(&self) -> String {
+    /// The row's name, `PREFIX-RW-4k-qdD` (or `-JxD` for several jobs).
+    pub(super) fn name_in(&self, prefix: &str) -> String {
         if self.jobs > 1 {
-            format!("nbd-fio-{}-4k-{}x{}", self.rw, self.jobs, self.depth)
+            format!("{prefix}-{}-4k-{}x{}", self.rw, self.jobs, self.depth)
         } else {
-            format!("nbd-fio-{}-4k-qd{}", self.rw, self.depth)
+            format!("{prefix}-{}-4k-qd{}", self.rw, self.depth)
         }
+    }
+
+    fn name(&self) -> String {
+        self.name_in("nbd-fio")
     }
 }
 
@@ -45,20 +50,35 @@ pub fn available() -> bool {
 /// fio's checksums (`--verify=crc32c`), and a second fio run, after the timed one and outside
 /// the server's CPU count, reads every written block back and checks it (`--verify_only`).
 fn client_run(srv: &Running, case: Case) -> Sample {
+    let target = ["--ioengine=nbd".to_string(), format!("--uri={}", srv.url)];
+    fio(&target, &srv.client_env, Some(srv), case, "64M")
+}
+
+/// One fio run of `case` over `size` of `target` (the engine and what it opens): requests/s
+/// over fio's run time, and `srv`'s CPU per request when given. Checks that fio did every
+/// request it was given, without an error. Writes carry fio's checksums
+/// (`--verify=crc32c`), and a second fio run, after the timed one and outside the server's
+/// CPU count, reads every written block back and checks it (`--verify_only`).
+pub(super) fn fio(
+    target: &[String],
+    env: &[(String, String)],
+    srv: Option<&Running>,
+    case: Case,
+    size: &str,
+) -> Sample {
     let per_job = case.requests / u64::from(case.jobs);
     let write = case.rw.contains("write");
-    let mut args = vec![
-        "--name=bench".to_string(),
-        "--ioengine=nbd".into(),
-        format!("--uri=nbd://{}/disk", srv.addr),
+    let mut args = vec!["--name=bench".to_string()];
+    args.extend_from_slice(target);
+    args.extend([
         format!("--rw={}", case.rw),
         "--bs=4k".into(),
         format!("--iodepth={}", case.depth),
         format!("--numjobs={}", case.jobs),
-        "--size=64M".into(),
+        format!("--size={size}"),
         format!("--io_size={}", per_job * 4096),
         "--output-format=json".into(),
-    ];
+    ]);
     if write {
         args.extend([
             "--verify=crc32c".into(),
@@ -66,14 +86,20 @@ fn client_run(srv: &Running, case: Case) -> Sample {
             "--verify_fatal=1".into(),
         ]);
     }
-    let cpu0 = srv.cpu();
-    let out = Command::new("fio").args(&args).output().expect("run fio");
-    let cpu = srv.cpu().since(cpu0);
+    let cpu0 = srv.map(Running::cpu);
+    let env = env.iter().map(|(k, v)| (k, v));
+    let out = Command::new("fio")
+        .args(&args)
+        .envs(env.clone())
+        .output()
+        .expect("run fio");
+    let cpu = srv.zip(cpu0).map(|(s, c0)| s.cpu().since(c0));
     if write && out.status.success() {
         let mut verify = args.clone();
         verify.push("--verify_only".into());
         let v = Command::new("fio")
             .args(&verify)
+            .envs(env)
             .output()
             .expect("run fio's verify");
         assert!(
@@ -113,7 +139,11 @@ fn client_run(srv: &Running, case: Case) -> Sample {
         ios += per_job;
         runtime_ms = runtime_ms.max(job[dir]["runtime"].as_u64().expect("runtime"));
     }
-    Sample::timed(Metric::OpsPerSec, ios, Duration::from_millis(runtime_ms)).with_cpu_of(cpu, ios)
+    let sample = Sample::timed(Metric::OpsPerSec, ios, Duration::from_millis(runtime_ms));
+    match cpu {
+        Some(cpu) => sample.with_cpu_of(cpu, ios),
+        None => sample,
+    }
 }
 
 pub fn run(ctx: &Ctx) -> Vec<Row> {

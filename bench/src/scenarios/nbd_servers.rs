@@ -56,10 +56,30 @@ impl Server {
     }
 }
 
+/// How a server is set up beyond the defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Setup {
+    /// Through the page cache, plaintext.
+    #[default]
+    Plain,
+    /// Around the page cache (`O_DIRECT` where the server has it; the `nbd-direct`
+    /// scenario's description names each server's setting).
+    Direct,
+    /// TLS required, with the `psktool` file `DIR/keys.psk` (user `alice`).
+    TlsPsk(PathBuf),
+    /// TLS required, with the certificates of `DIR/server` (see [`super::nbd_tls::tls_creds`]).
+    TlsX509(PathBuf),
+}
+
 /// A running server process, killed on drop.
 pub struct Running {
     child: Child,
     pub addr: SocketAddr,
+    /// The libnbd URI of its export (`nbds://` with the credentials' files under TLS).
+    pub url: String,
+    /// Environment a client needs (TLS x509: `HOME` with `.pki/libnbd/ca-cert.pem`, for
+    /// clients such as fio's engine that cannot pass files in the URI).
+    pub client_env: Vec<(String, String)>,
     clock: libc::clockid_t,
 }
 
@@ -119,9 +139,62 @@ pub fn start(server: Server, file: &Path) -> Running {
 
 /// [`start`], with every thread of the server on CPU `cpu` only when given.
 pub fn start_on(server: Server, file: &Path, cpu: Option<usize>) -> Running {
+    start_setup(server, file, cpu, &Setup::Plain)
+}
+
+/// The options that set `server` up as `setup` says: `(server options, export/plugin
+/// options)` for the command lines below.
+fn setup_args(server: Server, setup: &Setup) -> Vec<String> {
+    let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let dir = |d: &Path| d.to_str().expect("a UTF-8 path").to_string();
+    match (server, setup) {
+        (_, Setup::Plain) => Vec::new(),
+        (Server::Reactor(_) | Server::ReactorNoPoll, Setup::Direct) => s(&["--cache", "none"]),
+        (Server::Reactor(_) | Server::ReactorNoPoll, Setup::TlsPsk(d)) => s(&[
+            "--tls",
+            "require",
+            "--tls-psk",
+            &format!("{}/keys.psk", dir(d)),
+        ]),
+        (Server::Reactor(_) | Server::ReactorNoPoll, Setup::TlsX509(d)) => s(&[
+            "--tls",
+            "require",
+            "--tls-certificates",
+            &format!("{}/server", dir(d)),
+        ]),
+        (Server::StorageDaemon | Server::QemuNbd, Setup::TlsPsk(d)) => s(&[
+            "--object",
+            &format!("tls-creds-psk,id=tls0,endpoint=server,dir={}", dir(d)),
+        ]),
+        (Server::StorageDaemon | Server::QemuNbd, Setup::TlsX509(d)) => s(&[
+            "--object",
+            &format!(
+                "tls-creds-x509,id=tls0,endpoint=server,dir={}/server,verify-peer=off",
+                dir(d)
+            ),
+        ]),
+        (Server::QemuNbd, Setup::Direct) => s(&["--cache=none"]),
+        // In its --blockdev (below).
+        (Server::StorageDaemon, Setup::Direct) => Vec::new(),
+        (Server::Nbdkit, Setup::Direct) => Vec::new(),
+        (Server::Nbdkit, Setup::TlsPsk(d)) => {
+            s(&["--tls=require", &format!("--tls-psk={}/keys.psk", dir(d))])
+        }
+        (Server::Nbdkit, Setup::TlsX509(d)) => s(&[
+            "--tls=require",
+            &format!("--tls-certificates={}/server", dir(d)),
+        ]),
+    }
+}
+
+/// [`start_on`], set up as `setup` says.
+pub fn start_setup(server: Server, file: &Path, cpu: Option<usize>, setup: &Setup) -> Running {
     let port = free_port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let f = file.to_str().expect("a UTF-8 path");
+    let extra = setup_args(server, setup);
+    let tls = matches!(setup, Setup::TlsPsk(_) | Setup::TlsX509(_));
+    let direct = *setup == Setup::Direct;
     let mut cmd = match server {
         Server::Reactor(_) | Server::ReactorNoPoll => {
             let mut c = Command::new(std::env::current_exe().expect("the bench's own path"));
@@ -138,18 +211,21 @@ pub fn start_on(server: Server, file: &Path, cpu: Option<usize>) -> Running {
             if let Ok(extra) = std::env::var(EXTRA_ARGS_ENV) {
                 c.args(extra.split_whitespace());
             }
+            c.args(&extra);
             c.arg(f);
             c
         }
         Server::StorageDaemon => {
             let mut c = Command::new("qemu-storage-daemon");
-            c.args([
+            let cache = if direct { ",cache.direct=on" } else { "" };
+            let creds = if tls { ",tls-creds=tls0" } else { "" };
+            c.args(&extra).args([
                 "--blockdev",
-                &format!("driver=file,node-name=file0,filename={f},aio=io_uring"),
+                &format!("driver=file,node-name=file0,filename={f},aio=io_uring{cache}"),
                 "--object",
                 "iothread,id=iot0",
                 "--nbd-server",
-                &format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}"),
+                &format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}{creds}"),
                 "--export",
                 "type=nbd,id=exp0,node-name=file0,name=disk,writable=on,iothread=iot0",
             ]);
@@ -169,13 +245,21 @@ pub fn start_on(server: Server, file: &Path, cpu: Option<usize>) -> Running {
                 "--shared=8",
                 "--aio=io_uring",
             ])
-            .args(["-p", &port.to_string(), f]);
+            .args(&extra);
+            if tls {
+                c.arg("--tls-creds=tls0");
+            }
+            c.args(["-p", &port.to_string(), f]);
             c
         }
         Server::Nbdkit => {
             let mut c = Command::new("nbdkit");
             c.args(["--exit-with-parent", "-f", "-i", "127.0.0.1", "-e", "disk"])
+                .args(&extra)
                 .args(["-p", &port.to_string(), "file", &format!("file={f}")]);
+            if direct {
+                c.arg("cache=none");
+            }
             c
         }
     };
@@ -244,7 +328,28 @@ pub fn start_on(server: Server, file: &Path, cpu: Option<usize>) -> Running {
     // SAFETY: `clock` is a valid out-pointer; the pid is our live child.
     let rc = unsafe { libc::clock_getcpuclockid(child.id() as libc::pid_t, &mut clock) };
     assert_eq!(rc, 0, "no CPU clock for the server process");
-    Running { child, addr, clock }
+    let (url, client_env) = match setup {
+        Setup::TlsPsk(d) => (
+            format!(
+                "nbds://alice@127.0.0.1:{port}/disk?tls-psk-file={}/keys.psk",
+                d.display()
+            ),
+            Vec::new(),
+        ),
+        // The name in the server's certificate; libnbd finds the CA under $HOME/.pki/libnbd.
+        Setup::TlsX509(d) => (
+            format!("nbds://localhost:{port}/disk"),
+            vec![("HOME".to_string(), format!("{}/home", d.display()))],
+        ),
+        _ => (format!("nbd://{addr}/disk"), Vec::new()),
+    };
+    Running {
+        child,
+        addr,
+        url,
+        client_env,
+        clock,
+    }
 }
 
 /// Servers started for a whole scenario, each on an export file of its own (QEMU's servers
@@ -260,10 +365,23 @@ impl Fleet {
     /// Starts `server` on a fresh `path`, on CPU `cpu` only when given, under the name
     /// `system`.
     pub fn start(&mut self, system: String, server: Server, path: PathBuf, cpu: Option<usize>) {
+        self.start_setup(system, server, path, cpu, &Setup::Plain, FILE_SIZE);
+    }
+
+    /// [`start`](Self::start), set up as `setup` says, on a file of `size` bytes.
+    pub fn start_setup(
+        &mut self,
+        system: String,
+        server: Server,
+        path: PathBuf,
+        cpu: Option<usize>,
+        setup: &Setup,
+        size: u64,
+    ) {
         let mark = crate::failure::mark();
         let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            prepare(&path);
-            start_on(server, &path, cpu)
+            prepare_sized(&path, size);
+            start_setup(server, &path, cpu, setup)
         }))
         .map_err(|p| crate::failure::reason(mark, p.as_ref()));
         self.servers.push((system, path, started));
@@ -288,12 +406,12 @@ pub fn up<'a>(system: &str, srv: &'a Result<Running, String>) -> &'a Running {
     }
 }
 
-/// The file, created (non-zero, so reads are not of holes) or reset, then read once into the
-/// page cache.
-pub fn prepare(path: &Path) {
+/// The file, `size` bytes (a multiple of 1 MiB), created (non-zero, so reads are not of
+/// holes) or reset, then read once into the page cache.
+pub fn prepare_sized(path: &Path, size: u64) {
     let mut chunk = vec![0u8; 1 << 20];
     let mut f = std::fs::File::create(path).expect("create the NBD export file");
-    for i in 0..(FILE_SIZE >> 20) {
+    for i in 0..(size >> 20) {
         for (j, b) in chunk.iter_mut().enumerate() {
             *b = (i as usize * 131 + j * 7 + 1) as u8 | 1;
         }
@@ -308,9 +426,9 @@ pub fn prepare(path: &Path) {
 /// (`nbdcopy` to a pipe), must be the bytes of its file, so that a server that answers reads
 /// quickly with the wrong bytes fails its row instead of winning it.
 pub fn check_reads(srv: &Running, path: &Path, system: &str) {
-    let url = format!("nbd://{}/disk", srv.addr);
     let out = std::process::Command::new("nbdcopy")
-        .args([url.as_str(), "-"])
+        .args([srv.url.as_str(), "-"])
+        .envs(srv.client_env.iter().map(|(k, v)| (k, v)))
         .output()
         .expect("run nbdcopy");
     assert!(

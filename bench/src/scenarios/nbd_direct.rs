@@ -1,0 +1,93 @@
+//! `nbd-direct`: fio's NBD engine against the servers of [`super::nbd_servers`], each
+//! bypassing the page cache ([`Setup::Direct`]), on a file on the machine's disk (the target
+//! directory; the scenario refuses tmpfs): 4 KiB random and sequential reads and writes at
+//! queue depth 1 and 32. The floor is fio itself on the same kind of file with its io_uring
+//! engine and `O_DIRECT` (no NBD, no server): what the disk gives this pattern and depth.
+//! Requests/s, and the server's CPU per request.
+
+use std::path::Path;
+
+use super::nbd_fio::{self, Case};
+use super::nbd_servers::{Fleet, SERVERS, Setup, up};
+use super::{Ctx, Row, System};
+use crate::measure::Metric;
+
+/// The exported files' size.
+const SIZE: u64 = 256 << 20;
+
+/// Whether `dir` is on tmpfs (where `O_DIRECT` would measure memory, not a disk).
+fn on_tmpfs(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).expect("a path without NUL");
+    // SAFETY: an all-zero statfs is a valid value of the plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid out-pointer.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    assert_eq!(rc, 0, "statfs {}", dir.display());
+    st.f_type == libc::TMPFS_MAGIC
+}
+
+pub fn run(ctx: &Ctx) -> Vec<Row> {
+    assert!(
+        nbd_fio::available() && super::nbd_servers::available(),
+        "the nbd-direct scenario needs fio (with its nbd and io_uring engines), \
+         qemu-storage-daemon, qemu-nbd, nbdkit and nbdcopy on the PATH (Debian/Ubuntu: \
+         apt-get install fio qemu-utils nbdkit libnbd-bin)"
+    );
+    let dir = Path::new("target").join("bench-data");
+    std::fs::create_dir_all(&dir).expect("create target/bench-data");
+    assert!(
+        !on_tmpfs(&dir),
+        "nbd-direct measures a disk: target/bench-data is on tmpfs"
+    );
+    let cases = [
+        ("randread", 1, ctx.scale(20_000, 1_500)),
+        ("randread", 32, ctx.scale(100_000, 6_000)),
+        ("read", 32, ctx.scale(200_000, 10_000)),
+        ("randwrite", 1, ctx.scale(20_000, 1_500)),
+        ("randwrite", 32, ctx.scale(100_000, 6_000)),
+        ("write", 32, ctx.scale(200_000, 10_000)),
+    ]
+    .map(|(rw, depth, requests)| Case {
+        rw,
+        depth,
+        jobs: 1,
+        requests,
+    });
+    let mut fleet = Fleet::default();
+    for server in SERVERS {
+        let system = server.system();
+        let path = dir.join(format!("nbd-direct-{system}.img"));
+        fleet.start_setup(system, server, path, None, &Setup::Direct, SIZE);
+    }
+    let floor = dir.join("nbd-direct-floor.img");
+    super::nbd_servers::prepare_sized(&floor, SIZE);
+    let floor_target = [
+        "--ioengine=io_uring".to_string(),
+        "--direct=1".into(),
+        format!("--filename={}", floor.display()),
+    ];
+    let size = format!("{}M", SIZE >> 20);
+    let mut rows = Vec::new();
+    for case in cases {
+        let mut systems = vec![System::new("floor-fio-uring-direct", || {
+            nbd_fio::fio(&floor_target, &[], None, case, &size)
+        })];
+        for (system, path, srv) in &fleet.servers {
+            let size = size.clone();
+            systems.push(System::new(system.as_str(), move || {
+                let srv = up(system, srv);
+                let target = ["--ioengine=nbd".to_string(), format!("--uri={}", srv.url)];
+                let sample = nbd_fio::fio(&target, &srv.client_env, Some(srv), case, &size);
+                if case.rw == "randread" && case.depth == 32 {
+                    super::nbd_servers::check_reads(srv, path, system);
+                }
+                sample
+            }));
+        }
+        rows.extend(ctx.interleave(&case.name_in("nbd-direct"), Metric::OpsPerSec, systems));
+    }
+    drop(fleet);
+    let _ = std::fs::remove_file(floor);
+    rows
+}
