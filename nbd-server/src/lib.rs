@@ -5,8 +5,17 @@
 //! (`NBD_OPT_GO`, `NBD_OPT_INFO`, `NBD_OPT_LIST`, `NBD_OPT_ABORT`, `NBD_OPT_EXPORT_NAME`,
 //! `NBD_OPT_STRUCTURED_REPLY`, `NBD_OPT_EXTENDED_HEADERS`, and
 //! `NBD_OPT_LIST_META_CONTEXT`/`NBD_OPT_SET_META_CONTEXT` with the `base:allocation`
-//! context; TLS is refused with `NBD_REP_ERR_UNSUP`), and serves READ, WRITE, FLUSH, TRIM,
-//! WRITE_ZEROES, CACHE, BLOCK_STATUS and DISC, FUA honoured.
+//! context, and `NBD_OPT_STARTTLS`), and serves READ, WRITE, FLUSH, TRIM, WRITE_ZEROES,
+//! CACHE, BLOCK_STATUS and DISC, FUA honoured.
+//!
+//! - TLS ([`tls`], [`Config::tls`]): off, optional or required, with x509 certificates or
+//!   pre-shared keys in the files QEMU and nbdkit use, client certificates optionally
+//!   verified, and an allow-list of client identities. The handshake runs on the
+//!   connection's IoThread like any other socket I/O; what the client negotiated in clear
+//!   before `NBD_OPT_STARTTLS` is forgotten after it.
+//! - The export goes through the page cache, or around it ([`Cache::None`], `O_DIRECT`): then
+//!   every read and write is aligned, through io_uring on the uring backend, and unaligned
+//!   requests are served by read-modify-write under range locks.
 //!
 //! - Replies are simple unless the client negotiated structured replies; then READ and
 //!   BLOCK_STATUS are answered in chunks (see [`structured`]). With extended headers

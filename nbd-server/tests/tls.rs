@@ -419,6 +419,10 @@ backend_tests! {
         t.read_exact(&mut rep_hdr).unwrap();
         assert_eq!(u32::from_be_bytes(rep_hdr[0..4].try_into().unwrap()), proto::SIMPLE_REPLY_MAGIC);
         assert_eq!(u32::from_be_bytes(rep_hdr[4..8].try_into().unwrap()), proto::err::EINVAL);
+        // Garbage records once TLS is up: the server closes the connection.
+        drop(t);
+        c.send(&random_bytes(64 * 1024, 99));
+        assert!(c.closed_by_server());
         // Bytes sent right behind STARTTLS, before the handshake, close the connection
         // (they would otherwise be taken as sent over TLS).
         let mut c = Client::connect(srv.addr());
