@@ -9,6 +9,9 @@ use reactor::{IoBuf, IoBufMut};
 
 use crate::tls::stream::TlsStream;
 
+/// The most plaintext one TLS record carries, so one TLS read gives.
+const TLS_RECORD: usize = 16 * 1024;
+
 /// A client's socket, TCP or Unix, before any TLS.
 pub(crate) enum Plain {
     Tcp(TcpStream),
@@ -86,9 +89,9 @@ impl Sock {
             Sock::Tls(t) => {
                 let (begin, room) = (s.begin(), s.bytes_total());
                 let mut v = s.into_inner();
-                // Decrypted into the room (zeroed first: safe code cannot hand OpenSSL the
-                // Vec's spare capacity).
-                v.resize(begin + room, 0);
+                // Decrypted into the room, zeroed first (safe code cannot hand OpenSSL the
+                // Vec's spare capacity): as much as one read can give, one TLS record.
+                v.resize(begin + room.min(TLS_RECORD), 0);
                 let res = t.read(&mut v[begin..]).await;
                 v.truncate(begin + *res.as_ref().unwrap_or(&0));
                 (res, Slice::range(v, begin, begin + room))

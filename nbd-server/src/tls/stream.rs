@@ -21,6 +21,8 @@ use openssl::x509::X509NameRef;
 use super::{Tls, ssl_err};
 use crate::conn::Plain;
 
+/// Plaintext encrypted at once before its ciphertext is sent (16 TLS records).
+const WRITE_CHUNK: usize = 256 * 1024;
 /// Ciphertext read from the socket at once: a TLS record is at most 16 KiB plus its overhead.
 const READ_CHUNK: usize = 32 * 1024;
 
@@ -316,16 +318,22 @@ impl TlsStream {
     }
 
     /// Encrypts and sends all of `src`.
+    ///
+    /// At most [`WRITE_CHUNK`] of plaintext is encrypted before its ciphertext is sent, so a
+    /// 32 MiB READ reply does not take another 32 MiB of ciphertext.
     pub(crate) async fn write_all(&self, src: &[u8]) -> io::Result<()> {
-        let mut done = 0;
-        while done < src.len() {
-            let r = self.ssl.borrow_mut().ssl_write(&src[done..]);
-            match r {
-                Ok(n) => done += n,
-                Err(e) => return Err(tls_error(e)),
+        for piece in src.chunks(WRITE_CHUNK) {
+            let mut done = 0;
+            while done < piece.len() {
+                let r = self.ssl.borrow_mut().ssl_write(&piece[done..]);
+                match r {
+                    Ok(n) => done += n,
+                    Err(e) => return Err(tls_error(e)),
+                }
             }
+            self.flush().await?;
         }
-        self.flush().await
+        Ok(())
     }
 
     /// Sends `close_notify` (best effort: the client may be gone).
