@@ -132,6 +132,10 @@ async fn write_zeros(s: &crate::session::Session, offset: u64, len: u64) -> io::
         }
         let n = (len - done).min(ZEROS.len() as u64) as usize;
         if let Some(d) = s.export.direct() {
+            // Pieces that end on ZEROS-sized boundaries, so only the first and the last can
+            // have a partial block to read.
+            let at = offset + done;
+            let n = n.min((ZEROS.len() as u64 - at % ZEROS.len() as u64) as usize);
             // The caller holds the span.
             let file = s.export.file();
             crate::direct::write(d, file, &s.aligned, &ZEROS[..n], offset + done).await?;

@@ -104,7 +104,9 @@ impl Sock {
         match self {
             Sock::Plain(p) => p.write(s).await,
             Sock::Tls(t) => {
-                let n = s.bytes_init();
+                // One piece at a time, so that the caller sees progress (its idle watchdog
+                // measures time without any, as with a plain socket's partial writes).
+                let n = s.bytes_init().min(crate::tls::stream::WRITE_CHUNK);
                 let (begin, v) = (s.begin(), s.get_ref());
                 let res = t.write_all(&v[begin..begin + n]).await.map(|()| n);
                 (res, s)

@@ -26,7 +26,7 @@ use reactor::io::Slice;
 /// at most).
 const PIECE: usize = 1 << 20;
 /// Aligned buffers kept for reuse by one connection, at most this many bytes.
-const POOL_BYTES: usize = 4 << 20;
+const POOL_BYTES: usize = 1 << 20;
 
 /// What an `O_DIRECT` export needs: its alignment and its range locks.
 #[derive(Debug)]
@@ -126,18 +126,26 @@ impl std::fmt::Debug for RangeState {
 }
 
 impl RangeState {
-    /// Grants every waiting span that no earlier one overlaps, and wakes its task.
-    fn grant(&mut self) {
+    /// Whether the span at `i` overlaps any earlier one (granted or waiting); stops at the
+    /// first that does.
+    fn blocked(&self, i: usize) -> bool {
+        let (s, e) = (self.queue[i].start, self.queue[i].end);
+        self.queue[..i].iter().any(|h| h.start < e && s < h.end)
+    }
+
+    /// After the span `[start, end)` left the queue: grants the waiting spans it was holding
+    /// back that nothing earlier still overlaps, and wakes their tasks. Only spans that
+    /// overlapped it can change, and each check stops at its first overlap, so a queue of
+    /// requests to one block costs one step per waiter, not a scan each.
+    fn release(&mut self, start: u64, end: u64) {
         for i in 0..self.queue.len() {
-            if self.queue[i].granted {
+            let h = &self.queue[i];
+            if h.granted || !(h.start < end && start < h.end) || self.blocked(i) {
                 continue;
             }
-            let (s, e) = (self.queue[i].start, self.queue[i].end);
-            if !self.queue[..i].iter().any(|h| h.start < e && s < h.end) {
-                self.queue[i].granted = true;
-                if let Some(w) = self.queue[i].waker.take() {
-                    w.wake();
-                }
+            self.queue[i].granted = true;
+            if let Some(w) = self.queue[i].waker.take() {
+                w.wake();
             }
         }
     }
@@ -153,8 +161,11 @@ pub(crate) struct SpanGuard<'a> {
 impl Drop for SpanGuard<'_> {
     fn drop(&mut self) {
         let mut st = self.locks.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.queue.retain(|h| h.ticket != self.ticket);
-        st.grant();
+        let Some(i) = st.queue.iter().position(|h| h.ticket == self.ticket) else {
+            return;
+        };
+        let h = st.queue.remove(i);
+        st.release(h.start, h.end);
     }
 }
 
@@ -171,7 +182,8 @@ impl RangeLocks {
                 granted: false,
                 waker: None,
             });
-            st.grant();
+            let last = st.queue.len() - 1;
+            st.queue[last].granted = !st.blocked(last);
             ticket
         };
         // Made before waiting, so a dropped wait gives its place back.
@@ -223,10 +235,7 @@ impl AlignedPool {
             return Ok(b);
         }
         drop(bufs);
-        AlignedBuf::try_new(len.max(64 * 1024), align as usize).map(|mut b| {
-            b.truncate(len);
-            b
-        })
+        AlignedBuf::try_new(len.max(1), align as usize)
     }
 
     fn give(&self, b: AlignedBuf) {
@@ -270,6 +279,36 @@ async fn read_aligned(
         }
     }
     Ok(buf)
+}
+
+/// Reads the block of the file at `at` into `buf[off..off + align]` (zeros past the end of
+/// the file); `buf` keeps its length. On an error the buffer goes back to `pool`.
+async fn read_block(
+    file: &reactor::fs::File,
+    pool: &AlignedPool,
+    buf: AlignedBuf,
+    off: usize,
+    at: u64,
+) -> io::Result<AlignedBuf> {
+    let len = buf.len();
+    let a = buf.alignment();
+    let mut buf = buf;
+    buf.truncate(off);
+    let (res, b) = file.read_at(Slice::range(buf, off, off + a), at).await;
+    let mut buf = b.into_inner();
+    let got = buf.len() - off;
+    buf.resize(len);
+    match res {
+        // A short read is the end of the file: zeros after it.
+        Ok(_) => {
+            buf[off + got..off + a].fill(0);
+            Ok(buf)
+        }
+        Err(e) => {
+            pool.give(buf);
+            Err(e)
+        }
+    }
 }
 
 /// Writes all of `buf` at `at` (aligned).
@@ -331,13 +370,15 @@ pub(crate) async fn write(
         let len = (end - pos).min(PIECE as u64) as usize;
         let from = at.max(pos);
         let to = (at + data.len() as u64).min(pos + len as u64);
-        // Whole blocks are overwritten; a piece with a partial block at either edge is read
-        // first (only that piece: at most the first and the last of a request).
-        let mut buf = if from > pos || to < pos + len as u64 {
-            read_aligned(file, pool, d.align, pos, len).await?
-        } else {
-            pool.take(len, d.align)?
-        };
+        // Whole blocks are overwritten; a partial block at either edge is read first.
+        let mut buf = pool.take(len, d.align)?;
+        let a = d.align as usize;
+        if from > pos {
+            buf = read_block(file, pool, buf, 0, pos).await?;
+        }
+        if to < pos + len as u64 && (from == pos || len > a) {
+            buf = read_block(file, pool, buf, len - a, pos + (len - a) as u64).await?;
+        }
         buf[(from - pos) as usize..(to - pos) as usize]
             .copy_from_slice(&data[(from - at) as usize..(to - at) as usize]);
         let (res, buf) = write_aligned(file, buf, pos).await;

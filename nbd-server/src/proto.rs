@@ -326,6 +326,7 @@ pub fn errno(e: &io::Error) -> u32 {
         Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => err::ENOSPC,
         // ENOTSUP is reserved for a failed FAST_ZERO; anything else unsupported is invalid.
         Some(libc::EOPNOTSUPP) => err::EINVAL,
+        None if e.kind() == io::ErrorKind::OutOfMemory => err::ENOMEM,
         _ => err::EIO,
     }
 }

@@ -57,12 +57,19 @@ pub(crate) async fn serve(
         .stats
         .requests
         .fetch_add(s.requests.get(), Ordering::Relaxed);
+    if !s.broken() {
+        // TLS's close_notify, bounded: a client that reads nothing more cannot hold it.
+        let _ = reactor::time::timeout(CLOSE_LIMIT, s.sock.close()).await;
+    }
     s.sock.shutdown();
     match res {
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(()),
         other => other,
     }
 }
+
+/// How long the close of a connection may wait to send TLS's `close_notify`.
+const CLOSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn spawn<F: Future + 'static>(f: F) -> reactor::JoinHandle<F::Output> {
     Reactor::with_current(|r| r.spawn_local(f)).expect("connections run inside a reactor")

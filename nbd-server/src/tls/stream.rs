@@ -6,7 +6,8 @@
 //! is borrowed only between awaits, never across one. Ciphertext leaves through one flusher at
 //! a time, in the order it was made: whoever finds output waiting and no flush under way sends
 //! it, and the others wait for that flush to end (a record must never interleave with
-//! another's partial write).
+//! another's partial write). Once the connection is up only writes flush: what a read makes
+//! OpenSSL write waits for the next write.
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
@@ -22,7 +23,7 @@ use super::{Tls, ssl_err};
 use crate::conn::Plain;
 
 /// Plaintext encrypted at once before its ciphertext is sent (16 TLS records).
-const WRITE_CHUNK: usize = 256 * 1024;
+pub(crate) const WRITE_CHUNK: usize = 256 * 1024;
 /// Ciphertext read from the socket at once: a TLS record is at most 16 KiB plus its overhead.
 const READ_CHUNK: usize = 32 * 1024;
 
@@ -298,12 +299,11 @@ impl TlsStream {
             return Ok(0);
         }
         loop {
+            // What a read makes OpenSSL write (the answer to a key update, a warning alert) is
+            // left for the writer's next flush, which sends it before its own records, as TLS
+            // 1.3 asks: the reader never sends, so a reader dropped mid-read (a shutdown)
+            // cannot leave a send half done.
             let r = self.ssl.borrow_mut().ssl_read(dst);
-            let has_output = !self.ssl.borrow().get_ref().output.is_empty();
-            if has_output {
-                // A post-handshake message's answer (a key update).
-                self.flush().await?;
-            }
             match r {
                 Ok(n) => return Ok(n),
                 Err(e) if e.code() == ErrorCode::ZERO_RETURN => return Ok(0),
