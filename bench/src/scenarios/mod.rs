@@ -308,7 +308,7 @@ pub const ALL: &[Scenario] = &[
     },
     Scenario {
         name: "nbd-direct",
-        about: "fio's NBD engine against every server bypassing the page cache, on the disk: 4 KiB random and sequential reads and writes, QD1/QD32, with fio's own io_uring O_DIRECT floor (requests/s; server CPU per request). Settings: nbd-server --cache none (O_DIRECT); qemu-storage-daemon cache.direct=on,aio=io_uring; qemu-nbd --cache=none --aio=io_uring; nbdkit 1.32's file plugin has no O_DIRECT, its closest is cache=none",
+        about: "qemu-img bench (4 KiB sequential reads and writes, QD1/QD32) and fio's NBD engine (4 KiB random and sequential reads and writes, QD1/QD32) against every server bypassing the page cache, on the disk, with fio's own io_uring O_DIRECT floor in each row's pattern (requests/s; server CPU per request). Settings: nbd-server --cache none (O_DIRECT); qemu-storage-daemon cache.direct=on,aio=io_uring; qemu-nbd --cache=none --aio=io_uring; nbdkit 1.32's file plugin has no O_DIRECT, its closest is cache=none",
         run: nbd_direct::run,
     },
     Scenario {

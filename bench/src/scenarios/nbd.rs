@@ -15,27 +15,32 @@ use crate::measure::{Metric, Sample};
 const PATTERN: u8 = 0x5a;
 
 #[derive(Clone, Copy, Debug)]
-struct Case {
-    write: bool,
-    depth: usize,
-    requests: u64,
+pub(super) struct Case {
+    pub(super) write: bool,
+    pub(super) depth: usize,
+    pub(super) requests: u64,
     /// Server and client both on CPU 0: what the server costs at queue depth 1 without the
     /// scheduler's placement (unpinned, each wake of a halted vCPU of this VM costs tens of
     /// µs, and which servers get woken next to the client decides the QD1 rows).
-    one_cpu: bool,
+    pub(super) one_cpu: bool,
 }
 
 impl Case {
-    fn name(&self) -> String {
+    /// The row's name, `PREFIX-OP-4k-qdD` (`-1cpu` when pinned).
+    pub(super) fn name_in(&self, prefix: &str) -> String {
         let op = if self.write { "write" } else { "read" };
         let pinned = if self.one_cpu { "-1cpu" } else { "" };
-        format!("nbd-{op}-4k-qd{}{pinned}", self.depth)
+        format!("{prefix}-{op}-4k-qd{}{pinned}", self.depth)
+    }
+
+    fn name(&self) -> String {
+        self.name_in("nbd")
     }
 }
 
 /// One `qemu-img bench` run against `srv`: requests/s and the server's CPU per request.
-fn client_run(srv: &Running, case: Case) -> Sample {
-    let url = format!("nbd://{}/disk", srv.addr);
+pub(super) fn client_run(srv: &Running, case: Case) -> Sample {
+    let url = srv.url.clone();
     let (depth, requests) = (case.depth.to_string(), case.requests.to_string());
     let pattern = format!("--pattern={PATTERN}");
     let mut args = vec!["-f", "raw", "-s", "4096", "-d", &depth, "-c", &requests];
@@ -53,7 +58,7 @@ fn client_run(srv: &Running, case: Case) -> Sample {
 /// file's original bytes, whose low bit is set; the pattern's is not), so that
 /// [`check_writes`] checks this run's writes, not an earlier run's. Through the page cache,
 /// which every server serves the file from.
-fn unwrite(path: &Path, requests: u64) {
+pub(super) fn unwrite(path: &Path, requests: u64) {
     use std::os::unix::fs::FileExt;
     let written = (requests * 4096).min(FILE_SIZE);
     let f = std::fs::OpenOptions::new()
@@ -71,7 +76,7 @@ fn unwrite(path: &Path, requests: u64) {
 }
 
 /// After the write runs: the bytes qemu-img bench wrote must be in the file.
-fn check_writes(path: &Path, system: &str, requests: u64) {
+pub(super) fn check_writes(path: &Path, system: &str, requests: u64) {
     let data = std::fs::read(path).expect("read back the export file");
     let written = (requests * 4096).min(FILE_SIZE) as usize;
     let bad = data[..written].iter().position(|&b| b != PATTERN);

@@ -1,12 +1,15 @@
-//! `nbd-direct`: fio's NBD engine against the servers of [`super::nbd_servers`], each
-//! bypassing the page cache ([`Setup::Direct`]), on a file on the machine's disk (the target
-//! directory; the scenario refuses tmpfs): 4 KiB random and sequential reads and writes at
-//! queue depth 1 and 32. The floor is fio itself on the same kind of file with its io_uring
-//! engine and `O_DIRECT` (no NBD, no server): what the disk gives this pattern and depth.
-//! Requests/s, and the server's CPU per request.
+//! `nbd-direct`: the clients of `nbd` and `nbd-fio` against the servers of
+//! [`super::nbd_servers`], each bypassing the page cache ([`Setup::Direct`]), on a file on the
+//! machine's disk (the target directory; the scenario refuses tmpfs): `qemu-img bench`
+//! (4 KiB sequential reads and writes, queue depth 1 and 32) and fio's NBD engine (4 KiB
+//! random and sequential reads and writes at queue depth 1 and 32). The floor is fio itself
+//! on the same kind of file with its io_uring engine and `O_DIRECT` (no NBD, no server), in
+//! the row's pattern and depth: what the disk gives it. Requests/s, and the server's CPU per
+//! request.
 
 use std::path::Path;
 
+use super::nbd;
 use super::nbd_fio::{self, Case};
 use super::nbd_servers::{Fleet, SERVERS, Setup, up};
 use super::{Ctx, Row, System};
@@ -69,6 +72,51 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
     ];
     let size = format!("{}M", SIZE >> 20);
     let mut rows = Vec::new();
+    // qemu-img bench's rows: sequential, from offset 0 and wrapping at the end.
+    let bench_cases = [
+        (false, 1, ctx.scale(40_000, 1_500)),
+        (false, 32, ctx.scale(200_000, 10_000)),
+        (true, 1, ctx.scale(40_000, 1_500)),
+        (true, 32, ctx.scale(100_000, 6_000)),
+    ]
+    .map(|(write, depth, requests)| nbd::Case {
+        write,
+        depth,
+        requests,
+        one_cpu: false,
+    });
+    for case in bench_cases {
+        let floor_case = Case {
+            rw: if case.write { "write" } else { "read" },
+            depth: case.depth as u32,
+            jobs: 1,
+            requests: case.requests,
+        };
+        let mut systems = vec![System::new("floor-fio-uring-direct", || {
+            nbd_fio::fio(&floor_target, &[], None, floor_case, &size)
+        })];
+        for (system, path, srv) in &fleet.servers {
+            systems.push(System::new(system.as_str(), move || {
+                let srv = up(system, srv);
+                if case.write {
+                    nbd::unwrite(path, case.requests);
+                }
+                let sample = nbd::client_run(srv, case);
+                if case.write {
+                    nbd::check_writes(path, system, case.requests);
+                } else if case.depth == 32 {
+                    // The whole 256 MiB export read back: once per run of one row.
+                    super::nbd_servers::check_reads(srv, path, system);
+                }
+                sample
+            }));
+        }
+        rows.extend(ctx.interleave(
+            &case.name_in("nbd-direct-bench"),
+            Metric::OpsPerSec,
+            systems,
+        ));
+    }
     for case in cases {
         let mut systems = vec![System::new("floor-fio-uring-direct", || {
             nbd_fio::fio(&floor_target, &[], None, case, &size)
