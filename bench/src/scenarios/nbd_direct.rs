@@ -127,8 +127,7 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
             let size = size.clone();
             systems.push(System::new(system.as_str(), move || {
                 let srv = up(system, srv);
-                let target = ["--ioengine=nbd".to_string(), format!("--uri={}", srv.url)];
-                let sample = nbd_fio::fio(&target, &srv.client_env, Some(srv), case, &size);
+                let sample = nbd_fio::client_run(srv, case, &size);
                 if case.rw == "randread" && case.depth == 32 {
                     super::nbd_servers::check_reads(srv, path, system);
                 }

@@ -45,13 +45,11 @@ pub fn available() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// One fio run against `srv`: requests/s over fio's run time, and the server's CPU per
-/// request. Checks that fio did every request it was given, without an error. Writes carry
-/// fio's checksums (`--verify=crc32c`), and a second fio run, after the timed one and outside
-/// the server's CPU count, reads every written block back and checks it (`--verify_only`).
-fn client_run(srv: &Running, case: Case) -> Sample {
+/// One fio run of `case` over the first `size` of `srv`'s export with fio's NBD engine (see
+/// [`fio`]).
+pub(super) fn client_run(srv: &Running, case: Case, size: &str) -> Sample {
     let target = ["--ioengine=nbd".to_string(), format!("--uri={}", srv.url)];
-    fio(&target, &srv.client_env, Some(srv), case, "64M")
+    fio(&target, &srv.client_env, Some(srv), case, size)
 }
 
 /// One fio run of `case` over `size` of `target` (the engine and what it opens): requests/s
@@ -185,7 +183,7 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
             .map(|(system, path, srv)| {
                 System::new(system.as_str(), move || {
                     let srv = up(system, srv);
-                    let sample = client_run(srv, case);
+                    let sample = client_run(srv, case, "64M");
                     if case.rw == "randread" {
                         super::nbd_servers::check_reads(srv, path, system);
                     }

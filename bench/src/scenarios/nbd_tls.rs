@@ -197,8 +197,7 @@ pub fn run(ctx: &Ctx) -> Vec<Row> {
         for (system, path, srv) in x509.servers.iter().chain(std::iter::once(reference)) {
             systems.push(System::new(system.as_str(), move || {
                 let srv = up(system, srv);
-                let target = ["--ioengine=nbd".to_string(), format!("--uri={}", srv.url)];
-                let sample = nbd_fio::fio(&target, &srv.client_env, Some(srv), case, "64M");
+                let sample = nbd_fio::client_run(srv, case, "64M");
                 // A server that answers quickly with the wrong bytes fails its row.
                 super::nbd_servers::check_reads(srv, path, system);
                 sample
