@@ -67,7 +67,7 @@ impl Doorbell {
     /// # Errors
     /// `Unsupported` where the kernel cannot send ring messages without a ring (before 6.13),
     /// or where the probe (a message to fd -1) is not refused as the kernel refuses it.
-    pub fn new(uring: &Uring) -> io::Result<Doorbell> {
+    pub fn new<S: io_uring::squeue::EntryMarker>(uring: &Uring<S>) -> io::Result<Doorbell> {
         // The probe: a message to no ring at all. A kernel that has the call refuses the fd
         // (EBADF); one that does not refuses the call (EINVAL). Nothing is posted anywhere.
         match send(-1) {

@@ -12,6 +12,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 
 use io_uring::IoUring;
+use io_uring::squeue::EntryMarker;
 
 const IORING_REGISTER_RING_FDS: libc::c_long = 20;
 const IORING_UNREGISTER_RING_FDS: libc::c_long = 21;
@@ -51,7 +52,7 @@ pub(crate) struct Enter {
 
 impl Enter {
     /// Registers `ring`'s fd with the calling thread (which must be the only one to enter it).
-    pub(crate) fn register(ring: &IoUring) -> Enter {
+    pub(crate) fn register<S: EntryMarker>(ring: &IoUring<S>) -> Enter {
         let mut up = RsrcUpdate {
             offset: u32::MAX, // any free slot
             resv: 0,
@@ -78,7 +79,7 @@ impl Enter {
     }
 
     /// Gives the registration back (at the ring's drop, on the same thread).
-    pub(crate) fn unregister(&mut self, ring: &IoUring) {
+    pub(crate) fn unregister<S: EntryMarker>(&mut self, ring: &IoUring<S>) {
         if let Some(offset) = self.index.take() {
             let mut up = RsrcUpdate {
                 offset,
@@ -100,7 +101,7 @@ impl Enter {
     }
 
     /// Submits what is queued, without waiting (`IoUring::submit`).
-    pub(crate) fn submit(&self, ring: &mut IoUring) -> io::Result<usize> {
+    pub(crate) fn submit<S: EntryMarker>(&self, ring: &mut IoUring<S>) -> io::Result<usize> {
         match self.index {
             None => ring.submit(),
             Some(i) => enter(ring, i, 0, None),
@@ -109,9 +110,9 @@ impl Enter {
 
     /// Submits what is queued and waits for one completion, up to `timeout` if given
     /// (`submit_and_wait(1)`, or `submit_with_args` with a timespec).
-    pub(crate) fn submit_and_wait(
+    pub(crate) fn submit_and_wait<S: EntryMarker>(
         &self,
-        ring: &mut IoUring,
+        ring: &mut IoUring<S>,
         timeout: Option<std::time::Duration>,
     ) -> io::Result<usize> {
         match (self.index, timeout) {
@@ -131,8 +132,8 @@ impl Enter {
 /// One `io_uring_enter` by registered index `index`: submits everything queued, and waits for
 /// `want` completions up to `timeout`. Asks for completion work to be run (GETEVENTS) when
 /// waiting, and when the ring flags an overflow or pending task work, as the crate does.
-fn enter(
-    ring: &mut IoUring,
+fn enter<S: EntryMarker>(
+    ring: &mut IoUring<S>,
     index: u32,
     want: u32,
     timeout: Option<std::time::Duration>,

@@ -61,7 +61,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
 pub use doorbell::Doorbell;
 pub use io_uring;
-use io_uring::{IoUring, squeue};
+use io_uring::IoUring;
+use io_uring::squeue::{self, EntryMarker};
 
 use busy::Faults;
 use enter::Enter;
@@ -94,24 +95,27 @@ pub const INTEREST_MASK: u32 = POLLIN | POLLPRI | POLLOUT | POLLRDHUP | POLLERR 
 /// `DEFER_TASKRUN` is not used on purpose: with it, a poll(2) or epoll on the ring fd does not
 /// wake when deferred work arrives (measured here on 6.18: the wait ran to its timeout), and
 /// that fd is what a foreign event loop watches to drive the reactor.
-type Setup = fn(&mut io_uring::Builder);
-const SETUPS: [Setup; 4] = [
-    |b| {
-        b.setup_submit_all()
-            .setup_single_issuer()
-            .setup_coop_taskrun()
-            .setup_taskrun_flag();
-    },
-    |b| {
-        b.setup_submit_all()
-            .setup_coop_taskrun()
-            .setup_taskrun_flag();
-    },
-    |b| {
-        b.setup_submit_all();
-    },
-    |_| {},
-];
+type Setup<S> = fn(&mut io_uring::Builder<S>);
+/// (A function rather than a constant: the builder's type depends on the SQE size.)
+fn setups<S: EntryMarker>() -> [Setup<S>; 4] {
+    [
+        |b| {
+            b.setup_submit_all()
+                .setup_single_issuer()
+                .setup_coop_taskrun()
+                .setup_taskrun_flag();
+        },
+        |b| {
+            b.setup_submit_all()
+                .setup_coop_taskrun()
+                .setup_taskrun_flag();
+        },
+        |b| {
+            b.setup_submit_all();
+        },
+        |_| {},
+    ]
+}
 
 /// What [`Uring::wait`] reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,12 +142,12 @@ pub enum Event {
 ///
 /// Not `Send`: on kernels that support it the ring is set up with `IORING_SETUP_SINGLE_ISSUER`,
 /// which binds it to the thread that created it.
-pub struct Uring {
-    ring: IoUring,
+pub struct Uring<S: EntryMarker = squeue::Entry> {
+    ring: IoUring<S>,
     registry: Registry,
     /// SQEs that did not fit in the submission queue because the kernel would not take more
     /// yet; they go first at the next wait.
-    backlog: Vec<squeue::Entry>,
+    backlog: Vec<S>,
     /// Free slots of the ring's fixed-file table (empty if the kernel has none to give).
     free_files: Vec<u32>,
     /// Errors injected by [`inject_errors`](Self::inject_errors).
@@ -157,7 +161,7 @@ pub struct Uring {
     _single_thread: std::marker::PhantomData<*const ()>,
 }
 
-impl Drop for Uring {
+impl<S: EntryMarker> Drop for Uring<S> {
     fn drop(&mut self) {
         // Before the ring's fd closes (with the `ring` field, after this): no doorbell may
         // post to whatever reuses its number.
@@ -167,11 +171,12 @@ impl Drop for Uring {
     }
 }
 
-impl std::fmt::Debug for Uring {
+impl<S: EntryMarker> std::fmt::Debug for Uring<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Uring")
             .field("fd", &self.ring.as_raw_fd())
             .field("sq_entries", &self.ring.params().sq_entries())
+            .field("sqe_bytes", &std::mem::size_of::<S>())
             .field("registrations", &self.registry.len())
             .field("backlog", &self.backlog.len())
             .finish()
@@ -191,11 +196,45 @@ impl Uring {
     /// `kernel.io_uring_disabled`), `ENOMEM` (locked-memory limit), `EMFILE`; `Unsupported` when
     /// the kernel lacks `IORING_FEAT_EXT_ARG` or `IORING_FEAT_NODROP` (before 5.11).
     pub fn new(entries: u32) -> io::Result<Self> {
+        Self::build(entries)
+    }
+}
+
+impl Uring<squeue::Entry128> {
+    /// Creates a ring of 128-byte SQEs (`IORING_SETUP_SQE128`, Linux 5.19), whose
+    /// [`push`](Uring::push) takes [`squeue::Entry128`]: for `IORING_OP_URING_CMD` commands
+    /// with up to 80 bytes of payload (`opcode::UringCmd80`), such as FUSE's ring entries or
+    /// NVMe passthrough. Every other opcode works on it too: [`push`](Uring::push) converts an
+    /// [`squeue::Entry`]. Only rings that ask pay for the larger entries: a ring from
+    /// [`new`](Uring::new) is unchanged.
+    ///
+    /// ```
+    /// use fdmon_uring::{Event, Uring, io_uring::opcode};
+    /// use std::time::Duration;
+    /// let mut ring = Uring::new_sqe128(8)?;
+    /// // SAFETY: a NOP refers to no memory. (A 64-byte SQE converts.)
+    /// unsafe { ring.push(opcode::Nop::new().build(), 5) }?;
+    /// let mut seen = Vec::new();
+    /// ring.wait(Some(Duration::from_secs(1)), |ev| seen.push(ev))?;
+    /// assert_eq!(seen, vec![Event::Complete { token: 5, result: 0, flags: 0 }]);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`new`](Uring::new); `EINVAL` from a kernel without 128-byte SQEs (before 5.19).
+    pub fn new_sqe128(entries: u32) -> io::Result<Self> {
+        Self::build(entries)
+    }
+}
+
+impl<S: EntryMarker> Uring<S> {
+    /// The ring, with the newest setup the kernel accepts.
+    fn build(entries: u32) -> io::Result<Self> {
         let entries = entries.clamp(1, 32768);
         let mut last = None;
         let mut ring = None;
-        for setup in SETUPS {
-            let mut b = IoUring::builder();
+        for setup in setups::<S>() {
+            let mut b = IoUring::<S>::builder();
             b.setup_clamp();
             setup(&mut b);
             match b.build(entries) {
@@ -291,8 +330,8 @@ impl Uring {
         self.free_files.len()
     }
 
-    /// Queues a caller-built SQE; its completion is reported as [`Event::Complete`] with
-    /// `token`. The SQE's own `user_data` is overwritten. When the submission queue is full it
+    /// Queues a caller-built SQE (on a ring of 128-byte SQEs, a 64-byte one converts); its
+    /// completion is reported as [`Event::Complete`] with `token`. The SQE's own `user_data` is overwritten. When the submission queue is full it
     /// is submitted to make room; SQEs the kernel cannot take yet (it is busy: `EBUSY`,
     /// `EAGAIN`) wait in a backlog that the next [`wait`](Self::wait) submits first. The
     /// backlog holds at most as many SQEs as the submission queue: past that, the SQE is
@@ -307,7 +346,7 @@ impl Uring {
     /// `InvalidInput` if `token` is above [`MAX_USER_TOKEN`]; `WouldBlock` when the submission
     /// queue and the backlog are full; the error of `io_uring_enter` if making room fails for
     /// a reason other than the kernel being busy.
-    pub unsafe fn push(&mut self, entry: squeue::Entry, token: u64) -> io::Result<()> {
+    pub unsafe fn push(&mut self, entry: impl Into<S>, token: u64) -> io::Result<()> {
         if token > MAX_USER_TOKEN {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -320,7 +359,7 @@ impl Uring {
                 "fdmon-uring: the submission queue and its backlog are full (the kernel takes no more until completions are reaped)",
             ));
         }
-        self.push_raw(entry.user_data(token))
+        self.push_raw(with_user_data(entry.into(), token))
     }
 
     /// As [`push`](Self::push), past the backlog's bound: for SQEs whose number the caller
@@ -331,14 +370,14 @@ impl Uring {
     ///
     /// # Errors
     /// As for `push`, never `WouldBlock`.
-    pub unsafe fn push_unbounded(&mut self, entry: squeue::Entry, token: u64) -> io::Result<()> {
+    pub unsafe fn push_unbounded(&mut self, entry: impl Into<S>, token: u64) -> io::Result<()> {
         if token > MAX_USER_TOKEN {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "fdmon-uring: user tokens must be at most MAX_USER_TOKEN (bit 63 is reserved)",
             ));
         }
-        self.push_raw(entry.user_data(token))
+        self.push_raw(with_user_data(entry.into(), token))
     }
 
     /// Whether [`push`](Self::push) would refuse an SQE now: the backlog holds as many SQEs as
@@ -354,7 +393,7 @@ impl Uring {
 
     /// Queues `entry` as is: in the submission queue, or in the backlog while older entries
     /// wait there or the kernel will not take more.
-    fn push_raw(&mut self, entry: squeue::Entry) -> io::Result<()> {
+    fn push_raw(&mut self, entry: S) -> io::Result<()> {
         // SAFETY: internal SQEs refer to no memory; for caller SQEs `push` passed the duty on.
         unsafe { push_or_backlog(&mut self.ring, &mut self.backlog, &mut self.faults, entry) }
     }
@@ -436,14 +475,20 @@ impl Uring {
     }
 
     /// The underlying ring, for registering buffers or files, or probing opcodes.
-    pub fn ring(&self) -> &IoUring {
+    pub fn ring(&self) -> &IoUring<S> {
         &self.ring
     }
 }
 
+/// `entry` with its `user_data` set to `token`.
+fn with_user_data<S: EntryMarker>(mut entry: S, token: u64) -> S {
+    entry.set_user_data(token);
+    entry
+}
+
 /// Registers a sparse fixed-file table on `ring` sized to the process's fd limit (at most
 /// 16384 slots) and returns its slots, or none if the kernel cannot (before 5.19).
-fn fixed_file_table(ring: &IoUring) -> Vec<u32> {
+fn fixed_file_table<S: EntryMarker>(ring: &IoUring<S>) -> Vec<u32> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -465,11 +510,11 @@ fn fixed_file_table(ring: &IoUring) -> Vec<u32> {
 ///
 /// # Safety
 /// Whatever `entry` refers to must stay valid until its completion is reaped.
-unsafe fn push_or_backlog(
-    ring: &mut IoUring,
-    backlog: &mut Vec<squeue::Entry>,
+unsafe fn push_or_backlog<S: EntryMarker>(
+    ring: &mut IoUring<S>,
+    backlog: &mut Vec<S>,
     faults: &mut Faults,
-    entry: squeue::Entry,
+    entry: S,
 ) -> io::Result<()> {
     if backlog.is_empty() {
         // SAFETY: the caller vouches for the entry's memory.
@@ -495,14 +540,14 @@ unsafe fn push_or_backlog(
     Ok(())
 }
 
-impl AsFd for Uring {
+impl<S: EntryMarker> AsFd for Uring<S> {
     fn as_fd(&self) -> BorrowedFd<'_> {
         // SAFETY: the ring fd stays open as long as `self.ring`, which outlives the borrow.
         unsafe { BorrowedFd::borrow_raw(self.ring.as_raw_fd()) }
     }
 }
 
-impl AsRawFd for Uring {
+impl<S: EntryMarker> AsRawFd for Uring<S> {
     fn as_raw_fd(&self) -> RawFd {
         self.ring.as_raw_fd()
     }

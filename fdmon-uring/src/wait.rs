@@ -11,7 +11,7 @@ use crate::registry::{Op, Target};
 use crate::user_data::{self, Tag};
 use crate::{Event, Uring, errno, push_or_backlog};
 
-impl Uring {
+impl<S: io_uring::squeue::EntryMarker> Uring<S> {
     /// Flushes staged changes, submits, waits up to `timeout` (`None`: no bound) for at least
     /// one completion, and reports every completion in the ring through `on_event`. Returns
     /// the number of events reported.
@@ -89,7 +89,7 @@ impl Uring {
                     .user_data(user_data::remove_of(target)),
             };
             // SAFETY: POLL_ADD and POLL_REMOVE refer to no caller memory.
-            unsafe { push_or_backlog(ring, backlog, faults, entry) }
+            unsafe { push_or_backlog(ring, backlog, faults, entry.into()) }
         })?;
         Ok(reported)
     }

@@ -111,6 +111,7 @@ pub const DEFAULT_URING_ENTRIES: u32 = 256;
 pub struct Builder {
     backend: Backend,
     uring_entries: u32,
+    sqe128: bool,
     task_budget: u32,
     io_budget: u32,
     pool: Option<ThreadPool>,
@@ -133,6 +134,7 @@ impl Default for Builder {
         Builder {
             backend: Backend::Auto,
             uring_entries: DEFAULT_URING_ENTRIES,
+            sqe128: false,
             task_budget: DEFAULT_TASK_BUDGET,
             io_budget: crate::sched::coop::DEFAULT_IO_BUDGET,
             pool: None,
@@ -162,6 +164,27 @@ impl Builder {
     /// [`build`](Self::build); the kernel rounds it up to a power of two). Not used by epoll.
     pub fn uring_entries(mut self, entries: u32) -> Self {
         self.uring_entries = entries;
+        self
+    }
+
+    /// Gives the io_uring backend a ring of 128-byte SQEs (`IORING_SETUP_SQE128`, Linux 5.19),
+    /// so that [`Reactor::submit_sqe128`] can submit `IORING_OP_URING_CMD` commands with up to
+    /// 80 bytes of payload (`opcode::UringCmd80`): FUSE over io_uring's ring entries, NVMe
+    /// passthrough, ublk. Everything else works as on a ring of 64-byte SQEs; the ring's
+    /// submission queue takes twice the memory. Default `false`, and a reactor that does not
+    /// ask pays nothing for it: its ring is built and driven exactly as before. No effect on
+    /// epoll (where `submit_sqe128` is `Unsupported`, like every ring operation).
+    ///
+    /// ```
+    /// use reactor::{Backend, Builder};
+    /// if let Ok(r) = Builder::new().backend(Backend::Uring).sqe128(true).build() {
+    ///     assert!(r.sqe128());
+    /// }
+    /// assert!(!Builder::new().backend(Backend::Epoll).sqe128(true).build()?.sqe128());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn sqe128(mut self, on: bool) -> Self {
+        self.sqe128 = on;
         self
     }
 
@@ -312,7 +335,11 @@ impl Builder {
         }
         // The eventfd first: with the fd limit reached it fails with a plain EMFILE.
         let eventfd = EventNotifier::new()?;
-        let mut monitor = Monitor::open(self.backend, self.uring_entries)?;
+        let ring = RingShape {
+            entries: self.uring_entries,
+            sqe128: self.sqe128,
+        };
+        let mut monitor = Monitor::open(self.backend, ring)?;
         // Last, and optional (a kernel before 6.13 has none).
         let doorbell = match self.wakeup {
             // Unsupported (epoll, a kernel before 6.13): the eventfd it is.

@@ -40,7 +40,7 @@ use crate::event_loop::embed::ExternalTimer;
 use crate::event_loop::monitor_errors::MonitorErrors;
 use crate::event_loop::polling::PollParams;
 use crate::event_loop::stats::{LocalStats, Stats};
-use crate::fd::backend::{Backend, Ev, Monitor};
+use crate::fd::backend::{Backend, Ev, Monitor, RingShape};
 use crate::fd::handlers::{FdHandler, FdId, Handlers};
 use crate::fd::interest::Interest;
 use crate::fd::ops::{Completion, OpId, Ops};

@@ -51,6 +51,69 @@ impl Reactor {
         unsafe { self.submit_op(sqe, OpCallback::Boxed(Box::new(on_complete))) }
     }
 
+    /// [`submit_sqe`](Self::submit_sqe) for a 128-byte SQE, on a reactor built with
+    /// [`Builder::sqe128`](crate::Builder::sqe128): above all `IORING_OP_URING_CMD` with up to
+    /// 80 bytes of command (`opcode::UringCmd80`). Completion, cancellation
+    /// ([`cancel_sqe`](Self::cancel_sqe)), the bound on operations in flight and the wait at the
+    /// reactor's drop are `submit_sqe`'s. A command the kernel cannot cancel (one parked in a
+    /// driver that has no cancellation for it, such as a FUSE ring entry waiting for a request)
+    /// ends when its driver ends it; until then the callback, and whatever it owns, is kept.
+    ///
+    /// # Safety
+    /// As for `submit_sqe`.
+    ///
+    /// # Errors
+    /// As for `submit_sqe`; `Unsupported` on a reactor whose ring takes 64-byte SQEs, and on
+    /// epoll.
+    ///
+    /// A socket command, which needs no device: how many bytes wait to be read
+    /// (`SOCKET_URING_OP_SIOCINQ`, Linux 6.7).
+    ///
+    /// ```
+    /// use reactor::{Backend, Builder, io_uring::{opcode, types}};
+    /// use std::os::fd::AsRawFd;
+    /// let Ok(r) = Builder::new().backend(Backend::Uring).sqe128(true).build() else {
+    ///     return Ok(()); // no io_uring here
+    /// };
+    /// let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    /// let a = std::net::TcpStream::connect(l.local_addr()?)?;
+    /// let (b, _) = l.accept()?;
+    /// std::io::Write::write_all(&mut &b, b"hello")?;
+    /// while a.peek(&mut [0; 8])? < 5 {} // loopback has carried them
+    /// // (Socket commands need a protocol with ioctls: TCP or UDP, not Unix sockets.)
+    /// const SOCKET_URING_OP_SIOCINQ: u32 = 0;
+    /// let sqe = opcode::UringCmd80::new(types::Fd(a.as_raw_fd()), SOCKET_URING_OP_SIOCINQ).build();
+    /// let queued = std::rc::Rc::new(std::cell::Cell::new(None));
+    /// let q = queued.clone();
+    /// // SAFETY: the command refers to no memory; `a` outlives it (the loop runs it to its end).
+    /// unsafe { r.submit_sqe128(sqe, move |_, c| q.set(Some(c.result))) }?;
+    /// r.run_until(|| queued.get().is_some());
+    /// assert_eq!(queued.get(), Some(5));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub unsafe fn submit_sqe128(
+        &self,
+        sqe: io_uring::squeue::Entry128,
+        on_complete: impl FnMut(&Reactor, Completion) + 'static,
+    ) -> io::Result<OpId> {
+        if !self.monitor.borrow().sqe128() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "reactor: a 128-byte SQE needs a ring of 128-byte SQEs: build the reactor with \
+                 Builder::sqe128(true) on the io_uring backend",
+            ));
+        }
+        let callback = OpCallback::Boxed(Box::new(on_complete));
+        // SAFETY: the caller's guarantee is passed on.
+        unsafe { self.submit_with(callback, |m, token| m.push128(sqe, token, true)) }
+    }
+
+    /// Whether this reactor's ring takes 128-byte SQEs ([`Builder::sqe128`](crate::Builder::sqe128)
+    /// on the io_uring backend).
+    pub fn sqe128(&self) -> bool {
+        self.monitor.borrow().sqe128()
+    }
+
     /// [`submit_sqe`](Self::submit_sqe) with the callback already made (for the runtime's
     /// operations, whose callback is their shared state).
     ///
@@ -62,6 +125,21 @@ impl Reactor {
         sqe: io_uring::squeue::Entry,
         callback: OpCallback,
     ) -> io::Result<OpId> {
+        // SAFETY: the caller's guarantee is passed on.
+        unsafe { self.submit_with(callback, |m, token| m.push(sqe, token, true)) }
+    }
+
+    /// Gives `callback` an operation id and queues the SQE with it through `push`; the id
+    /// is given back if the SQE cannot be queued.
+    ///
+    /// # Safety
+    /// What the SQE that `push` queues refers to stays valid until `callback` has seen its
+    /// last completion.
+    unsafe fn submit_with(
+        &self,
+        callback: OpCallback,
+        push: impl FnOnce(&mut Monitor, u64) -> io::Result<()>,
+    ) -> io::Result<OpId> {
         self.birth.check()?;
         if matches!(callback, OpCallback::Boxed(_)) && self.ops.users_full() {
             return Err(io::Error::new(
@@ -70,9 +148,7 @@ impl Reactor {
             ));
         }
         let id = self.ops.insert(callback);
-        // SAFETY: the caller's guarantee is passed on.
-        let res = unsafe { self.monitor.borrow_mut().push(sqe, id.token(), true) };
-        if let Err(e) = res {
+        if let Err(e) = push(&mut self.monitor.borrow_mut(), id.token()) {
             self.ops.forget(id);
             return Err(e);
         }
