@@ -156,6 +156,21 @@ pub struct Args {
     /// RFC 4514 writes it (CN=client,O=Example). Repeatable.
     #[arg(long, value_name = "ID")]
     pub tls_allow: Vec<String>,
+    /// Also serve the export as a file over FUSE, mounted over the regular file MOUNTPOINT
+    /// (root only; unmounted at exit). Repeatable. With --fuse and neither --bind nor
+    /// --socket, no NBD listener is opened.
+    #[arg(long, value_name = "MOUNTPOINT")]
+    pub fuse: Vec<PathBuf>,
+    /// FUSE transport: auto (io_uring where the kernel offers it and the backend is
+    /// io_uring, else classic), uring or classic (/dev/fuse reads and writes).
+    #[arg(
+        long,
+        value_name = "T",
+        value_enum,
+        default_value = "auto",
+        env = "NBD_SERVER_FUSE_TRANSPORT"
+    )]
+    pub fuse_transport: crate::fuse::Transport,
     /// Write the process id to PATH once serving (replacing a stale file); removed at exit.
     #[arg(long, value_name = "PATH", env = "NBD_SERVER_PID_FILE")]
     pub pid_file: Option<PathBuf>,
@@ -242,9 +257,12 @@ impl Args {
         }
         cfg.tcp = match (self.bind, &self.socket, passed.is_empty()) {
             (Some(b), _, _) => Some(b),
-            (None, None, true) => cfg.tcp,
+            // FUSE alone: no NBD listener unless one is asked for.
+            (None, None, true) if self.fuse.is_empty() => cfg.tcp,
             _ => None,
         };
+        cfg.fuse = self.fuse.clone();
+        cfg.fuse_transport = self.fuse_transport;
         cfg.unix = self.socket.clone();
         cfg.listeners = passed;
         cfg.export_name = self.export_name.clone();
@@ -372,6 +390,9 @@ fn announce(server: &Server, detached: Option<crate::daemon::Detached>) {
         let mut out = std::io::stdout().lock();
         for e in server.endpoints() {
             let _ = writeln!(out, "nbd-server: listening on {e}");
+        }
+        for (m, t) in server.fuse_mounts() {
+            let _ = writeln!(out, "nbd-server: fuse export on {} ({t} transport)", m.display());
         }
         let _ = out.flush();
     }

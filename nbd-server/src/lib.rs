@@ -81,6 +81,7 @@ pub mod daemon;
 mod direct;
 mod export;
 mod extents;
+pub mod fuse;
 mod handshake;
 mod log;
 mod memory;

@@ -132,6 +132,11 @@ pub struct Config {
     /// 5.8–6.3 µs at QD32, where requests/s went from 89–92k to 107–114k. Off, no IoThread
     /// ever waits in a write.
     pub inline_writes: bool,
+    /// Mountpoints (regular files) where the export is also served as a file over FUSE
+    /// (`--fuse`; root only). See [`fuse`](crate::fuse).
+    pub fuse: Vec<PathBuf>,
+    /// How the FUSE exports' requests arrive (`--fuse-transport`).
+    pub fuse_transport: crate::fuse::Transport,
 }
 
 impl Config {
@@ -158,6 +163,8 @@ impl Config {
             poll_depth: crate::polling::DEFAULT_POLL_DEPTH,
             socket_io: reactor::net::SocketIo::default(),
             inline_writes: true,
+            fuse: Vec::new(),
+            fuse_transport: crate::fuse::Transport::Auto,
         }
     }
 }
@@ -185,6 +192,7 @@ pub struct Server {
     live: Arc<Live>,
     budget: Arc<Budget>,
     conns: Arc<Connections>,
+    fuse: Vec<crate::fuse::FuseExport>,
 }
 
 /// Stops a [`Server`] from any thread (a signal-handling thread, a test): its
@@ -249,6 +257,7 @@ impl Server {
         }
         let acceptor = server.acceptor.as_ref().expect("just started").handle();
         accept::start(acceptor, &dispatch, listeners)?;
+        server.mount_fuse(&config)?;
         tracing::info!(?server, backend = ?config.backend, "nbd server started");
         Ok(server)
     }
@@ -260,9 +269,13 @@ impl Server {
         export: Arc<Export>,
         endpoints: Vec<Endpoint>,
     ) -> io::Result<Server> {
+        // FUSE over io_uring needs rings of 128-byte SQEs; nothing else asks for them.
+        let sqe128 =
+            !config.fuse.is_empty() && config.fuse_transport != crate::fuse::Transport::Classic;
         let builder = || {
             Builder::new()
                 .backend(config.backend)
+                .sqe128(sqe128)
                 .socket_io(config.socket_io)
                 .poll(config.poll)
         };
@@ -285,6 +298,54 @@ impl Server {
             live: Arc::new(Live::default()),
             budget: Budget::new(config.max_memory),
             conns: Arc::new(Connections::default()),
+            fuse: Vec::new(),
+        })
+    }
+
+    /// Mounts the FUSE exports (see [`Config::fuse`]), served by the IoThreads.
+    fn mount_fuse(&mut self, config: &Config) -> io::Result<()> {
+        if config.fuse.is_empty() {
+            return Ok(());
+        }
+        let handles: Vec<reactor::Handle> =
+            self.workers.iter().map(|w| w.handle().clone()).collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        handles[0]
+            .oneshot(move |r| {
+                let _ = tx.send(r.sqe128());
+            })
+            .map_err(|_| io::Error::other("an IoThread has stopped"))?;
+        let uring = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .map_err(|_| io::Error::other("an IoThread did not answer"))?;
+        for m in &config.fuse {
+            let f = crate::fuse::FuseExport::start(
+                self.export.clone(),
+                m,
+                config.fuse_transport,
+                &handles,
+                uring,
+            )?;
+            self.fuse.push(f);
+        }
+        Ok(())
+    }
+
+    /// Each FUSE export's mountpoint and the transport it runs on.
+    pub fn fuse_mounts(&self) -> Vec<(PathBuf, crate::fuse::Transport)> {
+        self.fuse
+            .iter()
+            .map(|f| (f.mountpoint().to_owned(), f.transport()))
+            .collect()
+    }
+
+    /// Requests served by the FUSE exports so far, and how many of them came through the
+    /// io_uring transport's ring.
+    pub fn fuse_requests(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.fuse.iter().fold((0, 0), |(a, b), f| {
+            // Relaxed: statistics.
+            (a + f.stats().requests.load(Relaxed), b + f.stats().ring_requests.load(Relaxed))
         })
     }
 
@@ -379,6 +440,11 @@ impl Server {
     }
 
     fn shutdown_now(&mut self) {
+        // The FUSE exports first, while the IoThreads still serve them: the unmount ends
+        // their connections, which ends their ring entries.
+        for mut f in self.fuse.drain(..) {
+            f.stop();
+        }
         drop(self.acceptor.take());
         // Each connection stops at its next request boundary and finishes what is in flight;
         // after the grace period the IoThreads go down regardless.
@@ -416,9 +482,15 @@ fn check(config: &Config) -> io::Result<usize> {
     if max_connections == 0 {
         return invalid("nbd-server: at least one connection must be allowed".into());
     }
-    if config.tcp.is_none() && config.unix.is_none() && config.listeners.is_empty() {
+    if config.tcp.is_none()
+        && config.unix.is_none()
+        && config.listeners.is_empty()
+        && config.fuse.is_empty()
+    {
         return invalid(
-            "nbd-server: give a TCP address, a Unix socket path or a listening socket".into(),
+            "nbd-server: give a TCP address, a Unix socket path, a listening socket or a FUSE \
+             mountpoint"
+                .into(),
         );
     }
     if config.iothreads == 0 {
