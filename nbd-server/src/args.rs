@@ -392,7 +392,11 @@ fn announce(server: &Server, detached: Option<crate::daemon::Detached>) {
             let _ = writeln!(out, "nbd-server: listening on {e}");
         }
         for (m, t) in server.fuse_mounts() {
-            let _ = writeln!(out, "nbd-server: fuse export on {} ({t} transport)", m.display());
+            let _ = writeln!(
+                out,
+                "nbd-server: fuse export on {} ({t} transport)",
+                m.display()
+            );
         }
         let _ = out.flush();
     }

@@ -345,7 +345,10 @@ impl Server {
         use std::sync::atomic::Ordering::Relaxed;
         self.fuse.iter().fold((0, 0), |(a, b), f| {
             // Relaxed: statistics.
-            (a + f.stats().requests.load(Relaxed), b + f.stats().ring_requests.load(Relaxed))
+            (
+                a + f.stats().requests.load(Relaxed),
+                b + f.stats().ring_requests.load(Relaxed),
+            )
         })
     }
 

@@ -114,7 +114,10 @@ pub(crate) unsafe trait Pod: Copy + Default {
     fn bytes(&self) -> &[u8] {
         // SAFETY: a padding-free repr(C) value is size_of::<Self>() initialised bytes.
         unsafe {
-            std::slice::from_raw_parts((self as *const Self).cast::<u8>(), std::mem::size_of::<Self>())
+            std::slice::from_raw_parts(
+                (self as *const Self).cast::<u8>(),
+                std::mem::size_of::<Self>(),
+            )
         }
     }
 }
@@ -211,7 +214,11 @@ mod tests {
 
     #[test]
     fn pod_round_trips_and_refuses_short_input() {
-        let h = OutHeader { len: 16, error: -5, unique: 0x0102_0304_0506_0708 };
+        let h = OutHeader {
+            len: 16,
+            error: -5,
+            unique: 0x0102_0304_0506_0708,
+        };
         let b = h.bytes().to_vec();
         assert_eq!(b.len(), 16);
         assert_eq!(OutHeader::read(&b), Some(h));
@@ -222,7 +229,11 @@ mod tests {
         assert_eq!(OutHeader::read(&shifted[1..]), Some(h));
         // The fields sit where the kernel puts them (little-endian x86_64/aarch64).
         assert_eq!(&b[4..8], &(-5i32).to_le_bytes());
-        let c = UringCmdReq { qid: 3, commit_id: 9, ..Default::default() };
+        let c = UringCmdReq {
+            qid: 3,
+            commit_id: 9,
+            ..Default::default()
+        };
         assert_eq!(c.bytes()[16], 3);
         assert_eq!(c.bytes()[8], 9);
     }

@@ -55,7 +55,10 @@ pub(crate) struct Reply {
 
 impl Reply {
     fn err(errno: i32) -> Reply {
-        Reply { error: errno, len: 0 }
+        Reply {
+            error: errno,
+            len: 0,
+        }
     }
 }
 
@@ -192,27 +195,48 @@ impl Fs {
         if a.valid & fattr::SIZE != 0 && a.size != self.export.size() {
             return Err(libc::EPERM);
         }
-        if a.valid & (fattr::SIZE | fattr::ATIME | fattr::MTIME | fattr::ATIME_NOW | fattr::MTIME_NOW) != 0
+        if a.valid
+            & (fattr::SIZE | fattr::ATIME | fattr::MTIME | fattr::ATIME_NOW | fattr::MTIME_NOW)
+            != 0
             && self.export.read_only()
         {
             return Err(libc::EROFS);
         }
         if a.valid & fattr::MODE != 0 {
-            self.mode.store(libc::S_IFREG | (a.mode & 0o7777), Ordering::Relaxed);
+            self.mode
+                .store(libc::S_IFREG | (a.mode & 0o7777), Ordering::Relaxed);
         }
         if a.valid & (fattr::UID | fattr::GID) != 0 {
             let old = self.owner.load(Ordering::Relaxed);
-            let uid = if a.valid & fattr::UID != 0 { a.uid } else { (old >> 32) as u32 };
-            let gid = if a.valid & fattr::GID != 0 { a.gid } else { old as u32 };
-            self.owner.store(u64::from(uid) << 32 | u64::from(gid), Ordering::Relaxed);
+            let uid = if a.valid & fattr::UID != 0 {
+                a.uid
+            } else {
+                (old >> 32) as u32
+            };
+            let gid = if a.valid & fattr::GID != 0 {
+                a.gid
+            } else {
+                old as u32
+            };
+            self.owner
+                .store(u64::from(uid) << 32 | u64::from(gid), Ordering::Relaxed);
         }
         let time = |set: u32, now: u32, sec: u64, nsec: u32| -> libc::timespec {
             if a.valid & now != 0 {
-                libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW }
+                libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_NOW,
+                }
             } else if a.valid & set != 0 {
-                libc::timespec { tv_sec: sec as libc::time_t, tv_nsec: i64::from(nsec) }
+                libc::timespec {
+                    tv_sec: sec as libc::time_t,
+                    tv_nsec: i64::from(nsec),
+                }
             } else {
-                libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT }
+                libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                }
             }
         };
         let times = [
@@ -244,7 +268,12 @@ impl Fs {
     }
 
     /// READ: up to the end of the export (a read past it returns nothing).
-    async fn read(&self, a: &abi::ReadIn, mut buf: Vec<u8>, pool: &AlignedPool) -> (Reply, Vec<u8>) {
+    async fn read(
+        &self,
+        a: &abi::ReadIn,
+        mut buf: Vec<u8>,
+        pool: &AlignedPool,
+    ) -> (Reply, Vec<u8>) {
         let size = self.export.size();
         let n = u64::from(a.size).min(size.saturating_sub(a.offset)) as usize;
         buf.clear();
@@ -258,14 +287,23 @@ impl Fs {
         if let Some(d) = self.export.direct() {
             let res = crate::direct::read(d, file, pool, &mut buf, a.offset, n).await;
             return match res {
-                Ok(()) => (Reply { error: 0, len: buf.len() }, buf),
+                Ok(()) => (
+                    Reply {
+                        error: 0,
+                        len: buf.len(),
+                    },
+                    buf,
+                ),
                 Err(e) => (Reply::err(errno(&e)), buf),
             };
         }
         let mut done = 0;
         while done < n {
             let (res, b) = file
-                .read_at(reactor::io::Slice::range(buf, done, n), a.offset + done as u64)
+                .read_at(
+                    reactor::io::Slice::range(buf, done, n),
+                    a.offset + done as u64,
+                )
                 .await;
             buf = b.into_inner();
             match res {
@@ -293,7 +331,10 @@ impl Fs {
             return (Reply::err(libc::EROFS), buf);
         }
         let len = (a.size as usize).min(data.len());
-        if a.offset.checked_add(len as u64).is_none_or(|end| end > self.export.size()) {
+        if a.offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > self.export.size())
+        {
             return (Reply::err(libc::ENOSPC), buf);
         }
         let file = self.export.file();
@@ -311,7 +352,10 @@ impl Fs {
                 while done < len {
                     let from = data.start + done;
                     let (r, b) = file
-                        .write_at(reactor::io::Slice::range(buf, from, data.start + len), a.offset + done as u64)
+                        .write_at(
+                            reactor::io::Slice::range(buf, from, data.start + len),
+                            a.offset + done as u64,
+                        )
                         .await;
                     buf = b.into_inner();
                     match r {
@@ -331,7 +375,10 @@ impl Fs {
         };
         match res {
             Ok(()) => {
-                let out = abi::WriteOut { size: len as u32, padding: 0 };
+                let out = abi::WriteOut {
+                    size: len as u32,
+                    padding: 0,
+                };
                 (put(&mut buf, &out), buf)
             }
             Err(e) => (Reply::err(errno(&e)), buf),
@@ -355,7 +402,8 @@ impl Fs {
             return Reply::err(libc::EROFS);
         }
         let mode = a.mode as i32;
-        let known = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        let known =
+            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
         if mode & !known != 0 {
             return Reply::err(libc::EOPNOTSUPP);
         }
@@ -374,7 +422,11 @@ impl Fs {
             Some(d) => Some(d.lock(a.offset, len).await),
             None => None,
         };
-        let res = self.export.file().fallocate(mode | libc::FALLOC_FL_KEEP_SIZE, a.offset, len).await;
+        let res = self
+            .export
+            .file()
+            .fallocate(mode | libc::FALLOC_FL_KEEP_SIZE, a.offset, len)
+            .await;
         self.export.data_region.forget();
         drop(span);
         match res {
@@ -467,7 +519,11 @@ impl Interrupts {
             return false;
         }
         let mut q = self.uniques.lock().unwrap_or_else(|e| e.into_inner());
-        let hit = q.iter().position(|&u| u == unique).map(|i| q.remove(i)).is_some();
+        let hit = q
+            .iter()
+            .position(|&u| u == unique)
+            .map(|i| q.remove(i))
+            .is_some();
         self.count.store(q.len() as u32, Ordering::Relaxed);
         hit
     }
@@ -482,7 +538,10 @@ impl Interrupts {
 fn put<T: Pod>(buf: &mut Vec<u8>, v: &T) -> Reply {
     buf.clear();
     buf.extend_from_slice(v.bytes());
-    Reply { error: 0, len: buf.len() }
+    Reply {
+        error: 0,
+        len: buf.len(),
+    }
 }
 
 fn errno(e: &io::Error) -> i32 {

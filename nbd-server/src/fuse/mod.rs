@@ -151,7 +151,11 @@ impl FuseExport {
             }
             tracing::info!("fuse: the kernel's INIT did not offer io_uring; classic transport");
         }
-        me.transport = if uring { Transport::Uring } else { Transport::Classic };
+        me.transport = if uring {
+            Transport::Uring
+        } else {
+            Transport::Classic
+        };
         me.serve(dev, workers, uring)?;
         tracing::info!(
             mountpoint = %me.mountpoint.display(),
@@ -167,7 +171,11 @@ impl FuseExport {
         let buf_size = MAX_WRITE + 4096;
         let queues = if uring { ring::possible_cpus()? } else { 0 };
         for (i, w) in workers.iter().enumerate() {
-            let fd = if i == 0 { dev.try_clone()? } else { clone_dev(&dev)? };
+            let fd = if i == 0 {
+                dev.try_clone()?
+            } else {
+                clone_dev(&dev)?
+            };
             let (fs, readers) = (self.fs.clone(), self.readers.clone());
             // Relaxed: a count only waited on; see `stop`.
             readers.fetch_add(1, Ordering::Relaxed);
@@ -194,7 +202,10 @@ impl FuseExport {
             });
             let res = match posted {
                 Ok(()) => rx.recv_timeout(Duration::from_secs(5)).unwrap_or_else(|_| {
-                    Err(io::Error::new(io::ErrorKind::TimedOut, "an IoThread did not answer"))
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "an IoThread did not answer",
+                    ))
                 }),
                 Err(_) => Err(io::Error::other("an IoThread has stopped")),
             };
@@ -260,7 +271,9 @@ impl FuseExport {
         let until = Instant::now() + limit;
         loop {
             // Relaxed: see `serve`; nothing is read through these counts.
-            if self.readers.load(Ordering::Relaxed) == 0 && self.entries.load(Ordering::Relaxed) == 0 {
+            if self.readers.load(Ordering::Relaxed) == 0
+                && self.entries.load(Ordering::Relaxed) == 0
+            {
                 return true;
             }
             if Instant::now() >= until {
@@ -296,11 +309,18 @@ fn clone_dev(dev: &OwnedFd) -> io::Result<OwnedFd> {
 fn init(dev: &OwnedFd, want_uring: bool) -> io::Result<bool> {
     let mut buf = vec![0u8; abi::MIN_READ_BUFFER.max(MAX_WRITE + 4096)];
     let n = loop {
-        let mut pfd = libc::pollfd { fd: dev.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: dev.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one pollfd, read and written during the call.
         let rc = unsafe { libc::poll(&mut pfd, 1, 5000) };
         if rc == 0 {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "fuse: no INIT from the kernel"));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "fuse: no INIT from the kernel",
+            ));
         }
         // SAFETY: reads at most the buffer's length into it.
         let n = unsafe { libc::read(dev.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -315,11 +335,17 @@ fn init(dev: &OwnedFd, want_uring: bool) -> io::Result<bool> {
     let h = abi::InHeader::read(&buf[..n]).ok_or_else(|| io::Error::other("fuse: short INIT"))?;
     let at = std::mem::size_of::<abi::InHeader>();
     if h.opcode != abi::op::INIT {
-        return Err(io::Error::other(format!("fuse: the first request was {}, not INIT", h.opcode)));
+        return Err(io::Error::other(format!(
+            "fuse: the first request was {}, not INIT",
+            h.opcode
+        )));
     }
     let i = abi::InitIn::read(&buf[at..n]).unwrap_or_default();
     let reply = |error: i32, out: &[u8]| {
-        let r = fs::Reply { error, len: out.len() };
+        let r = fs::Reply {
+            error,
+            len: out.len(),
+        };
         classic::write_reply(dev, h.unique, r, out);
     };
     if i.major < abi::KERNEL_VERSION || (i.major == 7 && i.minor < 31) {
@@ -331,7 +357,10 @@ fn init(dev: &OwnedFd, want_uring: bool) -> io::Result<bool> {
     }
     if i.major > abi::KERNEL_VERSION {
         // The kernel asks again with our major.
-        let out = abi::InitOut { major: abi::KERNEL_VERSION, ..Default::default() };
+        let out = abi::InitOut {
+            major: abi::KERNEL_VERSION,
+            ..Default::default()
+        };
         reply(0, out.bytes());
         return init(dev, want_uring);
     }

@@ -7,8 +7,8 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// The mountpoint checked: it exists, is a regular file, and nothing is mounted on it.
@@ -80,12 +80,18 @@ pub(crate) fn device_of(path: &Path) -> io::Result<u64> {
     for line in info.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
         if fields.get(4).is_some_and(|p| unescape(p) == want) {
-            found = fields.get(2).and_then(|d| d.split_once(':')).and_then(|(ma, mi)| {
-                Some(libc::makedev(ma.parse().ok()?, mi.parse().ok()?))
-            });
+            found = fields
+                .get(2)
+                .and_then(|d| d.split_once(':'))
+                .and_then(|(ma, mi)| Some(libc::makedev(ma.parse().ok()?, mi.parse().ok()?)));
         }
     }
-    found.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("nothing mounted on {}", path.display())))
+    found.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("nothing mounted on {}", path.display()),
+        )
+    })
 }
 
 /// A mountinfo path with its octal escapes (`\040` for a space) undone.

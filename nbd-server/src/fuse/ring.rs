@@ -60,7 +60,12 @@ impl Entry {
         let mut e = Box::new(Entry {
             header: Box::new([0u64; uring::HEADER_SIZE / 8]),
             payload: Vec::with_capacity(payload_size),
-            iov: Box::new([libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2]),
+            iov: Box::new(
+                [libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                }; 2],
+            ),
         });
         e.iov[0] = libc::iovec {
             iov_base: e.header.as_mut_ptr().cast(),
@@ -81,7 +86,10 @@ impl Entry {
     fn header_mut(&mut self) -> &mut [u8] {
         // SAFETY: as above, written as bytes (any bytes are valid u64s).
         unsafe {
-            std::slice::from_raw_parts_mut(self.header.as_mut_ptr().cast::<u8>(), uring::HEADER_SIZE)
+            std::slice::from_raw_parts_mut(
+                self.header.as_mut_ptr().cast::<u8>(),
+                uring::HEADER_SIZE,
+            )
         }
     }
 }
@@ -119,7 +127,13 @@ pub(crate) fn start_queue(
 
 /// Submits `cmd` for entry `e` of queue `q` (REGISTER, or COMMIT_AND_FETCH of `commit_id`);
 /// its completion brings the entry's next request.
-fn submit(r: &Reactor, q: &Rc<Queue>, mut e: Box<Entry>, cmd: u32, commit_id: u64) -> io::Result<()> {
+fn submit(
+    r: &Reactor,
+    q: &Rc<Queue>,
+    mut e: Box<Entry>,
+    cmd: u32,
+    commit_id: u64,
+) -> io::Result<()> {
     // The payload's block is where the kernel writes (its capacity never changes).
     e.iov[1].iov_base = e.payload.as_mut_ptr().cast();
     let sqe = command(q.dev.as_raw_fd(), cmd, q.qid, commit_id, e.iov.as_ptr());
@@ -163,10 +177,14 @@ fn completed(r: &Reactor, q: &Rc<Queue>, e: Box<Entry>, c: Completion) {
     };
     let hdr = e.header();
     let payload_sz = u32::from_le_bytes(
-        hdr[uring::PAYLOAD_SZ_AT..uring::PAYLOAD_SZ_AT + 4].try_into().expect("4 bytes"),
+        hdr[uring::PAYLOAD_SZ_AT..uring::PAYLOAD_SZ_AT + 4]
+            .try_into()
+            .expect("4 bytes"),
     ) as usize;
     let commit_id = u64::from_le_bytes(
-        hdr[uring::COMMIT_ID_AT..uring::COMMIT_ID_AT + 8].try_into().expect("8 bytes"),
+        hdr[uring::COMMIT_ID_AT..uring::COMMIT_ID_AT + 8]
+            .try_into()
+            .expect("8 bytes"),
     );
     let mut arg = [0u8; uring::OP_IN_SIZE];
     arg.copy_from_slice(&hdr[uring::OP_IN_AT..uring::OP_IN_AT + uring::OP_IN_SIZE]);
@@ -180,11 +198,14 @@ fn completed(r: &Reactor, q: &Rc<Queue>, e: Box<Entry>, c: Completion) {
         // SAFETY: the kernel wrote `payload_sz` bytes (at most the capacity it was given).
         unsafe { payload.set_len(payload_sz.min(payload.capacity())) };
         let data = 0..payload.len();
-        let (reply, payload) = q.fs.serve(&h, &arg[..arg_len], payload, data, &q.pool).await;
+        let (reply, payload) =
+            q.fs.serve(&h, &arg[..arg_len], payload, data, &q.pool)
+                .await;
         e.payload = payload;
         write_reply(&mut e, h.unique, reply);
-        let res = Reactor::with_current(|r| submit(r, &q, e, uring::CMD_COMMIT_AND_FETCH, commit_id))
-            .expect("the task runs on the queue's reactor");
+        let res =
+            Reactor::with_current(|r| submit(r, &q, e, uring::CMD_COMMIT_AND_FETCH, commit_id))
+                .expect("the task runs on the queue's reactor");
         if let Err(err) = res {
             tracing::warn!(qid = q.qid, error = %err, "fuse: a ring entry could not be re-armed");
         }
@@ -203,13 +224,19 @@ fn write_reply(e: &mut Entry, unique: u64, reply: Reply) {
     };
     let hdr = e.header_mut();
     hdr[..16].copy_from_slice(out.bytes());
-    hdr[uring::PAYLOAD_SZ_AT..uring::PAYLOAD_SZ_AT + 4].copy_from_slice(&(len as u32).to_le_bytes());
+    hdr[uring::PAYLOAD_SZ_AT..uring::PAYLOAD_SZ_AT + 4]
+        .copy_from_slice(&(len as u32).to_le_bytes());
 }
 
 /// The SQE of a FUSE ring command: `URING_CMD` on the `/dev/fuse` fd with the 24-byte
 /// `fuse_uring_cmd_req` in its command area, `addr` the entry's two iovecs and `len` 2.
 fn command(dev: i32, cmd: u32, qid: u16, commit_id: u64, iov: *const libc::iovec) -> Entry128 {
-    let req = abi::UringCmdReq { flags: 0, commit_id, qid, padding: [0; 6] };
+    let req = abi::UringCmdReq {
+        flags: 0,
+        commit_id,
+        qid,
+        padding: [0; 6],
+    };
     let mut area = [0u8; 80];
     area[..24].copy_from_slice(req.bytes());
     let sqe = opcode::UringCmd80::new(types::Fd(dev), cmd)
@@ -238,7 +265,10 @@ fn with_len(sqe: Entry128, len: u32) -> Entry128 {
 pub(crate) fn possible_cpus() -> io::Result<usize> {
     let s = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
     parse_cpu_list(s.trim()).ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidData, format!("cannot parse the CPU list {s:?}"))
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("cannot parse the CPU list {s:?}"),
+        )
     })
 }
 
@@ -267,16 +297,37 @@ mod tests {
 
     #[test]
     fn a_command_carries_its_request_where_the_kernel_reads_it() {
-        let iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2];
+        let iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 2];
         let sqe = command(7, uring::CMD_COMMIT_AND_FETCH, 1, 0xabcd, iov.as_ptr());
         // SAFETY: plain bytes, as in `with_len`.
         let raw: [u8; 128] = unsafe { std::mem::transmute(sqe) };
         assert_eq!(raw[0], 46, "IORING_OP_URING_CMD");
         assert_eq!(i32::from_le_bytes(raw[4..8].try_into().unwrap()), 7, "fd");
-        assert_eq!(u32::from_le_bytes(raw[8..12].try_into().unwrap()), uring::CMD_COMMIT_AND_FETCH);
-        assert_eq!(u64::from_le_bytes(raw[16..24].try_into().unwrap()), iov.as_ptr() as u64);
-        assert_eq!(u32::from_le_bytes(raw[24..28].try_into().unwrap()), 2, "two iovecs");
-        assert_eq!(u64::from_le_bytes(raw[56..64].try_into().unwrap()), 0xabcd, "commit_id");
-        assert_eq!(u16::from_le_bytes(raw[64..66].try_into().unwrap()), 1, "qid");
+        assert_eq!(
+            u32::from_le_bytes(raw[8..12].try_into().unwrap()),
+            uring::CMD_COMMIT_AND_FETCH
+        );
+        assert_eq!(
+            u64::from_le_bytes(raw[16..24].try_into().unwrap()),
+            iov.as_ptr() as u64
+        );
+        assert_eq!(
+            u32::from_le_bytes(raw[24..28].try_into().unwrap()),
+            2,
+            "two iovecs"
+        );
+        assert_eq!(
+            u64::from_le_bytes(raw[56..64].try_into().unwrap()),
+            0xabcd,
+            "commit_id"
+        );
+        assert_eq!(
+            u16::from_le_bytes(raw[64..66].try_into().unwrap()),
+            1,
+            "qid"
+        );
     }
 }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod mounted;
 pub mod pki;
 pub mod served;
 pub mod watched;
