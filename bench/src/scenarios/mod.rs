@@ -4,6 +4,7 @@ pub mod bh;
 pub mod echo_floors;
 pub mod fd_pingpong;
 pub mod file_io;
+pub mod fuse;
 pub mod idle;
 pub mod nbd;
 pub mod nbd_copy;
@@ -315,6 +316,11 @@ pub const ALL: &[Scenario] = &[
         name: "nbd-tls",
         about: "every server with TLS required, same keys: nbdcopy of the export over PSK and x509 (256 KiB requests), fio's NBD engine QD1/QD32 over x509; nbd-server without TLS as the reference (requests/s; server CPU per request)",
         run: nbd_tls::run,
+    },
+    Scenario {
+        name: "fuse",
+        about: "fio on a FUSE-mounted image (O_DIRECT on the mount): 4 KiB random reads, writes and a 70/30 mix, QD1 psync and QD32 io_uring, 1 and 2 jobs, against nbd-server --fuse with the io_uring transport, the classic one on io_uring and on epoll, qemu-storage-daemon's FUSE export (page cache, and cache.direct=on,aio=io_uring), and the same fio job on an image file with no FUSE as the ceiling (requests/s; server CPU per request)",
+        run: fuse::run,
     },
     Scenario {
         name: "nbd-sparse-copy",

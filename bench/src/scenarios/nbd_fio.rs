@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use super::nbd_servers::{Fleet, Running, SERVERS, up};
+use super::nbd_servers::{Fleet, ProcCpu, Running, SERVERS, up};
 use super::{Ctx, Row, System};
 use crate::measure::{Metric, Sample};
 
@@ -49,7 +49,7 @@ pub fn available() -> bool {
 /// [`fio`]).
 pub(super) fn client_run(srv: &Running, case: Case, size: &str) -> Sample {
     let target = ["--ioengine=nbd".to_string(), format!("--uri={}", srv.url)];
-    fio(&target, &srv.client_env, Some(srv), case, size)
+    fio(&target, &srv.client_env, Some(srv.proc_cpu()), case, size)
 }
 
 /// One fio run of `case` over `size` of `target` (the engine and what it opens): requests/s
@@ -60,7 +60,7 @@ pub(super) fn client_run(srv: &Running, case: Case, size: &str) -> Sample {
 pub(super) fn fio(
     target: &[String],
     env: &[(String, String)],
-    srv: Option<&Running>,
+    srv: Option<&ProcCpu>,
     case: Case,
     size: &str,
 ) -> Sample {
@@ -77,14 +77,17 @@ pub(super) fn fio(
         format!("--io_size={}", per_job * 4096),
         "--output-format=json".into(),
     ]);
-    if write {
+    if case.rw == "randrw" {
+        // The 70/30 mix: its writes are checked by the scenario (fio cannot verify a mix).
+        args.push("--rwmixread=70".into());
+    } else if write {
         args.extend([
             "--verify=crc32c".into(),
             "--do_verify=0".into(),
             "--verify_fatal=1".into(),
         ]);
     }
-    let cpu0 = srv.map(Running::cpu);
+    let cpu0 = srv.map(ProcCpu::cpu);
     let env = env.iter().map(|(k, v)| (k, v));
     let out = Command::new("fio")
         .args(&args)
@@ -92,7 +95,7 @@ pub(super) fn fio(
         .output()
         .expect("run fio");
     let cpu = srv.zip(cpu0).map(|(s, c0)| s.cpu().since(c0));
-    if write && out.status.success() {
+    if write && case.rw != "randrw" && out.status.success() {
         let mut verify = args.clone();
         verify.push("--verify_only".into());
         let v = Command::new("fio")
@@ -129,13 +132,19 @@ pub(super) fn fio(
             Some(0),
             "fio reported an error: {job}"
         );
-        assert_eq!(
-            job[dir]["total_ios"].as_u64(),
-            Some(per_job),
-            "fio did every request"
-        );
+        let done: u64 = ["read", "write"]
+            .iter()
+            .filter(|d| case.rw == "randrw" || **d == dir)
+            .map(|d| job[*d]["total_ios"].as_u64().expect("total_ios"))
+            .sum();
+        assert_eq!(done, per_job, "fio did every request");
         ios += per_job;
-        runtime_ms = runtime_ms.max(job[dir]["runtime"].as_u64().expect("runtime"));
+        let ran = ["read", "write"]
+            .iter()
+            .filter_map(|d| job[*d]["runtime"].as_u64())
+            .max()
+            .expect("runtime");
+        runtime_ms = runtime_ms.max(ran);
     }
     let sample = Sample::timed(Metric::OpsPerSec, ios, Duration::from_millis(runtime_ms));
     match cpu {

@@ -80,7 +80,7 @@ pub struct Running {
     /// Environment a client needs (TLS x509: `HOME` with `.pki/libnbd/ca-cert.pem`, for
     /// clients such as fio's engine that cannot pass files in the URI).
     pub client_env: Vec<(String, String)>,
-    clock: libc::clockid_t,
+    proc_cpu: ProcCpu,
 }
 
 impl Drop for Running {
@@ -91,10 +91,40 @@ impl Drop for Running {
 }
 
 impl Running {
-    /// CPU time the server process has used (all its threads, ended ones included): exact
-    /// from its CPU clock, split by the user and system times of `/proc/PID/stat`.
+    /// CPU time the server process has used (see [`ProcCpu::cpu`]).
     pub fn cpu(&self) -> Cpu {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+        self.proc_cpu.cpu()
+    }
+
+    /// How the server process's CPU time is read.
+    pub fn proc_cpu(&self) -> &ProcCpu {
+        &self.proc_cpu
+    }
+}
+
+/// A child process's CPU time, all its threads (ended ones included).
+pub struct ProcCpu {
+    pid: u32,
+    clock: libc::clockid_t,
+}
+
+impl ProcCpu {
+    /// The CPU clock of `child` (alive).
+    pub fn of(child: &Child) -> ProcCpu {
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: `clock` is a valid out-pointer; the pid is our live child.
+        let rc = unsafe { libc::clock_getcpuclockid(child.id() as libc::pid_t, &mut clock) };
+        assert_eq!(rc, 0, "no CPU clock for the server process");
+        ProcCpu {
+            pid: child.id(),
+            clock,
+        }
+    }
+
+    /// CPU time used so far: exact from the process's CPU clock, split by the user and
+    /// system times of `/proc/PID/stat`.
+    pub fn cpu(&self) -> Cpu {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
             .expect("read the server's /proc/PID/stat");
         // The fields after the command name, which ends at the last ')': state is the 3rd
         // field of the line, utime the 14th and stime the 15th.
@@ -111,7 +141,7 @@ impl Running {
         }
     }
 
-    /// CPU time the server process has used (all its threads), in ns.
+    /// CPU time used so far, in ns.
     fn cpu_ns(&self) -> u64 {
         let mut ts = libc::timespec {
             tv_sec: 0,
@@ -324,10 +354,7 @@ pub fn start_setup(server: Server, file: &Path, cpu: Option<usize>, setup: &Setu
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut clock: libc::clockid_t = 0;
-    // SAFETY: `clock` is a valid out-pointer; the pid is our live child.
-    let rc = unsafe { libc::clock_getcpuclockid(child.id() as libc::pid_t, &mut clock) };
-    assert_eq!(rc, 0, "no CPU clock for the server process");
+    let proc_cpu = ProcCpu::of(&child);
     let (url, client_env) = match setup {
         Setup::TlsPsk(d) => (
             format!(
@@ -348,7 +375,7 @@ pub fn start_setup(server: Server, file: &Path, cpu: Option<usize>, setup: &Setu
         addr,
         url,
         client_env,
-        clock,
+        proc_cpu,
     }
 }
 

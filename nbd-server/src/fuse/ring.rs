@@ -31,6 +31,17 @@ use crate::direct::AlignedPool;
 /// Entries registered per queue: requests one queue serves at once.
 pub(crate) const DEPTH: usize = 32;
 
+/// The entries one IoThread registers for one queue.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct QueueSpec {
+    /// The queue (a possible CPU's number).
+    pub(crate) qid: u16,
+    /// Entries: requests of this queue this IoThread serves at once.
+    pub(crate) depth: usize,
+    /// Each entry's payload buffer (at least the negotiated `max_write`).
+    pub(crate) payload_size: usize,
+}
+
 /// One ring entry: the request header buffer and the payload buffer the kernel reads and
 /// writes, and the iovecs that name them.
 struct Entry {
@@ -106,10 +117,14 @@ pub(crate) fn start_queue(
     r: &Reactor,
     fs: Arc<Fs>,
     dev: OwnedFd,
-    qid: u16,
-    payload_size: usize,
+    spec: QueueSpec,
     export_live: Arc<AtomicUsize>,
 ) -> io::Result<()> {
+    let QueueSpec {
+        qid,
+        depth,
+        payload_size,
+    } = spec;
     let q = Rc::new(Queue {
         fs,
         dev,
@@ -119,7 +134,7 @@ pub(crate) fn start_queue(
         live: Cell::new(0),
         export_live,
     });
-    for _ in 0..DEPTH {
+    for _ in 0..depth {
         submit(r, &q, Entry::new(q.payload_size), uring::CMD_REGISTER, 0)?;
     }
     Ok(())
