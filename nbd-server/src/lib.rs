@@ -17,6 +17,10 @@
 //!   every read and write is aligned, through io_uring on the uring backend, and unaligned
 //!   requests are served by read-modify-write under range locks.
 //!
+//! - The export can also be served as a file over FUSE ([`fuse`], [`Config::fuse`]), mounted
+//!   by the daemon over a regular file: classic `/dev/fuse` on both backends, FUSE over
+//!   io_uring on the uring backend; NBD and the mount share the image and its page cache.
+//!
 //! - Replies are simple unless the client negotiated structured replies; then READ and
 //!   BLOCK_STATUS are answered in chunks (see [`structured`]). With extended headers
 //!   (32-byte requests with 64-bit lengths) every reply is chunks. A READ of 64 KiB or more

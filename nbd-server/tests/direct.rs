@@ -9,7 +9,7 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::process::{Command, Stdio};
 
-use common::served::{random_bytes, run, scratch, serve};
+use common::served::{Rng, random_bytes, run, scratch, serve};
 use common::{Client, cflag, cmd, info, opt, proto, rep};
 use tests::backend_tests;
 
@@ -23,18 +23,6 @@ fn addr_of(url: &str) -> std::net::SocketAddr {
         .unwrap()
         .parse()
         .unwrap()
-}
-
-/// A small random generator (xorshift), seeded.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 backend_tests! {

@@ -85,6 +85,8 @@ pub(super) fn fio(
             "--verify=crc32c".into(),
             "--do_verify=0".into(),
             "--verify_fatal=1".into(),
+            // (No state file left in the working directory.)
+            "--verify_state_save=0".into(),
         ]);
     }
     let cpu0 = srv.map(ProcCpu::cpu);

@@ -58,6 +58,9 @@ impl Reactor {
     /// reactor's drop are `submit_sqe`'s. A command the kernel cannot cancel (one parked in a
     /// driver that has no cancellation for it, such as a FUSE ring entry waiting for a request)
     /// ends when its driver ends it; until then the callback, and whatever it owns, is kept.
+    /// At the reactor's drop such a command is waited for like any other (up to 10 s), then
+    /// its callback is leaked rather than freed under the kernel: end the driver's side first
+    /// (a FUSE export unmounts, which completes its entries with `-ENOTCONN`).
     ///
     /// # Safety
     /// As for `submit_sqe`.
