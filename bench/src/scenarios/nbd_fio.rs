@@ -91,17 +91,14 @@ pub(super) fn fio(
     }
     let cpu0 = srv.map(ProcCpu::cpu);
     let env = env.iter().map(|(k, v)| (k, v));
-    let out = Command::new("fio")
-        .args(&args)
-        .envs(env.clone())
+    let out = dies_with_us(Command::new("fio").args(&args).envs(env.clone()))
         .output()
         .expect("run fio");
     let cpu = srv.zip(cpu0).map(|(s, c0)| s.cpu().since(c0));
     if write && case.rw != "randrw" && out.status.success() {
         let mut verify = args.clone();
         verify.push("--verify_only".into());
-        let v = Command::new("fio")
-            .args(&verify)
+        let v = dies_with_us(Command::new("fio").args(&verify))
             .envs(env)
             .output()
             .expect("run fio's verify");
@@ -152,6 +149,18 @@ pub(super) fn fio(
     match cpu {
         Some(cpu) => sample.with_cpu_of(cpu, ios),
         None => sample,
+    }
+}
+
+/// `cmd`, made to die with this process (`PR_SET_PDEATHSIG`): a scenario killed at its time
+/// limit must not leave a fio running (one did, a CPU busy for an hour under the rows after it).
+fn dies_with_us(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl is async-signal-safe, called in the child between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
     }
 }
 
