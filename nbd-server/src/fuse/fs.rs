@@ -202,6 +202,8 @@ impl Fs {
         {
             return Err(libc::EROFS);
         }
+        // Relaxed: mode and owner are values of their own, read by `attr` and published by
+        // nothing else (two racing SETATTRs may interleave, as on any file).
         if a.valid & fattr::MODE != 0 {
             self.mode
                 .store(libc::S_IFREG | (a.mode & 0o7777), Ordering::Relaxed);
@@ -388,6 +390,7 @@ impl Fs {
     /// FLUSH, FSYNC, SYNCFS: `fdatasync` of the image, so that every write acknowledged before
     /// is durable when this returns (the file's size never changes: its data is all there is).
     async fn sync(&self) -> Reply {
+        // Relaxed: a statistics counter.
         self.export.stats.syncs.fetch_add(1, Ordering::Relaxed);
         match self.export.file().fdatasync().await {
             Ok(()) => Reply::err(0),

@@ -14,7 +14,6 @@
 //! (`IORING_OP_ASYNC_CANCEL` does not reach FUSE commands): entries end when the connection
 //! does (unmount or abort: `-ENOTCONN`), which is how the export stops them.
 
-use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
@@ -60,8 +59,6 @@ struct Queue {
     qid: u16,
     payload_size: usize,
     pool: AlignedPool,
-    /// Entries still registered with the kernel (or being served) on this queue.
-    live: Cell<usize>,
     /// Entries still registered, over the whole export.
     export_live: Arc<AtomicUsize>,
 }
@@ -131,7 +128,6 @@ pub(crate) fn start_queue(
         qid,
         payload_size,
         pool: AlignedPool::default(),
-        live: Cell::new(0),
         export_live,
     });
     for _ in 0..depth {
@@ -164,7 +160,6 @@ fn submit(
         })
     };
     if res.is_ok() {
-        q.live.set(q.live.get() + 1);
         // Relaxed: a count read by the stopping thread only to know when to stop waiting;
         // the entries' memory is this thread's.
         q.export_live.fetch_add(1, Ordering::Relaxed);
@@ -174,7 +169,6 @@ fn submit(
 
 /// A command of entry `e` completed: a request is in it, or the entry has ended.
 fn completed(r: &Reactor, q: &Rc<Queue>, e: Box<Entry>, c: Completion) {
-    q.live.set(q.live.get() - 1);
     q.export_live.fetch_sub(1, Ordering::Relaxed);
     if c.result < 0 {
         // -ENOTCONN: unmounted or aborted; the entry (and its buffers) goes.
